@@ -1,0 +1,3 @@
+from hostprep.cli import main
+
+main()

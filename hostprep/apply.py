@@ -1,0 +1,256 @@
+"""The only code that changes the host: plan, test, load per family, verify, record.
+
+Order of one apply:
+  1. observe both families and the nft table; plan (pure); nothing to do -> stop;
+  2. test every transaction first (``iptables-restore --test``, ``nft -c``);
+  3. load IPv4, then IPv6, then the nft ingress table, each one atomic; if a
+     later one fails, the earlier ones are put back as they were (snapshot);
+  4. observe again and re-plan: anything left to do means the kernel did not take
+     what was loaded -> error;
+  5. record the settings and what was applied, then one journal line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from hostprep import plan as planmod
+from hostprep import render
+from hostprep.backend import Backend, NftObserved
+from hostprep.errors import CommandFailed, HostprepError
+from hostprep.model import Desired, Policy, PingSource
+from hostprep.paths import Paths
+from hostprep.plan import FamilyPlan, Observed
+from hostprep.runner import Runner
+from hostprep.state import Store, now
+
+import ipaddress
+
+
+@dataclass(frozen=True)
+class NftPlan:
+    action: str          # "none", "load" or "delete"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    observed: dict[int, Observed]
+    nft: NftObserved | None
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    desired: Desired | None            # None: flush
+    families: dict[int, FamilyPlan]
+    texts: dict[int, str]
+    nft: NftPlan
+    snapshot: Snapshot
+
+    @property
+    def empty(self) -> bool:
+        return all(p.empty for p in self.families.values()) and self.nft.action == "none"
+
+    def notes(self) -> list[str]:
+        out = [f"IPv{fam}: {n}" for fam, p in self.families.items() for n in p.notes]
+        if self.nft.action != "none":
+            out.append(f"nft netdev hostprep: {self.nft.action} ({self.nft.reason})")
+        return out
+
+
+def observe(backend: Backend) -> Snapshot:
+    return Snapshot({4: backend.observe(4), 6: backend.observe(6)}, backend.nft_observe())
+
+
+def plan_nft(desired: Desired | None, live: NftObserved | None, record: dict | None) -> NftPlan:
+    want = desired.nft if desired else None
+    if want is None:
+        return NftPlan("delete", "not wanted") if live is not None else NftPlan("none")
+    if live is None:
+        return NftPlan("load", "table missing")
+    rec = (record or {}).get("nft") or {}
+    if live.device != want.device:
+        return NftPlan("load", f"hooked on {live.device}, wanted on {want.device}")
+    if rec.get("script") != want.script:
+        return NftPlan("load", "rules changed")
+    if rec.get("live") != live.text:
+        return NftPlan("load", "live table differs from the recorded one")
+    return NftPlan("none")
+
+
+def make_plan(backend: Backend, desired: Desired | None, record: dict | None,
+              snapshot: Snapshot | None = None) -> ApplyPlan:
+    snap = snapshot or observe(backend)
+    families: dict[int, FamilyPlan] = {}
+    texts: dict[int, str] = {}
+    for fam in (4, 6):
+        want = desired.ruleset(fam) if desired else None
+        families[fam] = planmod.plan_family(want, snap.observed[fam])
+        texts[fam] = planmod.restore_text(families[fam], want)
+    return ApplyPlan(desired, families, texts, plan_nft(desired, snap.nft, record), snap)
+
+
+def _rollback(backend: Backend, snap: Snapshot, families: list[int], nft_touched: bool) -> list[str]:
+    """Put back what was loaded before a later step failed. Returns what failed to roll back."""
+    failed: list[str] = []
+    for fam in families:
+        before = planmod.ruleset_from_observed(snap.observed[fam])
+        back = planmod.plan_family(before, backend.observe(fam))
+        if not back.empty:
+            try:
+                backend.load(fam, planmod.restore_text(back, before))
+            except HostprepError as err:
+                failed.append(f"IPv{fam}: {err}")
+    if nft_touched:
+        try:
+            if snap.nft is None:
+                if backend.nft_observe() is not None:
+                    backend.nft_delete()
+            # A table that existed before was replaced atomically by a script that
+            # failed as a whole, so the kernel still holds the old one.
+        except HostprepError as err:
+            failed.append(f"nft: {err}")
+    return failed
+
+
+def execute(backend: Backend, plan: ApplyPlan) -> None:
+    """Test, then load family by family; both families (and nft) or none."""
+    for fam, fplan in plan.families.items():
+        if not fplan.empty:
+            backend.test(fam, plan.texts[fam])
+    if plan.nft.action == "load":
+        assert plan.desired is not None and plan.desired.nft is not None
+        backend.nft_check(plan.desired.nft.script)
+    loaded: list[int] = []
+    try:
+        for fam, fplan in plan.families.items():
+            if not fplan.empty:
+                backend.load(fam, plan.texts[fam])
+                loaded.append(fam)
+        if plan.nft.action == "load":
+            assert plan.desired is not None and plan.desired.nft is not None
+            backend.nft_load(plan.desired.nft.script)
+        elif plan.nft.action == "delete":
+            backend.nft_delete()
+    except HostprepError as err:
+        failed = _rollback(backend, plan.snapshot, loaded, plan.nft.action != "none")
+        state = "the previous rules are back" if not failed else "ROLLBACK FAILED: " + "; ".join(failed)
+        raise CommandFailed(err.field, f"{err.problem}; {state}", err.fix or
+                            "nothing of this apply stayed loaded; fix the cause and run again") from None
+
+
+def verify(backend: Backend, desired: Desired | None) -> tuple[Snapshot, list[str]]:
+    snap = observe(backend)
+    leftover = make_plan(backend, desired, None, snap)
+    problems = [n for fam, p in leftover.families.items() for n in p.notes]
+    if desired and desired.nft and (snap.nft is None or snap.nft.device != desired.nft.device):
+        problems.append("nft ingress table missing after load")
+    if desired is None or desired.nft is None:
+        if snap.nft is not None:
+            problems.append("nft ingress table still present")
+    return snap, problems
+
+
+def record_dict(desired: Desired, snap: Snapshot, variant: str) -> dict:
+    pol = desired.policy
+    return {
+        "time": now(),
+        "backend": variant,
+        "settings": pol.to_settings(),
+        "ping_resolved": [{"given": s.given, "networks": [str(n) for n in s.networks]} for s in pol.ping],
+        "rules": {str(fam): [r.line() for c in desired.ruleset(fam).chains for r in c.rules]
+                  + [j.line() for j in desired.ruleset(fam).jumps] for fam in (4, 6)},
+        "nft": ({"script": desired.nft.script, "live": snap.nft.text if snap.nft else None}
+                if desired.nft else None),
+    }
+
+
+def policy_from_record(record: dict) -> Policy:
+    s = record["settings"]
+    ping = tuple(PingSource(p["given"], tuple(ipaddress.ip_network(n) for n in p["networks"]))
+                 for p in record.get("ping_resolved", []))
+    return Policy(s["interface"], bool(s.get("skip_ddos")), bool(s.get("allow_private")), ping)
+
+
+@dataclass
+class Outcome:
+    changed: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def apply(backend: Backend, store: Store, desired: Desired, command: str) -> Outcome:
+    record = store.applied()
+    plan = make_plan(backend, desired, record)
+    if plan.empty:
+        # Nothing to load; refresh the record if it is missing (e.g. state dir wiped).
+        if record is None or record.get("settings") != desired.policy.to_settings():
+            store.save_applied(record_dict(desired, plan.snapshot, backend.variant))
+            store.save_settings(desired.policy.to_settings())
+        store.journal(command, "nothing changed", "ok")
+        return Outcome(False, [])
+    execute(backend, plan)
+    snap, problems = verify(backend, desired)
+    if problems:
+        store.journal(command, "; ".join(plan.notes()), "verify failed: " + "; ".join(problems))
+        raise CommandFailed("verify", "the kernel does not hold what was loaded: " + "; ".join(problems),
+                            "run 'hostprep status' and report this")
+    store.save_applied(record_dict(desired, snap, backend.variant))
+    store.save_settings(desired.policy.to_settings())
+    store.journal(command, "; ".join(plan.notes()), "ok")
+    return Outcome(True, plan.notes())
+
+
+def flush(backend: Backend, store: Store, command: str) -> Outcome:
+    plan = make_plan(backend, None, store.applied())
+    if plan.empty:
+        store.clear_applied()
+        store.journal(command, "nothing to remove", "ok")
+        return Outcome(False, [])
+    execute(backend, plan)
+    _, problems = verify(backend, None)
+    if problems:
+        raise CommandFailed("flush", "hostprep rules remain: " + "; ".join(problems))
+    store.clear_applied()
+    store.journal(command, "; ".join(plan.notes()), "ok")
+    return Outcome(True, plan.notes())
+
+
+def untracked_connections(nic_addrs: list[str], proc: Path = Path("/proc")) -> int:
+    """Established TCP connections to the NIC's addresses that conntrack is not tracking.
+
+    A namespace where nothing used conntrack yet classifies the first packet of
+    an old connection as NEW (mid-stream pickup), and "NEW without SYN" then cuts
+    it.  Returns how many connections are at risk (0 when conntrack tracks).
+    """
+    try:
+        count = int((proc / "sys/net/netfilter/nf_conntrack_count").read_text())
+    except (OSError, ValueError):
+        count = 0
+    addrs = {a.split("/")[0] for a in nic_addrs}
+    try:
+        conns = [c for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.ip in addrs]
+    except (psutil.Error, OSError):
+        return 0
+    return len(conns) if count == 0 else 0
+
+
+def build_desired(policy: Policy) -> Desired:
+    return render.desired(policy)
+
+
+def default_backend(runner: Runner, variant: str | None) -> Backend:
+    from hostprep.backend import detect_variant
+    return Backend(runner, detect_variant(runner, variant))
+
+
+def paths() -> Paths:
+    return Paths.from_env()
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

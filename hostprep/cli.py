@@ -1,0 +1,376 @@
+"""The command line.  The only module that prints.
+
+Every HostprepError becomes one red line on stderr and its exit code; an
+unexpected exception becomes one line too (never a traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hostprep import __version__
+from hostprep import apply as applymod
+from hostprep import nic as nicmod
+from hostprep import status as statusmod
+from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError
+from hostprep.model import GROUPS, Policy
+from hostprep.paths import Paths
+from hostprep.runner import DryRunner, Runner
+from hostprep.sandbox import EXT, Sandbox
+from hostprep.state import Store
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Harden the host of an internet-facing reverse proxy "
+                       "(replaces install_os_settings.sh of Cisco's Reverse Proxy Installer).")
+sandbox_app = typer.Typer(no_args_is_help=True, help="The embedded default: a throwaway two-NIC host "
+                                                    "in network namespaces, for trying hostprep safely.")
+app.add_typer(sandbox_app, name="sandbox")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HostprepError as exc:
+            fail(exc.line(), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the promise is: never a traceback
+            fail(f"internal error: {type(exc).__name__}: {exc} (please report it)", 3)
+    return wrapper
+
+
+def version_cb(value: bool) -> None:
+    if value:
+        out.print(f"hostprep {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_cb(version: bool = typer.Option(False, "--version", callback=version_cb, is_eager=True,
+                                         help="Print the version and exit.")) -> None:
+    pass
+
+
+BackendOpt = typer.Option(None, "--backend", help="Firewall variant: nft or legacy "
+                          "(default: what 'iptables -V' says; env HOSTPREP_BACKEND).")
+
+
+def need_root(what: str) -> None:
+    if not applymod.is_root():
+        raise PermissionNeeded(what, "needs root (CAP_NET_ADMIN) to change or read the firewall",
+                               f"run it with sudo: sudo hostprep {what}")
+
+
+def show_nic(info: nicmod.NicInfo) -> None:
+    t = Table(title=f"External NIC {info.name}", show_header=False)
+    t.add_row("state", ("UP" if info.up else "DOWN") + f" (operstate {info.operstate})")
+    t.add_row("IPv4", ", ".join(info.ipv4) or "-")
+    t.add_row("IPv6", ", ".join(info.ipv6) or "-")
+    t.add_row("MAC", info.mac or "-")
+    t.add_row("speed", f"{info.speed_mbps} Mb/s" if info.speed_mbps else "not reported by the driver")
+    t.add_row("MTU", str(info.mtu))
+    out.print(t)
+    if info.slow:
+        err.print(f"[yellow]warning:[/] {info.name} runs at {info.speed_mbps} Mb/s; the reverse-proxy "
+                  "launcher refuses NICs slower than 1000 Mb/s", markup=True)
+
+
+def confirm(prompt: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise RefusedError("-y/--yes", "no terminal to ask for confirmation",
+                           "pass -y to confirm the external NIC non-interactively")
+    answer = typer.prompt(f"{prompt} [y/N]", default="N", show_default=False)
+    if answer.strip().lower() not in ("y", "yes"):
+        raise RefusedError("confirmation", "not confirmed; nothing was changed")
+
+
+def print_plan(plan: applymod.ApplyPlan) -> None:
+    if plan.empty:
+        out.print("plan: nothing to change")
+        return
+    out.print("plan:")
+    for note in plan.notes():
+        out.print(f"  - {note}")
+    for fam, text in plan.texts.items():
+        if not plan.families[fam].empty:
+            tool = "iptables-restore" if fam == 4 else "ip6tables-restore"
+            out.print(f"\n# {tool} --noflush <<EOF", markup=False)
+            out.print(text.rstrip(), markup=False)
+            out.print("EOF", markup=False)
+    if plan.nft.action == "load" and plan.desired and plan.desired.nft:
+        out.print("\n# nft -f - <<EOF", markup=False)
+        out.print(plan.desired.nft.script.rstrip(), markup=False)
+        out.print("EOF", markup=False)
+    elif plan.nft.action == "delete":
+        out.print("\n# nft delete table netdev hostprep", markup=False)
+
+
+def settings_policy(interface: Optional[str], skip_ddos: bool, allow_private: bool,
+                    ping_from: list[str], store: Store) -> tuple[Policy, str]:
+    if interface is None:
+        if skip_ddos or allow_private or ping_from:
+            raise InputError("-e/-a/-p", "these need -i", "give the external NIC with -i, or "
+                             "run plain 'hostprep apply' to re-apply the remembered settings")
+        remembered = store.settings()
+        if not remembered:
+            raise InputError("-i/--interface", "no external NIC given and none remembered",
+                             "start with: hostprep apply -i <external NIC>")
+        interface = remembered["interface"]
+        skip_ddos = bool(remembered.get("skip_ddos"))
+        allow_private = bool(remembered.get("allow_private"))
+        ping_from = list(remembered.get("ping_from", []))
+        source = "remembered settings"
+    else:
+        source = "command line"
+    sources = nicmod.resolve_ping_sources(ping_from)
+    return Policy(interface, skip_ddos, allow_private, sources), source
+
+
+@app.command("apply")
+@handle_errors
+def apply_cmd(
+    interface: Optional[str] = typer.Option(None, "-i", "--interface", metavar="NIC",
+                                            help="The external (internet-facing) NIC. Without -i, "
+                                                 "the settings of the last successful apply are re-applied."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Skip the external-NIC confirmation."),
+    skip_ddos: bool = typer.Option(False, "-e", "--skip-ddos", help="Leave out the ddos group "
+                                   "(INVALID, NEW without SYN, odd MSS, bogus flags, fragments, RST limit)."),
+    allow_private: bool = typer.Option(False, "-a", "--allow-private",
+                                       help="Leave out the spoof group (private/reserved sources)."),
+    ping_from: list[str] = typer.Option([], "-p", "--ping-from", metavar="HOST",
+                                        help="Allow ICMP echo from this IP, CIDR or hostname "
+                                             "(repeatable; hostnames are resolved now and shown)."),
+    disable: bool = typer.Option(False, "-d", "--disable", help="Remove hostprep's rules "
+                                 "(same as 'hostprep flush'); not allowed with -i, -e or -a."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the exact rules; change "
+                                 "nothing (works without root)."),
+    force: bool = typer.Option(False, "--force", help="Apply even though your own SSH session comes "
+                               "in through the external NIC (you will lose it)."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Apply the base hardening on the external NIC (IPv4 and IPv6)."""
+    if disable and (interface is not None or skip_ddos or allow_private):
+        raise InputError("-d/--disable", "Invalid option: option -d cannot be used with -i, -e or -a "
+                         "arguments", "run 'hostprep apply -d' alone, or 'hostprep flush'")
+    if disable:
+        flush_cmd.__wrapped__(dry_run=dry_run, backend=backend)
+        return
+    store = Store(Paths.from_env())
+    if not dry_run:
+        need_root("apply")
+    policy, source = settings_policy(interface, skip_ddos, allow_private, ping_from, store)
+    info = nicmod.nic_info(policy.interface)
+    if info.loopback:
+        raise InputError("-i/--interface", f"{info.name} is the loopback interface",
+                         "give the internet-facing NIC")
+    for src in policy.ping:
+        if [str(n) for n in src.networks] != [src.given]:
+            out.print(f"-p {src.given} -> {', '.join(str(n) for n in src.networks)}")
+    session = nicmod.find_ssh_session()
+    runner: Runner = DryRunner() if dry_run else Runner()
+    if session and nicmod.session_through(runner, session, info):
+        msg = (f"Current shell session ({session.peer} -> {session.local}, found by {session.source}) "
+               f"is connected through External/Internet facing Network Interface {info.name}")
+        if not force:
+            raise RefusedError("-i/--interface", msg,
+                               "connect through the internal NIC, or pass --force to lose this session")
+        err.print(f"[bold red]WARNING:[/] {msg}; --force given: SSH on {info.name} will be dropped "
+                  "and this session will hang", markup=True)
+    show_nic(info)
+    if source == "remembered settings":
+        out.print(f"re-applying the remembered settings: {json.dumps(policy.to_settings())}")
+    at_risk = applymod.untracked_connections(list(info.ipv4 + info.ipv6))
+    if at_risk:
+        err.print(f"[yellow]warning:[/] conntrack is not tracking this namespace yet: {at_risk} established "
+                  f"TCP connection(s) on {info.name} will be classified NEW without SYN and dropped",
+                  markup=True)
+    be = applymod.default_backend(runner, backend)
+    desired = applymod.build_desired(policy)
+    if dry_run:
+        try:
+            plan = applymod.make_plan(be, desired, store.applied() if applymod.is_root() else None)
+        except HostprepError:
+            if applymod.is_root():
+                raise
+            out.print("(not root: the live ruleset cannot be read; showing everything hostprep would load)")
+            from hostprep.apply import Snapshot
+            from hostprep.plan import Observed
+            plan = applymod.make_plan(be, desired, None, Snapshot({4: Observed(4), 6: Observed(6)}, None))
+        print_plan(plan)
+        out.print("dry run: nothing was changed")
+        return
+    confirm(f"Apply the hardening on {info.name} (backend {be.variant})?", yes)
+    argv = "hostprep " + " ".join(sys.argv[1:])
+    outcome = applymod.apply(be, Store(Paths.from_env()), desired, argv)
+    if not outcome.changed:
+        out.print(f"nothing changed: the hardening on {info.name} is already live")
+        return
+    for note in outcome.notes[:8]:
+        out.print(f"  - {note}")
+    if len(outcome.notes) > 8:
+        out.print(f"  - ... and {len(outcome.notes) - 8} more changes")
+    out.print(f"applied: {', '.join(desired.v4.groups)} on {info.name} (IPv4 {desired.v4.rule_count} rules, "
+              f"IPv6 {desired.v6.rule_count} rules, fragments {'dropped' if desired.nft else 'not handled (-e)'})")
+
+
+@app.command("flush")
+@handle_errors
+def flush_cmd(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be removed; change nothing."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Remove hostprep's chains, jumps and nft table, and nothing else. Settings stay remembered."""
+    need_root("flush")
+    store = Store(Paths.from_env())
+    runner: Runner = DryRunner() if dry_run else Runner()
+    be = applymod.default_backend(runner, backend)
+    if dry_run:
+        print_plan(applymod.make_plan(be, None, store.applied()))
+        out.print("dry run: nothing was changed")
+        return
+    outcome = applymod.flush(be, store, "hostprep " + " ".join(sys.argv[1:]))
+    if outcome.changed:
+        out.print("removed hostprep's rules: " + "; ".join(outcome.notes))
+    else:
+        out.print("nothing to remove: no hostprep rules are loaded")
+    if store.settings():
+        out.print("the settings stay remembered: 'hostprep apply' brings the hardening back")
+
+
+def print_status(report: dict) -> None:
+    out.print(f"backend: {report['backend']}")
+    for w in report["warnings"]:
+        err.print(f"[yellow]warning:[/] {w}", markup=True)
+    nic = report.get("nic")
+    if nic and "error" not in nic:
+        out.print(f"external NIC: {nic['name']} {'UP' if nic['up'] else 'DOWN'} "
+                  f"{', '.join(nic['ipv4'] + nic['ipv6'])}")
+    elif nic:
+        out.print(f"external NIC: {nic['name']} ({nic['error']})")
+    last = report.get("last_apply")
+    if last:
+        s = last["settings"]
+        out.print(f"last apply: {last['time']} -i {s['interface']}"
+                  + (" -e" if s["skip_ddos"] else "") + (" -a" if s["allow_private"] else "")
+                  + "".join(f" -p {p}" for p in s["ping_from"]))
+    t = Table(title="hardening groups (packets/bytes matched by the group's rules)")
+    t.add_column("group")
+    for fam in ("4", "6"):
+        t.add_column(f"IPv{fam}")
+        t.add_column(f"IPv{fam} packets", justify="right")
+        t.add_column(f"IPv{fam} bytes", justify="right")
+    for g in GROUPS:
+        row = [g]
+        for fam in ("4", "6"):
+            v = report["families"][fam]["groups"][g]
+            state = ("live" if v["present"] else "MISSING") if v["wanted"] else \
+                ("left out" if report.get("last_apply") else "-")
+            row += [state, str(v["packets"]), str(v["bytes"])]
+        t.add_row(*row)
+    out.print(t)
+    frag = report.get("fragments")
+    if frag:
+        total = sum(c["packets"] for c in frag["counters"].values())
+        out.print(f"fragments: nft netdev ingress on {frag['device']}, {total} packets dropped")
+    if report.get("ipv6_parity") is not None:
+        out.print(f"IPv6 parity: {'yes' if report['ipv6_parity'] else 'NO'}")
+    if report["problems"]:
+        for p in report["problems"]:
+            err.print(f"[red]difference:[/] {p}", markup=True)
+    else:
+        out.print("everything desired is live")
+
+
+@app.command("status")
+@handle_errors
+def status_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (schema in README)."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Desired vs live state with counters. Exit 0 all live, 1 something differs, 2 error."""
+    need_root("status")
+    runner = Runner()
+    be = applymod.default_backend(runner, backend)
+    report = statusmod.collect(runner, be, Store(Paths.from_env()))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_status(report)
+    raise typer.Exit(statusmod.exit_code(report))
+
+
+@sandbox_app.command("up")
+@handle_errors
+def sandbox_up(
+    name: str = typer.Option("hostprep-sandbox", "--name", help="Namespace name (and prefix of the peers)."),
+    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root",
+                              help="HOSTPREP_ROOT for the sandbox's state, journal and settings."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Build the sandbox host, apply -i eth1 -y inside it, and print its status."""
+    need_root("sandbox up")
+    from hostprep import validate
+    validate.interface_name(name[:15], "--name")  # same character set as NIC names
+    runner = Runner()
+    box = Sandbox(name)
+    box.create(runner)
+    out.print(f"sandbox: namespaces {', '.join(box.namespaces)}; external NIC {EXT}, state under {root}")
+    env_prefix = ["env", f"HOSTPREP_ROOT={root}"] + ([f"HOSTPREP_BACKEND={backend}"] if backend else [])
+    base = ["ip", "netns", "exec", box.host, *env_prefix, sys.executable, "-m", "hostprep"]
+    for args in (["apply", "-i", EXT, "-y"], ["status"]):
+        res = runner.run(base + args, check=False)
+        sys.stdout.write(res.stdout)
+        sys.stderr.write(res.stderr)
+        if args[0] == "apply" and res.returncode != 0:
+            fail("apply failed inside the sandbox (see above); remove it with: "
+                 f"hostprep sandbox down --name {name}", res.returncode)
+    out.print(f"\nTry it: ip netns exec {box.inet} ping -c1 -W1 {'198.51.100.10'}   (dropped)\n"
+              f"        ip netns exec {box.admin} ping -c1 -W1 192.0.2.10      (answered, internal NIC)\n"
+              f"        ip netns exec {box.host} env HOSTPREP_ROOT={root} {sys.executable} -m hostprep status\n"
+              f"Remove it: hostprep sandbox down --name {name}")
+
+
+@sandbox_app.command("down")
+@handle_errors
+def sandbox_down(
+    name: str = typer.Option("hostprep-sandbox", "--name", help="Namespace name given to 'sandbox up'."),
+    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root", help="The sandbox's HOSTPREP_ROOT."),
+) -> None:
+    """Delete the sandbox's namespaces (by name) and its state root."""
+    need_root("sandbox down")
+    gone = Sandbox(name).destroy(Runner())
+    import shutil
+    if root.is_dir() and str(root).startswith("/var/tmp/") or str(root).startswith("/tmp/"):
+        shutil.rmtree(root, ignore_errors=True)
+    out.print(f"removed: {', '.join(gone) if gone else 'no namespaces (none existed)'}; state root {root}")
+
+
+def main() -> None:
+    app(prog_name="hostprep")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The external NIC: what it is, whether it exists, and the admin's SSH path.
+
+Reads the current network namespace only (psutil, /sys/class/net, ``ip route
+get``); changes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from hostprep.errors import InputError
+from hostprep.model import PingSource
+from hostprep import validate
+from hostprep.runner import Runner
+
+SYS_NET = Path("/sys/class/net")
+
+
+@dataclass(frozen=True)
+class NicInfo:
+    name: str
+    up: bool
+    operstate: str
+    mac: str
+    mtu: int
+    speed_mbps: int | None       # None when the driver does not say (virtual NICs)
+    ipv4: tuple[str, ...] = ()
+    ipv6: tuple[str, ...] = ()
+    loopback: bool = False
+
+    @property
+    def slow(self) -> bool:
+        return self.speed_mbps is not None and 0 < self.speed_mbps < 1000
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "up": self.up, "operstate": self.operstate, "mac": self.mac,
+                "mtu": self.mtu, "speed_mbps": self.speed_mbps, "ipv4": list(self.ipv4),
+                "ipv6": list(self.ipv6)}
+
+
+def existing_nics() -> list[str]:
+    return sorted(psutil.net_if_stats().keys())
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def nic_info(name: str, sys_net: Path = SYS_NET) -> NicInfo:
+    """Facts about ``name``; InputError naming the NICs that exist when it does not."""
+    validate.interface_name(name)
+    stats = psutil.net_if_stats()
+    if name not in stats:
+        raise InputError("-i/--interface", f"interface {name!r} is not present on this host",
+                         "existing interfaces: " + ", ".join(existing_nics()))
+    st = stats[name]
+    mac, v4, v6 = "", [], []
+    for addr in psutil.net_if_addrs().get(name, []):
+        if addr.family == psutil.AF_LINK:
+            mac = addr.address
+        elif addr.family == socket.AF_INET:
+            v4.append(f"{addr.address}/{_prefix(addr.netmask)}")
+        elif addr.family == socket.AF_INET6:
+            v6.append(f"{addr.address.split('%')[0]}/{_prefix(addr.netmask)}")
+    speed = _read(sys_net / name / "speed")
+    speed_mbps = int(speed) if speed and speed.lstrip("-").isdigit() and int(speed) > 0 else None
+    flags = _read(sys_net / name / "flags")
+    loopback = name == "lo" or (flags is not None and int(flags, 16) & 0x8 != 0)
+    return NicInfo(name, st.isup, _read(sys_net / name / "operstate") or ("up" if st.isup else "down"),
+                   mac, st.mtu, speed_mbps, tuple(v4), tuple(v6), loopback)
+
+
+def _prefix(netmask: str | None) -> int:
+    if not netmask:
+        return 0
+    try:
+        mask = ipaddress.ip_address(netmask)
+    except ValueError:
+        return 0
+    return bin(int(mask)).count("1")
+
+
+@dataclass(frozen=True)
+class SshSession:
+    peer: str
+    local: str
+    source: str                       # how it was found: "SSH_CONNECTION" or "sshd pid N"
+    same_netns: bool = True
+    route_dev: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+def _netns_id(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def find_ssh_session(env: dict[str, str] | None = None) -> SshSession | None:
+    """The admin's own SSH connection: SSH_CONNECTION, else the sshd among our ancestors.
+
+    sudo usually drops SSH_CONNECTION, so the parent walk is what finds it there.
+    """
+    env = os.environ if env is None else env
+    conn = env.get("SSH_CONNECTION", "").split()
+    if len(conn) == 4:
+        return SshSession(peer=conn[0], local=conn[2], source="SSH_CONNECTION")
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None and proc.pid > 1:
+            if proc.name().startswith("sshd"):
+                for c in proc.net_connections(kind="inet"):
+                    if c.status == psutil.CONN_ESTABLISHED and c.raddr:
+                        same = _netns_id(proc.pid) == _netns_id("self")
+                        return SshSession(peer=c.raddr.ip, local=c.laddr.ip,
+                                          source=f"sshd pid {proc.pid}", same_netns=same)
+            proc = proc.parent()
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def route_dev(runner: Runner, address: str) -> str | None:
+    """The device the kernel would use to reach ``address`` (``ip -j route get``)."""
+    res = runner.run(["ip", "-j", "route", "get", address], check=False)
+    if res.returncode != 0:
+        return None
+    try:
+        routes = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        return None
+    return routes[0].get("dev") if routes else None
+
+
+def local_addresses() -> set[str]:
+    out: set[str] = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                out.add(a.address.split("%")[0])
+    return out
+
+
+def session_through(runner: Runner, session: SshSession, nic: NicInfo) -> bool:
+    """True when the SSH session arrives through ``nic`` in this network namespace."""
+    if not session.same_netns:
+        return False
+    local = session.local.split("%")[0]
+    nic_addrs = {a.split("/")[0] for a in nic.ipv4 + nic.ipv6}
+    if local in nic_addrs:
+        return True
+    if local not in local_addresses():
+        return False  # the session ends in another namespace (e.g. the sandbox is not it)
+    return route_dev(runner, session.peer) == nic.name
+
+
+def resolve_ping_sources(values: list[str]) -> tuple[PingSource, ...]:
+    """Validate every -p value, then resolve the hostnames (shown to the admin)."""
+    classified = [(v, validate.ping_source(v)) for v in values]
+    out: list[PingSource] = []
+    for given, norm in classified:
+        if validate.looks_numeric(given):
+            out.append(PingSource(given, (ipaddress.ip_network(norm),)))
+            continue
+        try:
+            infos = socket.getaddrinfo(norm, None, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as err:
+            raise InputError("-p/--ping-from", f"cannot resolve {given!r} ({err})",
+                             "give an IP address or a name this host can resolve") from None
+        nets: list = []
+        for info in infos:
+            net = ipaddress.ip_network(info[4][0].split("%")[0])
+            if net not in nets:
+                nets.append(net)
+        out.append(PingSource(given, tuple(nets)))
+    return tuple(out)

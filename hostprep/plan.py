@@ -1,0 +1,179 @@
+"""Pure planning: diff(desired, observed) -> the changes, and the restore text.
+
+``Observed`` is what the kernel has now (parsed from iptables-save by the
+backend).  The plan says what ``status`` reports as missing or different and what
+``apply`` loads: one ``iptables-restore --noflush`` transaction per family that
+(re)declares only the hostprep chains whose rules differ, puts each jump first
+in its built-in chain exactly once, and deletes hostprep chains and jumps that
+are no longer wanted.  Foreign chains and rules are never named in the text, so
+the restore cannot touch them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hostprep.model import BUILTIN_CHAINS, PREFIX, Rule, Ruleset
+
+
+@dataclass(frozen=True)
+class Counter:
+    packets: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: "Counter") -> "Counter":
+        return Counter(self.packets + other.packets, self.bytes + other.bytes)
+
+
+@dataclass(frozen=True)
+class LiveRule:
+    chain: str
+    spec: str
+    counter: Counter = Counter()
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The filter table of one family as iptables-save -c printed it."""
+
+    family: int
+    chains: tuple[str, ...] = ()          # every chain, built-in and user, in save order
+    rules: tuple[LiveRule, ...] = ()      # every rule, in save order
+
+    def chain_specs(self, chain: str) -> tuple[str, ...]:
+        return tuple(r.spec for r in self.rules if r.chain == chain)
+
+    def chain_rules(self, chain: str) -> tuple[LiveRule, ...]:
+        return tuple(r for r in self.rules if r.chain == chain)
+
+    @property
+    def our_chains(self) -> tuple[str, ...]:
+        return tuple(c for c in self.chains if c.startswith(PREFIX))
+
+    @property
+    def our_jumps(self) -> tuple[LiveRule, ...]:
+        """Rules outside hostprep's chains that jump into one of them."""
+        return tuple(r for r in self.rules
+                     if not r.chain.startswith(PREFIX) and Rule(r.chain, r.spec).target.startswith(PREFIX))
+
+    def foreign(self) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """Foreign chains and rules (for the tests that prove they stay identical)."""
+        chains = tuple(c for c in self.chains if not c.startswith(PREFIX))
+        jumps = set((r.chain, r.spec) for r in self.our_jumps)
+        rules = tuple((r.chain, r.spec) for r in self.rules
+                      if not r.chain.startswith(PREFIX) and (r.chain, r.spec) not in jumps)
+        return chains, rules
+
+
+def parse_save(text: str, family: int) -> Observed:
+    """Parse ``iptables-save -c -t filter`` output (counters optional)."""
+    chains: list[str] = []
+    rules: list[LiveRule] = []
+    in_filter = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("*"):
+            in_filter = line == "*filter"
+            continue
+        if not in_filter or not line or line.startswith("#") or line == "COMMIT":
+            continue
+        if line.startswith(":"):
+            chains.append(line[1:].split()[0])
+            continue
+        counter = Counter()
+        if line.startswith("["):
+            close = line.index("]")
+            pkts, byts = line[1:close].split(":")
+            counter = Counter(int(pkts), int(byts))
+            line = line[close + 1:].strip()
+        if line.startswith("-A "):
+            _, chain, spec = line.split(" ", 2)
+            rules.append(LiveRule(chain, spec, counter))
+    return Observed(family, tuple(chains), tuple(rules))
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    family: int
+    reload_chains: tuple[str, ...] = ()       # declared (created or flushed) and filled
+    delete_chains: tuple[str, ...] = ()       # hostprep chains no longer wanted
+    delete_jumps: tuple[LiveRule, ...] = ()   # jumps removed (stale, misplaced, duplicated)
+    insert_jumps: tuple[Rule, ...] = ()       # jumps inserted at position 1
+    notes: tuple[str, ...] = field(default=())  # human-readable reasons
+
+    @property
+    def empty(self) -> bool:
+        return not (self.reload_chains or self.delete_chains or self.delete_jumps or self.insert_jumps)
+
+
+def plan_family(desired: Ruleset | None, observed: Observed) -> FamilyPlan:
+    """What to change so that hostprep's part of ``observed`` equals ``desired``.
+
+    ``desired=None`` means "nothing of hostprep" (flush).
+    """
+    notes: list[str] = []
+    want_chains = desired.chains if desired else ()
+    live = set(observed.our_chains)
+    reload_chains: list[str] = []
+    for chain in want_chains:
+        if chain.name not in live:
+            reload_chains.append(chain.name)
+            notes.append(f"chain {chain.name} missing")
+        elif observed.chain_specs(chain.name) != chain.specs:
+            reload_chains.append(chain.name)
+            notes.append(f"chain {chain.name} differs")
+    wanted_names = {c.name for c in want_chains}
+    delete_chains = tuple(c for c in observed.our_chains if c not in wanted_names)
+    notes.extend(f"chain {c} not wanted" for c in delete_chains)
+
+    delete_jumps: list[LiveRule] = []
+    insert_jumps: list[Rule] = []
+    want_jumps = desired.jumps if desired else ()
+    for builtin in BUILTIN_CHAINS:
+        wanted = [j for j in want_jumps if j.chain == builtin]
+        present = [r for r in observed.chain_rules(builtin)
+                   if Rule(r.chain, r.spec).target.startswith(PREFIX)]
+        first = observed.chain_rules(builtin)[:len(wanted)]
+        in_place = [r.spec for r in first] == [j.spec for j in wanted] and len(present) == len(wanted)
+        if in_place:
+            continue
+        delete_jumps.extend(present)
+        insert_jumps.extend(reversed(wanted))  # each -I ... 1 goes on top: insert in reverse
+        if wanted:
+            notes.append(f"jump from {builtin} missing or not first")
+        elif present:
+            notes.append(f"stale jump in {builtin}")
+    # A jump living in some other (foreign) chain is stale too.
+    for r in observed.our_jumps:
+        if r.chain not in BUILTIN_CHAINS:
+            delete_jumps.append(r)
+            notes.append(f"stale jump in {r.chain}")
+    return FamilyPlan(desired.family if desired else observed.family, tuple(reload_chains),
+                      delete_chains, tuple(delete_jumps), tuple(insert_jumps), tuple(notes))
+
+
+def restore_text(plan: FamilyPlan, desired: Ruleset | None) -> str:
+    """The one ``iptables-restore --noflush`` transaction that carries out ``plan``."""
+    lines = ["*filter"]
+    lines += [f":{name} - [0:0]" for name in plan.reload_chains]
+    for name in plan.reload_chains:
+        chain = desired.chain(name) if desired else None
+        assert chain is not None
+        lines += [r.line() for r in chain.rules]
+    lines += [f"-D {r.chain} {r.spec}" for r in plan.delete_jumps]
+    lines += [f"-I {r.chain} 1 {r.spec}" for r in plan.insert_jumps]
+    # Flush every unwanted chain before deleting any: they may reference each other.
+    lines += [f"-F {name}" for name in plan.delete_chains]
+    lines += [f"-X {name}" for name in plan.delete_chains]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def ruleset_from_observed(observed: Observed) -> Ruleset:
+    """hostprep's live part as a Ruleset (the snapshot a failed apply rolls back to)."""
+    from hostprep.model import Chain  # local: keeps the import list of this module short
+
+    chains = tuple(Chain(c, tuple(Rule(c, s) for s in observed.chain_specs(c)))
+                   for c in observed.our_chains)
+    jumps = tuple(Rule(r.chain, r.spec) for r in observed.our_jumps if r.chain in BUILTIN_CHAINS)
+    return Ruleset(observed.family, chains, jumps)

@@ -1,0 +1,81 @@
+"""Pure rendering: a validated Policy -> iptables-restore text and nft text.
+
+The rule content lives in the Jinja2 templates in rules/ (with the why of every
+block); this module renders them and parses the result into the frozen model,
+so that the plan can diff it against the live ruleset.
+"""
+
+from __future__ import annotations
+
+import jinja2
+
+from hostprep.model import (BUILTIN_CHAINS, PREFIX, Chain, Desired, NftIngress, Policy, Rule,
+                            Ruleset)
+from hostprep.paths import data_dir
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(data_dir("rules"))),
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+)
+
+
+def filter_text(policy: Policy, family: int) -> str:
+    """The rendered template (with its why-comments) for one family."""
+    return _ENV.get_template("filter.rules.j2").render(
+        family=family,
+        iface=policy.interface,
+        ddos=not policy.skip_ddos,
+        spoof=not policy.allow_private,
+        ping=policy.ping_networks(family),
+    )
+
+
+def parse_rules(text: str, family: int) -> Ruleset:
+    """Parse restore-style lines (``:CHAIN``, ``-A CHAIN spec``, ``#``) into a Ruleset."""
+    order: list[str] = []
+    rules: dict[str, list[Rule]] = {}
+    jumps: list[Rule] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(":"):
+            name = line[1:].split()[0]
+            if name not in rules:
+                order.append(name)
+                rules[name] = []
+            continue
+        if not line.startswith("-A "):
+            raise ValueError(f"unexpected line in rendered rules: {line!r}")
+        _, chain, spec = line.split(" ", 2)
+        rule = Rule(chain, spec)
+        if chain in BUILTIN_CHAINS:
+            jumps.append(rule)
+        else:
+            if chain not in rules:
+                raise ValueError(f"rule for undeclared chain {chain}")
+            rules[chain].append(rule)
+    return Ruleset(family, tuple(Chain(n, tuple(rules[n])) for n in order), tuple(jumps))
+
+
+def nft_text(policy: Policy) -> str:
+    return _ENV.get_template("ingress.nft.j2").render(iface=policy.interface)
+
+
+def desired(policy: Policy) -> Desired:
+    v4 = parse_rules(filter_text(policy, 4), 4)
+    v6 = parse_rules(filter_text(policy, 6), 6)
+    nft = None if policy.skip_ddos else NftIngress(policy.interface, nft_text(policy))
+    return Desired(policy, v4, v6, nft)
+
+
+def restore_header() -> str:
+    return "*filter\n"
+
+
+def is_ours(chain: str) -> bool:
+    return chain.startswith(PREFIX)

@@ -1,0 +1,88 @@
+"""Remembered settings, the record of the last apply, and the journal.
+
+Everything lives under the ``HOSTPREP_ROOT`` prefix (see paths.py).  Files are
+written atomically (temporary file, fsync, rename) so a crash leaves either the
+old or the new record.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import pwd
+import sys
+import tempfile
+from pathlib import Path
+
+from hostprep.errors import StateError
+from hostprep.paths import Paths
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise StateError(str(path), f"cannot write ({err.strerror})",
+                         "check that the state directory is writable and the disk not full") from None
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        raise StateError(str(path), f"cannot read ({err})", "remove or repair the file") from None
+
+
+class Store:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+
+    def settings(self) -> dict | None:
+        return read_json(self.paths.settings_file)
+
+    def save_settings(self, settings: dict) -> None:
+        write_atomic(self.paths.settings_file, json.dumps(settings, indent=2) + "\n", 0o644)
+
+    def applied(self) -> dict | None:
+        return read_json(self.paths.state_file)
+
+    def save_applied(self, record: dict) -> None:
+        write_atomic(self.paths.state_file, json.dumps(record, indent=2) + "\n")
+
+    def clear_applied(self) -> None:
+        try:
+            self.paths.state_file.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise StateError(str(self.paths.state_file), f"cannot remove ({err.strerror})") from None
+
+    def journal(self, command: str, changed: str, result: str) -> None:
+        """One line per change: time, user (and SUDO_USER), command, what changed, result."""
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = str(os.geteuid())
+        if os.environ.get("SUDO_USER"):
+            user += f" (sudo from {os.environ['SUDO_USER']})"
+        line = f"{now()}\t{user}\t{command}\t{changed}\t{result}\n"
+        try:
+            self.paths.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.paths.journal, "a") as fh:
+                fh.write(line)
+        except OSError as err:
+            print(f"warning: journal {self.paths.journal} not written ({err.strerror})", file=sys.stderr)

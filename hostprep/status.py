@@ -1,0 +1,109 @@
+"""Observe the host and report desired vs live, with counters.  Changes nothing.
+
+The report is one JSON-able dict (schema in README.md, "status --json"); the CLI
+prints it as tables.  ``exit_code``: 0 everything desired is live, 1 something is
+missing or different (``problems`` says what), 2 on error (raised, not returned).
+"""
+
+from __future__ import annotations
+
+from hostprep import apply as applymod
+from hostprep import plan as planmod
+from hostprep.backend import Backend
+from hostprep.errors import HostprepError
+from hostprep.model import DISPATCH_CHAIN, GROUPS
+from hostprep.nic import nic_info
+from hostprep.plan import Counter
+from hostprep.runner import Runner
+from hostprep.state import Store
+
+SCHEMA_VERSION = 1
+
+
+def service_warnings(runner: Runner) -> list[str]:
+    """firewalld or the nftables service active next to hostprep's rules."""
+    if runner.which("systemctl") is None:
+        return []
+    out: list[str] = []
+    for unit in ("firewalld", "nftables"):
+        res = runner.run(["systemctl", "is-active", unit], check=False)
+        if res.stdout.strip() == "active":
+            out.append(f"{unit} is active: its rules judge every packet as well as hostprep's "
+                       f"(the installer expects: systemctl mask --now {unit})")
+    return out
+
+
+def _group_report(group: str, fam: int, desired, observed: planmod.Observed,
+                  fplan: planmod.FamilyPlan) -> dict:
+    chains = GROUPS[group]
+    want = [c for c in desired.chains if c.name in chains] if desired else []
+    counter = Counter()
+    for chain in chains:
+        for r in observed.chain_rules(chain):
+            counter = counter + r.counter
+    if not want:
+        return {"wanted": False, "present": False, "packets": counter.packets, "bytes": counter.bytes}
+    differs = [c.name for c in want if c.name in fplan.reload_chains]
+    dispatch_ok = DISPATCH_CHAIN not in fplan.reload_chains
+    return {"wanted": True, "present": not differs and dispatch_ok and not fplan.insert_jumps,
+            "packets": counter.packets, "bytes": counter.bytes}
+
+
+def collect(runner: Runner, backend: Backend, store: Store) -> dict:
+    warnings = service_warnings(runner) + backend.other_variant_present()
+    settings = store.settings()
+    record = store.applied()
+    report: dict = {"schema": SCHEMA_VERSION, "backend": backend.variant, "warnings": warnings,
+                    "settings": settings, "last_apply": None, "nic": None, "families": {},
+                    "fragments": None, "ipv6_parity": None, "problems": []}
+    problems: list[str] = report["problems"]
+    desired = None
+    if record:
+        report["last_apply"] = {"time": record.get("time"), "settings": record.get("settings"),
+                                "backend": record.get("backend")}
+        desired = applymod.build_desired(applymod.policy_from_record(record))
+        if record.get("backend") != backend.variant:
+            problems.append(f"last apply used the {record.get('backend')} backend, this host now uses "
+                            f"{backend.variant}: run 'hostprep apply'")
+    elif settings:
+        problems.append("hostprep is not applied (settings remembered): run 'hostprep apply'")
+    else:
+        problems.append("nothing applied yet: run 'hostprep apply -i <external NIC>'")
+    iface = (record or {}).get("settings", {}).get("interface") or (settings or {}).get("interface")
+    if iface:
+        try:
+            report["nic"] = nic_info(iface).as_dict()
+            if not report["nic"]["up"]:
+                problems.append(f"external NIC {iface} is down")
+        except HostprepError as err:
+            report["nic"] = {"name": iface, "error": err.problem}
+            problems.append(f"external NIC {iface} is not present")
+    snap = applymod.observe(backend)
+    for fam in (4, 6):
+        want = desired.ruleset(fam) if desired else None
+        fplan = planmod.plan_family(want, snap.observed[fam])
+        groups = {g: _group_report(g, fam, want, snap.observed[fam], fplan) for g in GROUPS}
+        jumps = [f"-A {r.chain} {r.spec}" for r in snap.observed[fam].our_jumps]
+        report["families"][str(fam)] = {"groups": groups, "jumps": jumps,
+                                        "differences": list(fplan.notes)}
+        if want is not None:
+            problems.extend(f"IPv{fam}: {n}" for n in fplan.notes)
+        elif snap.observed[fam].our_chains:
+            problems.append(f"IPv{fam}: hostprep chains are loaded but nothing is recorded as applied")
+    if snap.nft is not None:
+        report["fragments"] = {"device": snap.nft.device, "counters": {
+            k: {"packets": v.packets, "bytes": v.bytes} for k, v in snap.nft.counters.items()}}
+    nplan = applymod.plan_nft(desired, snap.nft, record)
+    if desired is not None and nplan.action != "none":
+        problems.append(f"nft ingress table: {nplan.reason}")
+    if desired is not None:
+        g4 = [g for g, v in report["families"]["4"]["groups"].items() if v["present"]]
+        g6 = [g for g, v in report["families"]["6"]["groups"].items() if v["present"]]
+        report["ipv6_parity"] = g4 == g6
+        if g4 != g6:
+            problems.append(f"IPv6 parity: IPv4 has {', '.join(g4)}; IPv6 has {', '.join(g6)}")
+    return report
+
+
+def exit_code(report: dict) -> int:
+    return 1 if report["problems"] else 0
