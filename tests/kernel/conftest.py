@@ -1,0 +1,140 @@
+"""Fixtures for the kernel tests: a sandbox host in namespaces these tests create.
+
+Each test gets a fresh ``Sandbox`` (three namespaces named ``hpt<pid>x<n>``,
+``...-inet``, ``...-admin``; see hostprep/sandbox.py for the addresses), a
+temporary HOSTPREP_ROOT, and a firewall variant ("nft" or "legacy"): the
+``variant`` fixture is parametrised so every test runs on both.
+
+Before hostprep is applied, the sandbox host gets foreign rules as a real host
+has them (a Podman-like chain in FORWARD and a foreign INPUT chain using
+conntrack), which also makes conntrack active, as on a real host.
+
+Only namespaces made here are touched; they are deleted by name at teardown,
+even when the test fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hostprep.plan import Observed, parse_save
+from hostprep.runner import Runner
+from hostprep.sandbox import Sandbox
+
+PY = sys.executable
+_counter = itertools.count()
+
+if os.geteuid() != 0:
+    pytest.skip("kernel tests need root (they create network namespaces)", allow_module_level=True)
+
+# Foreign rules loaded before hostprep: they must survive apply and flush byte for byte.
+FOREIGN_RULES = """*filter
+:PODMAN-FWD - [0:0]
+:FOREIGN-IN - [0:0]
+-A INPUT -j FOREIGN-IN
+-A FORWARD -j PODMAN-FWD
+-A FOREIGN-IN -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "foreign: keep" -j ACCEPT
+-A FOREIGN-IN -p tcp -m tcp --dport 9999 -j ACCEPT
+-A PODMAN-FWD -o podman0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A PODMAN-FWD -i podman0 -j ACCEPT
+COMMIT
+"""
+
+
+def tool(variant: str, family: int, kind: str) -> str:
+    base = "iptables" if family == 4 else "ip6tables"
+    return f"{base}-{variant}-{kind}"
+
+
+@dataclass
+class Host:
+    """One sandbox and the helpers to drive it."""
+
+    box: Sandbox
+    variant: str
+    root: Path
+
+    def run(self, ns: str, argv: list[str], *, input: str | None = None, check: bool = True,
+            env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        full = ["ip", "netns", "exec", ns]
+        if env:
+            full += ["env", *[f"{k}={v}" for k, v in env.items()]]
+        res = subprocess.run(full + argv, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{argv} in {ns} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def hostprep(self, *args: str, check: bool = True, env: dict | None = None,
+                 input: str | None = None) -> subprocess.CompletedProcess:
+        """``python -m hostprep ARGS`` inside the sandbox host, with its own state root."""
+        e = {"HOSTPREP_ROOT": str(self.root), "HOSTPREP_BACKEND": self.variant, "PYTHONPATH": str(
+            Path(__file__).resolve().parents[2])}
+        e.update(env or {})
+        return self.run(self.box.host, [PY, "-m", "hostprep", *args], check=check, env=e, input=input)
+
+    def apply(self, *args: str) -> subprocess.CompletedProcess:
+        return self.hostprep("apply", "-i", "eth1", "-y", *args)
+
+    def save(self, family: int, counters: bool = True) -> str:
+        argv = [tool(self.variant, family, "save"), "-t", "filter"] + (["-c"] if counters else [])
+        return self.run(self.box.host, argv).stdout
+
+    def observed(self, family: int) -> Observed:
+        return parse_save(self.save(family), family)
+
+    def ruleset_text(self, family: int) -> str:
+        """iptables-save of the filter table without counters and comment lines (for equality)."""
+        return "\n".join(ln for ln in self.save(family, counters=False).splitlines()
+                         if not ln.startswith("#")) + "\n"
+
+    def nft_listing(self) -> str:
+        return self.run(self.box.host, ["nft", "list", "ruleset"]).stdout
+
+    def counter(self, family: int, chain: str, contains: str = "") -> int:
+        """Packets matched by the rules of ``chain`` whose spec contains ``contains``."""
+        return sum(r.counter.packets for r in self.observed(family).chain_rules(chain)
+                   if contains in r.spec)
+
+    def nft_counter(self, comment: str) -> int:
+        from hostprep.backend import parse_nft_listing
+        res = self.run(self.box.host, ["nft", "list", "table", "netdev", "hostprep"], check=False)
+        if res.returncode != 0:
+            return 0
+        c = parse_nft_listing(res.stdout).counters.get(comment)
+        return c.packets if c else 0
+
+    def probe(self, ns: str, probes: list[dict]) -> list[dict]:
+        """Send real packets from namespace ``ns`` (hostprep.probe); returns one result per probe."""
+        res = self.run(ns, [PY, "-m", "hostprep.probe"], input=json.dumps(probes),
+                       env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        return json.loads(res.stdout)
+
+    def probe1(self, ns: str, **probe) -> dict:
+        return self.probe(ns, [probe])[0]
+
+
+@pytest.fixture(params=["nft", "legacy"])
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def host(variant: str, tmp_path: Path):
+    box = Sandbox(f"hpt{os.getpid()}x{next(_counter)}")
+    runner = Runner()
+    box.create(runner)
+    try:
+        h = Host(box, variant, tmp_path / "root")
+        for fam in (4, 6):
+            h.run(box.host, [tool(variant, fam, "restore"), "--noflush"], input=FOREIGN_RULES)
+        yield h
+    finally:
+        box.destroy(runner)
