@@ -63,7 +63,8 @@ class ApplyPlan:
 
 
 def observe(backend: Backend) -> Snapshot:
-    return Snapshot({4: backend.observe(4), 6: backend.observe(6)}, backend.nft_observe())
+    """The live state of every family the kernel has (IPv6 may be disabled at boot)."""
+    return Snapshot({fam: backend.observe(fam) for fam in backend.families()}, backend.nft_observe())
 
 
 def plan_nft(desired: Desired | None, live: NftObserved | None, record: dict | None) -> NftPlan:
@@ -87,7 +88,7 @@ def make_plan(backend: Backend, desired: Desired | None, record: dict | None,
     snap = snapshot or observe(backend)
     families: dict[int, FamilyPlan] = {}
     texts: dict[int, str] = {}
-    for fam in (4, 6):
+    for fam in snap.observed:
         want = desired.ruleset(fam) if desired else None
         families[fam] = planmod.plan_family(want, snap.observed[fam])
         texts[fam] = planmod.restore_text(families[fam], want)

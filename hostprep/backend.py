@@ -88,6 +88,10 @@ class Backend:
         except OSError:
             return set()
 
+    def families(self) -> tuple[int, ...]:
+        """(4, 6), or (4,) on a kernel booted with ipv6.disable=1 (no IPv6 to harden)."""
+        return (4, 6) if (self.proc / "sys/net/ipv6").is_dir() else (4,)
+
     # -- iptables --------------------------------------------------------
     def observe(self, family: int) -> Observed:
         if self.variant == "legacy" and "filter" not in self.legacy_tables(family):

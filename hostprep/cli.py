@@ -278,13 +278,14 @@ def print_status(report: dict) -> None:
                   + "".join(f" -p {p}" for p in s["ping_from"]))
     t = Table(title="hardening groups (packets/bytes matched by the group's rules)")
     t.add_column("group")
-    for fam in ("4", "6"):
+    fams = list(report["families"])
+    for fam in fams:
         t.add_column(f"IPv{fam}")
         t.add_column(f"IPv{fam} packets", justify="right")
         t.add_column(f"IPv{fam} bytes", justify="right")
     for g in GROUPS:
         row = [g]
-        for fam in ("4", "6"):
+        for fam in fams:
             v = report["families"][fam]["groups"][g]
             state = ("live" if v["present"] else "MISSING") if v["wanted"] else \
                 ("left out" if report.get("last_apply") else "-")

@@ -79,7 +79,9 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
             report["nic"] = {"name": iface, "error": err.problem}
             problems.append(f"external NIC {iface} is not present")
     snap = applymod.observe(backend)
-    for fam in (4, 6):
+    if 6 not in snap.observed:
+        warnings.append("IPv6 is disabled in this kernel (ipv6.disable=1): only IPv4 rules apply")
+    for fam in snap.observed:
         want = desired.ruleset(fam) if desired else None
         fplan = planmod.plan_family(want, snap.observed[fam])
         groups = {g: _group_report(g, fam, want, snap.observed[fam], fplan) for g in GROUPS}
@@ -96,7 +98,7 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     nplan = applymod.plan_nft(desired, snap.nft, record)
     if desired is not None and nplan.action != "none":
         problems.append(f"nft ingress table: {nplan.reason}")
-    if desired is not None:
+    if desired is not None and 6 in snap.observed:
         g4 = [g for g, v in report["families"]["4"]["groups"].items() if v["present"]]
         g6 = [g for g, v in report["families"]["6"]["groups"].items() if v["present"]]
         report["ipv6_parity"] = g4 == g6
