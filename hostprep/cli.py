@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -224,7 +224,7 @@ def apply_cmd(
         return
     confirm(f"Apply the hardening on {info.name} (backend {be.variant})?", yes)
     argv = "hostprep " + " ".join(sys.argv[1:])
-    outcome = applymod.apply(be, Store(Paths.from_env()), desired, argv)
+    outcome = applymod.apply(be, store, desired, argv)
     if not outcome.changed:
         out.print(f"nothing changed: the hardening on {info.name} is already live")
         return
@@ -323,6 +323,12 @@ def status_cmd(
     raise typer.Exit(statusmod.exit_code(report))
 
 
+def sandbox_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
+        raise InputError("--name", f"{name!r} is not a usable namespace name",
+                         "use up to 40 letters, digits, '.', '_' or '-'")
+
+
 @sandbox_app.command("up")
 @handle_errors
 def sandbox_up(
@@ -333,8 +339,7 @@ def sandbox_up(
 ) -> None:
     """Build the sandbox host, apply -i eth1 -y inside it, and print its status."""
     need_root("sandbox up")
-    from hostprep import validate
-    validate.interface_name(name[:15], "--name")  # same character set as NIC names
+    sandbox_name(name)
     runner = Runner()
     box = Sandbox(name)
     box.create(runner)
@@ -362,9 +367,11 @@ def sandbox_down(
 ) -> None:
     """Delete the sandbox's namespaces (by name) and its state root."""
     need_root("sandbox down")
+    sandbox_name(name)
     gone = Sandbox(name).destroy(Runner())
     import shutil
-    if root.is_dir() and str(root).startswith("/var/tmp/") or str(root).startswith("/tmp/"):
+    # Only a state root under a temporary directory is removed, never /etc or /.
+    if root.is_dir() and (str(root).startswith("/var/tmp/") or str(root).startswith("/tmp/")):
         shutil.rmtree(root, ignore_errors=True)
     out.print(f"removed: {', '.join(gone) if gone else 'no namespaces (none existed)'}; state root {root}")
 
