@@ -116,7 +116,8 @@ class Backend:
                                     f"({', '.join(sorted(tables))}): they judge every packet as well")
         else:
             res = self.runner.run(["nft", "list", "tables"], check=False)
-            names = [ln.strip() for ln in res.stdout.splitlines() if ln.startswith("table ip")]
+            names = [ln.strip() for ln in res.stdout.splitlines()
+                     if ln.startswith("table ") and ln.strip() != "table netdev hostprep"]
             if names:
                 warnings.append(f"nf_tables tables exist too ({'; '.join(names)}): "
                                 "they judge every packet as well")

@@ -11,9 +11,27 @@ the restore cannot touch them.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 
 from hostprep.model import BUILTIN_CHAINS, PREFIX, Rule, Ruleset
+
+
+def target_of(spec: str) -> str | None:
+    """The ``-j``/``-g`` target of a live rule, None for rules without one (accounting rules)."""
+    try:
+        tokens = shlex.split(spec)
+    except ValueError:
+        return None
+    for flag in ("-j", "-g", "--jump", "--goto"):
+        if flag in tokens and tokens.index(flag) + 1 < len(tokens):
+            return tokens[tokens.index(flag) + 1]
+    return None
+
+
+def jumps_into_hostprep(spec: str) -> bool:
+    target = target_of(spec)
+    return target is not None and target.startswith(PREFIX)
 
 
 @dataclass(frozen=True)
@@ -53,8 +71,7 @@ class Observed:
     @property
     def our_jumps(self) -> tuple[LiveRule, ...]:
         """Rules outside hostprep's chains that jump into one of them."""
-        return tuple(r for r in self.rules
-                     if not r.chain.startswith(PREFIX) and Rule(r.chain, r.spec).target.startswith(PREFIX))
+        return tuple(r for r in self.rules if not r.chain.startswith(PREFIX) and jumps_into_hostprep(r.spec))
 
     def foreign(self) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
         """Foreign chains and rules (for the tests that prove they stay identical)."""
@@ -131,8 +148,7 @@ def plan_family(desired: Ruleset | None, observed: Observed) -> FamilyPlan:
     want_jumps = desired.jumps if desired else ()
     for builtin in BUILTIN_CHAINS:
         wanted = [j for j in want_jumps if j.chain == builtin]
-        present = [r for r in observed.chain_rules(builtin)
-                   if Rule(r.chain, r.spec).target.startswith(PREFIX)]
+        present = [r for r in observed.chain_rules(builtin) if jumps_into_hostprep(r.spec)]
         first = observed.chain_rules(builtin)[:len(wanted)]
         in_place = [r.spec for r in first] == [j.spec for j in wanted] and len(present) == len(wanted)
         if in_place:

@@ -15,8 +15,9 @@ from hostprep.errors import InputError
 # kernel allows almost any byte; hostprep accepts the characters real NIC names
 # use (eth1, ens192, enp0s31f6, bond0.100, br-ext, veth_x) and refuses everything
 # else, '+' (an iptables wildcard) and ':' (alias syntax) included.
-_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# fullmatch everywhere: '$' would also match before a trailing newline.
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 def interface_name(value: str, field: str = "-i/--interface") -> str:
@@ -28,7 +29,7 @@ def interface_name(value: str, field: str = "-i/--interface") -> str:
             f"{value!r} is {len(value)} characters; Linux interface names have at most 15",
             "give the name that 'ip -br link' shows",
         )
-    if not _IFNAME.match(value) or value in (".", ".."):
+    if not _IFNAME.fullmatch(value) or value in (".", ".."):
         raise InputError(
             field,
             f"{value!r} is not a valid interface name",
@@ -55,7 +56,7 @@ def looks_numeric(value: str) -> bool:
 
 def hostname(value: str, field: str) -> str:
     name = value[:-1] if value.endswith(".") else value
-    if not name or len(name) > 253 or not all(_HOSTNAME_LABEL.match(p) for p in name.split(".")):
+    if not name or len(name) > 253 or not all(_HOSTNAME_LABEL.fullmatch(p) for p in name.split(".")):
         raise InputError(field, f"{value!r} is neither an IP address, a CIDR nor a valid hostname",
                          "write e.g. 203.0.113.7, 198.51.100.0/24 or monitor.example.com")
     return name

@@ -1,0 +1,180 @@
+"""backend: variant detection, tool names, reads that create nothing, nft listing parse."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostprep.backend import Backend, NftObserved, detect_variant, normalise_nft, parse_nft_listing
+from hostprep.errors import CommandFailed, InputError
+from hostprep.plan import Counter, LiveRule, Observed
+
+SAVE = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+[4:240] -A INPUT -i eth1 -j ACCEPT
+COMMIT
+"""
+
+NFT_LISTING = """table netdev hostprep {
+	chain ingress {
+		type filter hook ingress device "eth1" priority -500; policy accept;
+		ip frag-off & 0x3fff != 0 counter packets 3 bytes 4200 drop comment "hostprep ddos: ipv4 fragment"
+		meta protocol ip6 exthdr frag exists counter packets 0 bytes 0 drop comment "hostprep ddos: ipv6 fragment"
+	}
+}
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_backend_env(monkeypatch):
+    monkeypatch.delenv("HOSTPREP_BACKEND", raising=False)
+
+
+@pytest.mark.parametrize("version, variant", [
+    ("iptables v1.8.9 (nf_tables)\n", "nft"),
+    ("iptables v1.8.7 (legacy)\n", "legacy"),
+])
+def test_detect_variant_from_version(fake_runner, version, variant):
+    runner = fake_runner({("iptables", "-V"): (0, version, "")})
+    assert (detect_variant(runner), [c[0] for c in runner.calls]) == (variant, [["iptables", "-V"]])
+
+
+def test_detect_variant_unknown_output(fake_runner):
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.4.21\n", "")})
+    with pytest.raises(CommandFailed):
+        detect_variant(runner)
+
+
+def test_detect_variant_override_runs_nothing(fake_runner):
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (nf_tables)\n", "")})
+    assert (detect_variant(runner, "legacy"), runner.calls) == ("legacy", [])
+
+
+def test_detect_variant_env_override(fake_runner, monkeypatch):
+    monkeypatch.setenv("HOSTPREP_BACKEND", "legacy")
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (nf_tables)\n", "")})
+    assert (detect_variant(runner), runner.calls) == ("legacy", [])
+
+
+def test_detect_variant_bad_override(fake_runner):
+    with pytest.raises(InputError) as err:
+        detect_variant(fake_runner(), "xtables")
+    assert err.value.field == "--backend"
+
+
+@pytest.mark.parametrize("installed, family, expected", [
+    ({"iptables-nft-save", "iptables-save"}, 4, "iptables-nft-save"),
+    ({"iptables-save"}, 4, "iptables-save"),
+    ({"ip6tables-save"}, 6, "ip6tables-save"),
+    (set(), 6, "ip6tables-nft-save"),
+])
+def test_tool_prefers_the_variant_specific_name(fake_runner, installed, family, expected):
+    assert Backend(fake_runner(installed=installed), "nft").tool(family, "save") == expected
+
+
+def test_legacy_observe_without_filter_table_runs_nothing(fake_runner, tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "ip_tables_names").write_text("nat\nmangle\n")
+    runner = fake_runner()
+    backend = Backend(runner, "legacy", proc=tmp_path)
+    assert (backend.observe(4), runner.calls) == (Observed(4), [])
+
+
+def test_legacy_observe_without_proc_file_runs_nothing(fake_runner, tmp_path):
+    runner = fake_runner()
+    assert (Backend(runner, "legacy", proc=tmp_path).observe(6), runner.calls) == (Observed(6), [])
+
+
+def test_legacy_observe_with_filter_table_runs_save(fake_runner, tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "ip_tables_names").write_text("filter\nnat\n")
+    runner = fake_runner({("iptables-legacy-save", "-c", "-t", "filter"): (0, SAVE, "")})
+    obs = Backend(runner, "legacy", proc=tmp_path).observe(4)
+    assert (obs.rules, runner.calls) == (
+        (LiveRule("INPUT", "-i eth1 -j ACCEPT", Counter(4, 240)),),
+        [(["iptables-legacy-save", "-c", "-t", "filter"], None, False)])
+
+
+def test_nft_observe_runs_save_without_reading_proc(fake_runner, tmp_path):
+    runner = fake_runner({("ip6tables-nft-save", "-c", "-t", "filter"): (0, SAVE, "")})
+    obs = Backend(runner, "nft", proc=tmp_path).observe(6)
+    assert (obs.family, len(obs.rules), runner.calls[0][0]) == (
+        6, 1, ["ip6tables-nft-save", "-c", "-t", "filter"])
+
+
+def test_test_is_read_only_and_load_mutates(fake_runner):
+    runner = fake_runner()
+    backend = Backend(runner, "nft")
+    backend.test(4, "*filter\nCOMMIT\n")
+    backend.load(6, "*filter\nCOMMIT\n")
+    assert runner.calls == [
+        (["iptables-nft-restore", "--noflush", "--test"], "*filter\nCOMMIT\n", False),
+        (["ip6tables-nft-restore", "--noflush"], "*filter\nCOMMIT\n", True),
+    ]
+
+
+def test_nft_load_and_delete_mutate(fake_runner):
+    runner = fake_runner()
+    backend = Backend(runner, "nft")
+    backend.nft_check("S")
+    backend.nft_load("S")
+    backend.nft_delete()
+    assert runner.calls == [
+        (["nft", "-c", "-f", "-"], "S", False),
+        (["nft", "-f", "-"], "S", True),
+        (["nft", "delete", "table", "netdev", "hostprep"], None, True),
+    ]
+
+
+def test_families_without_ipv6(fake_runner, tmp_path):
+    (tmp_path / "sys/net/ipv4").mkdir(parents=True)
+    backend = Backend(fake_runner(), "nft", proc=tmp_path)
+    before = backend.families()
+    (tmp_path / "sys/net/ipv6").mkdir()
+    assert (before, backend.families()) == ((4,), (4, 6))
+
+
+def test_nft_observe_missing_table_is_none(fake_runner):
+    runner = fake_runner({("nft", "list", "table", "netdev", "hostprep"): (
+        1, "", "Error: No such file or directory\nlist table netdev hostprep\n")})
+    assert Backend(runner, "nft").nft_observe() is None
+
+
+def test_nft_observe_other_error_raises(fake_runner):
+    runner = fake_runner({("nft", "list", "table", "netdev", "hostprep"): (
+        1, "", "Error: Operation not permitted\n")})
+    with pytest.raises(CommandFailed):
+        Backend(runner, "nft").nft_observe()
+
+
+def test_parse_nft_listing():
+    obs = parse_nft_listing(NFT_LISTING)
+    assert (obs.device, obs.counters) == ("eth1", {
+        "hostprep ddos: ipv4 fragment": Counter(3, 4200),
+        "hostprep ddos: ipv6 fragment": Counter(0, 0),
+    })
+
+
+def test_normalise_nft_strips_counters():
+    assert normalise_nft(NFT_LISTING) == NFT_LISTING.replace(
+        "counter packets 3 bytes 4200", "counter").replace("counter packets 0 bytes 0", "counter")
+
+
+def test_normalise_nft_equal_for_different_counters():
+    later = NFT_LISTING.replace("packets 3 bytes 4200", "packets 90 bytes 126000")
+    assert normalise_nft(later) == normalise_nft(NFT_LISTING)
+
+
+def test_nft_observe_parses_listing(fake_runner):
+    runner = fake_runner({("nft", "list", "table", "netdev", "hostprep"): (0, NFT_LISTING, "")})
+    obs = Backend(runner, "nft").nft_observe()
+    assert obs == NftObserved("eth1", normalise_nft(NFT_LISTING), parse_nft_listing(NFT_LISTING).counters)
+
+
+def test_other_variant_present_nft_reads_legacy_names(fake_runner, tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "ip_tables_names").write_text("nat\nfilter\n")
+    runner = fake_runner()
+    warnings = Backend(runner, "nft", proc=tmp_path).other_variant_present()
+    assert (len(warnings), "filter, nat" in warnings[0], runner.calls) == (1, True, [])
