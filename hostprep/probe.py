@@ -51,8 +51,9 @@ def _describe(reply) -> str | None:
         return str(reply[TCP].flags)
     if reply.haslayer(ICMP):
         return f"icmp {reply[ICMP].type}/{reply[ICMP].code}"
-    if reply.haslayer(_ICMPv6):
-        layer = reply[_ICMPv6]
+    # haslayer() matches the exact class only; the ICMPv6 messages are subclasses.
+    layer = next((lay for lay in reply.iterpayloads() if isinstance(lay, _ICMPv6)), None)
+    if layer is not None:
         return f"icmp6 {layer.type}/{getattr(layer, 'code', 0)}"
     if reply.haslayer(UDP):
         return "udp"

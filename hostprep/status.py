@@ -45,7 +45,9 @@ def _group_report(group: str, fam: int, desired, observed: planmod.Observed,
         return {"wanted": False, "present": False, "packets": counter.packets, "bytes": counter.bytes}
     differs = [c.name for c in want if c.name in fplan.reload_chains]
     dispatch_ok = DISPATCH_CHAIN not in fplan.reload_chains
-    return {"wanted": True, "present": not differs and dispatch_ok and not fplan.insert_jumps,
+    # A misplaced jump from a built-in chain is reported once, as "jumps_in_place",
+    # not as every group missing.
+    return {"wanted": True, "present": not differs and dispatch_ok,
             "packets": counter.packets, "bytes": counter.bytes}
 
 
@@ -87,6 +89,7 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
         groups = {g: _group_report(g, fam, want, snap.observed[fam], fplan) for g in GROUPS}
         jumps = [f"-A {r.chain} {r.spec}" for r in snap.observed[fam].our_jumps]
         report["families"][str(fam)] = {"groups": groups, "jumps": jumps,
+                                        "jumps_in_place": not (fplan.insert_jumps or fplan.delete_jumps),
                                         "differences": list(fplan.notes)}
         if want is not None:
             problems.extend(f"IPv{fam}: {n}" for n in fplan.notes)

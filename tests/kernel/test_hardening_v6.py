@@ -221,10 +221,6 @@ def test_spoofed_ula_source_dropped(host):
     assert host.counter(6, "HOSTPREP-SPOOF") == spoof_before + 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hostprep/probe.py _describe() tests reply.haslayer(_ICMPv6); "
-                   "scapy's haslayer matches the exact class only, never subclasses such as "
-                   "ICMPv6EchoReply or ICMPv6DestUnreach, so IPv6 ICMP replies come back as scapy "
-                   "summaries instead of the documented 'icmp6 T/C'")
 def test_probe_describes_icmpv6_replies_as_documented(host):
     host.apply()
     res = host.probe(host.box.admin, [
