@@ -21,8 +21,8 @@ import psutil
 from hostprep import plan as planmod
 from hostprep import render
 from hostprep.backend import Backend, NftObserved
-from hostprep.errors import CommandFailed, HostprepError
-from hostprep.model import Desired, Policy, PingSource
+from hostprep.errors import CommandFailed, HostprepError, InputError
+from hostprep.model import CONTAINER_DISPATCH, Container, Desired, PingSource, Policy
 from hostprep.paths import Paths
 from hostprep.plan import FamilyPlan, Observed
 from hostprep.runner import Runner
@@ -41,6 +41,7 @@ class NftPlan:
 class Snapshot:
     observed: dict[int, Observed]
     nft: NftObserved | None
+    sets: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,15 @@ class ApplyPlan:
     texts: dict[int, str]
     nft: NftPlan
     snapshot: Snapshot
+    sets: planmod.SetPlan = planmod.SetPlan()
 
     @property
     def empty(self) -> bool:
-        return all(p.empty for p in self.families.values()) and self.nft.action == "none"
+        return all(p.empty for p in self.families.values()) and self.nft.action == "none" and self.sets.empty
 
     def notes(self) -> list[str]:
-        out = [f"IPv{fam}: {n}" for fam, p in self.families.items() for n in p.notes]
+        out = self.sets.notes()
+        out += [f"IPv{fam}: {n}" for fam, p in self.families.items() for n in p.notes]
         if self.nft.action != "none":
             out.append(f"nft netdev hostprep: {self.nft.action} ({self.nft.reason})")
         return out
@@ -64,7 +67,8 @@ class ApplyPlan:
 
 def observe(backend: Backend) -> Snapshot:
     """The live state of every family the kernel has (IPv6 may be disabled at boot)."""
-    return Snapshot({fam: backend.observe(fam) for fam in backend.families()}, backend.nft_observe())
+    return Snapshot({fam: backend.observe(fam) for fam in backend.families()}, backend.nft_observe(),
+                    backend.ipset_observe())
 
 
 def plan_nft(desired: Desired | None, live: NftObserved | None, record: dict | None) -> NftPlan:
@@ -92,7 +96,8 @@ def make_plan(backend: Backend, desired: Desired | None, record: dict | None,
         want = desired.ruleset(fam) if desired else None
         families[fam] = planmod.plan_family(want, snap.observed[fam])
         texts[fam] = planmod.restore_text(families[fam], want)
-    return ApplyPlan(desired, families, texts, plan_nft(desired, snap.nft, record), snap)
+    sets = planmod.plan_sets(desired.sets if desired else (), snap.sets)
+    return ApplyPlan(desired, families, texts, plan_nft(desired, snap.nft, record), snap, sets)
 
 
 def _rollback(backend: Backend, snap: Snapshot, families: list[int], nft_touched: bool) -> list[str]:
@@ -118,16 +123,44 @@ def _rollback(backend: Backend, snap: Snapshot, families: list[int], nft_touched
     return failed
 
 
-def execute(backend: Backend, plan: ApplyPlan) -> None:
-    """Test, then load family by family; both families (and nft) or none."""
-    for fam, fplan in plan.families.items():
-        if not fplan.empty:
-            backend.test(fam, plan.texts[fam])
-    if plan.nft.action == "load":
-        assert plan.desired is not None and plan.desired.nft is not None
-        backend.nft_check(plan.desired.nft.script)
-    loaded: list[int] = []
+def execute(backend: Backend, plan: ApplyPlan) -> list[str]:
+    """Test, then load family by family; both families (and nft, and the sets) or none.
+
+    ipsets come first (the rules refer to them): missing sets are created, sets
+    whose members changed are filled into NAME-n; then every iptables transaction
+    is tested; then the changed sets are swapped in and the families loaded.  On
+    failure everything done so far is undone.  Sets no rule wants any more are
+    destroyed last.  Returns warnings (a stale set the kernel would not destroy).
+    """
+    sp = plan.sets
+    created: list[str] = []
+    temps = [s.name + planmod.TEMP_SUFFIX for s in sp.replace]
+
+    def drop_sets(names: list[str]) -> None:
+        for name in names:
+            backend.ipset_destroy(name)
+
     try:
+        if sp.create:
+            backend.ipset_restore(planmod.ipset_fill_script(sp.create))
+            created = [s.name for s in sp.create]
+        if sp.replace:
+            backend.ipset_restore(planmod.ipset_fill_script(sp.replace, planmod.TEMP_SUFFIX))
+        for fam, fplan in plan.families.items():
+            if not fplan.empty:
+                backend.test(fam, plan.texts[fam])
+        if plan.nft.action == "load":
+            assert plan.desired is not None and plan.desired.nft is not None
+            backend.nft_check(plan.desired.nft.script)
+    except HostprepError:
+        drop_sets(created + temps)
+        raise
+    loaded: list[int] = []
+    swapped = False
+    try:
+        if sp.replace:
+            backend.ipset_restore(planmod.ipset_swap_script(sp.replace))
+            swapped = True
         for fam, fplan in plan.families.items():
             if not fplan.empty:
                 backend.load(fam, plan.texts[fam])
@@ -139,15 +172,26 @@ def execute(backend: Backend, plan: ApplyPlan) -> None:
             backend.nft_delete()
     except HostprepError as err:
         failed = _rollback(backend, plan.snapshot, loaded, plan.nft.action != "none")
+        if swapped:
+            try:
+                backend.ipset_restore(planmod.ipset_swap_script(sp.replace))
+            except HostprepError as serr:
+                failed.append(f"ipset: {serr}")
+        drop_sets(created + temps)
         state = "the previous rules are back" if not failed else "ROLLBACK FAILED: " + "; ".join(failed)
         raise CommandFailed(err.field, f"{err.problem}; {state}", err.fix or
                             "nothing of this apply stayed loaded; fix the cause and run again") from None
+    warnings = []
+    for name in temps + list(sp.destroy):
+        if not backend.ipset_destroy(name):
+            warnings.append(f"ipset {name} could not be destroyed (still referenced?)")
+    return warnings
 
 
 def verify(backend: Backend, desired: Desired | None) -> tuple[Snapshot, list[str]]:
     snap = observe(backend)
     leftover = make_plan(backend, desired, None, snap)
-    problems = [n for fam, p in leftover.families.items() for n in p.notes]
+    problems = [n for fam, p in leftover.families.items() for n in p.notes] + leftover.sets.notes()
     if desired and desired.nft and (snap.nft is None or snap.nft.device != desired.nft.device):
         problems.append("nft ingress table missing after load")
     if desired is None or desired.nft is None:
@@ -181,43 +225,113 @@ def policy_from_record(record: dict) -> Policy:
 class Outcome:
     changed: bool
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    before: Snapshot | None = None
+    after: Snapshot | None = None
 
 
-def apply(backend: Backend, store: Store, desired: Desired, command: str) -> Outcome:
+def converge(backend: Backend, store: Store, desired: Desired | None, command: str) -> Outcome:
+    """Bring hostprep's part of the kernel to ``desired`` (None: remove it all), verify, journal.
+
+    The one path every command that changes rules goes through (apply, flush,
+    container up/down).  The caller records its own state after this returns.
+    """
     record = store.applied()
     plan = make_plan(backend, desired, record)
     if plan.empty:
-        # Nothing to load; refresh the record if it is missing (e.g. state dir wiped).
-        if record is None or record.get("settings") != desired.policy.to_settings():
-            store.save_applied(record_dict(desired, plan.snapshot, backend.variant))
-            store.save_settings(desired.policy.to_settings())
         store.journal(command, "nothing changed", "ok")
-        return Outcome(False, [])
-    execute(backend, plan)
+        return Outcome(False, [], [], plan.snapshot, plan.snapshot)
+    warnings = execute(backend, plan)
     snap, problems = verify(backend, desired)
     if problems:
         store.journal(command, "; ".join(plan.notes()), "verify failed: " + "; ".join(problems))
         raise CommandFailed("verify", "the kernel does not hold what was loaded: " + "; ".join(problems),
                             "run 'hostprep status' and report this")
-    store.save_applied(record_dict(desired, snap, backend.variant))
-    store.save_settings(desired.policy.to_settings())
     store.journal(command, "; ".join(plan.notes()), "ok")
-    return Outcome(True, plan.notes())
+    return Outcome(True, plan.notes(), warnings, plan.snapshot, snap)
+
+
+def apply(backend: Backend, store: Store, desired: Desired, command: str) -> Outcome:
+    outcome = converge(backend, store, desired, command)
+    record = store.applied()
+    if outcome.changed or record is None or record.get("settings") != desired.policy.to_settings() \
+            or record.get("rules") != record_dict(desired, outcome.after, backend.variant)["rules"]:
+        store.save_applied(record_dict(desired, outcome.after, backend.variant))
+        store.save_settings(desired.policy.to_settings())
+    return outcome
 
 
 def flush(backend: Backend, store: Store, command: str) -> Outcome:
-    plan = make_plan(backend, None, store.applied())
-    if plan.empty:
-        store.clear_applied()
-        store.journal(command, "nothing to remove", "ok")
-        return Outcome(False, [])
-    execute(backend, plan)
-    _, problems = verify(backend, None)
-    if problems:
-        raise CommandFailed("flush", "hostprep rules remain: " + "; ".join(problems))
+    """Remove every hostprep rule, set and table.  Settings and the container registry stay."""
+    outcome = converge(backend, store, None, command)
     store.clear_applied()
-    store.journal(command, "; ".join(plan.notes()), "ok")
-    return Outcome(True, plan.notes())
+    return outcome
+
+
+# -- containers -------------------------------------------------------------
+
+def applied_policy(store: Store) -> Policy:
+    record = store.applied()
+    if record is None:
+        raise InputError("external NIC", "External Interface is empty: the base hardening is not applied",
+                         "run 'hostprep apply -i <external NIC>' first")
+    return policy_from_record(record)
+
+
+def container_lines(desired: Desired | Snapshot, c: Container) -> list[str]:
+    """The iptables-save lines of one container (its dispatch rule and its chain), per family."""
+    out: list[str] = []
+    if isinstance(desired, Desired):
+        rs = desired.ruleset(c.family)
+        rules = [r.line() for ch in rs.chains if ch.name in (CONTAINER_DISPATCH, c.chain)
+                 for r in ch.rules if ch.name == c.chain or r.target == c.chain]
+    else:
+        obs = desired.observed.get(c.family)
+        rules = [] if obs is None else [
+            f"-A {r.chain} {r.spec}" for r in obs.rules
+            if r.chain == c.chain or (r.chain == CONTAINER_DISPATCH and planmod.target_of(r.spec) == c.chain)]
+    return rules
+
+
+def check_conflicts(c: Container, others: dict[str, Container]) -> None:
+    if not c.hardening:
+        return
+    for o in others.values():
+        if o.hardening and o.dest == c.dest and set(o.ports) & set(c.ports):
+            shared = ", ".join(str(p) for p in sorted(set(o.ports) & set(c.ports)))
+            raise InputError(c.name, f"port {shared} on {c.dest} is already opened for container {o.name}",
+                             "every host+port pair must be unique: use another PROXY_BINDING_IP or port")
+
+
+def container_up(backend: Backend, store: Store, c: Container,
+                 command: str) -> tuple[Outcome, list[str], list[str], list[str]]:
+    """Open (or replace) one container's rules; returns (outcome, added, removed, kept lines)."""
+    policy = applied_policy(store)
+    registry = store.containers()
+    others = {n: o for n, o in registry.items() if n != c.name}
+    check_conflicts(c, others)
+    desired = render.desired(policy, tuple(others.values()) + (c,))
+    previous = registry.get(c.name)
+    outcome = apply(backend, store, desired, command)
+    store.save_container(c)
+    before = container_lines(outcome.before, previous) if previous else []
+    after = container_lines(desired, c)
+    added = [ln for ln in after if ln not in before]
+    removed = [ln for ln in before if ln not in after]
+    kept = [ln for ln in after if ln in before]
+    return outcome, added, removed, kept
+
+
+def container_down(backend: Backend, store: Store, name: str, command: str) -> tuple[Outcome, list[str]]:
+    registry = store.containers()
+    if name not in registry:
+        raise InputError(name, "no such container is up", "see 'hostprep container list'")
+    policy = applied_policy(store)
+    c = registry[name]
+    desired = render.desired(policy, tuple(o for n, o in registry.items() if n != name))
+    outcome = apply(backend, store, desired, command)
+    store.remove_container(name)
+    return outcome, container_lines(outcome.before, c)
 
 
 def untracked_connections(nic_addrs: list[str], proc: Path = Path("/proc")) -> int:
@@ -240,8 +354,8 @@ def untracked_connections(nic_addrs: list[str], proc: Path = Path("/proc")) -> i
     return len(conns) if count == 0 else 0
 
 
-def build_desired(policy: Policy) -> Desired:
-    return render.desired(policy)
+def build_desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
+    return render.desired(policy, containers)
 
 
 def default_backend(runner: Runner, variant: str | None) -> Backend:

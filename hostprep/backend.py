@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostprep.errors import CommandFailed, InputError
-from hostprep.plan import Counter, Observed, parse_save
+from hostprep.model import SET_PREFIX
+from hostprep.plan import Counter, Observed, parse_ipset_save, parse_save
 from hostprep.runner import Runner
 
 VARIANTS = ("nft", "legacy")
@@ -122,6 +123,24 @@ class Backend:
                 warnings.append(f"nf_tables tables exist too ({'; '.join(names)}): "
                                 "they judge every packet as well")
         return warnings
+
+    # -- ipsets ----------------------------------------------------------
+    def ipset_observe(self) -> dict[str, frozenset[str]]:
+        """hostprep's sets and their members; {} where ipset is not installed (no set can be ours)."""
+        if self.runner.which("ipset") is None:
+            return {}
+        res = self.runner.run(["ipset", "save"], check=False)
+        if res.returncode != 0:
+            return {}
+        return parse_ipset_save(res.stdout, SET_PREFIX)
+
+    def ipset_restore(self, script: str) -> None:
+        if script.strip():
+            self.runner.run(["ipset", "restore"], input=script, mutates=True)
+
+    def ipset_destroy(self, name: str) -> bool:
+        res = self.runner.run(["ipset", "destroy", name], check=False, mutates=True)
+        return res.returncode == 0
 
     # -- nft ingress table -------------------------------------------------
     def nft_observe(self) -> NftObserved | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -34,8 +35,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 sandbox_app = typer.Typer(no_args_is_help=True, help="The embedded default: a throwaway two-NIC host "
                                                     "in network namespaces, for trying hostprep safely.")
 app.add_typer(sandbox_app, name="sandbox")
+container_app = typer.Typer(no_args_is_help=True, help="Per-container port rules: open a proxy container's "
+                                                      "ports on the external NIC with the limits of its .env files.")
+app.add_typer(container_app, name="container")
 
-out = Console(highlight=False, soft_wrap=True)
+# Tables keep their columns when the output is a pipe or a file (rich would assume 80).
+_width = None if sys.stdout.isatty() else 160
+out = Console(highlight=False, soft_wrap=True, width=_width)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -208,7 +214,7 @@ def apply_cmd(
                   f"TCP connection(s) on {info.name} will be classified NEW without SYN and dropped",
                   markup=True)
     be = applymod.default_backend(runner, backend)
-    desired = applymod.build_desired(policy)
+    desired = applymod.build_desired(policy, tuple(store.containers().values()))
     if dry_run:
         try:
             plan = applymod.make_plan(be, desired, store.applied() if applymod.is_root() else None)
@@ -292,6 +298,8 @@ def print_status(report: dict) -> None:
             row += [state, str(v["packets"]), str(v["bytes"])]
         t.add_row(*row)
     out.print(t)
+    if report.get("containers"):
+        print_containers(report["containers"], title="containers (packets)")
     frag = report.get("fragments")
     if frag:
         total = sum(c["packets"] for c in frag["counters"].values())
@@ -327,6 +335,114 @@ def sandbox_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
         raise InputError("--name", f"{name!r} is not a usable namespace name",
                          "use up to 40 letters, digits, '.', '_' or '-'")
+
+
+def print_containers(rows: list[dict], title: str) -> None:
+    t = Table(title=title)
+    for col in ("container", "template", "destination", "ports", "limits conn/rate/burst", "LB/exempt",
+                "state", "accepted", "drop conn", "drop rate"):
+        t.add_column(col)
+    for r in rows:
+        lim = r["limits"]
+        state = ("live" if r["present"] else "MISSING") if r["hardening"] else "hardening off (ports closed)"
+        if r["restricted"]:
+            state += ", restricted to LBs"
+        t.add_row(r["name"], r["template"], r["dest"], ",".join(map(str, r["ports"])),
+                  f"{lim['connlimit_above']}/{lim['hash_upto']}/s/{lim['hash_burst']}",
+                  f"{r['load_balancers']}/{r['exempt']}", state, str(r["accepted_within_rate"]),
+                  str(r["dropped_connlimit"]), str(r["dropped_rate"] + r["dropped_restricted"]))
+    out.print(t)
+
+
+def container_log_text(name: str, c, added: list[str], removed: list[str], event: str,
+                       unchanged: list[str] = ()) -> str:
+    """The iptables_logs/NAME.log text: when, which files (and hashes), each rule added or removed."""
+    from hostprep.state import now, who
+    lines = [f"# hostprep container {event}: {name} at {now()} by {who()}"]
+    if c is not None:
+        lines.append(f"# template {c.template}, destination {c.dest}, ports {','.join(map(str, c.ports))}, "
+                     f"hardening {'on' if c.hardening else 'OFF'}")
+        lines += [f"# file {f.path} sha256 {f.sha256}" for f in c.files]
+        lines += [f"# ipset {s.name}: {len(s.members)} members" for s in c.sets()]
+    lines.append(f"# rules removed: {len(removed)}")
+    lines += [f"removed: {ln}" for ln in removed]
+    if event == "up":
+        lines.append(f"# rules added: {len(added)}")
+        lines += [f"added: {ln}" for ln in added]
+        if unchanged:
+            lines.append(f"# rules kept as they were: {len(unchanged)}")
+            lines += [f"kept: {ln}" for ln in unchanged]
+    return "\n".join(lines) + "\n"
+
+
+@container_app.command("up")
+@handle_errors
+def container_up_cmd(
+    name: str = typer.Argument(..., help="Container name (e.g. finesse); a safe identifier."),
+    env: Path = typer.Option(..., "--env", help="The component .env file (finesse.env, ids.env, ...)."),
+    core: Optional[Path] = typer.Option(None, "--core", help="core.env (hardening switch, load balancers, "
+                                        "rate-limit-disable IPs, traffic restriction)."),
+    installer: Optional[Path] = typer.Option(None, "--installer", help="installer.env (PROXY_BINDING_IP)."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Open NAME's ports on the external NIC with its limits; replaces its rules atomically."""
+    from hostprep import envfiles
+    need_root("container up")
+    store = Store(Paths.from_env())
+    policy = applymod.applied_policy(store)
+    info = nicmod.nic_info(policy.interface)
+    c = envfiles.load_container(name, env, core, installer, info.name, list(info.ipv4 + info.ipv6))
+    be = applymod.default_backend(Runner(), backend)
+    if not c.hardening:
+        err.print(f"[bold yellow]WARNING:[/] NGX_IPTABLES_HARDENING=0: no port is opened for {name}; the base "
+                  f"hardening keeps {', '.join(map(str, c.ports))} on {info.name} CLOSED (clients time out)",
+                  markup=True)
+    if c.template == "cloudconnect" and c.exempt:
+        out.print(f"exempt from limits: {len(c.exempt)} addresses (NGX_RATELIMIT_DISABLE_IPS, "
+                  "NGX_CLOUDCONNECT_CLIENT_IPS)")
+    outcome, added, removed, kept = applymod.container_up(be, store, c, "hostprep " + " ".join(sys.argv[1:]))
+    store.write_container_log(name, container_log_text(name, c, added, removed, "up", kept), append=False)
+    for w in outcome.warnings:
+        err.print(f"[yellow]warning:[/] {w}", markup=True)
+    what = "rules unchanged" if not outcome.changed else f"{len(added)} rules added, {len(removed)} removed"
+    out.print(f"container {name}: {what}; ports {','.join(map(str, c.ports))} on {c.dest} "
+              f"({'open with limits' if c.hardening else 'closed'}); log {store.container_log(name)}")
+
+
+@container_app.command("down")
+@handle_errors
+def container_down_cmd(
+    name: str = typer.Argument(..., help="Container name given to 'container up'."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Remove exactly NAME's rules (and its sets); other containers and the base stay."""
+    from hostprep.model import container_name
+    container_name(name)
+    need_root("container down")
+    store = Store(Paths.from_env())
+    be = applymod.default_backend(Runner(), backend)
+    outcome, removed = applymod.container_down(be, store, name, "hostprep " + " ".join(sys.argv[1:]))
+    store.write_container_log(name, container_log_text(name, None, [], removed, "down"), append=True)
+    out.print(f"container {name}: {len(removed)} rules removed; log {store.container_log(name)}")
+
+
+@container_app.command("list")
+@handle_errors
+def container_list_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (the containers part of status --json)."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """The containers whose rules are up: ports, destination, limits, exempt counts, drop counters."""
+    need_root("container list")
+    runner = Runner()
+    be = applymod.default_backend(runner, backend)
+    report = statusmod.collect(runner, be, Store(Paths.from_env()))
+    if as_json:
+        print(json.dumps(report["containers"], indent=2))
+    elif report["containers"]:
+        print_containers(report["containers"], title="containers")
+    else:
+        out.print("no container is up")
 
 
 @sandbox_app.command("up")

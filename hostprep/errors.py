@@ -57,6 +57,7 @@ class MissingBinary(HostprepError):
         "ip6tables-legacy-save": ("iptables-legacy", "iptables"),
         "nft": ("nftables", "nftables"),
         "ip": ("iproute", "iproute2"),
+        "ipset": ("ipset", "ipset"),
     }
 
     def __init__(self, binary: str) -> None:

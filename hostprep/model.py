@@ -24,12 +24,15 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "ssh": ("HOSTPREP-SSH", "HOSTPREP-OUT"),
     "icmp": ("HOSTPREP-ICMP",),
     "udp": ("HOSTPREP-UDP",),
+    "containers": ("HOSTPREP-CONTAINERS",),   # plus one HOSTPREP-C-<name> chain per container
     "deny": ("HOSTPREP-DENY",),
 }
 DISPATCH_CHAIN = "HOSTPREP-IN"
 
 
 def group_of_chain(chain: str) -> str | None:
+    if chain.startswith("HOSTPREP-C-"):
+        return "containers"
     for group, chains in GROUPS.items():
         if chain in chains:
             return group
@@ -178,6 +181,150 @@ class Desired:
     v4: Ruleset
     v6: Ruleset
     nft: NftIngress | None
+    containers: tuple["Container", ...] = ()
+    sets: tuple["IpSet", ...] = ()
 
     def ruleset(self, family: int) -> Ruleset:
         return self.v4 if family == 4 else self.v6
+
+
+# -- per-container port rules -------------------------------------------------
+
+CONTAINER_DISPATCH = "HOSTPREP-CONTAINERS"
+CONTAINER_CHAIN_PREFIX = "HOSTPREP-C-"
+SET_PREFIX = "hostprep-"
+_CONTAINER_NAME = __import__("re").compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def container_name(value: str, field: str = "NAME") -> str:
+    if not isinstance(value, str) or not _CONTAINER_NAME.fullmatch(value):
+        raise InputError(field, f"{value!r} is not a safe container name",
+                         "use up to 63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+def _short_hash(text: str, n: int = 8) -> str:
+    import hashlib
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The IPTABLES_* values of one component (after defaults), all positive integers."""
+
+    connlimit_above: int
+    hash_upto: int          # new connections per second per source+port
+    hash_burst: int
+    log_limit: int          # log lines per minute
+    log_burst: int
+
+    def __post_init__(self) -> None:
+        for name, value, top in (("connlimit_above", self.connlimit_above, 65535),
+                                 ("hash_upto", self.hash_upto, 10000), ("hash_burst", self.hash_burst, 10000),
+                                 ("log_limit", self.log_limit, 10000), ("log_burst", self.log_burst, 10000)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+                raise InputError(name, f"{value!r} is outside 1..{top}")
+
+    def as_dict(self) -> dict:
+        return {"connlimit_above": self.connlimit_above, "hash_upto": self.hash_upto,
+                "hash_burst": self.hash_burst, "log_limit": self.log_limit, "log_burst": self.log_burst}
+
+
+@dataclass(frozen=True)
+class EnvFile:
+    path: str
+    sha256: str
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Container:
+    """One proxy container's port rules, resolved from its env files (already validated)."""
+
+    name: str
+    template: str
+    ports: tuple[int, ...]
+    dest: ipaddress.IPv4Address | ipaddress.IPv6Address   # PROXY_BINDING_IP
+    limits: Limits
+    hardening: bool = True                                 # NGX_IPTABLES_HARDENING
+    restricted: bool = False                               # NGX_TRAFFIC_RESTRICTED
+    load_balancers: tuple[Network, ...] = ()
+    exempt: tuple[Network, ...] = ()                       # rate-limit-disable + Cloud Connect clients
+    files: tuple[EnvFile, ...] = ()
+
+    def __post_init__(self) -> None:
+        container_name(self.name)
+        if self.hardening and not self.ports:
+            raise InputError(self.name, "no port to open", "check the port properties of the component .env")
+        for p in self.ports:
+            if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= 65535:
+                raise InputError(self.name, f"port {p!r} is outside 1..65535")
+        if len(set(self.ports)) != len(self.ports):
+            raise InputError(self.name, "a port is listed twice")
+        if self.restricted and not self.load_balancers:
+            raise InputError("NGX_TRAFFIC_RESTRICTED", "is true but NGX_LOAD_BALANCER_IPS is empty: "
+                             "nobody could reach the container", "list the load balancers, or set it to false")
+
+    @property
+    def family(self) -> int:
+        return self.dest.version
+
+    @property
+    def key(self) -> str:
+        return _short_hash(self.name)
+
+    @property
+    def chain(self) -> str:
+        # xtables chain names have at most 28 characters.
+        short = self.name if len(self.name) <= 17 else f"{self.name[:8]}-{self.key}"
+        return CONTAINER_CHAIN_PREFIX + short
+
+    def set_name(self, kind: str) -> str:
+        """ipset names (at most 31 characters): hostprep-<hash>-lb4 / -ex6 ..."""
+        return f"{SET_PREFIX}{self.key}-{kind}{self.family}"
+
+    def hashlimit_name(self, port: int) -> str:
+        # hashlimit table names have at most 15 characters and are global per netns.
+        return f"HP_{port}_{_short_hash(self.name + str(self.dest), 6)}"
+
+    def networks(self, which: str) -> tuple[Network, ...]:
+        nets = self.load_balancers if which == "lb" else self.exempt
+        return tuple(n for n in nets if n.version == self.family)
+
+    def sets(self) -> tuple["IpSet", ...]:
+        out = []
+        for kind in ("lb", "ex"):
+            members = self.networks(kind)
+            if members and self.hardening:
+                out.append(IpSet(self.set_name(kind), self.family, tuple(sorted(set(members), key=str))))
+        return tuple(out)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "template": self.template, "ports": list(self.ports),
+                "dest": str(self.dest), "limits": self.limits.as_dict(), "hardening": self.hardening,
+                "restricted": self.restricted, "load_balancers": [str(n) for n in self.load_balancers],
+                "exempt": [str(n) for n in self.exempt],
+                "files": [{"path": f.path, "sha256": f.sha256} for f in self.files]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Container":
+        return cls(d["name"], d["template"], tuple(int(p) for p in d["ports"]), ipaddress.ip_address(d["dest"]),
+                   Limits(**d["limits"]), bool(d["hardening"]), bool(d["restricted"]),
+                   tuple(ipaddress.ip_network(n) for n in d["load_balancers"]),
+                   tuple(ipaddress.ip_network(n) for n in d["exempt"]),
+                   tuple(EnvFile(f["path"], f["sha256"]) for f in d.get("files", [])))
+
+
+@dataclass(frozen=True)
+class IpSet:
+    """An ipset of source networks (hash:net), so a rule's cost does not grow with the list."""
+
+    name: str
+    family: int
+    members: tuple[Network, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name.startswith(SET_PREFIX) or len(self.name) > 31:
+            raise InputError("ipset", f"{self.name!r} is not a hostprep set name")

@@ -193,3 +193,77 @@ def ruleset_from_observed(observed: Observed) -> Ruleset:
                    for c in observed.our_chains)
     jumps = tuple(Rule(r.chain, r.spec) for r in observed.our_jumps if r.chain in BUILTIN_CHAINS)
     return Ruleset(observed.family, chains, jumps)
+
+
+# -- ipsets (exempt lists of the containers) -----------------------------------
+
+def normalise_member(text: str) -> str:
+    """ipset prints /32 and /128 members without a prefix; compare as networks."""
+    import ipaddress
+    return str(ipaddress.ip_network(text, strict=False))
+
+
+@dataclass(frozen=True)
+class SetPlan:
+    create: tuple = ()      # IpSet: missing, created before the rules that use them
+    replace: tuple = ()     # IpSet: members differ, filled into NAME-n and swapped in
+    destroy: tuple = ()     # names of hostprep sets no rule wants any more
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create or self.replace or self.destroy)
+
+    def notes(self) -> list[str]:
+        return ([f"ipset {s.name} missing" for s in self.create]
+                + [f"ipset {s.name} members differ" for s in self.replace]
+                + [f"ipset {n} not wanted" for n in self.destroy])
+
+
+def plan_sets(desired: tuple, live: dict[str, frozenset[str]]) -> SetPlan:
+    create, replace = [], []
+    for s in desired:
+        want = frozenset(str(m) for m in s.members)
+        if s.name not in live:
+            create.append(s)
+        elif live[s.name] != want:
+            replace.append(s)
+    names = {s.name for s in desired}
+    destroy = tuple(n for n in sorted(live) if n not in names)
+    return SetPlan(tuple(create), tuple(replace), destroy)
+
+
+TEMP_SUFFIX = "-n"
+
+
+def ipset_fill_script(sets: tuple, suffix: str = "") -> str:
+    """``ipset restore`` text creating each set (NAME+suffix) with its members.
+
+    With a suffix the temporary set may be left over from an interrupted run,
+    so it is created with -exist and flushed first.
+    """
+    lines: list[str] = []
+    for s in sets:
+        name = s.name + suffix
+        family = "inet" if s.family == 4 else "inet6"
+        maxelem = max(65536, 2 * len(s.members))
+        lines.append(f"create {name} hash:net family {family} hashsize 1024 maxelem {maxelem}"
+                     + (" -exist" if suffix else ""))
+        if suffix:
+            lines.append(f"flush {name}")
+        lines += [f"add {name} {m}" for m in s.members]
+    return "\n".join(lines) + "\n"
+
+
+def ipset_swap_script(sets: tuple) -> str:
+    return "".join(f"swap {s.name}{TEMP_SUFFIX} {s.name}\n" for s in sets)
+
+
+def parse_ipset_save(text: str, prefix: str) -> dict[str, frozenset[str]]:
+    members: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "create" and parts[1].startswith(prefix):
+            members.setdefault(parts[1], set())
+        elif len(parts) >= 3 and parts[0] == "add" and parts[1].startswith(prefix):
+            members.setdefault(parts[1], set()).add(normalise_member(parts[2]))
+    return {k: frozenset(v) for k, v in members.items()}

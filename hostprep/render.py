@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import jinja2
 
-from hostprep.model import (BUILTIN_CHAINS, PREFIX, Chain, Desired, NftIngress, Policy, Rule,
-                            Ruleset)
+from hostprep.model import (BUILTIN_CHAINS, PREFIX, Chain, Container, Desired, NftIngress, Policy,
+                            Rule, Ruleset)
 from hostprep.paths import data_dir
 
 _ENV = jinja2.Environment(
@@ -66,11 +66,19 @@ def nft_text(policy: Policy) -> str:
     return _ENV.get_template("ingress.nft.j2").render(iface=policy.interface)
 
 
-def desired(policy: Policy) -> Desired:
-    v4 = parse_rules(filter_text(policy, 4), 4)
-    v6 = parse_rules(filter_text(policy, 6), 6)
+def container_text(containers: tuple[Container, ...], family: int) -> str:
+    """The containers' chains of one family (only containers whose hardening is on)."""
+    mine = [c for c in containers if c.family == family and c.hardening]
+    return _ENV.get_template("container.rules.j2").render(containers=mine)
+
+
+def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
+    """The whole desired state: base hardening plus every container that is up."""
+    v4 = parse_rules(filter_text(policy, 4) + container_text(containers, 4), 4)
+    v6 = parse_rules(filter_text(policy, 6) + container_text(containers, 6), 6)
     nft = None if policy.skip_ddos else NftIngress(policy.interface, nft_text(policy))
-    return Desired(policy, v4, v6, nft)
+    sets = tuple(s for c in containers for s in c.sets())
+    return Desired(policy, v4, v6, nft, tuple(containers), sets)
 
 
 def restore_header() -> str:

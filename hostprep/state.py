@@ -23,6 +23,17 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
+def who() -> str:
+    """The user behind a change: the effective user, and SUDO_USER when run through sudo."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    if os.environ.get("SUDO_USER"):
+        user += f" (sudo from {os.environ['SUDO_USER']})"
+    return user
+
+
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,15 +82,47 @@ class Store:
         except OSError as err:
             raise StateError(str(self.paths.state_file), f"cannot remove ({err.strerror})") from None
 
+    # -- containers that are up ------------------------------------------------
+    @property
+    def containers_dir(self) -> Path:
+        return self.paths.state_dir / "containers"
+
+    def containers(self) -> dict:
+        """name -> Container for every container whose rules are recorded as up."""
+        from hostprep.model import Container  # state stays free of model imports at load time
+
+        out = {}
+        if self.containers_dir.is_dir():
+            for f in sorted(self.containers_dir.glob("*.json")):
+                data = read_json(f)
+                if data:
+                    out[data["name"]] = Container.from_dict(data)
+        return out
+
+    def save_container(self, c) -> None:
+        write_atomic(self.containers_dir / f"{c.name}.json", json.dumps(c.as_dict(), indent=2) + "\n")
+
+    def remove_container(self, name: str) -> None:
+        try:
+            (self.containers_dir / f"{name}.json").unlink()
+        except FileNotFoundError:
+            pass
+
+    def container_log(self, name: str) -> Path:
+        return self.paths.log_dir / "iptables_logs" / f"{name}.log"
+
+    def write_container_log(self, name: str, text: str, append: bool) -> None:
+        path = self.container_log(name)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a" if append else "w") as fh:
+                fh.write(text)
+        except OSError as err:
+            raise StateError(str(path), f"cannot write ({err.strerror})") from None
+
     def journal(self, command: str, changed: str, result: str) -> None:
         """One line per change: time, user (and SUDO_USER), command, what changed, result."""
-        try:
-            user = pwd.getpwuid(os.geteuid()).pw_name
-        except KeyError:
-            user = str(os.geteuid())
-        if os.environ.get("SUDO_USER"):
-            user += f" (sudo from {os.environ['SUDO_USER']})"
-        line = f"{now()}\t{user}\t{command}\t{changed}\t{result}\n"
+        line = f"{now()}\t{who()}\t{command}\t{changed}\t{result}\n"
         try:
             self.paths.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.paths.journal, "a") as fh:

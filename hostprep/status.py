@@ -51,19 +51,41 @@ def _group_report(group: str, fam: int, desired, observed: planmod.Observed,
             "packets": counter.packets, "bytes": counter.bytes}
 
 
+def _container_report(c, observed: planmod.Observed | None, desired_rs) -> dict:
+    def packets(comment_tail: str) -> int:
+        if observed is None:
+            return 0
+        return sum(r.counter.packets for r in observed.chain_rules(c.chain)
+                   if f'"hostprep containers: {c.name} {comment_tail}"' in r.spec)
+
+    want = desired_rs.chain(c.chain) if (desired_rs is not None and c.hardening) else None
+    live = observed.chain_specs(c.chain) if observed is not None else ()
+    return {
+        "name": c.name, "template": c.template, "ports": list(c.ports), "dest": str(c.dest),
+        "hardening": c.hardening, "restricted": c.restricted, "limits": c.limits.as_dict(),
+        "load_balancers": len(c.networks("lb")), "exempt": len(c.networks("ex")),
+        "present": (want is not None and live == want.specs) if c.hardening else None,
+        "accepted_within_rate": packets("within rate"),
+        "dropped_connlimit": packets("connlimit drop"),
+        "dropped_rate": packets("rate drop"),
+        "dropped_restricted": packets("restricted to load balancers"),
+        "files": [f.path for f in c.files],
+    }
+
+
 def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     warnings = service_warnings(runner) + backend.other_variant_present()
     settings = store.settings()
     record = store.applied()
     report: dict = {"schema": SCHEMA_VERSION, "backend": backend.variant, "warnings": warnings,
                     "settings": settings, "last_apply": None, "nic": None, "families": {},
-                    "fragments": None, "ipv6_parity": None, "problems": []}
+                    "fragments": None, "ipv6_parity": None, "containers": [], "problems": []}
     problems: list[str] = report["problems"]
     desired = None
     if record:
         report["last_apply"] = {"time": record.get("time"), "settings": record.get("settings"),
                                 "backend": record.get("backend")}
-        desired = applymod.build_desired(applymod.policy_from_record(record))
+        desired = applymod.build_desired(applymod.policy_from_record(record), tuple(store.containers().values()))
         if record.get("backend") != backend.variant:
             problems.append(f"last apply used the {record.get('backend')} backend, this host now uses "
                             f"{backend.variant}: run 'hostprep apply'")
@@ -98,6 +120,15 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     if snap.nft is not None:
         report["fragments"] = {"device": snap.nft.device, "counters": {
             k: {"packets": v.packets, "bytes": v.bytes} for k, v in snap.nft.counters.items()}}
+    for c in store.containers().values():
+        rep = _container_report(c, snap.observed.get(c.family),
+                                desired.ruleset(c.family) if desired is not None else None)
+        report["containers"].append(rep)
+        if c.hardening and not rep["present"]:
+            problems.append(f"container {c.name}: its rules are not live as recorded")
+    if desired is not None:
+        sets = planmod.plan_sets(desired.sets, snap.sets)
+        problems.extend(sets.notes())
     nplan = applymod.plan_nft(desired, snap.nft, record)
     if desired is not None and nplan.action != "none":
         problems.append(f"nft ingress table: {nplan.reason}")

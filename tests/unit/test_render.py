@@ -111,6 +111,7 @@ def test_dispatch_order(default):
         "-j HOSTPREP-SPOOF",
         "-p tcp -j HOSTPREP-SSH",
         "-p udp -j HOSTPREP-UDP",
+        "-p tcp -j HOSTPREP-CONTAINERS",
         "-j HOSTPREP-DENY",
     ) for f in (4, 6)}
 
@@ -342,8 +343,8 @@ def test_every_chain_belongs_to_a_group(default):
 def test_groups_present(default):
     e = render.desired(Policy("eth1", skip_ddos=True, allow_private=True))
     assert (default.v4.groups, e.v6.groups) == (
-        ("fastpath", "ddos", "spoof", "ssh", "icmp", "udp", "deny"),
-        ("fastpath", "ssh", "icmp", "udp", "deny"))
+        ("fastpath", "ddos", "spoof", "ssh", "icmp", "udp", "containers", "deny"),
+        ("fastpath", "ssh", "icmp", "udp", "containers", "deny"))
 
 
 def test_interface_name_reaches_every_jump():

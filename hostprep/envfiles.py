@@ -1,0 +1,221 @@
+"""Read the reverse-proxy installer's env files into a validated ``Container``.
+
+Files (python-dotenv): the component ``.env`` (``TEMPLATE_TYPE`` decides which port
+properties count, and which ``IPTABLES_*`` defaults apply), ``core.env``
+(``NGX_IPTABLES_HARDENING``, ``NGX_LOAD_BALANCER_IPS``, ``NGX_RATELIMIT_DISABLE_IPS``,
+``NGX_TRAFFIC_RESTRICTED``) and ``installer.env`` (``PROXY_BINDING_IP``).  Defaults
+are the ones the installer documents (shared/reference/cisco-rp-installer.md §3).
+Reading changes nothing; every error names the key, the file, the value and the
+expected format, as the original launcher does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from hostprep.errors import InputError
+from hostprep.model import Container, EnvFile, Limits, Network, container_name
+
+# TEMPLATE_TYPE -> [(port property, default port)], reference §3.4.
+PORTS: dict[str, list[tuple[str, int]]] = {
+    "finesse": [("NGX_PRXY_FIN_PORT", 8445)],
+    "ids": [("NGX_PRXY_IDS_PORT", 8553)],
+    "cuic": [("NGX_PRXY_CUIC_PORT", 443)],
+    "cuic_12.6(1)": [("NGX_PRXY_CUIC_PORT", 8444), ("NGX_PRXY_CUIC_DOC_PORT", 8447)],
+    "livedata": [("NGX_PRXY_LD_PORT", 443)],
+    "livedata_12.6(1)": [("NGX_PRXY_LD_PORT", 12005), ("NGX_PRXY_LD_SCKT_IO_PORT", 12008)],
+    "chat": [("NGX_PRXY_CHAT_PORT", 5280)],
+    "cloudconnect": [("NGX_PRXY_CLOUDCONNECT_PORT", 443)],
+    "idp-adfs3": [("NGX_PRXY_IDP_PORT", 443)],
+}
+
+# TEMPLATE_TYPE -> (CONNECTION_LIMIT_ABOVE, HASH_LIMIT_UPTO, HASH_LIMIT_BURST), reference §3.2.
+LIMIT_DEFAULTS: dict[str, tuple[int, int, int]] = {
+    "finesse": (10, 6, 8),
+    "chat": (30, 20, 25),
+    "cloudconnect": (8, 4, 6),
+    "cuic": (6, 2, 4),
+    "cuic_12.6(1)": (6, 2, 4),
+    "idp-adfs3": (8, 4, 6),
+    "ids": (6, 2, 4),
+    "livedata": (10, 6, 8),
+    "livedata_12.6(1)": (10, 6, 8),
+}
+LOG_LIMIT_DEFAULT = 1        # per minute; not published for 15.0, ES04 used 1/min
+LOG_LIMIT_BURST_DEFAULT = 1  # documented for all components
+
+# core.env / cloudconnect.env defaults as the installer ships them (reference §3.5).
+RATELIMIT_DISABLE_DEFAULT = "192.168.1.69|192.168.1.169|127.0.0.1"
+CLOUDCONNECT_CLIENTS_DEFAULT = ("35.161.238.252|35.166.68.236|34.240.73.178|3.9.155.97|54.206.189.15|"
+                                "52.62.185.51|13.210.45.137|52.40.46.90|52.214.81.91|3.9.151.19|"
+                                "3.105.22.233|52.17.23.194")
+
+_INT = re.compile(r"[0-9]{1,9}")
+_CHAT_PROXY = re.compile(r"NGX_CHAT_HOST[1-8]_PROXY")
+_PORT_IN_VALUE = re.compile(r":([0-9]{1,5})(?![0-9])")
+
+
+@dataclass(frozen=True)
+class EnvData:
+    path: Path
+    values: dict[str, str]
+    sha256: str
+
+    def get(self, key: str) -> str | None:
+        value = self.values.get(key)
+        if value is None:
+            return None
+        value = value.strip()
+        return value if value != "" else None
+
+
+def read_env(path: Path, field: str) -> EnvData:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise InputError(field, f"cannot read {path} ({err.strerror})", "give the path of the .env file") from None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(field, f"{path} is not a UTF-8 text file", "give the installer's .env file") from None
+    values = {k: (v if v is not None else "") for k, v in dotenv_values(path).items()}
+    return EnvData(path, values, hashlib.sha256(raw).hexdigest())
+
+
+def integer(env: EnvData, key: str, default: int, top: int) -> int:
+    value = env.get(key)
+    if value is None:
+        return default
+    if not _INT.fullmatch(value) or not 1 <= int(value) <= top:
+        raise InputError(f"{key} in {env.path}", f"is not in expected format. Input Provided= {value!r}",
+                         f"Expected Format <Integer> from 1 to {top}. Eg. 10")
+    return int(value)
+
+
+def ip_list(env: EnvData, key: str, default: str = "") -> tuple[Network, ...]:
+    """A ``|``-separated list of IPs or CIDRs, IPv4 or IPv6; hostnames refused.
+
+    An absent key takes the installer's default; a key set to nothing means an
+    empty list.
+    """
+    value = env.values.get(key)
+    if value is None:
+        value = default
+    out: list[Network] = []
+    for item in value.split("|"):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            net = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise InputError(f"{key} in {env.path}", f"should contain only IP addresses: {item!r} is not an IP "
+                             "address or CIDR", "write e.g. 203.0.113.7|198.51.100.0/24|2001:db8::/64") from None
+        if net not in out:
+            out.append(net)
+    return tuple(out)
+
+
+def boolean(env: EnvData, key: str, default: bool, words: tuple[str, str] = ("true", "false")) -> bool:
+    value = env.get(key)
+    if value is None:
+        return default
+    low = value.lower()
+    if low in (words[0], "1", "true", "yes"):
+        return True
+    if low in (words[1], "0", "false", "no"):
+        return False
+    raise InputError(f"{key} in {env.path}", f"is not in expected format. Input Provided= {value!r}",
+                     f"Expected {words[0]} or {words[1]}")
+
+
+def port(env: EnvData, key: str, default: int) -> int:
+    value = env.get(key)
+    if value is None:
+        return default
+    if not _INT.fullmatch(value) or not 1 <= int(value) <= 65535:
+        raise InputError(f"{key} in {env.path}", f"is not a port: Input Provided= {value!r}",
+                         "Expected Format <Integer> from 1 to 65535. Eg. 8445")
+    return int(value)
+
+
+def component_ports(env: EnvData, template: str) -> tuple[int, ...]:
+    ports = [port(env, key, default) for key, default in PORTS[template]]
+    if template == "chat":
+        # NGX_CHAT_HOST[1-8]_PROXY hold the proxy side host:port pairs
+        # ("host:5280/host-sub:15280"); ES04 opened 5280, 15280 and 25280.
+        for key in sorted(k for k in env.values if _CHAT_PROXY.fullmatch(k)):
+            for m in _PORT_IN_VALUE.finditer(env.get(key) or ""):
+                p = int(m.group(1))
+                if not 1 <= p <= 65535:
+                    raise InputError(f"{key} in {env.path}", f"port {p} is outside 1..65535")
+                ports.append(p)
+    seen: list[int] = []
+    for p in ports:
+        if p not in seen:
+            seen.append(p)
+    return tuple(seen)
+
+
+def binding_ip(installer: EnvData | None, nic_name: str, nic_addrs: list[str]):
+    """PROXY_BINDING_IP, or the external NIC's only IPv4 address."""
+    on_nic = [ipaddress.ip_interface(a).ip for a in nic_addrs]
+    value = installer.get("PROXY_BINDING_IP") if installer else None
+    if value is None:
+        v4 = [a for a in on_nic if a.version == 4]
+        if len(v4) == 1:
+            return v4[0]
+        if not v4:
+            raise InputError("PROXY_BINDING_IP", f"{nic_name} has no IPv4 address to bind to",
+                             "set PROXY_BINDING_IP in installer.env (pass it with --installer)")
+        raise InputError("PROXY_BINDING_IP", f"External NIC configured has multiple IPs "
+                         f"({', '.join(map(str, v4))})", "Please provide a valid IP to bind from this list as "
+                         "the value for PROXY_BINDING_IP in installer.env configuration file")
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise InputError(f"PROXY_BINDING_IP in {installer.path}", f"{value!r} is not an IP address",
+                         "give one address of the external NIC") from None
+    if addr not in on_nic:
+        raise InputError(f"PROXY_BINDING_IP in {installer.path}", f"{addr} is not an address of {nic_name}",
+                         f"its addresses: {', '.join(map(str, on_nic)) or 'none'}")
+    return addr
+
+
+def load_container(name: str, env_path: Path, core_path: Path | None, installer_path: Path | None,
+                   nic_name: str, nic_addrs: list[str]) -> Container:
+    container_name(name)
+    env = read_env(env_path, "--env")
+    core = read_env(core_path, "--core") if core_path else None
+    installer = read_env(installer_path, "--installer") if installer_path else None
+    template = env.get("TEMPLATE_TYPE")
+    if template is None or template not in PORTS:
+        raise InputError(f"TEMPLATE_TYPE in {env.path}", f"{template!r} is not a known component",
+                         "one of: " + ", ".join(PORTS))
+    conn, upto, burst = LIMIT_DEFAULTS[template]
+    limits = Limits(
+        integer(env, "IPTABLES_CONNECTION_LIMIT_ABOVE", conn, 65535),
+        integer(env, "IPTABLES_HASH_LIMIT_UPTO", upto, 10000),
+        integer(env, "IPTABLES_HASH_LIMIT_BURST", burst, 10000),
+        integer(env, "IPTABLES_LOG_LIMIT", LOG_LIMIT_DEFAULT, 10000),
+        integer(env, "IPTABLES_LOG_LIMIT_BURST", LOG_LIMIT_BURST_DEFAULT, 10000),
+    )
+    ports = component_ports(env, template)
+    empty_core = EnvData(Path("core.env (defaults)"), {}, "")
+    c = core or empty_core
+    hardening = boolean(c, "NGX_IPTABLES_HARDENING", True, ("1", "0"))
+    lbs = ip_list(c, "NGX_LOAD_BALANCER_IPS")
+    exempt = list(ip_list(c, "NGX_RATELIMIT_DISABLE_IPS", RATELIMIT_DISABLE_DEFAULT))
+    if template == "cloudconnect":
+        exempt += [n for n in ip_list(env, "NGX_CLOUDCONNECT_CLIENT_IPS", CLOUDCONNECT_CLIENTS_DEFAULT)
+                   if n not in exempt]
+    restricted = boolean(c, "NGX_TRAFFIC_RESTRICTED", False)
+    dest = binding_ip(installer, nic_name, nic_addrs)
+    files = tuple(EnvFile(str(e.path.resolve()), e.sha256) for e in (env, core, installer) if e is not None)
+    return Container(name, template, ports, dest, limits, hardening, restricted, lbs, tuple(exempt), files)
