@@ -22,7 +22,7 @@ from hostprep import __version__
 from hostprep import apply as applymod
 from hostprep import nic as nicmod
 from hostprep import status as statusmod
-from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError
+from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
 from hostprep.model import GROUPS, Policy
 from hostprep.paths import Paths
 from hostprep.runner import DryRunner, Runner
@@ -214,7 +214,14 @@ def apply_cmd(
                   f"TCP connection(s) on {info.name} will be classified NEW without SYN and dropped",
                   markup=True)
     be = applymod.default_backend(runner, backend)
-    desired = applymod.build_desired(policy, tuple(store.containers().values()))
+    try:
+        containers = tuple(store.containers().values())
+    except StateError:
+        if not dry_run or applymod.is_root():
+            raise
+        out.print("(not root: the containers that are up cannot be read; showing the base hardening only)")
+        containers = ()
+    desired = applymod.build_desired(policy, containers)
     if dry_run:
         try:
             plan = applymod.make_plan(be, desired, store.applied() if applymod.is_root() else None)

@@ -92,11 +92,15 @@ class Store:
         from hostprep.model import Container  # state stays free of model imports at load time
 
         out = {}
-        if self.containers_dir.is_dir():
-            for f in sorted(self.containers_dir.glob("*.json")):
-                data = read_json(f)
-                if data:
-                    out[data["name"]] = Container.from_dict(data)
+        try:
+            files = sorted(self.containers_dir.glob("*.json")) if self.containers_dir.is_dir() else []
+        except OSError as err:
+            raise StateError(str(self.containers_dir), f"cannot read ({err.strerror})",
+                             "run as root") from None
+        for f in files:
+            data = read_json(f)
+            if data:
+                out[data["name"]] = Container.from_dict(data)
         return out
 
     def save_container(self, c) -> None:
