@@ -134,33 +134,109 @@ def print_plan(plan: applymod.ApplyPlan) -> None:
         out.print("\n# nft delete table netdev hostprep", markup=False)
 
 
-def settings_policy(interface: Optional[str], skip_ddos: bool, allow_private: bool,
-                    ping_from: list[str], store: Store) -> tuple[Policy, str]:
-    if interface is None:
-        if skip_ddos or allow_private or ping_from:
-            raise InputError("-e/-a/-p", "these need -i", "give the external NIC with -i, or "
-                             "run plain 'hostprep apply' to re-apply the remembered settings")
-        remembered = store.settings()
-        if not remembered:
-            raise InputError("-i/--interface", "no external NIC given and none remembered",
-                             "start with: hostprep apply -i <external NIC>")
-        interface = remembered["interface"]
-        skip_ddos = bool(remembered.get("skip_ddos"))
-        allow_private = bool(remembered.get("allow_private"))
-        ping_from = list(remembered.get("ping_from", []))
-        source = "remembered settings"
-    else:
-        source = "command line"
+def settings_policy(interface: str, skip_ddos: bool, allow_private: bool,
+                    ping_from: list[str]) -> Policy:
     sources = nicmod.resolve_ping_sources(ping_from)
-    return Policy(interface, skip_ddos, allow_private, sources), source
+    return Policy(interface, skip_ddos, allow_private, sources)
+
+
+def what_to_apply(interface: Optional[str], skip_ddos: bool, allow_private: bool, ping_from: list[str],
+                  kernel: bool, store: Store) -> tuple[Optional[Policy], bool, str]:
+    """(firewall policy or None, apply the kernel profile?, where the settings came from).
+
+    -i [-e -a -p] [-k]: what the flags say; -k alone: the kernel only (as the
+    original's -k); nothing: every part remembered from the last successful apply.
+    """
+    if interface is not None:
+        return settings_policy(interface, skip_ddos, allow_private, ping_from), kernel, "command line"
+    if skip_ddos or allow_private or ping_from:
+        raise InputError("-e/-a/-p", "these need -i", "give the external NIC with -i, or "
+                         "run plain 'hostprep apply' to re-apply the remembered settings")
+    if kernel:
+        return None, True, "command line"
+    remembered = store.settings() or {}
+    if not remembered.get("interface") and not remembered.get("kernel"):
+        raise InputError("-i/--interface", "no external NIC given and none remembered",
+                         "start with: hostprep apply -i <external NIC>")
+    policy = None
+    if remembered.get("interface"):
+        policy = settings_policy(remembered["interface"], bool(remembered.get("skip_ddos")),
+                                 bool(remembered.get("allow_private")), list(remembered.get("ping_from", [])))
+    return policy, bool(remembered.get("kernel")), "remembered settings"
+
+
+def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> None:
+    """Refuse unless SELinux is enforcing, --ignore-selinux, or NGX_IGNORE_SELINUX=true in --core."""
+    try:
+        from hostprep import selinux
+    except ImportError:  # TEMPORARY while hostprep/selinux.py is being written
+        return
+    fs, config = selinux.default_paths(store.paths.root)
+    state = selinux.read_state(fs, config)
+    for w in selinux.check_enforcing(state, ignore_flag, selinux.ignore_from_core(core)):
+        err.print(f"[yellow]warning:[/] {w}", markup=True)
+
+
+def rp_filter_guard(runner: Runner, force: bool) -> None:
+    """Strict rp_filter cuts an SSH session that arrives on one NIC and is routed back by another."""
+    session = nicmod.find_ssh_session()
+    if session is None or not session.same_netns:
+        return
+    local = session.local.split("%")[0]
+    arrive = next((n for n in nicmod.existing_nics()
+                   if local in {a.split("/")[0] for i in [nicmod.nic_info(n)] for a in i.ipv4 + i.ipv6}), None)
+    back = nicmod.route_dev(runner, session.peer)
+    if arrive and back and arrive != back:
+        msg = (f"your SSH session arrives on {arrive} but the route back to {session.peer} leaves by {back}: "
+               "strict reverse-path filtering (rp_filter=1) would drop it")
+        if not force:
+            raise RefusedError("-k/--kernel", msg, f"route {session.peer}'s network through {arrive} first, "
+                               "or pass --force")
+        err.print(f"[bold red]WARNING:[/] {msg}; --force given", markup=True)
+
+
+def apply_kernel_part(dry_run: bool, store: Store, force: bool) -> None:
+    from hostprep import sysctl
+    kernel = sysctl.Kernel()
+    if dry_run:
+        settings = sysctl.profile()
+        missing = frozenset(s.key for s in settings if not kernel.has(s.key))
+        changes = [f"  {s.key}: {kernel.read(s.key)} -> {s.value}" for s in settings
+                   if s.key not in missing and kernel.read(s.key) != s.value]
+        out.print(f"\n# kernel: {store.paths.root / 'etc/sysctl.d' / sysctl.DROPIN_NAME} would be:", markup=False)
+        out.print(sysctl.render(missing).rstrip(), markup=False)
+        out.print(f"kernel keys that would change ({len(changes)}):", markup=False)
+        for line in changes:
+            out.print(line, markup=False)
+        for key in sorted(missing):
+            out.print(f"  {key}: not in this kernel, would be skipped", markup=False)
+        return
+    rp_filter_guard(Runner(), force)
+    report, notes = sysctl.apply_kernel(kernel, store.paths)
+    for n in notes:
+        err.print(f"[yellow]note:[/] {n}", markup=True)
+    bad = [r for r in report if r.state in ("drift", "overridden")]
+    for r in bad:
+        err.print(f"[red]kernel drift:[/] {r.key}: wanted {r.desired}, {r.detail}", markup=True)
+    store.save_settings({"kernel": True})
+    ok = sum(1 for r in report if r.state == "ok")
+    store.journal("hostprep " + " ".join(sys.argv[1:]), f"kernel profile: {ok} keys live",
+                  "ok" if not bad else f"{len(bad)} keys overridden or drifting")
+    out.print(f"kernel: {ok} of {len(report)} keys live and verified"
+              + (f", {len(bad)} overridden or drifting (see above)" if bad else "")
+              + f"; drop-in {store.paths.root / 'etc/sysctl.d' / sysctl.DROPIN_NAME}")
+    if bad:
+        raise typer.Exit(1)
 
 
 @app.command("apply")
 @handle_errors
 def apply_cmd(
     interface: Optional[str] = typer.Option(None, "-i", "--interface", metavar="NIC",
-                                            help="The external (internet-facing) NIC. Without -i, "
+                                            help="The external (internet-facing) NIC. Without -i and -k, "
                                                  "the settings of the last successful apply are re-applied."),
+    kernel: bool = typer.Option(False, "-k", "--kernel", help="Write, load and verify the kernel (sysctl) "
+                                "profile; alone, only the kernel part runs."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Skip the external-NIC confirmation."),
     skip_ddos: bool = typer.Option(False, "-e", "--skip-ddos", help="Leave out the ddos group "
                                    "(INVALID, NEW without SYN, odd MSS, bogus flags, fragments, RST limit)."),
@@ -174,20 +250,38 @@ def apply_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the exact rules; change "
                                  "nothing (works without root)."),
     force: bool = typer.Option(False, "--force", help="Apply even though your own SSH session comes "
-                               "in through the external NIC (you will lose it)."),
+                               "in through the external NIC (or would be cut by rp_filter)."),
+    ignore_selinux: bool = typer.Option(False, "--ignore-selinux", help="Apply although SELinux is not "
+                                        "enforcing."),
+    core: Optional[Path] = typer.Option(None, "--core", help="core.env: NGX_IGNORE_SELINUX=true there "
+                                        "has the effect of --ignore-selinux."),
     backend: Optional[str] = BackendOpt,
 ) -> None:
-    """Apply the base hardening on the external NIC (IPv4 and IPv6)."""
+    """Apply the base hardening on the external NIC (IPv4 and IPv6), and with -k the kernel profile."""
     if disable and (interface is not None or skip_ddos or allow_private):
         raise InputError("-d/--disable", "Invalid option: option -d cannot be used with -i, -e or -a "
                          "arguments", "run 'hostprep apply -d' alone, or 'hostprep flush'")
     if disable:
-        flush_cmd.__wrapped__(dry_run=dry_run, backend=backend)
+        flush_cmd.__wrapped__(dry_run=dry_run, backend=backend, kernel=False)
         return
     store = Store(Paths.from_env())
     if not dry_run:
         need_root("apply")
-    policy, source = settings_policy(interface, skip_ddos, allow_private, ping_from, store)
+    policy, do_kernel, source = what_to_apply(interface, skip_ddos, allow_private, ping_from, kernel, store)
+    if not dry_run:
+        selinux_gate(store, ignore_selinux, core)
+    if source == "remembered settings":
+        out.print("re-applying the remembered settings: "
+                  + ("firewall on " + policy.interface if policy else "")
+                  + (" and " if policy and do_kernel else "") + ("kernel profile" if do_kernel else ""))
+    if policy is not None:
+        apply_firewall_part(policy, store, yes, dry_run, force, backend)
+    if do_kernel:
+        apply_kernel_part(dry_run, store, force)
+
+
+def apply_firewall_part(policy: Policy, store: Store, yes: bool, dry_run: bool, force: bool,
+                        backend: Optional[str]) -> None:
     info = nicmod.nic_info(policy.interface)
     if info.loopback:
         raise InputError("-i/--interface", f"{info.name} is the loopback interface",
@@ -206,8 +300,6 @@ def apply_cmd(
         err.print(f"[bold red]WARNING:[/] {msg}; --force given: SSH on {info.name} will be dropped "
                   "and this session will hang", markup=True)
     show_nic(info)
-    if source == "remembered settings":
-        out.print(f"re-applying the remembered settings: {json.dumps(policy.to_settings())}")
     at_risk = applymod.untracked_connections(list(info.ipv4 + info.ipv6))
     if at_risk:
         err.print(f"[yellow]warning:[/] conntrack is not tracking this namespace yet: {at_risk} established "
@@ -238,6 +330,8 @@ def apply_cmd(
     confirm(f"Apply the hardening on {info.name} (backend {be.variant})?", yes)
     argv = "hostprep " + " ".join(sys.argv[1:])
     outcome = applymod.apply(be, store, desired, argv)
+    for w in outcome.warnings:
+        err.print(f"[yellow]warning:[/] {w}", markup=True)
     if not outcome.changed:
         out.print(f"nothing changed: the hardening on {info.name} is already live")
         return
@@ -254,10 +348,24 @@ def apply_cmd(
 def flush_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be removed; change nothing."),
     backend: Optional[str] = BackendOpt,
+    kernel: bool = typer.Option(False, "--kernel", help="Instead: restore the kernel values recorded "
+                                "before the first 'apply -k' and remove the sysctl drop-in."),
 ) -> None:
-    """Remove hostprep's chains, jumps and nft table, and nothing else. Settings stay remembered."""
+    """Remove hostprep's chains, jumps, sets and nft table, and nothing else. Settings stay remembered."""
     need_root("flush")
     store = Store(Paths.from_env())
+    if kernel:
+        from hostprep import sysctl
+        if dry_run:
+            out.print("dry run: would restore the recorded kernel values and remove the drop-in")
+            return
+        restored = sysctl.flush_kernel(sysctl.Kernel(), store.paths)
+        store.save_settings({"kernel": False})
+        store.journal("hostprep " + " ".join(sys.argv[1:]), f"kernel: {len(restored)} keys restored", "ok")
+        out.print(f"kernel: {len(restored)} keys restored to their values before hostprep; drop-in removed")
+        for line in restored:
+            out.print(f"  {line}")
+        return
     runner: Runner = DryRunner() if dry_run else Runner()
     be = applymod.default_backend(runner, backend)
     if dry_run:
@@ -307,6 +415,20 @@ def print_status(report: dict) -> None:
     out.print(t)
     if report.get("containers"):
         print_containers(report["containers"], title="containers (packets)")
+    kern = report.get("kernel") or {}
+    if kern.get("applied"):
+        t = Table(title="kernel profile (apply -k)")
+        for col in ("key", "desired", "live", "source", "state"):
+            t.add_column(col)
+        for k in kern["keys"]:
+            t.add_row(k["key"], k["desired"], k["live"] or "-", k["source"] or "-",
+                      k["state"] if k["state"] == "ok" else f"{k['state'].upper()}: {k['detail']}")
+        out.print(t)
+    sel = report.get("selinux")
+    if sel:
+        out.print(f"SELinux: runtime {sel['runtime']}, configured {sel['configured'] or 'no config'}"
+                  + (f", policy {sel['policy']}" if sel.get("policy") else "")
+                  + (", REBOOT REQUIRED" if sel.get("reboot_required") else ""))
     frag = report.get("fragments")
     if frag:
         total = sum(c["packets"] for c in frag["counters"].values())

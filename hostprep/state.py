@@ -66,7 +66,10 @@ class Store:
         return read_json(self.paths.settings_file)
 
     def save_settings(self, settings: dict) -> None:
-        write_atomic(self.paths.settings_file, json.dumps(settings, indent=2) + "\n", 0o644)
+        """Merge ``settings`` into the remembered ones (firewall and kernel parts are saved apart)."""
+        merged = dict(self.settings() or {})
+        merged.update(settings)
+        write_atomic(self.paths.settings_file, json.dumps(merged, indent=2) + "\n", 0o644)
 
     def applied(self) -> dict | None:
         return read_json(self.paths.state_file)

@@ -89,9 +89,9 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
         if record.get("backend") != backend.variant:
             problems.append(f"last apply used the {record.get('backend')} backend, this host now uses "
                             f"{backend.variant}: run 'hostprep apply'")
-    elif settings:
+    elif settings and settings.get("interface"):
         problems.append("hostprep is not applied (settings remembered): run 'hostprep apply'")
-    else:
+    elif not (settings or {}).get("kernel"):
         problems.append("nothing applied yet: run 'hostprep apply -i <external NIC>'")
     iface = (record or {}).get("settings", {}).get("interface") or (settings or {}).get("interface")
     if iface:
@@ -129,6 +129,10 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     if desired is not None:
         sets = planmod.plan_sets(desired.sets, snap.sets)
         problems.extend(sets.notes())
+    report["kernel"], kernel_problems = kernel_section(store)
+    problems.extend(kernel_problems)
+    report["selinux"], selinux_warnings = selinux_section(store)
+    warnings.extend(selinux_warnings)
     nplan = applymod.plan_nft(desired, snap.nft, record)
     if desired is not None and nplan.action != "none":
         problems.append(f"nft ingress table: {nplan.reason}")
@@ -139,6 +143,34 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
         if g4 != g6:
             problems.append(f"IPv6 parity: IPv4 has {', '.join(g4)}; IPv6 has {', '.join(g6)}")
     return report
+
+
+def kernel_section(store: Store) -> tuple[dict, list[str]]:
+    """Each profile key: desired, live, source file; drift is a problem (exit 1)."""
+    from hostprep import sysctl
+
+    state = sysctl.KernelState(store.paths).load()
+    if not state or not state.get("applied"):
+        return {"applied": False}, []
+    keys = sysctl.check(sysctl.Kernel(), store.paths)
+    problems = [f"kernel: {k.key} {k.state}: wanted {k.desired}, {k.detail}" for k in keys
+                if k.state in ("drift", "overridden")]
+    if not (store.paths.root / "etc/sysctl.d" / sysctl.DROPIN_NAME).is_file():
+        problems.append(f"kernel: the drop-in {sysctl.DROPIN_NAME} is missing: run 'hostprep apply -k'")
+    return {"applied": True, "dropin": str(store.paths.root / "etc/sysctl.d" / sysctl.DROPIN_NAME),
+            "keys": [k.as_dict() for k in keys]}, problems
+
+
+def selinux_section(store: Store) -> tuple[dict, list[str]]:
+    try:
+        from hostprep import selinux
+    except ImportError:  # TEMPORARY while hostprep/selinux.py is being written
+        return {}, []
+
+    fs, config = selinux.default_paths(store.paths.root)
+    state = selinux.read_state(fs, config)
+    warnings = [] if state.runtime == "enforcing" else [f"SELinux is not enforcing: {state.describe()}"]
+    return state.as_dict(), warnings
 
 
 def exit_code(report: dict) -> int:

@@ -76,9 +76,22 @@ class Host:
                  input: str | None = None) -> subprocess.CompletedProcess:
         """``python -m hostprep ARGS`` inside the sandbox host, with its own state root."""
         e = {"HOSTPREP_ROOT": str(self.root), "HOSTPREP_BACKEND": self.variant, "PYTHONPATH": str(
-            Path(__file__).resolve().parents[2])}
+            Path(__file__).resolve().parents[2]), "HOSTPREP_SELINUXFS": str(self.selinuxfs)}
         e.update(env or {})
         return self.run(self.box.host, [PY, "-m", "hostprep", *args], check=check, env=e, input=input)
+
+    @property
+    def selinuxfs(self) -> Path:
+        """A stand-in selinuxfs saying "enforcing" (with the matching config under the root),
+        as on the RHEL 9 host hostprep is for; tests of the SELinux decisions change it."""
+        fs = self.root.parent / "selinuxfs"
+        if not fs.exists():
+            fs.mkdir(parents=True)
+            (fs / "enforce").write_text("1")
+            cfg = self.root / "etc/selinux/config"
+            cfg.parent.mkdir(parents=True, exist_ok=True)
+            cfg.write_text("SELINUX=enforcing\nSELINUXTYPE=targeted\n")
+        return fs
 
     def apply(self, *args: str) -> subprocess.CompletedProcess:
         return self.hostprep("apply", "-i", "eth1", "-y", *args)

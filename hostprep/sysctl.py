@@ -1,0 +1,238 @@
+"""Kernel settings (apply -k): render the profile, install the drop-in, load, verify, report drift.
+
+Pure parts: ``render`` (the profile template in sysctl.d/), ``parse_conf``,
+``effective_sources`` (which file of the sysctl.d search path sets a key last).
+Host parts: ``Kernel`` reads and writes /proc/sys (paths injectable: the tests
+point kernel.*, vm.*, fs.* keys at a temporary stand-in, and net.* keys at a
+network namespace's own /proc/sys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from hostprep.errors import CommandFailed, RefusedError
+from hostprep.paths import Paths, data_dir
+from hostprep.state import read_json, write_atomic
+
+DROPIN_NAME = "90-hostprep.conf"
+# systemd-sysctl / `sysctl --system` search path, in precedence order for files
+# of the same name (the first directory wins); files are applied sorted by name,
+# and /etc/sysctl.conf last (procps).
+SEARCH_DIRS = ("etc/sysctl.d", "run/sysctl.d", "usr/local/lib/sysctl.d", "usr/lib/sysctl.d", "lib/sysctl.d")
+
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(data_dir("sysctl.d"))), trim_blocks=True,
+                          lstrip_blocks=True, undefined=jinja2.StrictUndefined, autoescape=False,
+                          keep_trailing_newline=True)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    value: str
+    ignore_failure: bool = False   # "-key = value": skip where the kernel lacks it
+
+
+def render(missing: frozenset[str] = frozenset()) -> str:
+    return _ENV.get_template(f"{DROPIN_NAME}.j2").render(missing=missing)
+
+
+def normalise(value: str) -> str:
+    """sysctl values compare with runs of white space folded (tcp_rmem "4096 87380 6291456")."""
+    return " ".join(value.split())
+
+
+def parse_conf(text: str) -> list[Setting]:
+    out: list[Setting] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        ignore = line.startswith("-")
+        if ignore:
+            line = line[1:].strip()
+        if "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        out.append(Setting(key.strip().replace("/", "."), normalise(value), ignore))
+    return out
+
+
+def profile() -> list[Setting]:
+    return parse_conf(render())
+
+
+def search_files(root: Path) -> list[Path]:
+    """The files `sysctl --system` reads, in the order it applies them."""
+    chosen: dict[str, Path] = {}
+    for d in SEARCH_DIRS:
+        base = root / d
+        if base.is_dir():
+            for f in sorted(base.glob("*.conf")):
+                chosen.setdefault(f.name, f)
+    files = [chosen[name] for name in sorted(chosen)]
+    legacy = root / "etc/sysctl.conf"
+    if legacy.is_file():
+        files.append(legacy)
+    return files
+
+
+def effective_sources(root: Path) -> dict[str, tuple[Path, str]]:
+    """key -> (the file that sets it last, its value)."""
+    out: dict[str, tuple[Path, str]] = {}
+    for f in search_files(root):
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        for s in parse_conf(text):
+            out[s.key] = (f, s.value)
+    return out
+
+
+class Kernel:
+    """/proc/sys, with the net.* and the other keys possibly under different roots."""
+
+    def __init__(self, net_root: Path | None = None, other_root: Path | None = None) -> None:
+        self.net_root = net_root or Path(os.environ.get("HOSTPREP_PROC_SYS", "/proc/sys"))
+        self.other_root = other_root or Path(os.environ.get("HOSTPREP_PROC_SYS_NONNET", str(self.net_root)))
+
+    def path(self, key: str) -> Path:
+        root = self.net_root if key.startswith("net.") else self.other_root
+        return root.joinpath(*key.split("."))
+
+    def read(self, key: str) -> str | None:
+        try:
+            return normalise(self.path(key).read_text())
+        except OSError:
+            return None
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def write(self, key: str, value: str) -> str | None:
+        """Write one key; returns an error text, or None on success."""
+        try:
+            with open(self.path(key), "w") as fh:
+                fh.write(value + "\n")
+        except OSError as err:
+            return err.strerror or str(err)
+        return None
+
+
+@dataclass
+class KeyReport:
+    key: str
+    desired: str
+    live: str | None
+    source: str | None       # the file that sets it last in the search path
+    state: str               # "ok", "drift", "missing", "overridden"
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "desired": self.desired, "live": self.live, "source": self.source,
+                "state": self.state, "detail": self.detail}
+
+
+def check(kernel: Kernel, paths: Paths) -> list[KeyReport]:
+    """Each profile key: desired, live, source file and state (status and apply's read-back)."""
+    ours = paths.root / "etc/sysctl.d" / DROPIN_NAME
+    sources = effective_sources(paths.root)
+    out: list[KeyReport] = []
+    for s in profile():
+        live = kernel.read(s.key)
+        src = sources.get(s.key)
+        source = str(src[0]) if src else None
+        if live is None:
+            out.append(KeyReport(s.key, s.value, None, source, "missing", "the running kernel has no such key"))
+            continue
+        if src and src[0] != ours and src[1] != s.value:
+            out.append(KeyReport(s.key, s.value, live, source, "overridden",
+                                 f"{src[0]} sets {src[1]} after {DROPIN_NAME}"))
+            continue
+        if live != s.value:
+            out.append(KeyReport(s.key, s.value, live, source, "drift", f"live value {live}"))
+            continue
+        out.append(KeyReport(s.key, s.value, live, source, "ok"))
+    return out
+
+
+class KernelState:
+    """Previous live values (recorded before the first change) and whether -k is applied."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.file = paths.state_dir / "kernel.json"
+        self.dropin = paths.root / "etc/sysctl.d" / DROPIN_NAME
+
+    def load(self) -> dict | None:
+        return read_json(self.file)
+
+    def save(self, data: dict) -> None:
+        write_atomic(self.file, json.dumps(data, indent=2) + "\n")
+
+
+def apply_kernel(kernel: Kernel, paths: Paths) -> tuple[list[KeyReport], list[str]]:
+    """Install the drop-in, load every key, read every key back.
+
+    Returns (the read-back report, notes).  Keys the kernel lacks are reported and
+    skipped; a key the kernel refuses is an error after the others are loaded.
+    """
+    settings = profile()
+    missing = frozenset(s.key for s in settings if not kernel.has(s.key))
+    state = KernelState(paths)
+    record = state.load() or {}
+    previous = record.get("previous")
+    if previous is None:
+        # Before the first change: remember every value we are about to set.
+        previous = {s.key: kernel.read(s.key) for s in settings if s.key not in missing}
+        state.save({"previous": previous, "applied": False})
+    write_atomic(state.dropin, render(missing), 0o644)
+    errors: list[str] = []
+    for s in settings:
+        if s.key in missing:
+            continue
+        if kernel.read(s.key) == s.value:
+            continue
+        problem = kernel.write(s.key, s.value)
+        if problem:
+            errors.append(f"{s.key} = {s.value}: {problem}")
+    report = check(kernel, paths)
+    state.save({"previous": previous, "applied": True})
+    notes = [f"{k} is not in this kernel: skipped (written as '-{k}')" for k in sorted(missing)]
+    if errors:
+        raise CommandFailed("apply -k", "the kernel refused: " + "; ".join(errors),
+                            f"the other keys are loaded; fix or report these ({state.dropin})")
+    return report, notes
+
+
+def flush_kernel(kernel: Kernel, paths: Paths) -> list[str]:
+    """Restore the values recorded before the first -k and remove the drop-in."""
+    state = KernelState(paths)
+    record = state.load()
+    if not record:
+        raise RefusedError("flush --kernel", "no kernel settings were applied by hostprep",
+                           "nothing to restore")
+    errors: list[str] = []
+    restored: list[str] = []
+    for key, value in (record.get("previous") or {}).items():
+        if value is None or kernel.read(key) == value:
+            continue
+        problem = kernel.write(key, value)
+        if problem:
+            errors.append(f"{key} = {value}: {problem}")
+        else:
+            restored.append(f"{key} = {value}")
+    try:
+        state.dropin.unlink()
+    except FileNotFoundError:
+        pass
+    if errors:
+        raise CommandFailed("flush --kernel", "could not restore: " + "; ".join(errors),
+                            f"the record stays in {state.file}")
+    state.file.unlink()
+    return restored
