@@ -58,7 +58,8 @@ CLOUDCONNECT_CLIENTS_DEFAULT = ("35.161.238.252|35.166.68.236|34.240.73.178|3.9.
 
 _INT = re.compile(r"[0-9]{1,9}")
 _CHAT_PROXY = re.compile(r"NGX_CHAT_HOST[1-8]_PROXY")
-_PORT_IN_VALUE = re.compile(r":([0-9]{1,5})(?![0-9])")
+_PORT_AT_END = re.compile(r":([0-9]+)$")
+_ADDRESS = re.compile(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?")
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,17 @@ def ip_list(env: EnvData, key: str, default: str = "") -> tuple[Network, ...]:
         if not item:
             continue
         try:
+            # Only address characters: ipaddress would also take an IPv6 scope
+            # ("%...", any text) that must never reach the ipset script.
+            if not _ADDRESS.fullmatch(item):
+                raise ValueError(item)
             net = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise InputError(f"{key} in {env.path}", f"should contain only IP addresses: {item!r} is not an IP "
                              "address or CIDR", "write e.g. 203.0.113.7|198.51.100.0/24|2001:db8::/64") from None
+        if net.prefixlen == 0:
+            raise InputError(f"{key} in {env.path}", f"{item!r} covers every address",
+                             "list the real addresses; exempting everyone would switch the limits off")
         if net not in out:
             out.append(net)
     return tuple(out)
@@ -151,10 +159,14 @@ def component_ports(env: EnvData, template: str) -> tuple[int, ...]:
         # NGX_CHAT_HOST[1-8]_PROXY hold the proxy side host:port pairs
         # ("host:5280/host-sub:15280"); ES04 opened 5280, 15280 and 25280.
         for key in sorted(k for k in env.values if _CHAT_PROXY.fullmatch(k)):
-            for m in _PORT_IN_VALUE.finditer(env.get(key) or ""):
+            for pair in (env.get(key) or "").split("/"):
+                m = _PORT_AT_END.search(pair.strip())
+                if m is None:
+                    continue
                 p = int(m.group(1))
                 if not 1 <= p <= 65535:
-                    raise InputError(f"{key} in {env.path}", f"port {p} is outside 1..65535")
+                    raise InputError(f"{key} in {env.path}", f"port {m.group(1)} in {pair.strip()!r} is outside "
+                                     "1..65535", "write host:port pairs separated by '/'")
                 ports.append(p)
     seen: list[int] = []
     for p in ports:

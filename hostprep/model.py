@@ -194,6 +194,7 @@ CONTAINER_DISPATCH = "HOSTPREP-CONTAINERS"
 CONTAINER_CHAIN_PREFIX = "HOSTPREP-C-"
 SET_PREFIX = "hostprep-"
 _CONTAINER_NAME = __import__("re").compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_SHORTENED = __import__("re").compile(r".{8}-[0-9a-f]{8}")
 
 
 def container_name(value: str, field: str = "NAME") -> str:
@@ -263,9 +264,10 @@ class Container:
                 raise InputError(self.name, f"port {p!r} is outside 1..65535")
         if len(set(self.ports)) != len(self.ports):
             raise InputError(self.name, "a port is listed twice")
-        if self.restricted and not self.load_balancers:
-            raise InputError("NGX_TRAFFIC_RESTRICTED", "is true but NGX_LOAD_BALANCER_IPS is empty: "
-                             "nobody could reach the container", "list the load balancers, or set it to false")
+        if self.restricted and not self.networks("lb"):
+            raise InputError("NGX_TRAFFIC_RESTRICTED", f"is true but NGX_LOAD_BALANCER_IPS has no IPv{self.family} "
+                             f"address for {self.dest}: nobody could reach the container",
+                             "list the load balancers, or set it to false")
 
     @property
     def family(self) -> int:
@@ -278,7 +280,10 @@ class Container:
     @property
     def chain(self) -> str:
         # xtables chain names have at most 28 characters.
-        short = self.name if len(self.name) <= 17 else f"{self.name[:8]}-{self.key}"
+        # A name that already looks like a shortened one is shortened too, so two
+        # containers never share a chain.
+        fits = len(self.name) <= 17 and not _SHORTENED.fullmatch(self.name)
+        short = self.name if fits else f"{self.name[:8]}-{self.key}"
         return CONTAINER_CHAIN_PREFIX + short
 
     def set_name(self, kind: str) -> str:
@@ -287,7 +292,7 @@ class Container:
 
     def hashlimit_name(self, port: int) -> str:
         # hashlimit table names have at most 15 characters and are global per netns.
-        return f"HP_{port}_{_short_hash(self.name + str(self.dest), 6)}"
+        return f"HP_{port}_{_short_hash(f'{self.name}|{self.dest}', 6)}"
 
     def networks(self, which: str) -> tuple[Network, ...]:
         nets = self.load_balancers if which == "lb" else self.exempt
