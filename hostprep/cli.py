@@ -167,10 +167,7 @@ def what_to_apply(interface: Optional[str], skip_ddos: bool, allow_private: bool
 
 def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> None:
     """Refuse unless SELinux is enforcing, --ignore-selinux, or NGX_IGNORE_SELINUX=true in --core."""
-    try:
-        from hostprep import selinux
-    except ImportError:  # TEMPORARY while hostprep/selinux.py is being written
-        return
+    from hostprep import selinux
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)
     for w in selinux.check_enforcing(state, ignore_flag, selinux.ignore_from_core(core)):
@@ -572,6 +569,50 @@ def container_list_cmd(
         print_containers(report["containers"], title="containers")
     else:
         out.print("no container is up")
+
+
+selinux_app = typer.Typer(no_args_is_help=True, help="The SELinux policy module for the proxy container's "
+                                                    "working directory (HOST_WORKING_DIR).")
+app.add_typer(selinux_app, name="selinux")
+
+
+def _selinux_run(action: str, working_dir: Path, dry_run: bool) -> None:
+    from hostprep import selinux
+    need_root(f"selinux {action}")
+    store = Store(Paths.from_env())
+    fs, cfg = selinux.default_paths(store.paths.root)
+    state = selinux.read_state(fs, cfg)
+    runner: Runner = DryRunner(inner=Runner(timeout=300)) if dry_run else Runner(timeout=300)
+    fn = selinux.install if action == "install" else selinux.remove
+    for line in fn(runner, working_dir, state):
+        out.print(line, markup=False)
+    if dry_run:
+        for argv, _ in runner.recorded:
+            out.print("would run: " + " ".join(argv), markup=False)
+        out.print("dry run: nothing was changed")
+    else:
+        store.journal("hostprep " + " ".join(sys.argv[1:]), f"selinux {action} {working_dir}", "ok")
+
+
+@selinux_app.command("install")
+@handle_errors
+def selinux_install_cmd(
+    working_dir: Path = typer.Option(..., "--working-dir", help="The container's HOST_WORKING_DIR "
+                                     "(default of the installer: ~/reverse_proxy/<container>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compile and show the commands; change nothing."),
+) -> None:
+    """Load the hostprep_proxy module (semodule -i) and label the working directory (restorecon)."""
+    _selinux_run("install", working_dir, dry_run)
+
+
+@selinux_app.command("remove")
+@handle_errors
+def selinux_remove_cmd(
+    working_dir: Path = typer.Option(..., "--working-dir", help="The directory given to 'selinux install'."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the commands; change nothing."),
+) -> None:
+    """Undo 'selinux install': drop the file-context mappings, relabel, remove the module when unused."""
+    _selinux_run("remove", working_dir, dry_run)
 
 
 @sandbox_app.command("up")

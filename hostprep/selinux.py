@@ -80,11 +80,11 @@ class SelinuxToolMissing(MissingBinary):
         "restorecon": ("policycoreutils", "policycoreutils"),
         "semanage": ("policycoreutils-python-utils", "policycoreutils-python-utils"),
         "make": ("selinux-policy-devel", "selinux-policy-dev"),
-        str(DEVEL_MAKEFILE): ("selinux-policy-devel", "selinux-policy-dev"),
+        "Makefile": ("selinux-policy-devel", "selinux-policy-dev"),
     }
 
     def __init__(self, binary: str, problem: str = "program not found") -> None:
-        dnf, apt = self.PACKAGES.get(binary, (binary, binary))
+        dnf, apt = self.PACKAGES.get(binary, self.PACKAGES.get(Path(binary).name, (binary, binary)))
         HostprepError.__init__(self, binary, problem,
                                f"install it: dnf install {dnf}  or  apt-get install {apt}")
 
@@ -209,6 +209,14 @@ def _read_config(config: Path) -> tuple[str | None, str | None]:
 
 
 def read_state(selinuxfs: Path, config: Path) -> SelinuxState:
+    """Read ``<selinuxfs>/enforce`` and the config file; changes nothing.
+
+    No selinuxfs directory or no ``enforce`` file: not present, runtime
+    disabled.  ``reboot_required`` only when enabling or disabling SELinux is
+    pending (config enforcing/permissive while disabled now, or config disabled
+    while enabled now).  Config enforcing with runtime permissive is *not* a
+    reboot: ``setenforce 1`` fixes it at once; ``differs`` reports it.
+    """
     present, runtime = _read_runtime(selinuxfs)
     configured, policy = _read_config(config)
     return SelinuxState(present, runtime, configured, policy, _reboot_required(runtime, configured))
@@ -246,7 +254,10 @@ def _how_to_enforce(state: SelinuxState) -> str:
         if state.configured != "enforcing":
             steps += f" and set SELINUX=enforcing in {CONFIG_SHOWN}"
         return steps
-    steps = f"set SELINUX=enforcing in {CONFIG_SHOWN}, run `touch /.autorelabel` and reboot"
+    if state.configured == "enforcing":
+        steps = "run `touch /.autorelabel` and reboot"
+    else:
+        steps = f"set SELINUX=enforcing in {CONFIG_SHOWN}, run `touch /.autorelabel` and reboot"
     if state.configured in ("enforcing", "permissive"):
         steps += (" (if it stays disabled, remove selinux=0 from the kernel command line: "
                   "`grubby --update-kernel ALL --remove-args selinux`)")
@@ -414,13 +425,19 @@ def install(runner: Runner, working_dir: Path, state: SelinuxState, module_dir: 
         if existing.get(spec) == type_:
             done.append(f"file context {spec} -> {type_} (already there)")
             continue
-        verb = "-m" if spec in existing else "-a"
-        runner.run(["semanage", "fcontext", verb, "-t", type_, spec], mutates=True)
-        done.append(f"file context {spec} -> {type_} ({'changed from ' + existing[spec] if spec in existing else 'added'})")
+        if spec in existing:
+            runner.run(["semanage", "fcontext", "-m", "-t", type_, spec], mutates=True)
+            done.append(f"file context {spec} -> {type_} (changed from {existing[spec]})")
+        else:
+            runner.run(["semanage", "fcontext", "-a", "-t", type_, spec], mutates=True)
+            done.append(f"file context {spec} -> {type_} (added)")
 
-    res = runner.run(["restorecon", "-R", "-v", str(wd)], mutates=True)
+    # -F resets the whole context, the MCS level included: files that an earlier
+    # run mounted with :Z carry that run's categories, which the next run (new
+    # random categories) could not use.
+    res = runner.run(["restorecon", "-R", "-F", "-v", str(wd)], mutates=True)
     relabelled = sum(1 for line in res.stdout.splitlines() if line.startswith("Relabeled"))
-    done.append(f"relabelled {wd} (restorecon -R -v): {relabelled} path(s) changed")
+    done.append(f"relabelled {wd} (restorecon -R -F -v): {relabelled} path(s) changed")
     missing = [sub for sub, _ in CONTEXTS if not (wd / sub).is_dir()]
     if missing:
         done.append(f"not there yet: {', '.join(missing)}; run `restorecon -R {wd}` after creating them "

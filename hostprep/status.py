@@ -162,10 +162,7 @@ def kernel_section(store: Store) -> tuple[dict, list[str]]:
 
 
 def selinux_section(store: Store) -> tuple[dict, list[str]]:
-    try:
-        from hostprep import selinux
-    except ImportError:  # TEMPORARY while hostprep/selinux.py is being written
-        return {}, []
+    from hostprep import selinux
 
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)
