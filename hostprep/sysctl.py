@@ -59,7 +59,12 @@ def parse_conf(text: str) -> list[Setting]:
         if "=" not in line:
             continue
         key, value = line.split("=", 1)
-        out.append(Setting(key.strip().replace("/", "."), normalise(value), ignore))
+        key = key.strip()
+        if "/" in key and ("." not in key or key.index("/") < key.index(".")):
+            # sysctl.d(5): with '/' as the first separator, '.' and '/' swap
+            # (net/ipv4/conf/eth0.100/rp_filter is net.ipv4.conf.eth0/100.rp_filter).
+            key = key.translate(str.maketrans("./", "/."))
+        out.append(Setting(key, normalise(value), ignore))
     return out
 
 
@@ -104,7 +109,8 @@ class Kernel:
 
     def path(self, key: str) -> Path:
         root = self.net_root if key.startswith("net.") else self.other_root
-        return root.joinpath(*key.split("."))
+        # A '/' inside a dotted key is a '.' of an interface name (eth0/100 = eth0.100).
+        return root.joinpath(*(part.replace("/", ".") for part in key.split(".")))
 
     def read(self, key: str) -> str | None:
         try:
@@ -186,11 +192,14 @@ def apply_kernel(kernel: Kernel, paths: Paths) -> tuple[list[KeyReport], list[st
     missing = frozenset(s.key for s in settings if not kernel.has(s.key))
     state = KernelState(paths)
     record = state.load() or {}
-    previous = record.get("previous")
-    if previous is None:
-        # Before the first change: remember every value we are about to set.
-        previous = {s.key: kernel.read(s.key) for s in settings if s.key not in missing}
-        state.save({"previous": previous, "applied": False})
+    # Before the first change of each key, remember its value; a key that only
+    # appeared later (a module loaded since) is recorded when it first shows up,
+    # and values recorded earlier are never overwritten.
+    previous = dict(record.get("previous") or {})
+    for s in settings:
+        if s.key not in missing and s.key not in previous:
+            previous[s.key] = kernel.read(s.key)
+    state.save({"previous": previous, "applied": bool(record.get("applied"))})
     write_atomic(state.dropin, render(missing), 0o644)
     errors: list[str] = []
     for s in settings:

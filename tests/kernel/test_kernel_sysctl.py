@@ -21,6 +21,7 @@ is dropped by the kernel (IPReversePathFilter counter of the sandbox host).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ import pytest
 from hostprep import sysctl
 from hostprep.sandbox import ADMIN4, HOST_EXT4, HOST_INT4, INET4
 
-PY = __import__("sys").executable
+PY = sys.executable
 REPO = str(Path(__file__).resolve().parents[2])
 MACHINE_PROC_SYS = Path("/proc/sys")
 PROFILE = {s.key: s.value for s in sysctl.profile()}
@@ -176,6 +177,8 @@ def test_apply_k_loads_every_key_and_reads_it_back(k):
     assert k.ns_values() == {key: want[key] for key in NET}
     assert k.standin_values() == {key: want[key] for key in OTHER}
     assert k.dropin.read_text() == sysctl.render(frozenset(missing))
+    assert [ln for ln in k.dropin.read_text().splitlines() if ln.startswith("-")] == [
+        f"-{key} = {v}" for key, v in PROFILE.items() if key in missing]
     # The machine's own kernel/vm/fs/dev keys and its ip_forward did not move.
     assert read_machine(OTHER + ["net.ipv4.ip_forward"]) == machine_before
 

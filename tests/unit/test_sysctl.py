@@ -276,10 +276,6 @@ def test_parse_conf_of_the_rendered_profile_round_trips():
     assert len(settings) == len(key_lines(sysctl.render()))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_conf turns every '/' into '.', so a VLAN interface "
-                   "key 'net/ipv4/conf/eth0.100/rp_filter' becomes 'net.ipv4.conf.eth0.100.rp_filter'; "
-                   "sysctl.d(5): when the first separator is '/', '.' and '/' are swapped "
-                   "('net.ipv4.conf.eth0/100.rp_filter')")
 def test_parse_conf_slash_form_keeps_dots_of_interface_names():
     assert sysctl.parse_conf("net/ipv4/conf/eth0.100/rp_filter = 2") == [
         Setting("net.ipv4.conf.eth0/100.rp_filter", "2", False)]
@@ -544,9 +540,6 @@ def test_flush_without_a_record_is_refused(tmp_path, paths):
     assert exc.value.problem == "no kernel settings were applied by hostprep"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a key missing at the first apply -k but present at a later one "
-                   "(a module loaded since, e.g. ipv6 or yama) is written without its previous value being "
-                   "recorded, so flush --kernel never restores it")
 def test_flush_restores_a_key_that_appeared_after_the_first_apply(tmp_path, paths):
     k = fake_kernel(tmp_path, {key: (None if key == "kernel.yama.ptrace_scope" else stock(key))
                                for key in profile_map()})
