@@ -292,7 +292,11 @@ class Container:
 
     def hashlimit_name(self, port: int) -> str:
         # hashlimit table names have at most 15 characters and are global per netns.
-        return f"HP_{port}_{_short_hash(f'{self.name}|{self.dest}', 6)}"
+        # The kernel keeps an existing table's rate and burst when a rule with the
+        # same name is loaded again, so the name changes with them: a new limit
+        # gets a new table (and is enforced), the old one goes with the old rule.
+        lim = self.limits
+        return f"HP_{port}_{_short_hash(f'{self.name}|{self.dest}|{lim.hash_upto}|{lim.hash_burst}', 6)}"
 
     def networks(self, which: str) -> tuple[Network, ...]:
         nets = self.load_balancers if which == "lb" else self.exempt

@@ -73,7 +73,12 @@ def container_text(containers: tuple[Container, ...], family: int) -> str:
 
 
 def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
-    """The whole desired state: base hardening plus every container that is up."""
+    """The whole desired state: base hardening plus every container that is up.
+
+    Containers are ordered by name, so every command renders the same dispatch
+    chain whatever order the containers came up in.
+    """
+    containers = tuple(sorted(containers, key=lambda c: c.name))
     v4 = parse_rules(filter_text(policy, 4) + container_text(containers, 4), 4)
     v6 = parse_rules(filter_text(policy, 6) + container_text(containers, 6), 6)
     nft = None if policy.skip_ddos else NftIngress(policy.interface, nft_text(policy))

@@ -621,10 +621,6 @@ def test_up_again_replaces_rules_other_untouched(host, tmp_path):
     assert fin["present"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: container_up renders the dispatch rules in the order "
-                   "'other containers, then this one', status/apply/down in registry (file name) order; "
-                   "after 'up' of a container that sorts before one already up, status reports "
-                   "'chain HOSTPREP-CONTAINERS differs' and exits 1, and the next apply reloads the chain")
 def test_status_live_after_up_in_any_order(host, tmp_path):
     host.apply()
     up(host, "ids", env_file(tmp_path, "ids.env", TEMPLATE_TYPE="ids"))
@@ -636,9 +632,6 @@ def test_status_live_after_up_in_any_order(host, tmp_path):
     assert "nothing changed: the hardening on eth1 is already live" in applied, applied
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: up again with a new IPTABLES_HASH_LIMIT_* keeps the old "
-                   "hashlimit name (HP_<port>_<hash of name+dest>); the kernel reuses the existing hashlimit "
-                   "table of that name with its OLD rate/burst, so the new limits are shown but not enforced")
 def test_up_again_new_burst_is_enforced(host, tmp_path):
     host.apply()
     up(host, "fin", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=BIG, IPTABLES_HASH_LIMIT_UPTO=1,

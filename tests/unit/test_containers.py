@@ -73,9 +73,10 @@ def three() -> Desired:
 # -- rendering --------------------------------------------------------------------
 
 def test_dispatch_rule_per_container_on_the_original_destination(three):
+    # One rule per container, ordered by container name (whatever order they came up in).
     assert {f: three.ruleset(f).chain(CONTAINER_DISPATCH).specs for f in (4, 6)} == {
-        4: ("-m conntrack --ctorigdst 192.0.2.10 -j HOSTPREP-C-finesse",
-            "-m conntrack --ctorigdst 192.0.2.11 -j HOSTPREP-C-cuic"),
+        4: ("-m conntrack --ctorigdst 192.0.2.11 -j HOSTPREP-C-cuic",
+            "-m conntrack --ctorigdst 192.0.2.10 -j HOSTPREP-C-finesse"),
         6: ("-m conntrack --ctorigdst 2001:db8::10 -j HOSTPREP-C-ids",),
     }
 
