@@ -1,0 +1,174 @@
+#!/bin/bash
+# Provision the `proxy` VM of hostprep's test bed (run by Vagrant as root, again
+# with `vagrant provision proxy`; every step is safe to repeat):
+#   1. SELinux enforcing, now and in /etc/selinux/config
+#   2. the original installer's prerequisites: firewalld masked, iptables-services
+#      installed, enabled and started (its stock rules: ssh in, the rest rejected)
+#   3. hostprep installed with the README's install command, from /opt/hostprep
+#   4. a stand-in for the Finesse proxy container on FINESSE_PORT
+#   5. hostprep apply on the external NIC (found by its address), with -k and -a
+#   6. hostprep container up finesse, with env files written here
+#
+# Environment (set by the Vagrantfile):
+#   PROXY_EXT_IP   the proxy's address on the external network (192.168.57.10)
+#   PROXY_MGMT_IP  the proxy's address on the management network (192.168.56.10)
+#   PING_FROM      the one source allowed to ping (the client, 192.168.57.20)
+#   FINESSE_PORT   the Finesse port (8445)
+#   STANDIN        podman (default; falls back to systemd) or systemd
+set -euo pipefail
+
+: "${PROXY_EXT_IP:?set by the Vagrantfile}" "${PROXY_MGMT_IP:?set by the Vagrantfile}"
+: "${PING_FROM:?set by the Vagrantfile}"
+FINESSE_PORT=${FINESSE_PORT:-8445}
+STANDIN=${STANDIN:-podman}
+SRC=/opt/hostprep
+LAB=/etc/hostprep-lab                 # the env files of the lab's Finesse container
+HOSTPREP=$SRC/.venv/bin/hostprep
+IMAGE=registry.access.redhat.com/ubi9/ubi   # has python3 (dnf needs it); ~80 MB
+
+say() { printf '==> provision-proxy: %s\n' "$*"; }
+die() { printf '==> provision-proxy: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# The NIC that holds an IPv4 address, e.g. "192.168.57.10" -> eth2 (or enp0s9...).
+nic_of() {
+    ip -o -4 addr show | awk -v a="$1" '{ split($4, p, "/"); if (p[1] == a && !n++) print $2 }'
+}
+
+# --- 1. SELinux enforcing -------------------------------------------------------------
+sed -i 's/^SELINUX=.*/SELINUX=enforcing/' /etc/selinux/config
+case "$(getenforce)" in
+    Enforcing) say "SELinux: enforcing" ;;
+    Permissive) setenforce 1; say "SELinux: was permissive, now enforcing" ;;
+    *)
+        # Disabled cannot be switched on at runtime: the whole file system needs
+        # labels, which the next boot does (autorelabel).
+        grubby --update-kernel ALL --remove-args "selinux enforcing" || true
+        touch /.autorelabel
+        die "SELinux is disabled in this box; configured enforcing now: run 'vagrant reload proxy --provision'"
+        ;;
+esac
+
+# --- 2. the original installer's prerequisites -----------------------------------------
+say "dnf install iptables-services (the installer's 'Prepare Host' step)"
+dnf install -y -q iptables-services
+systemctl mask --now firewalld
+# enable --now is a no-op when iptables is already running: a re-provision does not
+# reload the stock rules over hostprep's (a restart would flush them).
+systemctl enable --now iptables
+
+# --- 3. hostprep, with the README's install command (plus --test: pytest and testinfra
+#        in the VM, for tests/host with --hosts=local://) --------------------------------
+[ -f "$SRC/scripts/install.sh" ] || die "$SRC/scripts/install.sh missing: is the rsync synced folder there?"
+say "sh scripts/install.sh --test (in $SRC)"
+(cd "$SRC" && sh scripts/install.sh --test)
+# On PATH under sudo too (RHEL 9's sudo secure_path has no /usr/local/bin), so
+# `sudo hostprep ...` and the host specs over `ssh --sudo` find it: lab VM only.
+ln -sfn "$HOSTPREP" /usr/bin/hostprep
+
+ext=$(nic_of "$PROXY_EXT_IP")
+mgmt=$(nic_of "$PROXY_MGMT_IP")
+[ -n "$ext" ] || die "no NIC holds $PROXY_EXT_IP: $(ip -o -4 addr show | awk '{print $2, $4}' | tr '\n' ' ')"
+[ -n "$mgmt" ] || die "no NIC holds $PROXY_MGMT_IP"
+say "external NIC: $ext ($PROXY_EXT_IP), management NIC: $mgmt ($PROXY_MGMT_IP)"
+
+# --- 4. the Finesse stand-in ----------------------------------------------------------
+# An HTTP server answering on FINESSE_PORT of every address.  Podman (default):
+# a container with a published port, so the FORWARD-after-DNAT path is the one
+# exercised, as with the installer's containers.  It starts BEFORE hostprep
+# apply: netavark inserts its FORWARD jump at position 1 when its network comes
+# up, and apply puts hostprep's jumps first after it.  The server's listen
+# backlog is raised (python's default is 5) so the probe's bursts are limited by
+# the firewall, not by a full accept queue.
+server='import http.server as h, sys
+h.ThreadingHTTPServer.request_queue_size = 128
+h.ThreadingHTTPServer(("", int(sys.argv[1])), h.SimpleHTTPRequestHandler).serve_forever()'
+
+standin_podman() {
+    command -v podman >/dev/null 2>&1 || dnf install -y -q podman || return 1
+    podman pull -q "$IMAGE" >/dev/null || return 1
+    podman run -d --replace --name finesse-standin --restart=always \
+        -p "$FINESSE_PORT:8080" -w /tmp "$IMAGE" python3 -c "$server" 8080 >/dev/null || return 1
+    systemctl enable -q podman-restart.service || true
+}
+
+standin_systemd() {
+    mkdir -p /srv/finesse-standin
+    echo "hostprep lab: Finesse stand-in" > /srv/finesse-standin/index.html
+    printf '%s\n' "$server" > /usr/local/libexec/finesse-standin.py
+    cat > /etc/systemd/system/finesse-standin.service <<EOF
+[Unit]
+Description=hostprep lab: HTTP stand-in for the Finesse proxy on port $FINESSE_PORT
+After=network-online.target
+
+[Service]
+WorkingDirectory=/srv/finesse-standin
+ExecStart=/usr/bin/python3 /usr/local/libexec/finesse-standin.py $FINESSE_PORT
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    systemctl daemon-reload
+    systemctl enable --now finesse-standin.service
+}
+
+mkdir -p /usr/local/libexec
+if [ "$STANDIN" = podman ] && standin_podman; then
+    say "stand-in: podman container finesse-standin ($IMAGE), published on $FINESSE_PORT"
+    systemctl disable --now finesse-standin.service 2>/dev/null || true
+else
+    [ "$STANDIN" = podman ] && say "podman stand-in failed; falling back to a systemd unit"
+    podman rm -f finesse-standin >/dev/null 2>&1 || true
+    standin_systemd
+    say "stand-in: systemd unit finesse-standin.service (host network) on $FINESSE_PORT"
+fi
+# Checked from the proxy itself on the management address (the client checks the
+# external one): a local connection takes neither hostprep's chains nor FORWARD.
+url="http://$PROXY_MGMT_IP:$FINESSE_PORT/"
+for _ in $(seq 1 30); do
+    curl -fsS -o /dev/null "$url" && break
+    sleep 1
+done
+curl -fsS -o /dev/null "$url" || die "the stand-in does not answer on $url"
+
+# --- 5. hostprep apply ----------------------------------------------------------------
+# -a: the lab's external network is RFC 1918 (192.168.57.0/24); the spoof group
+# drops private sources on the external NIC, so without -a every packet of the
+# client would be dropped there and the probes would measure only that.
+# -p: the client's first address may ping; its second address may not.
+say "hostprep apply -i $ext -y -k -a -p $PING_FROM"
+"$HOSTPREP" apply -i "$ext" -y -k -a -p "$PING_FROM"
+
+# --- 6. hostprep container up finesse -------------------------------------------------
+mkdir -p "$LAB"
+cat > "$LAB/finesse.env" <<EOF
+# hostprep lab: the Finesse proxy container's env file (installer format)
+TEMPLATE_TYPE=finesse
+NGX_PRXY_FIN_PORT=$FINESSE_PORT
+EOF
+cat > "$LAB/core.env" <<EOF
+# hostprep lab: core.env.  No load balancer in front of the proxy; only the
+# proxy's own addresses are exempt from the rate limits, so the client is limited.
+NGX_IPTABLES_HARDENING=1
+NGX_LOAD_BALANCER_IPS=
+NGX_RATELIMIT_DISABLE_IPS=$PROXY_EXT_IP|$PROXY_MGMT_IP|127.0.0.1
+NGX_TRAFFIC_RESTRICTED=false
+EOF
+cat > "$LAB/installer.env" <<EOF
+# hostprep lab: the address the Finesse container is bound to
+PROXY_BINDING_IP=$PROXY_EXT_IP
+EOF
+say "hostprep container up finesse (env files in $LAB)"
+"$HOSTPREP" container up finesse --env "$LAB/finesse.env" --core "$LAB/core.env" \
+    --installer "$LAB/installer.env"
+
+# --- the result -----------------------------------------------------------------------
+"$HOSTPREP" container list
+rc=0
+"$HOSTPREP" status || rc=$?
+if [ "$rc" = 0 ]; then
+    say "done: hostprep status says live; now run the probe from the client (README.md)"
+else
+    # Not fatal, so `vagrant up` goes on to the client: tests/host and the probe judge.
+    say "WARNING: hostprep status exited $rc (1 = desired and live differ, 2 = error); see above"
+fi
