@@ -664,6 +664,69 @@ def sandbox_down(
     out.print(f"removed: {', '.join(gone) if gone else 'no namespaces (none existed)'}; state root {root}")
 
 
+def print_selftest(report: dict) -> None:
+    from hostprep import selftest
+    s = report["settings"]
+    out.print(f"selftest: sandbox {', '.join(report['sandbox']['namespaces'])} (backend {report['backend']}); "
+              f"settings from {s['source']}: -i {report['sandbox']['external_nic']}"
+              + (" -e" if s["skip_ddos"] else "") + (" -a" if s["allow_private"] else "")
+              + "".join(f" -p {p}" for p in s["ping_from_in_sandbox"]))
+    for c in report["containers"]:
+        lim = c["limits"]
+        out.print(f"container {c['name']} ({c['template']}, {c['from']}): ports {','.join(map(str, c['ports']))} "
+                  f"on {c['dest']} -> {c['dest_in_sandbox']} in the sandbox, limits {lim['connlimit_above']}/"
+                  f"{lim['hash_upto']}/s/{lim['hash_burst']}")
+    for note in report["notes"]:
+        out.print(f"note: {note}", markup=False)
+    out.print(selftest.report_table(report))
+    if report["sandbox"]["kept"]:
+        out.print(f"kept (--keep): remove with: hostprep sandbox down --name {report['sandbox']['name']} "
+                  f"--root {report['sandbox']['root']}", markup=False)
+    n = len(report["probes"])
+    if report["ok"]:
+        out.print(f"selftest: all {n} probes as expected ({report['seconds']} s)")
+    else:
+        err.print(f"[bold red]selftest:[/] {report['mismatches']} of {n} probes not as expected "
+                  f"({report['seconds']} s)", markup=True)
+
+
+@app.command("selftest")
+@handle_errors
+def selftest_cmd(
+    interface: Optional[str] = typer.Option(None, "-i", "--interface", metavar="NIC",
+                                            help="The external NIC (recorded only: in the sandbox it is eth1). "
+                                                 "With any of -i/-e/-a/-p these flags are proven, without them "
+                                                 "the remembered settings of the last apply."),
+    skip_ddos: bool = typer.Option(False, "-e", "--skip-ddos", help="As apply -e: leave out the ddos group."),
+    allow_private: bool = typer.Option(False, "-a", "--allow-private", help="As apply -a: leave out the spoof group."),
+    ping_from: list[str] = typer.Option([], "-p", "--ping-from", metavar="HOST",
+                                        help="As apply -p (repeatable; hostnames are resolved here, as "
+                                             "apply does). selftest adds 203.0.113.7 and 2001:db8:f::7 itself: "
+                                             "the allowed sources it pings from inside the sandbox."),
+    env: list[Path] = typer.Option([], "--env", metavar="FILE", help="A component .env to prove (repeatable); "
+                                   "default: the containers that are up (their recorded ports and limits)."),
+    core: list[Path] = typer.Option([], "--core", metavar="FILE", help="core.env: one for every --env, or one "
+                                    "per --env."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the sandbox's namespaces (for debugging)."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Prove the settings on real packets in a throwaway sandbox of network namespaces; exit 1 on a mismatch."""
+    from hostprep import selftest
+    from hostprep.validate import interface_name
+    if interface is not None:
+        interface_name(interface)
+    need_root("selftest")
+    options = selftest.resolve_options(interface, skip_ddos, allow_private, ping_from, env, core, backend, keep,
+                                       Store(Paths.from_env()))
+    report = selftest.run_selftest(options)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_selftest(report)
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
 def main() -> None:
     app(prog_name="hostprep")
 
