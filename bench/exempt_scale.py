@@ -10,52 +10,75 @@ How it measures (as root, inside a throwaway sandbox only):
 * Sandbox: ``hostprep.sandbox.Sandbox(name="hpxbench<pid>")``, three network
   namespaces created here and deleted by name in a ``finally`` block (also on
   Ctrl-C, SIGTERM, SIGHUP); a fresh one per iptables variant, so nothing of
-  one variant (tables, conntrack entries) is left for the next.  State roots
-  and env files live in a temporary directory.  The machine's own namespace is
-  never touched; packets only flow between the sandbox's namespaces.
-* hostprep: ``hostprep apply -i eth1 -y --ignore-selinux`` in the sandbox host, then
-  ``hostprep container up finesse --env finesse.env --core core-<N>.env``
-  (TEMPLATE_TYPE=finesse, port 8445 on 198.51.100.10).  core.env's
-  NGX_RATELIMIT_DISABLE_IPS holds the inet peer's address 203.0.113.7 plus
-  filler /32s from 198.18.0.0/15 (RFC 2544 benchmark range; no packet is ever
-  sent to them) up to N entries.  All entries are IPv4: the container is an
-  IPv4 one and hostprep puts only IPv4 entries into its IPv4 set, so the set
-  really holds N members (checked with ``ipset list -t``).  ``container up`` is
-  timed end to end (``ip netns exec`` + Python start-up included).
-* If ``container up`` does not finish within ``--up-timeout`` seconds it is
-  killed, the table says so, and that size is put in place by the benchmark
-  instead: the same set (name, type and members from hostprep's own model and
-  ``ipset restore`` script, ``hostprep.plan.ipset_fill_script``) is filled into
-  NAME-n and swapped in, which is what hostprep's apply does.  The packet
-  measurement stays meaningful; the ``container up`` problem is reported, with
-  a timing of the pure env-file parse (``hostprep.envfiles.load_container``,
-  run in this process) at growing sizes as a diagnosis.  A size that timed out
-  on one variant is not retried on the next (the parse does not depend on it).
-* Accepted-packet cost: a listener on 198.51.100.10:8445 in the sandbox host
-  (accepts and closes); from the inet namespace, ``--connections`` new TCP
-  connections from 203.0.113.7 (connect, then close with SO_LINGER 0, i.e. an
-  RST, so no TIME_WAIT eats the ephemeral ports).  Every SYN takes the path
-  INPUT -> HOSTPREP-IN -> ... -> HOSTPREP-CONTAINERS -> HOSTPREP-C-finesse and
-  is accepted by the exempt rule.  Cost = wall time per connection; the
-  sockets are made in the namespaces with setns(2) from this process (no
-  subprocess per connection).  Honesty check after every run: the exempt
-  rule's packet counter grew by exactly the number of connections (only SYNs
-  reach it; the rest of each connection takes the ESTABLISHED fast path).
-* Baseline (the contrast that shows why sets matter), in the same process: the
-  set rule of HOSTPREP-C-finesse is replaced, in place, by one rule per source,
-  ``-s X/32 -p tcp -m conntrack --ctorigdstport 8445 -j ACCEPT`` with
-  203.0.113.7 LAST (the worst case, and the path of every source that is not
-  exempt), loaded with one ``iptables-restore --noflush``; sizes ``--linear``
-  (default 10 and 10,000: 100,000 linear rules load too slowly for a bench
-  run).  Afterwards ``hostprep container up`` puts hostprep's chain back and
-  ``hostprep status`` must say everything desired is live.
-* Runs alternate the sizes (ABBA order over ``--repeat`` rounds) after one
-  warm-up run; medians are reported.  Ratios: cost(N)/cost(smallest N) for the
-  set and for the linear chain.  There are no timed assertions.
+  one variant (tables, sets, conntrack entries) is left for the next.  State
+  roots and env files live in a temporary directory.  The machine's own
+  namespace is never touched; packets only flow between the sandbox's
+  namespaces.
+* hostprep: ``hostprep apply -i eth1 -y --ignore-selinux`` in the sandbox host
+  (the machine's SELinux state is not the point, as in ``hostprep sandbox up``),
+  then ``hostprep container up finesse --env finesse.env --core core-<N>.env``
+  for each size N of ``--entries``, smallest first (TEMPLATE_TYPE=finesse,
+  port 8445 on 198.51.100.10), each timed end to end (``ip netns exec`` and
+  Python start-up included).  core.env's NGX_RATELIMIT_DISABLE_IPS holds the
+  inet peer's address 203.0.113.7 plus filler /32s from 198.18.0.0/15 (RFC 2544
+  benchmark range; no packet is ever sent to them) up to N entries.  All are
+  IPv4: the container is an IPv4 one and hostprep puts only IPv4 entries into
+  its IPv4 set, so the set really holds N members (checked with ``ipset list -t``).
+* A ``container up`` that does not finish within ``--up-timeout`` seconds is
+  killed and the table says so; that size is then put in place by the
+  benchmark instead, with hostprep's own set (name from its model) and its own
+  ``ipset restore`` text (``hostprep.plan.ipset_fill_script``, filled into
+  NAME-n and swapped in, as hostprep's apply does), so the packet measurement
+  stays meaningful.  The pure env-file parse (``hostprep.envfiles.load_container``)
+  is then timed in this process at growing sizes, as a diagnosis.  A size that
+  timed out on one variant is not retried on the next (the parse does not
+  depend on the variant).
+* Traffic: a listener on 198.51.100.10:8445 in the sandbox host, in its own
+  process on the other CPU (accepts, waits for the client's RST, closes: the
+  host never sends a FIN and keeps no TIME_WAIT socket, so a reused client port
+  starts a clean connection with exactly one SYN).  From the inet namespace
+  this process opens new TCP connections from 203.0.113.7 (connect, then close
+  with SO_LINGER 0, an RST).  Every SYN takes INPUT -> HOSTPREP-IN -> FAST ->
+  DDOS -> SPOOF -> SSH -> CONTAINERS -> HOSTPREP-C-finesse and is accepted by
+  the exempt rule; the rest of each connection takes the ESTABLISHED fast path.
+* Cost = the duration of connect(): the SYN's trip through the host's rules,
+  the SYN-ACK and the ACK run in softirq inside that call, on this thread
+  (pinned to one CPU).  The time of the whole connection (socket() to close())
+  is shown too.  Medians of thousands of connections: robust against the
+  moments another process has the CPU.
+* Noise on a shared 2-core machine moves whole stretches of time (the same
+  configuration measured 0.25 s apart gave medians of 30 and 63 µs), so the
+  sizes are compared inside the same stretches of time, not one after another:
+  - ipset: hostprep's set keeps its name, and the benchmark swaps the other
+    size's members in and out with ``ipset swap`` (O(1), atomic; the contents
+    are hostprep's, the spare copy is ``hpxbench-spare-<N>``) every ``--block``
+    connections, in alternating order;
+  - linear baseline (the contrast that shows why sets matter): hostprep's set
+    rule is replaced, in place, by one rule per source,
+    ``-s X/32 -p tcp -m conntrack --ctorigdstport 8445 -j ACCEPT``, loaded with
+    one ``iptables-restore --noflush``; for each size L of ``--linear`` one
+    client address of the inet namespace (203.0.113.7, 203.0.113.8, then
+    addresses added to the inet namespace) is the L-th rule, so its SYNs walk
+    exactly L rules, as if it were last in a chain of L; the connections
+    alternate between the addresses one by one.  Default 10 and 10,000 (one
+    load of 10,000 rules takes under 1 s; 100,000 linear rules took 12 s (nft) /
+    6 s (legacy) to load here and ~4 ms (nft) / ~1 ms (legacy) per connection,
+    which ``--linear 10,100000`` measures anyway).
+* ``--repeat`` rounds of ``--connections`` connections per size (after a
+  warm-up), in blocks of ``--block`` per size.  Reported per size: the median
+  connect() over all its connections; the ratio against the smallest size of
+  the same kind is the median of the block-by-block ratios (blocks measured
+  side by side in time), printed with their quartiles.  Honesty checks after
+  every round: the packet counter of the accepting rule (the exempt set rule;
+  each address's linear rule) grew by exactly the number of connections made
+  from that address, and the set held the size it was measured as.  At the
+  end, ``hostprep container up`` puts hostprep's own chain back and
+  ``hostprep status`` must say everything desired is live.  There are no timed
+  assertions.
 
 Usage (as root, from the repository):
     .venv/bin/python bench/exempt_scale.py [--variant nft|legacy|both] [--entries 10,100000]
-        [--linear 10,10000] [--connections 3000] [--repeat 5] [--up-timeout 60]
+        [--linear 10,10000] [--connections 3000] [--repeat 5] [--block 250] [--up-timeout 60]
 """
 
 from __future__ import annotations
@@ -63,6 +86,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ipaddress
+import math
 import os
 import shlex
 import shutil
@@ -73,7 +97,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,10 +117,11 @@ CLONE_NEWNET = 0x40000000
 STEP_TIMEOUT = 300.0              # generous per-subprocess timeout (not a timed assertion)
 NAME = "finesse"
 PORT = 8445
-SOURCE = INET_EXTRA4[0]           # 203.0.113.7, an address of the inet namespace
+SOURCE = INET_EXTRA4[0]           # 203.0.113.7, an address of the inet namespace, the exempt client
 FILLER_NET = ipaddress.ip_network("198.18.0.0/15")   # RFC 2544 benchmark range
 CONNECT_TIMEOUT = 3.0             # a dropped SYN would show up as a 1 s retransmission, then this
 WARMUP = 300
+SPARE = "hpxbench-spare-"         # the benchmark's copies of the other sizes (not hostprep's prefix)
 
 
 class BenchError(RuntimeError):
@@ -107,12 +131,14 @@ class BenchError(RuntimeError):
 # --------------------------------------------------------------------------- inputs
 
 
+def fillers(count: int) -> list[str]:
+    base = int(FILLER_NET.network_address)
+    return [str(ipaddress.IPv4Address(base + i)) for i in range(count)]
+
+
 def exempt_list(n: int) -> list[str]:
     """203.0.113.7 first, then n-1 filler /32s from 198.18.0.0/15."""
-    if n < 1 or n - 1 > FILLER_NET.num_addresses:
-        raise BenchError(f"{n} entries: give 1..{FILLER_NET.num_addresses + 1}")
-    base = int(FILLER_NET.network_address)
-    return [SOURCE] + [str(ipaddress.IPv4Address(base + i)) for i in range(n - 1)]
+    return [SOURCE] + fillers(n - 1)
 
 
 def core_env_text(n: int) -> str:
@@ -128,7 +154,13 @@ def model_container() -> Container:
     return Container(NAME, "finesse", (PORT,), ipaddress.ip_address(HOST_EXT4), Limits(10, 6, 8, 1, 1))
 
 
-# --------------------------------------------------------------------------- namespaces
+def linear_sources(count: int) -> list[str]:
+    """Client addresses for the linear sizes: 203.0.113.7, .8 (the sandbox has them), then .9, .10 ..."""
+    out = list(INET_EXTRA4) + [f"203.0.113.{i}" for i in range(9, 9 + max(0, count - len(INET_EXTRA4)))]
+    return out[:count]
+
+
+# --------------------------------------------------------------------------- namespaces, CPUs
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -156,92 +188,167 @@ def in_netns(name: str):
         os.close(home)
 
 
+def cpus() -> tuple[int | None, int | None]:
+    """(CPU for the connecting loop, CPU for the listener); None, None on a single CPU."""
+    mine = sorted(os.sched_getaffinity(0))
+    return (mine[0], mine[1]) if len(mine) >= 2 else (None, None)
+
+
+@contextmanager
+def pinned(cpu: int | None):
+    """This thread on one CPU for the duration (the SYN's softirq work runs on it too)."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+LISTENER_CODE = r"""
+import os, socket, sys, threading
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port))
+s.listen(4096)
+accepted = 0
+def watch():
+    sys.stdin.read()                      # EOF: the benchmark is done (or gone)
+    print(accepted, flush=True)
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+print("ready", flush=True)
+while True:
+    conn, _ = s.accept()
+    # Wait for the client's RST before closing: the host then never sends a FIN,
+    # so it keeps no TIME_WAIT socket, and a client port reused later starts a
+    # clean connection (exactly one SYN each; a SYN that meets a TIME_WAIT socket
+    # is answered with an ACK and sent again, and the counter check would fail).
+    conn.settimeout(timeout)
+    try:
+        conn.recv(1)
+    except OSError:
+        pass
+    conn.close()
+    accepted += 1
+"""
+
+
 class Listener:
-    """A TCP listener on 198.51.100.10:8445 in the sandbox host: accept, close."""
+    """A TCP listener on 198.51.100.10:8445 in the sandbox host, in its own process.
 
-    def __init__(self, ns: str) -> None:
-        with in_netns(ns):
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((HOST_EXT4, PORT))
-        self.sock.listen(4096)
-        self.accepted = 0
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="listener", daemon=True)
-        self.thread.start()
+    Its own process, not a thread of this one: a thread would compete for the
+    GIL with the connecting loop and add jitter to the connect() calls it times.
+    Pinned to another CPU than the connecting loop (when there are two): woken
+    on the same CPU it would preempt the loop inside some connect() calls.
+    """
 
-    def _loop(self) -> None:
-        while not self.stopping:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                if self.stopping:
-                    return
-                continue
-            conn.close()
-            self.accepted += 1
+    def __init__(self, ns: str, cpu: int | None) -> None:
+        pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c", LISTENER_CODE, HOST_EXT4, str(PORT),
+                                      str(CONNECT_TIMEOUT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=pin)
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise BenchError(f"the listener in {ns} did not start: {line!r} {err[-1000:]}")
+        self.accepted: int | None = None
 
     def stop(self) -> None:
-        self.stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(timeout=5)
+        if self.proc.poll() is None:
+            try:
+                out, _ = self.proc.communicate(input="", timeout=10)
+                self.accepted = int(out.split()[-1]) if out.split() else None
+            except (subprocess.TimeoutExpired, ValueError):
+                self.proc.kill()
+                self.proc.communicate()
 
 
 _LINGER0 = struct.pack("ii", 1, 0)
 
 
-def drive(ns: str, count: int) -> float:
-    """``count`` new connections from 203.0.113.7 to the listener; returns the wall time."""
-    with in_netns(ns):
-        t0 = time.perf_counter()
-        for i in range(count):
+@dataclass
+class Samples:
+    """Per-connection durations of one size in one round (seconds)."""
+
+    connect: list[float] = field(default_factory=list)
+    whole: list[float] = field(default_factory=list)
+
+    def extend(self, other: "Samples") -> None:
+        self.connect += other.connect
+        self.whole += other.whole
+
+
+def drive(ns: str, sources: list[str], cpu: int | None) -> tuple[dict[str, Samples], list[str]]:
+    """One new connection to the listener from each address of ``sources``, in that order.
+
+    Returns, per source address, the duration of each connect() (SYN out,
+    through the host's rules, SYN-ACK back, ACK out: the softirq work runs
+    inside the call on this thread) and of the whole connection (socket() to
+    close()); and the connections that took over 0.5 s (a SYN retransmission).
+    """
+    out = {src: Samples() for src in set(sources)}
+    slow: list[str] = []
+    clock = time.perf_counter
+    with in_netns(ns), pinned(cpu):
+        for i, src in enumerate(sources):
+            t0 = clock()
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
                 s.settimeout(CONNECT_TIMEOUT)
-                s.bind((SOURCE, 0))
+                s.bind((src, 0))
+                t1 = clock()
                 s.connect((HOST_EXT4, PORT))
+                d = clock() - t1
+                if d > 0.5:
+                    slow.append(f"#{i + 1} from {src} port {s.getsockname()[1]} {d:.2f} s")
             except OSError as err:
-                raise BenchError(f"connection {i + 1} of {count} from {SOURCE} to {HOST_EXT4}:{PORT} "
+                raise BenchError(f"connection {i + 1} of {len(sources)} from {src} to {HOST_EXT4}:{PORT} "
                                  f"failed: {err}") from None
             finally:
                 s.close()
-        return time.perf_counter() - t0
+            t2 = clock()
+            out[src].connect.append(d)
+            out[src].whole.append(t2 - t0)
+    return out, slow
+
+
+def us(values: list[float]) -> float:
+    return statistics.median(values) * 1e6
 
 
 # --------------------------------------------------------------------------- bench
 
 
 @dataclass
-class Measurement:
-    kind: str                  # "ipset" or "linear"
-    size: int
-    seconds: float
-    connections: int
-
-    @property
-    def us_per_conn(self) -> float:
-        return self.seconds / self.connections * 1e6
-
-
-@dataclass
 class Row:
     variant: str
-    kind: str
+    kind: str                  # "ipset" or "linear"
     size: int
     loaded_by: str = ""
-    load_times: list[float] = field(default_factory=list)   # container up / iptables-restore, seconds
-    up_timed_out: bool = False
-    costs: list[float] = field(default_factory=list)        # µs per connection
-    verified: int = 0                                       # runs whose counter == connections
+    load_s: float | None = None                              # container up / iptables-restore, seconds
+    note: str = ""                                           # why container up did not put it in place
+    samples: Samples = field(default_factory=Samples)        # every measured connection
+    blocks: list[tuple[float, float]] = field(default_factory=list)   # per block: median connect, whole (s)
+    rounds: int = 0
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.costs)
+    def connect(self) -> float:
+        return us(self.samples.connect)
+
+    @property
+    def whole(self) -> float:
+        return us(self.samples.whole)
+
+    def ratios(self, base: "Row", which: int) -> list[float]:
+        """Block by block against ``base``: the blocks were measured side by side in time."""
+        return [mine[which] / theirs[which] for mine, theirs in zip(self.blocks, base.blocks)]
 
 
 @dataclass
@@ -252,10 +359,13 @@ class Bench:
     files: Path
     up_timeout: float
     connections: int
-    skip_up: set[int]          # sizes whose container up timed out before (not retried)
+    block: int
+    skip_up: dict[int, str]    # size -> variant where its container up timed out (not retried)
     rows: dict[tuple[str, int], Row] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    driven: int = 0            # connections made in this variant (warm-ups included)
     container: Container = field(default_factory=model_container)
+    cpu: int | None = None
 
     # -- helpers (all run inside the sandbox host namespace) ---------------------------------
     def ns(self, argv: list[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -270,8 +380,8 @@ class Bench:
         return ["ip", "netns", "exec", self.box.host, "env", f"HOSTPREP_ROOT={self.root}",
                 f"HOSTPREP_BACKEND={self.variant}", f"PYTHONPATH={REPO}", PY, "-m", "hostprep", *args]
 
-    def hostprep(self, *args: str, timeout: float = STEP_TIMEOUT) -> tuple[float, str] | None:
-        """Run hostprep in the sandbox host; (seconds, stdout), or None when killed at ``timeout``."""
+    def hostprep(self, *args: str, timeout: float | None = STEP_TIMEOUT) -> tuple[float, str] | None:
+        """Run hostprep in the sandbox host; (seconds, output), or None when killed at ``timeout``."""
         t0 = time.perf_counter()
         proc = subprocess.Popen(self.hostprep_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
@@ -290,6 +400,10 @@ class Bench:
             raise BenchError(f"hostprep {' '.join(args[:4])} failed (exit {proc.returncode}) on {self.variant}:\n"
                              f"stdout: {out[-2000:]}\nstderr: {err[-2000:]}")
         return elapsed, out + err
+
+    def container_up(self, n: int, timeout: float | None = STEP_TIMEOUT) -> tuple[float, str] | None:
+        return self.hostprep("container", "up", NAME, "--env", str(self.files / "finesse.env"),
+                             "--core", str(self.files / f"core-{n}.env"), timeout=timeout)
 
     def ipt(self, kind: str = "") -> str:
         return f"iptables-{self.variant}" + (f"-{kind}" if kind else "")
@@ -311,149 +425,193 @@ class Bench:
     def row(self, kind: str, size: int) -> Row:
         return self.rows.setdefault((kind, size), Row(self.variant, kind, size))
 
-    # -- putting a size in place -------------------------------------------------------------
-    def write_files(self, sizes: list[int]) -> None:
-        (self.files / "finesse.env").write_text(FINESSE_ENV)
-        for n in sizes:
-            (self.files / f"core-{n}.env").write_text(core_env_text(n))
-
-    def set_rule(self):
+    def set_rule_packets(self) -> int:
         rules = [r for r in self.chain_rules() if "--match-set" in r.spec and " exempt" in r.spec]
         if len(rules) != 1:
             raise BenchError(f"{self.container.chain}: expected one exempt set rule, found {len(rules)}")
-        return rules[0]
+        return rules[0].counter.packets
 
-    def ipset_in_place(self, n: int) -> None:
-        """Size n of the exempt list live: by container up, or (after a timeout) by the same ipset swap."""
-        row = self.row("ipset", n)
+    def linear_packets(self) -> dict[str, int]:
+        return {r.spec.split()[1].split("/")[0]: r.counter.packets for r in self.chain_rules()
+                if r.spec.startswith("-s 203.0.113.")}
+
+    def connect_all(self, sources: list[str]) -> dict[str, Samples]:
+        samples, slow = drive(self.box.inet, sources, self.cpu)
+        self.driven += len(sources)
+        if slow:
+            self.log.append(f"{self.variant}: connections over 0.5 s (SYN sent again): {', '.join(slow[:5])}")
+        return samples
+
+    # -- ipset: hostprep's set, the sizes swapped in and out ----------------------------------
+    def ipset_phase(self, entries: list[int], repeat: int) -> None:
         name = self.container.set_name("ex")
-        if n not in self.skip_up:
-            res = self.hostprep("container", "up", NAME, "--env", str(self.files / "finesse.env"),
-                                "--core", str(self.files / f"core-{n}.env"), timeout=self.up_timeout)
-            if res is not None:
-                row.load_times.append(res[0])
-                row.loaded_by = row.loaded_by or "hostprep container up"
-                got = self.set_entries(name)
-                if got != n:
-                    raise BenchError(f"after container up with {n} entries, ipset {name} holds {got}")
-                return
-            self.skip_up.add(n)
-            row.up_timed_out = True
-            self.log.append(f"{self.variant}: `hostprep container up` with {n} exempt entries did not finish "
-                            f"within {self.up_timeout:.0f} s: killed; this size is loaded by the benchmark "
-                            "from now on (hostprep's set name, type and fill/swap script)")
-            print(f"    {self.log[-1]}", flush=True)
-        elif not row.loaded_by:
-            row.up_timed_out = True
-        if self.set_entries(name) is None:
-            raise BenchError(f"ipset {name} does not exist: the smallest size must come up through hostprep first")
-        members = tuple(ipaddress.ip_network(a) for a in exempt_list(n))
-        s = IpSet(name, 4, tuple(sorted(set(members), key=str)))
-        script = (ipset_fill_script((s,), TEMP_SUFFIX) + ipset_swap_script((s,))
-                  + f"destroy {name}{TEMP_SUFFIX}\n")
-        t0 = time.perf_counter()
-        self.ns(["ipset", "restore"], input=script)
-        row.load_times.append(time.perf_counter() - t0)
-        row.loaded_by = "bench: ipset restore + swap"
-        got = self.set_entries(name)
-        if got != n:
-            raise BenchError(f"after the benchmark's ipset swap with {n} entries, ipset {name} holds {got}")
+        for n in entries:                                   # smallest first: it creates the set and rules
+            row = self.row("ipset", n)
+            if n in self.skip_up:
+                row.note = f"container up not retried: killed at {self.up_timeout:.0f} s on {self.skip_up[n]}"
+            else:
+                res = self.container_up(n, timeout=self.up_timeout or None)
+                if res is not None:
+                    row.load_s, row.loaded_by = res[0], "hostprep container up"
+                    print(f"    {self.variant:6} container up with {n} exempt entries: {res[0]:.2f} s", flush=True)
+                else:
+                    self.skip_up[n] = self.variant
+                    row.note = f"container up killed at {self.up_timeout:.0f} s"
+                    self.log.append(f"{self.variant}: `hostprep container up` with {n} exempt entries did not "
+                                    f"finish within {self.up_timeout:.0f} s: killed; the benchmark loads this "
+                                    "size itself (hostprep's set name, type and ipset restore text)")
+                    print(f"    {self.log[-1]}", flush=True)
+            if not row.loaded_by:
+                if self.set_entries(name) is None:
+                    raise BenchError(f"ipset {name} does not exist: the smallest size must come up through hostprep")
+                s = IpSet(name, 4, tuple(sorted({ipaddress.ip_network(a) for a in exempt_list(n)}, key=str)))
+                script = ipset_fill_script((s,), TEMP_SUFFIX) + ipset_swap_script((s,)) + \
+                    f"destroy {name}{TEMP_SUFFIX}\n"
+                t0 = time.perf_counter()
+                self.ns(["ipset", "restore"], input=script)
+                row.load_s, row.loaded_by = time.perf_counter() - t0, "bench: ipset restore+swap"
+            got = self.set_entries(name)
+            if got != n:
+                raise BenchError(f"{row.loaded_by} with {n} exempt entries: ipset {name} holds {got}")
+        # Spare copies of the other sizes, same type and members as hostprep would make them.
+        live = entries[-1]
+        holder: dict[int, str] = {live: name}
+        for n in entries[:-1]:
+            spare = f"{SPARE}{n}"
+            s = IpSet(name, 4, tuple(sorted({ipaddress.ip_network(a) for a in exempt_list(n)}, key=str)))
+            self.ns(["ipset", "restore"], input=ipset_fill_script((s,)).replace(name, spare))
+            holder[n] = spare
 
-    def linear_in_place(self, n: int) -> None:
-        """Replace the exempt set rule, in place, by n rules `-s X/32 ... -j ACCEPT` (203.0.113.7 last)."""
-        row = self.row("linear", n)
-        live = self.ns([self.ipt("save"), "-t", "filter"]).stdout
+        def make_live(n: int) -> None:
+            nonlocal live
+            if n != live:
+                other = holder[n]
+                self.ns(["ipset", "swap", name, other])
+                holder[n], holder[live] = name, other
+                live = n
+
+        self.connect_all([SOURCE] * WARMUP)
+        for rnd in range(repeat):
+            before = self.set_rule_packets()
+            made = 0
+            for b, start in enumerate(range(0, self.connections, self.block)):
+                count = min(self.block, self.connections - start)
+                got: dict[int, Samples] = {}
+                # ABBA: the order turns at every block, so neither size always goes first.
+                for n in (entries if (rnd + b) % 2 == 0 else list(reversed(entries))):
+                    make_live(n)
+                    got[n] = self.connect_all([SOURCE] * count)[SOURCE]
+                    made += count
+                    if b == 0 and self.set_entries(name) != n:
+                        raise BenchError(f"ipset {name} does not hold {n} members after the swap")
+                self.add_block("ipset", got)
+            counted = self.set_rule_packets() - before
+            if counted != made:
+                raise BenchError(self.counter_evidence(f"round {rnd + 1}: the exempt set rule counted {counted} "
+                                                       f"packets for {made} connections"))
+            self.report_round("ipset", rnd, entries)
+        for n, holder_name in holder.items():
+            if holder_name != name:
+                self.ns(["ipset", "destroy", holder_name])
+
+    # -- linear baseline: one rule per source, in place of the set rule -----------------------
+    def linear_phase(self, sizes: list[int], repeat: int) -> dict[int, str]:
         chain = self.container.chain
+        srcs = dict(zip(sizes, linear_sources(len(sizes))))
+        for src in list(srcs.values())[len(INET_EXTRA4):]:
+            with in_netns(self.box.inet):
+                subprocess.run(["ip", "addr", "add", f"{src}/32", "dev", "eth0"], check=True, timeout=30)
+        # Rule k (1-based) is the source of the size k, a filler otherwise.
+        rules: list[str] = fillers(max(sizes))
+        for n, src in srcs.items():
+            rules[n - 1] = src
+        live = self.ns([self.ipt("save"), "-t", "filter"]).stdout
         lines = [ln for ln in live.splitlines() if ln.startswith(f"-A {chain} ")]
-        set_lines = [ln for ln in lines if "--match-set" in ln and " exempt" in ln]
-        linear = [ln for ln in lines if ln.startswith(f"-A {chain} -s ")]
-        if len(set_lines) == 1:
-            where = lines.index(set_lines[0])
-        elif len(set_lines) == 0 and linear:
-            where = lines.index(linear[0])      # a previous linear load: replace it in place
-        else:
-            raise BenchError(f"{chain}: cannot find the exempt rule to replace:\n" + "\n".join(lines))
-        drop = set(set_lines) | set(linear)
-        rest = [ln for ln in lines if ln not in drop]
-        sources = exempt_list(n)[1:] + [SOURCE]
+        set_lines = [i for i, ln in enumerate(lines) if "--match-set" in ln and " exempt" in ln]
+        if len(set_lines) != 1:
+            raise BenchError(f"{chain}: cannot find the exempt set rule to replace:\n" + "\n".join(lines))
+        where = set_lines[0]
         match = f"-p tcp -m conntrack --ctorigdstport {PORT}"
-        mine = [f"-A {chain} -s {a}/32 {match} -j ACCEPT" for a in sources]
-        text = "*filter\n" + f":{chain} - [0:0]\n" + "\n".join(rest[:where] + mine + rest[where:]) + "\nCOMMIT\n"
+        mine = [f"-A {chain} -s {a}/32 {match} -j ACCEPT" for a in rules]
+        text = "*filter\n" + f":{chain} - [0:0]\n" + "\n".join(lines[:where] + mine + lines[where + 1:]) + \
+            "\nCOMMIT\n"
         t0 = time.perf_counter()
         self.ns([self.ipt("restore"), "--noflush"], input=text)
-        row.load_times.append(time.perf_counter() - t0)
-        row.loaded_by = "bench: iptables-restore --noflush"
+        load = time.perf_counter() - t0
         after = [r for r in self.chain_rules() if r.spec.startswith("-s ")]
-        if len(after) != n or not after[-1].spec.startswith(f"-s {SOURCE}/32 "):
-            raise BenchError(f"{chain}: after loading {n} linear rules the kernel holds {len(after)}, "
-                             f"last {after[-1].spec if after else None!r}")
+        for n, src in srcs.items():
+            if len(after) < n or not after[n - 1].spec.startswith(f"-s {src}/32 "):
+                raise BenchError(f"{chain}: rule {n} is not the one for {src} after loading {len(rules)} rules")
+            row = self.row("linear", n)
+            row.load_s, row.loaded_by = load, f"bench: iptables-restore ({len(rules)} rules)"
+        if len(after) != len(rules):
+            raise BenchError(f"{chain}: {len(after)} linear rules live, {len(rules)} loaded")
+        self.connect_all(list(srcs.values()) * (WARMUP // len(srcs)))
+        for rnd in range(repeat):
+            seq = list(srcs.values()) if rnd % 2 == 0 else list(reversed(srcs.values()))
+            before = self.linear_packets()
+            for start in range(0, self.connections, self.block):
+                got = self.connect_all(seq * min(self.block, self.connections - start))
+                self.add_block("linear", {n: got[src] for n, src in srcs.items()})
+            after_p = self.linear_packets()
+            for n, src in srcs.items():
+                counted = after_p.get(src, 0) - before.get(src, 0)
+                if counted != self.connections:
+                    raise BenchError(self.counter_evidence(f"round {rnd + 1}: the linear rule for {src} counted "
+                                                           f"{counted} packets for {self.connections} connections"))
+            self.report_round("linear", rnd, sizes)
+        return srcs
 
-    # -- one measurement ---------------------------------------------------------------------
-    def accepted_counter(self, kind: str) -> int:
-        if kind == "ipset":
-            return self.set_rule().counter.packets
-        last = [r for r in self.chain_rules() if r.spec.startswith(f"-s {SOURCE}/32 ")]
-        if len(last) != 1:
-            raise BenchError(f"{self.container.chain}: expected one rule for {SOURCE}, found {len(last)}")
-        return last[0].counter.packets
+    def add_block(self, kind: str, got: dict[int, Samples]) -> None:
+        for n, smp in got.items():
+            row = self.row(kind, n)
+            row.samples.extend(smp)
+            row.blocks.append((statistics.median(smp.connect), statistics.median(smp.whole)))
 
-    def measure(self, kind: str, size: int, count: int, record: bool = True) -> Measurement:
-        before = self.accepted_counter(kind)
-        seconds = drive(self.box.inet, count)
-        after = self.accepted_counter(kind)
-        m = Measurement(kind, size, seconds, count)
-        if after - before != count:
-            rules = "\n".join(f"  [{r.counter.packets}] {r.spec[:150]}" for r in self.chain_rules()
-                              if not r.spec.startswith("-s ") or r.spec.startswith(f"-s {SOURCE}/"))
-            raise BenchError(f"{self.variant} {kind} {size}: the accepting rule counted {after - before} "
-                             f"packets for {count} connections; chain now:\n{rules}")
-        if record:
-            row = self.row(kind, size)
-            row.costs.append(m.us_per_conn)
-            row.verified += 1
-            print(f"    {self.variant:6} {kind:6} {size:>6}: {m.us_per_conn:8.1f} µs/conn "
-                  f"({count / seconds:7.0f} conn/s), counter +{after - before} == {count}", flush=True)
-        return m
+    def report_round(self, kind: str, rnd: int, sizes: list[int]) -> None:
+        rows = [self.row(kind, n) for n in sizes]
+        per_round = len(rows[0].blocks) // (rnd + 1)
+        parts = []
+        for row in rows:
+            row.rounds = rnd + 1
+            recent = row.blocks[-per_round:]
+            parts.append(f"{row.size}: {statistics.median(b[0] for b in recent) * 1e6:6.1f}")
+        ratio = statistics.median(rows[-1].ratios(rows[0], 0)[-per_round:])
+        print(f"    {self.variant:6} {kind:6} round {rnd + 1}: connect µs (median of blocks) " + ", ".join(parts)
+              + f"; ratio {ratio:.2f}x (paired blocks); counters == connections", flush=True)
 
-
-def abba(sizes: list[int], rounds: int) -> list[list[int]]:
-    return [list(sizes) if r % 2 == 0 else list(reversed(sizes)) for r in range(rounds)]
+    def counter_evidence(self, head: str) -> str:
+        rules = "\n".join(f"  [{r.counter.packets}] {r.spec[:150]}" for r in self.chain_rules()
+                          if not r.spec.startswith("-s 198.18."))
+        nstat = self.ns(["nstat", "-a"], check=False).stdout
+        return f"{self.variant}: {head}; chain now:\n{rules}\nhost nstat:\n{nstat}"
 
 
 def run_variant(bench: Bench, entries: list[int], linear: list[int], repeat: int) -> dict:
     extra: dict = {}
-    # The sandbox is not a proxy host: the machine's SELinux state is not the point here
-    # (as `hostprep sandbox up` does).
+    # The sandbox is not a proxy host: the machine's SELinux state is not the point
+    # here (as in `hostprep sandbox up`).
     res = bench.hostprep("apply", "-i", EXT, "-y", "--ignore-selinux")
     extra["apply"] = res[0]
-    bench.write_files(entries)
-    listener = Listener(bench.box.host)
+    (bench.files / "finesse.env").write_text(FINESSE_ENV)
+    for n in entries:
+        (bench.files / f"core-{n}.env").write_text(core_env_text(n))
+    bench.cpu, listener_cpu = cpus()
+    listener = Listener(bench.box.host, listener_cpu)
     try:
-        # ipset: the smallest size first (it creates the set and the rules), then alternate.
-        bench.ipset_in_place(entries[0])
-        bench.measure("ipset", entries[0], WARMUP, record=False)
-        for order in abba(entries, repeat):
-            for n in order:
-                bench.ipset_in_place(n)
-                bench.measure("ipset", n, bench.connections)
-        # linear baseline, in place of the set rule.
-        bench.linear_in_place(linear[0])
-        bench.measure("linear", linear[0], WARMUP, record=False)
-        for order in abba(linear, repeat):
-            for n in order:
-                bench.linear_in_place(n)
-                bench.measure("linear", n, bench.connections)
-        # hostprep puts its own chain back, and says everything is live.
-        t = bench.hostprep("container", "up", NAME, "--env", str(bench.files / "finesse.env"),
-                           "--core", str(bench.files / f"core-{entries[0]}.env"))
+        bench.ipset_phase(entries, repeat)
+        extra["linear_sources"] = bench.linear_phase(linear, repeat)
+        # hostprep puts its own chain (and set) back, and says everything is live.
+        t = bench.container_up(entries[0])
         st = bench.hostprep("status")
         if "everything desired is live" not in st[1]:
             raise BenchError(f"after the linear baseline, `container up` + `status` do not report everything "
                              f"live:\n{st[1][-3000:]}")
         extra["restore"] = t[0]
-        extra["accepted_by_listener"] = listener.accepted
     finally:
         listener.stop()
+    extra["accepted_by_listener"] = listener.accepted
+    extra["driven"] = bench.driven
     return extra
 
 
@@ -474,55 +632,74 @@ def parse_diagnosis(sizes=(1000, 2000, 4000)) -> list[tuple[int, float]]:
     return out
 
 
+def quartiles(values: list[float]) -> str:
+    if len(values) < 4:
+        return "-"
+    q = statistics.quantiles(values, n=4)
+    return f"{q[0]:.2f}-{q[2]:.2f}"
+
+
 def print_table(rows: list[Row], extras: dict[str, dict], log: list[str], diag: list[tuple[int, float]] | None,
-                up_timeout: float, connections: int) -> None:
-    head = ("variant", "exempt list", "entries", "put in place by", "load s (median)", "runs",
-            "µs/conn median", "conn/s", "Δ µs vs smallest", "ratio cost/smallest")
+                args: argparse.Namespace) -> None:
+    head = ("variant", "exempt list", "entries", "put in place by", "load s", "conns", "connect µs", "Δ µs",
+            "ratio", "(p25-p75)", "whole conn µs", "ratio")
     table = []
-    ratios: dict[tuple[str, str], str] = {}
+    ratios: list[str] = []
     for r in rows:
-        if not r.costs:
+        if not r.blocks:
             continue
-        base = next(x for x in rows if x.variant == r.variant and x.kind == r.kind and x.costs)
-        ratio = r.median / base.median
+        base = next(x for x in rows if x.variant == r.variant and x.kind == r.kind and x.blocks)
+        rs, ws = r.ratios(base, 0), r.ratios(base, 1)
+        ratio, wratio = statistics.median(rs), statistics.median(ws)
         if r is not base:
-            ratios[(r.variant, r.kind)] = f"{ratio:.2f}x ({r.size} vs {base.size})"
-        load = f"{statistics.median(r.load_times):.3f}" if r.load_times else "-"
-        if r.up_timed_out:
-            load += f" (container up > {up_timeout:.0f} s, killed)" if r.kind == "ipset" else ""
-        what = "ipset hash:net, 1 rule" if r.kind == "ipset" else "linear: 1 rule per source"
-        table.append((r.variant, what, str(r.size), r.loaded_by, load, f"{r.verified}",
-                      f"{r.median:.1f}", f"{1e6 / r.median:.0f}", f"{r.median - base.median:+.1f}",
-                      f"{ratio:.2f}x"))
+            label = "ipset " if r.kind == "ipset" else "linear"
+            ratios.append(f"{r.variant:6} {label}: cost({r.size})/cost({base.size}) = {ratio:.2f}x "
+                          f"(connect; whole connection {wratio:.2f}x)")
+        by = r.loaded_by + (f" ({r.note})" if r.note else "")
+        what = "ipset, 1 rule" if r.kind == "ipset" else "linear, 1 rule/source"
+        size = str(r.size) if r.kind == "ipset" else f"{r.size}th rule"
+        table.append((r.variant, what, size, by, "-" if r.load_s is None else f"{r.load_s:.2f}",
+                      str(len(r.samples.connect)), f"{r.connect:.1f}", f"{r.connect - base.connect:+.1f}",
+                      f"{ratio:.2f}x", quartiles(rs) if r is not base else "", f"{r.whole:.1f}", f"{wratio:.2f}x"))
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)] if table else [len(h) for h in head]
-    line = lambda cols: "  ".join(col.rjust(w) if i in (2, 5, 6, 7, 8, 9) else col.ljust(w)  # noqa: E731
+    line = lambda cols: "  ".join(col.ljust(w) if i in (0, 1, 3) else col.rjust(w)  # noqa: E731
                                   for i, (col, w) in enumerate(zip(cols, widths)))
     print(line(head))
     print(line(tuple("-" * w for w in widths)))
     for t in table:
         print(line(t))
     print()
-    for (variant, kind), text in ratios.items():
-        label = "ipset " if kind == "ipset" else "linear"
-        print(f"{variant:6} {label}: cost(large)/cost(small) = {text}")
+    for text in ratios:
+        print(text)
     print()
-    print(f"cost = wall time per new TCP connection ({connections} per run: connect from {SOURCE}, close with RST) "
-          f"to {HOST_EXT4}:{PORT} in the sandbox host;")
-    print("  every run verified: the accepting rule's packet counter (the exempt set rule, or the linear rule for "
-          f"{SOURCE}, which is LAST in the chain) grew by exactly the number of connections")
+    print(f"connect µs = median duration of connect() to {HOST_EXT4}:{PORT} over all the connections of the row (the SYN "
+          "through the host's rules to the accepting rule, SYN-ACK, ACK);")
+    print("  whole conn µs = the same for socket() .. close(); Δ against the smallest size of the same kind;")
+    print(f"  ratio = median over blocks of {args.block} connections measured side by side in time (their quartiles in "
+          "brackets), against the smallest size of the same kind")
+    print(f"ipset rows: from {SOURCE}, hostprep's exempt set rule; the sizes swapped in and out of hostprep's set "
+          f"(ipset swap), a block each in turn, ABBA order; {args.repeat} rounds of {args.connections} connections "
+          "per size")
     for variant, e in extras.items():
-        print(f"  {variant}: hostprep apply {e['apply']:.2f} s; after the baseline, container up restored "
-              f"hostprep's chain in {e['restore']:.2f} s and status said everything is live; "
-              f"listener accepted {e['accepted_by_listener']} connections")
+        srcs = ", ".join(f"{src} is rule {n}" for n, src in e["linear_sources"].items())
+        print(f"linear rows ({variant}): one chain in place of the set rule, {srcs}; connections alternate between "
+              "these addresses one by one")
+    print("every round verified: the accepting rule's packet counter grew by exactly the connections made from "
+          "its address (one SYN each), and the set held the size measured")
+    for variant, e in extras.items():
+        print(f"{variant}: hostprep apply {e['apply']:.2f} s; after the baseline, container up restored hostprep's "
+              f"chain and set in {e['restore']:.2f} s and status said everything desired is live; the listener "
+              f"accepted {e['accepted_by_listener']} of the {e['driven']} connections made")
     for msg in log:
         print(f"NOTE {msg}")
     if diag:
         parts = ", ".join(f"{n} entries {s:.2f} s" for n, s in diag)
         (n1, s1), (n2, s2) = diag[0], diag[-1]
-        exp = 0.0 if s1 <= 0 else __import__("math").log(s2 / s1) / __import__("math").log(n2 / n1)
+        exp = math.log(s2 / s1) / math.log(n2 / n1) if s1 > 0 and s2 > 0 else float("nan")
         big = max(r.size for r in rows if r.kind == "ipset")
-        print(f"NOTE diagnosis: hostprep.envfiles.load_container (pure env-file parse, in this process): {parts}; "
-              f"time grows ~n^{exp:.1f}; extrapolated to {big} entries: ~{s2 * (big / n2) ** exp:.0f} s")
+        print(f"NOTE diagnosis: hostprep.envfiles.load_container alone (the env-file parse, pure, run in this "
+              f"process): {parts}; time grows ~n^{exp:.1f}; at n^2 from {n2} entries, {big} entries would take "
+              f"~{s2 * (big / n2) ** 2:.0f} s")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -533,24 +710,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--entries", default="10,100000", help="exempt list sizes in the ipset (default 10,100000)")
     ap.add_argument("--linear", default="10,10000",
                     help="sizes of the linear baseline, one rule per source (default 10,10000)")
-    ap.add_argument("--connections", type=int, default=3000, help="new connections per run (default 3000)")
-    ap.add_argument("--repeat", type=int, default=5, help="runs per size, alternating; medians (default 5)")
+    ap.add_argument("--connections", type=int, default=3000,
+                    help="connections per size per round (default 3000)")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="rounds (counters checked after each, ABBA order turns) (default 5)")
+    ap.add_argument("--block", type=int, default=250,
+                    help="connections per size in one block; a ratio is taken per block pair (default 250)")
     ap.add_argument("--up-timeout", type=float, default=60.0,
                     help="seconds `hostprep container up` may take before it is killed and the benchmark "
-                         "loads the set itself (default 60)")
+                         "loads the set itself; 0: wait as long as it takes (default 60)")
     args = ap.parse_args(argv)
     for key in ("entries", "linear"):
         try:
             sizes = [int(s) for s in getattr(args, key).split(",") if s.strip()]
         except ValueError:
             ap.error(f"--{key}: {getattr(args, key)!r} is not a comma-separated list of integers")
-        if not sizes or any(s < 1 for s in sizes) or len(set(sizes)) != len(sizes):
-            ap.error(f"--{key}: give distinct positive integers")
+        if len(sizes) < 2 or any(s < 1 for s in sizes) or len(set(sizes)) != len(sizes):
+            ap.error(f"--{key}: give at least two distinct positive integers")
         if max(sizes) - 1 > FILLER_NET.num_addresses:
             ap.error(f"--{key}: at most {FILLER_NET.num_addresses + 1}")
         setattr(args, key, sorted(sizes))
-    if args.connections < 1 or args.repeat < 1:
-        ap.error("--connections and --repeat: at least 1")
+    if len(args.linear) > 200:
+        ap.error("--linear: at most 200 sizes (one client address each)")
+    if args.connections < 1 or args.repeat < 1 or args.block < 1:
+        ap.error("--connections, --repeat and --block: at least 1")
+    if args.up_timeout < 0:
+        ap.error("--up-timeout: 0 or more")
     return args
 
 
@@ -564,8 +749,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: needs root (creates network namespaces)", file=sys.stderr)
         return 2
     variants = ["nft", "legacy"] if args.variant == "both" else [args.variant]
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    # Explicitly, SIGINT too: a shell starts background jobs with SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
 
     start = time.perf_counter()
     runner = Runner()
@@ -574,41 +760,40 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     extras: dict[str, dict] = {}
     log: list[str] = []
-    skip_up: set[int] = set()
-    diag = None
+    skip_up: dict[int, str] = {}
     try:
         for variant in variants:
             box.create(runner)
             print(f"{variant}: sandbox {', '.join(box.namespaces)}; files under {tmp}", flush=True)
             (tmp / variant / "files").mkdir(parents=True)
             bench = Bench(box, variant, tmp / variant / "root", tmp / variant / "files", args.up_timeout,
-                          args.connections, skip_up)
+                          args.connections, args.block, skip_up)
             try:
                 extras[variant] = run_variant(bench, args.entries, args.linear, args.repeat)
             finally:
                 rows += [bench.rows[k] for k in sorted(bench.rows)]
                 log += bench.log
                 box.destroy(runner)
-        if skip_up:
-            diag = parse_diagnosis()
+        diag = parse_diagnosis() if skip_up else None
         print()
-        print_table(rows, extras, log, diag, args.up_timeout, args.connections)
+        print_table(rows, extras, log, diag, args)
         return 0
     except BenchError as err:
         print(f"\nBENCH FAILED: {err}", file=sys.stderr)
-        if rows:
+        if any(r.blocks for r in rows):
             print("\nmeasured before the failure:", file=sys.stderr)
-            print_table(rows, extras, log, None, args.up_timeout, args.connections)
+            print_table(rows, extras, log, None, args)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; removing the sandbox", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # let the clean-up finish
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)         # let the clean-up finish
         sys.stdout.flush()
         gone = box.destroy(runner)
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"removed namespaces: {', '.join(gone) or 'none (already removed per variant)'}; "
+        print(f"removed namespaces: {', '.join(gone) or 'none left (each variant removed its own)'}; "
               f"total {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 

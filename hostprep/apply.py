@@ -252,6 +252,11 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
 
 
 def apply(backend: Backend, store: Store, desired: Desired, command: str) -> Outcome:
+    with store.lock():
+        return _apply_locked(backend, store, desired, command)
+
+
+def _apply_locked(backend: Backend, store: Store, desired: Desired, command: str) -> Outcome:
     outcome = converge(backend, store, desired, command)
     record = store.applied()
     if outcome.changed or record is None or record.get("settings") != desired.policy.to_settings() \
@@ -263,9 +268,10 @@ def apply(backend: Backend, store: Store, desired: Desired, command: str) -> Out
 
 def flush(backend: Backend, store: Store, command: str) -> Outcome:
     """Remove every hostprep rule, set and table.  Settings and the container registry stay."""
-    outcome = converge(backend, store, None, command)
-    store.clear_applied()
-    return outcome
+    with store.lock():
+        outcome = converge(backend, store, None, command)
+        store.clear_applied()
+        return outcome
 
 
 # -- containers -------------------------------------------------------------
@@ -306,6 +312,12 @@ def check_conflicts(c: Container, others: dict[str, Container]) -> None:
 def container_up(backend: Backend, store: Store, c: Container,
                  command: str) -> tuple[Outcome, list[str], list[str], list[str]]:
     """Open (or replace) one container's rules; returns (outcome, added, removed, kept lines)."""
+    with store.lock():
+        return _container_up_locked(backend, store, c, command)
+
+
+def _container_up_locked(backend: Backend, store: Store, c: Container,
+                         command: str) -> tuple[Outcome, list[str], list[str], list[str]]:
     policy = applied_policy(store)
     registry = store.containers()
     others = {n: o for n, o in registry.items() if n != c.name}
@@ -323,6 +335,12 @@ def container_up(backend: Backend, store: Store, c: Container,
 
 
 def container_down(backend: Backend, store: Store, name: str, command: str) -> tuple[Outcome, list[str]]:
+    with store.lock():
+        return _container_down_locked(backend, store, name, command)
+
+
+def _container_down_locked(backend: Backend, store: Store, name: str,
+                           command: str) -> tuple[Outcome, list[str]]:
     registry = store.containers()
     if name not in registry:
         raise InputError(name, "no such container is up", "see 'hostprep container list'")

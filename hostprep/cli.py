@@ -209,7 +209,8 @@ def apply_kernel_part(dry_run: bool, store: Store, force: bool) -> None:
             out.print(f"  {key}: not in this kernel, would be skipped", markup=False)
         return
     rp_filter_guard(Runner(), force)
-    report, notes = sysctl.apply_kernel(kernel, store.paths)
+    with store.lock():
+        report, notes = sysctl.apply_kernel(kernel, store.paths)
     for n in notes:
         err.print(f"[yellow]note:[/] {n}", markup=True)
     bad = [r for r in report if r.state in ("drift", "overridden")]
@@ -356,7 +357,8 @@ def flush_cmd(
         if dry_run:
             out.print("dry run: would restore the recorded kernel values and remove the drop-in")
             return
-        restored = sysctl.flush_kernel(sysctl.Kernel(), store.paths)
+        with store.lock():
+            restored = sysctl.flush_kernel(sysctl.Kernel(), store.paths)
         store.save_settings({"kernel": False})
         store.journal("hostprep " + " ".join(sys.argv[1:]), f"kernel: {len(restored)} keys restored", "ok")
         out.print(f"kernel: {len(restored)} keys restored to their values before hostprep; drop-in removed")

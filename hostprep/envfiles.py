@@ -108,7 +108,7 @@ def ip_list(env: EnvData, key: str, default: str = "") -> tuple[Network, ...]:
     value = env.values.get(key)
     if value is None:
         value = default
-    out: list[Network] = []
+    out: dict[Network, None] = {}   # ordered, and O(1) de-duplication (lists of 100,000 entries)
     for item in value.split("|"):
         item = item.strip()
         if not item:
@@ -125,8 +125,7 @@ def ip_list(env: EnvData, key: str, default: str = "") -> tuple[Network, ...]:
         if net.prefixlen == 0:
             raise InputError(f"{key} in {env.path}", f"{item!r} covers every address",
                              "list the real addresses; exempting everyone would switch the limits off")
-        if net not in out:
-            out.append(net)
+        out.setdefault(net, None)
     return tuple(out)
 
 
@@ -223,10 +222,9 @@ def load_container(name: str, env_path: Path, core_path: Path | None, installer_
     c = core or empty_core
     hardening = boolean(c, "NGX_IPTABLES_HARDENING", True, ("1", "0"))
     lbs = ip_list(c, "NGX_LOAD_BALANCER_IPS")
-    exempt = list(ip_list(c, "NGX_RATELIMIT_DISABLE_IPS", RATELIMIT_DISABLE_DEFAULT))
+    exempt = dict.fromkeys(ip_list(c, "NGX_RATELIMIT_DISABLE_IPS", RATELIMIT_DISABLE_DEFAULT))
     if template == "cloudconnect":
-        exempt += [n for n in ip_list(env, "NGX_CLOUDCONNECT_CLIENT_IPS", CLOUDCONNECT_CLIENTS_DEFAULT)
-                   if n not in exempt]
+        exempt.update(dict.fromkeys(ip_list(env, "NGX_CLOUDCONNECT_CLIENT_IPS", CLOUDCONNECT_CLIENTS_DEFAULT)))
     restricted = boolean(c, "NGX_TRAFFIC_RESTRICTED", False)
     dest = binding_ip(installer, nic_name, nic_addrs)
     files = tuple(EnvFile(str(e.path.resolve()), e.sha256) for e in (env, core, installer) if e is not None)

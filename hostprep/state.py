@@ -7,12 +7,15 @@ old or the new record.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import os
 import pwd
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from hostprep.errors import StateError
@@ -61,6 +64,54 @@ def read_json(path: Path) -> dict | None:
 class Store:
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float | None = None):
+        """One change at a time: an exclusive flock on <state dir>/lock.
+
+        A second apply, flush or container up/down waits up to ``timeout``
+        seconds (env HOSTPREP_LOCK_TIMEOUT, default 60) and then fails naming the
+        PID of the holder.  Re-entrant within one process; ``status`` never takes it.
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        wait = float(os.environ.get("HOSTPREP_LOCK_TIMEOUT", "60")) if timeout is None else timeout
+        path = self.paths.state_dir / "lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise StateError(str(path), f"cannot open the lock ({err.strerror})") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise StateError("lock", f"another hostprep (PID {holder}) is changing this host; "
+                                     f"waited {wait:.0f} s", "wait for it to finish, or check that process")
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd, self._lock_depth = fd, 1
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            self._lock_fd = None
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def settings(self) -> dict | None:
         return read_json(self.paths.settings_file)
