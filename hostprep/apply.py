@@ -21,7 +21,7 @@ import psutil
 from hostprep import plan as planmod
 from hostprep import render
 from hostprep.backend import Backend, NftObserved
-from hostprep.errors import CommandFailed, HostprepError, InputError
+from hostprep.errors import CommandFailed, HostprepError, InputError, StateError
 from hostprep.model import CONTAINER_DISPATCH, Container, Desired, PingSource, Policy
 from hostprep.paths import Paths
 from hostprep.plan import FamilyPlan, Observed
@@ -104,13 +104,13 @@ def _rollback(backend: Backend, snap: Snapshot, families: list[int], nft_touched
     """Put back what was loaded before a later step failed. Returns what failed to roll back."""
     failed: list[str] = []
     for fam in families:
-        before = planmod.ruleset_from_observed(snap.observed[fam])
-        back = planmod.plan_family(before, backend.observe(fam))
-        if not back.empty:
-            try:
+        try:
+            before = planmod.ruleset_from_observed(snap.observed[fam])
+            back = planmod.plan_family(before, backend.observe(fam))
+            if not back.empty:
                 backend.load(fam, planmod.restore_text(back, before))
-            except HostprepError as err:
-                failed.append(f"IPv{fam}: {err}")
+        except HostprepError as err:
+            failed.append(f"IPv{fam}: {err}")
     if nft_touched:
         try:
             if snap.nft is None:
@@ -123,27 +123,54 @@ def _rollback(backend: Backend, snap: Snapshot, families: list[int], nft_touched
     return failed
 
 
-def execute(backend: Backend, plan: ApplyPlan) -> list[str]:
+@dataclass
+class Executed:
+    """What one execute() changed, so that it can be finished or undone."""
+
+    created: list[str] = field(default_factory=list)   # ipsets created
+    temps: list[str] = field(default_factory=list)     # NAME-n sets holding the other contents
+    swapped: bool = False
+    loaded: list[int] = field(default_factory=list)    # families loaded
+    nft_touched: bool = False
+
+
+def undo(backend: Backend, plan: ApplyPlan, ex: Executed) -> list[str]:
+    """Bring the kernel back to the snapshot the plan was made from; returns what failed."""
+    failed = _rollback(backend, plan.snapshot, ex.loaded, ex.nft_touched)
+    if ex.swapped:
+        try:
+            backend.ipset_restore(planmod.ipset_swap_script(plan.sets.replace))
+        except HostprepError as serr:
+            failed.append(f"ipset: {serr}")
+    for name in ex.created + ex.temps:
+        backend.ipset_destroy(name)
+    return failed
+
+
+def finish(backend: Backend, plan: ApplyPlan, ex: Executed) -> list[str]:
+    """After a verified load: destroy the temporary and the stale sets. Returns warnings."""
+    warnings = []
+    for name in ex.temps + list(plan.sets.destroy):
+        if not backend.ipset_destroy(name):
+            warnings.append(f"ipset {name} could not be destroyed (still referenced?)")
+    return warnings
+
+
+def execute(backend: Backend, plan: ApplyPlan) -> Executed:
     """Test, then load family by family; both families (and nft, and the sets) or none.
 
     ipsets come first (the rules refer to them): missing sets are created, sets
     whose members changed are filled into NAME-n; then every iptables transaction
     is tested; then the changed sets are swapped in and the families loaded.  On
-    failure everything done so far is undone.  Sets no rule wants any more are
-    destroyed last.  Returns warnings (a stale set the kernel would not destroy).
+    failure everything done so far is undone.  The caller verifies, then calls
+    finish() (stale sets destroyed) or undo().
     """
     sp = plan.sets
-    created: list[str] = []
-    temps = [s.name + planmod.TEMP_SUFFIX for s in sp.replace]
-
-    def drop_sets(names: list[str]) -> None:
-        for name in names:
-            backend.ipset_destroy(name)
-
+    ex = Executed(temps=[s.name + planmod.TEMP_SUFFIX for s in sp.replace])
     try:
         if sp.create:
+            ex.created = [s.name for s in sp.create]
             backend.ipset_restore(planmod.ipset_fill_script(sp.create))
-            created = [s.name for s in sp.create]
         if sp.replace:
             backend.ipset_restore(planmod.ipset_fill_script(sp.replace, planmod.TEMP_SUFFIX))
         for fam, fplan in plan.families.items():
@@ -153,45 +180,39 @@ def execute(backend: Backend, plan: ApplyPlan) -> list[str]:
             assert plan.desired is not None and plan.desired.nft is not None
             backend.nft_check(plan.desired.nft.script)
     except HostprepError:
-        drop_sets(created + temps)
+        for name in ex.created + ex.temps:
+            backend.ipset_destroy(name)
         raise
-    loaded: list[int] = []
-    swapped = False
     try:
         if sp.replace:
             backend.ipset_restore(planmod.ipset_swap_script(sp.replace))
-            swapped = True
+            ex.swapped = True
         for fam, fplan in plan.families.items():
             if not fplan.empty:
+                ex.loaded.append(fam)
                 backend.load(fam, plan.texts[fam])
-                loaded.append(fam)
-        if plan.nft.action == "load":
-            assert plan.desired is not None and plan.desired.nft is not None
-            backend.nft_load(plan.desired.nft.script)
-        elif plan.nft.action == "delete":
-            backend.nft_delete()
+        if plan.nft.action != "none":
+            ex.nft_touched = True
+            if plan.nft.action == "load":
+                assert plan.desired is not None and plan.desired.nft is not None
+                backend.nft_load(plan.desired.nft.script)
+            else:
+                backend.nft_delete()
     except HostprepError as err:
-        failed = _rollback(backend, plan.snapshot, loaded, plan.nft.action != "none")
-        if swapped:
-            try:
-                backend.ipset_restore(planmod.ipset_swap_script(sp.replace))
-            except HostprepError as serr:
-                failed.append(f"ipset: {serr}")
-        drop_sets(created + temps)
+        failed = undo(backend, plan, ex)
         state = "the previous rules are back" if not failed else "ROLLBACK FAILED: " + "; ".join(failed)
         raise CommandFailed(err.field, f"{err.problem}; {state}", err.fix or
                             "nothing of this apply stayed loaded; fix the cause and run again") from None
-    warnings = []
-    for name in temps + list(sp.destroy):
-        if not backend.ipset_destroy(name):
-            warnings.append(f"ipset {name} could not be destroyed (still referenced?)")
-    return warnings
+    return ex
 
 
 def verify(backend: Backend, desired: Desired | None) -> tuple[Snapshot, list[str]]:
     snap = observe(backend)
     leftover = make_plan(backend, desired, None, snap)
-    problems = [n for fam, p in leftover.families.items() for n in p.notes] + leftover.sets.notes()
+    # Sets no rule wants any more (and the NAME-n temporaries) are destroyed by
+    # finish() after this check; only missing or differing wanted sets count.
+    wanted_sets = planmod.SetPlan(leftover.sets.create, leftover.sets.replace)
+    problems = [n for fam, p in leftover.families.items() for n in p.notes] + wanted_sets.notes()
     if desired and desired.nft and (snap.nft is None or snap.nft.device != desired.nft.device):
         problems.append("nft ingress table missing after load")
     if desired is None or desired.nft is None:
@@ -215,10 +236,14 @@ def record_dict(desired: Desired, snap: Snapshot, variant: str) -> dict:
 
 
 def policy_from_record(record: dict) -> Policy:
-    s = record["settings"]
-    ping = tuple(PingSource(p["given"], tuple(ipaddress.ip_network(n) for n in p["networks"]))
-                 for p in record.get("ping_resolved", []))
-    return Policy(s["interface"], bool(s.get("skip_ddos")), bool(s.get("allow_private")), ping)
+    try:
+        s = record["settings"]
+        ping = tuple(PingSource(p["given"], tuple(ipaddress.ip_network(n) for n in p["networks"]))
+                     for p in record.get("ping_resolved", []))
+        return Policy(s["interface"], bool(s.get("skip_ddos")), bool(s.get("allow_private")), ping)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise StateError("applied.json", f"malformed record of the last apply ({type(err).__name__}: {err})",
+                         "run 'hostprep apply -i <external NIC>' to write it again") from None
 
 
 @dataclass
@@ -241,12 +266,17 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
     if plan.empty:
         store.journal(command, "nothing changed", "ok")
         return Outcome(False, [], [], plan.snapshot, plan.snapshot)
-    warnings = execute(backend, plan)
+    ex = execute(backend, plan)
     snap, problems = verify(backend, desired)
     if problems:
-        store.journal(command, "; ".join(plan.notes()), "verify failed: " + "; ".join(problems))
-        raise CommandFailed("verify", "the kernel does not hold what was loaded: " + "; ".join(problems),
-                            "run 'hostprep status' and report this")
+        # The kernel did not take what was loaded: put the previous state back
+        # rather than leave an unrecorded half of it.
+        failed = undo(backend, plan, ex)
+        state = "the previous rules are back" if not failed else "ROLLBACK FAILED: " + "; ".join(failed)
+        store.journal(command, "; ".join(plan.notes()), "verify failed: " + "; ".join(problems) + f"; {state}")
+        raise CommandFailed("verify", "the kernel does not hold what was loaded: " + "; ".join(problems)
+                            + f"; {state}", "run 'hostprep status' and report this")
+    warnings = finish(backend, plan, ex)
     store.journal(command, "; ".join(plan.notes()), "ok")
     return Outcome(True, plan.notes(), warnings, plan.snapshot, snap)
 

@@ -26,7 +26,7 @@ from hostprep.errors import HostprepError, InputError, PermissionNeeded, Refused
 from hostprep.model import GROUPS, Policy
 from hostprep.paths import Paths
 from hostprep.runner import DryRunner, Runner
-from hostprep.sandbox import EXT, Sandbox
+from hostprep.sandbox import EXT, SANDBOX_MARKER, Sandbox
 from hostprep.state import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -174,6 +174,27 @@ def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> None:
         err.print(f"[yellow]warning:[/] {w}", markup=True)
 
 
+def ssh_guard(runner: Runner, info: nicmod.NicInfo, force: bool) -> None:
+    """Refuse while the admin's own SSH session (or any sshd connection) arrives through the NIC."""
+    session = nicmod.find_ssh_session()
+    msg = None
+    if session and nicmod.session_through(runner, session, info):
+        msg = (f"Current shell session ({session.peer} -> {session.local}, found by {session.source}) "
+               f"is connected through External/Internet facing Network Interface {info.name}")
+    else:
+        others = nicmod.ssh_connections_on(info)
+        if others:
+            msg = (f"SSH sessions are connected through External/Internet facing Network Interface "
+                   f"{info.name} ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})")
+    if msg is None:
+        return
+    if not force:
+        raise RefusedError("-i/--interface", msg,
+                           "connect through the internal NIC, or pass --force to lose these sessions")
+    err.print(f"[bold red]WARNING:[/] {msg}; --force given: SSH on {info.name} will be dropped "
+              "and such sessions will hang", markup=True)
+
+
 def rp_filter_guard(runner: Runner, force: bool) -> None:
     """Strict rp_filter cuts an SSH session that arrives on one NIC and is routed back by another."""
     session = nicmod.find_ssh_session()
@@ -208,7 +229,10 @@ def apply_kernel_part(dry_run: bool, store: Store, force: bool) -> None:
         for key in sorted(missing):
             out.print(f"  {key}: not in this kernel, would be skipped", markup=False)
         return
-    rp_filter_guard(Runner(), force)
+    if store.applied() is None:
+        err.print("[bold yellow]WARNING:[/] the profile turns on ip_forward (containers need it) but hostprep's "
+                  "firewall is not applied: nothing filters what is forwarded from the external NIC; run "
+                  "'hostprep apply -i <external NIC>'", markup=True)
     with store.lock():
         report, notes = sysctl.apply_kernel(kernel, store.paths)
     for n in notes:
@@ -268,6 +292,10 @@ def apply_cmd(
     policy, do_kernel, source = what_to_apply(interface, skip_ddos, allow_private, ping_from, kernel, store)
     if not dry_run:
         selinux_gate(store, ignore_selinux, core)
+        if do_kernel:
+            # Every refusal comes before any change: -i ... -k must not load the
+            # firewall and then refuse the kernel part.
+            rp_filter_guard(Runner(), force)
     if source == "remembered settings":
         out.print("re-applying the remembered settings: "
                   + ("firewall on " + policy.interface if policy else "")
@@ -287,16 +315,8 @@ def apply_firewall_part(policy: Policy, store: Store, yes: bool, dry_run: bool, 
     for src in policy.ping:
         if [str(n) for n in src.networks] != [src.given]:
             out.print(f"-p {src.given} -> {', '.join(str(n) for n in src.networks)}")
-    session = nicmod.find_ssh_session()
     runner: Runner = DryRunner() if dry_run else Runner()
-    if session and nicmod.session_through(runner, session, info):
-        msg = (f"Current shell session ({session.peer} -> {session.local}, found by {session.source}) "
-               f"is connected through External/Internet facing Network Interface {info.name}")
-        if not force:
-            raise RefusedError("-i/--interface", msg,
-                               "connect through the internal NIC, or pass --force to lose this session")
-        err.print(f"[bold red]WARNING:[/] {msg}; --force given: SSH on {info.name} will be dropped "
-                  "and this session will hang", markup=True)
+    ssh_guard(runner, info, force)
     show_nic(info)
     at_risk = applymod.untracked_connections(list(info.ipv4 + info.ipv6))
     if at_risk:
@@ -629,8 +649,14 @@ def sandbox_up(
     need_root("sandbox up")
     sandbox_name(name)
     runner = Runner()
+    real = root.resolve()
+    if real.parent not in (Path("/tmp"), Path("/var/tmp")):
+        raise InputError("--root", f"{root} is not directly under /tmp or /var/tmp",
+                         "give a new directory such as /var/tmp/hostprep-sandbox")
     box = Sandbox(name)
     box.create(runner)
+    real.mkdir(parents=True, exist_ok=True)
+    (real / SANDBOX_MARKER).write_text("made by hostprep sandbox up\n")
     out.print(f"sandbox: namespaces {', '.join(box.namespaces)}; external NIC {EXT}, state under {root}")
     env_prefix = ["env", f"HOSTPREP_ROOT={root}"] + ([f"HOSTPREP_BACKEND={backend}"] if backend else [])
     base = ["ip", "netns", "exec", box.host, *env_prefix, sys.executable, "-m", "hostprep"]
@@ -660,9 +686,13 @@ def sandbox_down(
     sandbox_name(name)
     gone = Sandbox(name).destroy(Runner())
     import shutil
-    # Only a state root under a temporary directory is removed, never /etc or /.
-    if root.is_dir() and (str(root).startswith("/var/tmp/") or str(root).startswith("/tmp/")):
-        shutil.rmtree(root, ignore_errors=True)
+    # Only a state root that `sandbox up` made is removed: directly under /tmp or
+    # /var/tmp (after resolving '..' and links) and carrying its marker file.
+    real = root.resolve()
+    if real.parent in (Path("/tmp"), Path("/var/tmp")) and (real / SANDBOX_MARKER).is_file():
+        shutil.rmtree(real, ignore_errors=True)
+    elif root.exists():
+        out.print(f"state root {root} left in place (not a sandbox root made by 'sandbox up')")
     out.print(f"removed: {', '.join(gone) if gone else 'no namespaces (none existed)'}; state root {root}")
 
 

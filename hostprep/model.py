@@ -221,10 +221,15 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name, value, top in (("connlimit_above", self.connlimit_above, 65535),
-                                 ("hash_upto", self.hash_upto, 10000), ("hash_burst", self.hash_burst, 10000),
+                                 ("hash_upto", self.hash_upto, 1000), ("hash_burst", self.hash_burst, 10000),
                                  ("log_limit", self.log_limit, 10000), ("log_burst", self.log_burst, 10000)):
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
                 raise InputError(name, f"{value!r} is outside 1..{top}")
+
+    @property
+    def log_rate(self) -> str:
+        """The log limit as iptables-save prints it back (60/min is shown as 1/sec)."""
+        return f"{self.log_limit // 60}/sec" if self.log_limit % 60 == 0 else f"{self.log_limit}/min"
 
     def as_dict(self) -> dict:
         return {"connlimit_above": self.connlimit_above, "hash_upto": self.hash_upto,

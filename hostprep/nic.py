@@ -131,6 +131,30 @@ def find_ssh_session(env: dict[str, str] | None = None) -> SshSession | None:
     return None
 
 
+def ssh_connections_on(nic: NicInfo) -> list[str]:
+    """Established connections of sshd processes whose local address is on ``nic``.
+
+    Catches the sessions the own-session lookup cannot see (the command runs
+    under tmux, screen or nohup, or other admins are logged in that way).
+    """
+    addrs = {a.split("/")[0] for a in nic.ipv4 + nic.ipv6}
+    found: list[str] = []
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return found
+    for c in conns:
+        if c.status != psutil.CONN_ESTABLISHED or not c.laddr or not c.raddr or c.laddr.ip not in addrs:
+            continue
+        try:
+            name = psutil.Process(c.pid).name() if c.pid else ""
+        except (psutil.Error, OSError):
+            name = ""
+        if name.startswith("sshd") or (not name and c.laddr.port == 22):
+            found.append(f"{c.raddr.ip} -> {c.laddr.ip}:{c.laddr.port}")
+    return found
+
+
 def route_dev(runner: Runner, address: str) -> str | None:
     """The device the kernel would use to reach ``address`` (``ip -j route get``)."""
     res = runner.run(["ip", "-j", "route", "get", address], check=False)

@@ -21,6 +21,8 @@ from hostprep.errors import HostprepError, RefusedError
 from hostprep.runner import Runner
 
 EXT, INT = "eth1", "eth0"
+# A state root made for a sandbox carries this file; `sandbox down` removes only such roots.
+SANDBOX_MARKER = ".hostprep-sandbox"
 HOST_EXT4, INET4 = "198.51.100.10", "198.51.100.20"
 HOST_INT4, ADMIN4 = "192.0.2.10", "192.0.2.20"
 HOST_EXT6, INET6 = "2001:db8:e::10", "2001:db8:e::20"

@@ -57,7 +57,7 @@ from hostprep.model import Container, Network, Policy
 from hostprep.plan import Observed, parse_save
 from hostprep.probe import KINDS
 from hostprep.runner import Runner
-from hostprep.sandbox import (ADMIN4, ADMIN6, EXT, HOST_EXT4, HOST_EXT6, HOST_INT4, HOST_INT6, INET4, INET6,
+from hostprep.sandbox import (ADMIN4, ADMIN6, EXT, SANDBOX_MARKER, HOST_EXT4, HOST_EXT6, HOST_INT4, HOST_INT6, INET4, INET6,
                               INET_EXTRA4, INET_EXTRA6, INT, Sandbox)
 
 SCHEMA = 1
@@ -948,6 +948,7 @@ def run_selftest(options: Options, runner: Runner | None = None) -> dict:
         failed = True
         try:
             root = Path(tempfile.mkdtemp(prefix=f"{box.name}-", dir="/tmp"))
+            (root / SANDBOX_MARKER).write_text("made by hostprep selftest\n")
             try:
                 box.create(runner)
             except CommandFailed as err:

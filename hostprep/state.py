@@ -54,11 +54,14 @@ def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
 
 def read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StateError(str(path), f"cannot read ({err})", "remove or repair the file") from None
+    if not isinstance(data, dict):
+        raise StateError(str(path), "is not a JSON object", "remove or repair the file")
+    return data
 
 
 class Store:
@@ -82,7 +85,14 @@ class Store:
             finally:
                 self._lock_depth -= 1
             return
-        wait = float(os.environ.get("HOSTPREP_LOCK_TIMEOUT", "60")) if timeout is None else timeout
+        if timeout is None:
+            try:
+                wait = float(os.environ.get("HOSTPREP_LOCK_TIMEOUT", "60"))
+            except ValueError:
+                raise StateError("HOSTPREP_LOCK_TIMEOUT", f"{os.environ['HOSTPREP_LOCK_TIMEOUT']!r} is not a "
+                                 "number of seconds", "e.g. HOSTPREP_LOCK_TIMEOUT=60") from None
+        else:
+            wait = timeout
         path = self.paths.state_dir / "lock"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +164,12 @@ class Store:
         for f in files:
             data = read_json(f)
             if data:
-                out[data["name"]] = Container.from_dict(data)
+                try:
+                    c = Container.from_dict(data)
+                except (KeyError, TypeError, ValueError, AttributeError) as err:
+                    raise StateError(str(f), f"malformed container record ({type(err).__name__}: {err})",
+                                     "remove or repair it, then run 'hostprep container up' again") from None
+                out[c.name] = c
         return out
 
     def save_container(self, c) -> None:

@@ -93,7 +93,7 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
         problems.append("hostprep is not applied (settings remembered): run 'hostprep apply'")
     elif not (settings or {}).get("kernel"):
         problems.append("nothing applied yet: run 'hostprep apply -i <external NIC>'")
-    iface = (record or {}).get("settings", {}).get("interface") or (settings or {}).get("interface")
+    iface = ((record or {}).get("settings") or {}).get("interface") or (settings or {}).get("interface")
     if iface:
         try:
             report["nic"] = nic_info(iface).as_dict()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jinja2
 
-from hostprep.errors import CommandFailed, RefusedError
+from hostprep.errors import CommandFailed, RefusedError, StateError
 from hostprep.paths import Paths, data_dir
 from hostprep.state import read_json, write_atomic
 
@@ -243,5 +243,8 @@ def flush_kernel(kernel: Kernel, paths: Paths) -> list[str]:
     if errors:
         raise CommandFailed("flush --kernel", "could not restore: " + "; ".join(errors),
                             f"the record stays in {state.file}")
-    state.file.unlink()
+    try:
+        state.file.unlink()
+    except OSError as err:
+        raise StateError(str(state.file), f"cannot remove ({err.strerror})") from None
     return restored

@@ -72,5 +72,12 @@ def ping_source(value: str, field: str = "-p/--ping-from") -> str:
         raise InputError(field, f"{value!r} is empty or has surrounding spaces",
                          "give one address, CIDR or hostname per -p")
     if looks_numeric(value):
-        return str(ip_network(value, field))
+        net = ip_network(value, field)
+        if net.prefixlen == 0:
+            raise InputError(field, f"{value!r} would allow ping from every address",
+                             "list the monitoring hosts or their networks")
+        if net.version == 6 and net.network_address.ipv4_mapped is not None:
+            raise InputError(field, f"{value!r} is an IPv4-mapped IPv6 address",
+                             "give the IPv4 address itself")
+        return str(net)
     return hostname(value, field)

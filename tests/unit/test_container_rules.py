@@ -536,3 +536,11 @@ def test_ipset_name_must_be_ours_and_short():
         IpSet("f2b-sshd", 4, ())
     with pytest.raises(InputError):
         IpSet("hostprep-" + "x" * 23, 4, ())
+
+
+@pytest.mark.parametrize("per_minute,printed", [(1, "1/min"), (59, "59/min"), (60, "1/sec"), (90, "90/min"),
+                                                (120, "2/sec")])
+def test_log_limit_rendered_as_iptables_save_prints_it(per_minute, printed):
+    # iptables-save prints 60/min as 1/sec: the rules must be written that way, or
+    # the plan would see a difference after every load.
+    assert Limits(10, 6, 8, per_minute, 1).log_rate == printed

@@ -133,7 +133,7 @@ def test_iptables_values_override_defaults(tmp_path):
     ("10   ", 10),
     ("10 # per second", 10),   # inline comment
     ("010", 10),
-    ("10000", 10000),
+    ("1000", 1000),
 ])
 def test_integer_forms_accepted(tmp_path, written, value):
     c = load(variant(tmp_path, "finesse.env", set={"IPTABLES_HASH_LIMIT_UPTO": written}))
@@ -278,7 +278,7 @@ def test_files_without_core_and_installer():
 
 # -- validation, with the original launcher's meaning ----------------------------
 
-LIMIT_KEYS = [("IPTABLES_CONNECTION_LIMIT_ABOVE", 65535), ("IPTABLES_HASH_LIMIT_UPTO", 10000),
+LIMIT_KEYS = [("IPTABLES_CONNECTION_LIMIT_ABOVE", 65535), ("IPTABLES_HASH_LIMIT_UPTO", 1000),
               ("IPTABLES_HASH_LIMIT_BURST", 10000), ("IPTABLES_LOG_LIMIT", 10000),
               ("IPTABLES_LOG_LIMIT_BURST", 10000)]
 
@@ -290,7 +290,7 @@ def test_non_integer_limit_names_key_file_and_value(tmp_path, value):
     err = error(env=env)
     assert (err.field, err.problem, err.fix) == (
         f"IPTABLES_HASH_LIMIT_UPTO in {env}", f"is not in expected format. Input Provided= {value!r}",
-        "Expected Format <Integer> from 1 to 10000. Eg. 10")
+        "Expected Format <Integer> from 1 to 1000. Eg. 10")
 
 
 @pytest.mark.parametrize("key,top", LIMIT_KEYS)

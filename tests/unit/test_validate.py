@@ -81,3 +81,12 @@ def test_hostname_accepted():
 ])
 def test_looks_numeric(value, numeric):
     assert validate.looks_numeric(value) == numeric
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0/0", "::/0", "::ffff:198.51.100.7"])
+def test_ping_source_refuses_everyone_and_mapped_addresses(value):
+    # -s 0.0.0.0/0 is left out by iptables-save (the rule would never read back
+    # as written), and a v4-mapped address never matches an IPv6 packet's source.
+    with pytest.raises(InputError) as err:
+        validate.ping_source(value)
+    assert err.value.field == "-p/--ping-from"
