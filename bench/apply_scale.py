@@ -48,7 +48,6 @@ Usage (as root, from the repository):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import ipaddress
 import os
 import shlex
@@ -59,7 +58,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+
+from _netns import in_netns
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +74,6 @@ from hostprep.runner import Runner  # noqa: E402
 from hostprep.sandbox import EXT, Sandbox  # noqa: E402
 
 PY = sys.executable
-CLONE_NEWNET = 0x40000000
 STEP_TIMEOUT = 300.0          # generous per-subprocess timeout (not a timed assertion)
 
 
@@ -146,29 +145,6 @@ def plan_size(nominal: int) -> Size:
 # --------------------------------------------------------------------------- namespaces
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def in_netns(name: str):
-    """Run this thread (and the subprocesses it starts) inside netns ``name``; always switch back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 # --------------------------------------------------------------------------- bench

@@ -84,7 +84,6 @@ Usage (as root, from the repository):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import ipaddress
 import math
 import os
@@ -99,6 +98,8 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+
+from _netns import in_netns
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,6 @@ from hostprep.runner import Runner  # noqa: E402
 from hostprep.sandbox import EXT, HOST_EXT4, INET_EXTRA4, Sandbox  # noqa: E402
 
 PY = sys.executable
-CLONE_NEWNET = 0x40000000
 STEP_TIMEOUT = 300.0              # generous per-subprocess timeout (not a timed assertion)
 NAME = "finesse"
 PORT = 8445
@@ -163,29 +163,6 @@ def linear_sources(count: int) -> list[str]:
 # --------------------------------------------------------------------------- namespaces, CPUs
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def in_netns(name: str):
-    """Run this thread (and the sockets and subprocesses it creates) inside netns ``name``."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 def cpus() -> tuple[int | None, int | None]:

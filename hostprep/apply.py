@@ -316,7 +316,6 @@ def applied_policy(store: Store) -> Policy:
 
 def container_lines(desired: Desired | Snapshot, c: Container) -> list[str]:
     """The iptables-save lines of one container (its dispatch rule and its chain), per family."""
-    out: list[str] = []
     if isinstance(desired, Desired):
         rs = desired.ruleset(c.family)
         rules = [r.line() for ch in rs.chains if ch.name in (CONTAINER_DISPATCH, c.chain)

@@ -31,17 +31,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import queue
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
-
-import pytest
 
 from hostprep.plan import target_of
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6
+
+from bgproc import Bg
 
 QUIET = 0.5     # timeout of a probe that must get no answer (veth round trip is < 1 ms)
 ANSWER = 1.0    # timeout of a probe that must be answered
@@ -250,44 +248,6 @@ for _ in range(n):
 print(json.dumps(outcomes), flush=True)
 sys.stdin.readline()
 """
-
-
-class Bg:
-    """A background python process in a namespace, driven line by line through pipes."""
-
-    def __init__(self, ns: str, script: str, *args: str) -> None:
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-u", "-c", script, *args],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, bufsize=1)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put("<EOF>")
-
-    def readline(self, timeout: float = 10.0) -> str:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            return "<TIMEOUT>"
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def stderr(self) -> str:
-        """Only after kill(): what the process wrote to stderr (for assertion messages)."""
-        try:
-            return self.proc.stderr.read()
-        except (OSError, ValueError):
-            return ""
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=5)
 
 
 def kill_all(*procs: Bg | None) -> None:

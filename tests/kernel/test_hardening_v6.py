@@ -13,7 +13,6 @@ import json
 import sys
 import textwrap
 
-import pytest
 
 from hostprep.sandbox import ADMIN6, EXT, HOST_EXT6, HOST_INT6, INET6, INET_EXTRA6
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from hostprep import render
 from hostprep.model import Chain, Policy, Rule, Ruleset

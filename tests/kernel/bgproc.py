@@ -1,0 +1,46 @@
+"""A background python process inside a network namespace, driven line by line (kernel tests)."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+
+
+class Bg:
+    """A background python process in a namespace, driven line by line through pipes."""
+
+    def __init__(self, ns: str, script: str, *args: str) -> None:
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-u", "-c", script, *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put("<EOF>")
+
+    def readline(self, timeout: float = 10.0) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return "<TIMEOUT>"
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def stderr(self) -> str:
+        """Only after kill(): what the process wrote to stderr (for assertion messages)."""
+        try:
+            return self.proc.stderr.read()
+        except (OSError, ValueError):
+            return ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=5)
