@@ -58,13 +58,17 @@ class MissingBinary(HostprepError):
         "nft": ("nftables", "nftables"),
         "ip": ("iproute", "iproute2"),
         "ipset": ("ipset", "ipset"),
+        "semodule": ("policycoreutils", "policycoreutils"),
+        "restorecon": ("policycoreutils", "policycoreutils"),
+        "semanage": ("policycoreutils-python-utils", "policycoreutils-python-utils"),
+        "make": ("selinux-policy-devel", "selinux-policy-dev"),
+        "Makefile": ("selinux-policy-devel", "selinux-policy-dev"),   # the refpolicy devel Makefile
     }
 
-    def __init__(self, binary: str) -> None:
-        dnf, apt = self.PACKAGES.get(binary, (binary, binary))
-        super().__init__(
-            binary, "program not found", f"install it: dnf install {dnf}  or  apt-get install {apt}"
-        )
+    def __init__(self, binary: str, problem: str = "program not found") -> None:
+        # A path (the devel Makefile) is looked up by its file name too.
+        dnf, apt = self.PACKAGES.get(binary, self.PACKAGES.get(binary.rsplit("/", 1)[-1], (binary, binary)))
+        super().__init__(binary, problem, f"install it: dnf install {dnf}  or  apt-get install {apt}")
 
 
 class CommandFailed(HostprepError):

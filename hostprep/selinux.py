@@ -72,21 +72,7 @@ MODULE_DIR = _module_dir()
 
 
 class SelinuxToolMissing(MissingBinary):
-    """A program or file that the SELinux commands need is missing; names its package."""
-
-    PACKAGES = {
-        **MissingBinary.PACKAGES,
-        "semodule": ("policycoreutils", "policycoreutils"),
-        "restorecon": ("policycoreutils", "policycoreutils"),
-        "semanage": ("policycoreutils-python-utils", "policycoreutils-python-utils"),
-        "make": ("selinux-policy-devel", "selinux-policy-dev"),
-        "Makefile": ("selinux-policy-devel", "selinux-policy-dev"),
-    }
-
-    def __init__(self, binary: str, problem: str = "program not found") -> None:
-        dnf, apt = self.PACKAGES.get(binary, self.PACKAGES.get(Path(binary).name, (binary, binary)))
-        HostprepError.__init__(self, binary, problem,
-                               f"install it: dnf install {dnf}  or  apt-get install {apt}")
+    """A program or file that the SELinux commands need is missing (MissingBinary names its package)."""
 
 
 # -- state ---------------------------------------------------------------------
