@@ -18,8 +18,10 @@ from pathlib import Path
 
 import psutil
 
+from hostprep import faults
 from hostprep import plan as planmod
 from hostprep import render
+from hostprep import txn
 from hostprep.backend import Backend, NftObserved
 from hostprep.errors import CommandFailed, HostprepError, InputError, StateError
 from hostprep.model import CONTAINER_DISPATCH, Container, Desired, PingSource, Policy
@@ -183,12 +185,15 @@ def execute(backend: Backend, plan: ApplyPlan) -> Executed:
         for name in ex.created + ex.temps:
             backend.ipset_destroy(name)
         raise
+    faults.hit("before-load")
     try:
         if sp.replace:
             backend.ipset_restore(planmod.ipset_swap_script(sp.replace))
             ex.swapped = True
         for fam, fplan in plan.families.items():
             if not fplan.empty:
+                if ex.loaded:
+                    faults.hit("between-families")
                 ex.loaded.append(fam)
                 backend.load(fam, plan.texts[fam])
         if plan.nft.action != "none":
@@ -277,13 +282,17 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
         raise CommandFailed("verify", "the kernel does not hold what was loaded: " + "; ".join(problems)
                             + f"; {state}", "run 'hostprep status' and report this")
     warnings = finish(backend, plan, ex)
+    faults.hit("before-record")
     store.journal(command, "; ".join(plan.notes()), "ok")
     return Outcome(True, plan.notes(), warnings, plan.snapshot, snap)
 
 
 def apply(backend: Backend, store: Store, desired: Desired, command: str) -> Outcome:
-    with store.lock():
-        return _apply_locked(backend, store, desired, command)
+    with txn.change(backend, store, command) as ch:
+        outcome = _apply_locked(backend, store, desired, command)
+        if ch is not None:
+            ch.changed = outcome.changed
+        return outcome
 
 
 def _apply_locked(backend: Backend, store: Store, desired: Desired, command: str) -> Outcome:
@@ -298,9 +307,11 @@ def _apply_locked(backend: Backend, store: Store, desired: Desired, command: str
 
 def flush(backend: Backend, store: Store, command: str) -> Outcome:
     """Remove every hostprep rule, set and table.  Settings and the container registry stay."""
-    with store.lock():
+    with txn.change(backend, store, command) as ch:
         outcome = converge(backend, store, None, command)
         store.clear_applied()
+        if ch is not None:
+            ch.changed = outcome.changed
         return outcome
 
 
@@ -341,7 +352,7 @@ def check_conflicts(c: Container, others: dict[str, Container]) -> None:
 def container_up(backend: Backend, store: Store, c: Container,
                  command: str) -> tuple[Outcome, list[str], list[str], list[str]]:
     """Open (or replace) one container's rules; returns (outcome, added, removed, kept lines)."""
-    with store.lock():
+    with txn.change(backend, store, command):
         return _container_up_locked(backend, store, c, command)
 
 
@@ -364,7 +375,7 @@ def _container_up_locked(backend: Backend, store: Store, c: Container,
 
 
 def container_down(backend: Backend, store: Store, name: str, command: str) -> tuple[Outcome, list[str]]:
-    with store.lock():
+    with txn.change(backend, store, command):
         return _container_down_locked(backend, store, name, command)
 
 
@@ -379,6 +390,72 @@ def _container_down_locked(backend: Backend, store: Store, name: str,
     outcome = apply(backend, store, desired, command)
     store.remove_container(name)
     return outcome, container_lines(outcome.before, c)
+
+
+# -- boot -------------------------------------------------------------------------
+
+def boot(backend: Backend, store: Store, runner: Runner, sys_net: Path = Path("/sys/class/net")) -> list[str]:
+    """What hostprep.service (and hostprep-nic@, and the iptables drop-ins) run.
+
+    1. an interrupted change is recovered (the state before it restored);
+    2. a change that still waited for 'hostprep confirm' is rolled back: it
+       was not confirmed before the reboot;
+    3. the recorded state is loaded: the base hardening of applied.json and
+       the containers that were up, rendered afresh (no saved ruleset).  When
+       the external NIC is not there yet, the iptables rules (which match it by
+       name) are loaded anyway and the nft fragment table waits for
+       hostprep-nic@; when the containers' rules cannot be loaded, the base
+       hardening alone is (their ports stay closed: fail closed, never open);
+    4. the kernel profile, when recorded, is written and read back again.
+    """
+    notes: list[str] = []
+    with store.lock():
+        notes += txn.recover(backend, store, "hostprep boot")
+        p = txn.pending(store)
+        if p:
+            txn.rollback(backend, store, runner, "hostprep boot")
+            notes.append(f"change {p['id']} ({p['command']}) was not confirmed before the reboot: rolled back")
+        record = store.applied()
+        if record is not None:
+            policy = policy_from_record(record)
+            desired = build_desired(policy, tuple(store.containers().values()))
+            if desired.nft is not None and not (sys_net / policy.interface).exists():
+                import dataclasses
+                desired = dataclasses.replace(desired, nft=None)
+                notes.append(f"external NIC {policy.interface} is not present yet: its rules are loaded (they "
+                             f"match it by name); the fragment table follows when it appears "
+                             f"(hostprep-nic@{policy.interface})")
+            try:
+                outcome = converge(backend, store, desired, "hostprep boot")
+            except HostprepError as err:
+                if not desired.containers:
+                    raise
+                base = build_desired(policy, ())
+                if desired.nft is None:
+                    import dataclasses
+                    base = dataclasses.replace(base, nft=None)
+                outcome = converge(backend, store, base, "hostprep boot (base hardening only)")
+                notes.append(f"FAILED to load the containers' rules ({err.line()}): the base hardening alone is "
+                             "loaded, their ports stay closed")
+            notes.append(f"hardening on {policy.interface}: " + ("; ".join(outcome.notes) if outcome.changed
+                                                                 else "already live")
+                         + f" ({len(desired.containers)} containers)")
+        else:
+            notes.append("nothing is recorded as applied: no rules loaded")
+    kstate = None
+    try:
+        from hostprep import sysctl
+        kstate = sysctl.KernelState(store.paths).load()
+    except StateError as err:
+        notes.append(f"kernel record unreadable: {err.line()}")
+    if kstate and kstate.get("applied"):
+        from hostprep import sysctl
+        with store.lock():
+            report, _ = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
+        bad = [r.key for r in report if r.state in ("drift", "overridden")]
+        notes.append(f"kernel profile: {sum(1 for r in report if r.state == 'ok')} keys live"
+                     + (f", NOT live: {', '.join(bad)}" if bad else ""))
+    return notes
 
 
 def untracked_connections(nic_addrs: list[str], proc: Path = Path("/proc")) -> int:

@@ -212,28 +212,30 @@ def rp_filter_guard(runner: Runner, force: bool) -> None:
         err.print(f"[bold red]WARNING:[/] {msg}; --force given", markup=True)
 
 
-def apply_kernel_part(dry_run: bool, store: Store, force: bool) -> None:
+def print_kernel_dry_run(store: Store) -> None:
     from hostprep import sysctl
     kernel = sysctl.Kernel()
-    if dry_run:
-        settings = sysctl.profile()
-        missing = frozenset(s.key for s in settings if not kernel.has(s.key))
-        changes = [f"  {s.key}: {kernel.read(s.key)} -> {s.value}" for s in settings
-                   if s.key not in missing and kernel.read(s.key) != s.value]
-        out.print(f"\n# kernel: {store.paths.root / 'etc/sysctl.d' / sysctl.DROPIN_NAME} would be:", markup=False)
-        out.print(sysctl.render(missing).rstrip(), markup=False)
-        out.print(f"kernel keys that would change ({len(changes)}):", markup=False)
-        for line in changes:
-            out.print(line, markup=False)
-        for key in sorted(missing):
-            out.print(f"  {key}: not in this kernel, would be skipped", markup=False)
-        return
+    settings = sysctl.profile()
+    missing = frozenset(s.key for s in settings if not kernel.has(s.key))
+    changes = [f"  {s.key}: {kernel.read(s.key)} -> {s.value}" for s in settings
+               if s.key not in missing and kernel.read(s.key) != s.value]
+    out.print(f"\n# kernel: {store.paths.root / 'etc/sysctl.d' / sysctl.DROPIN_NAME} would be:", markup=False)
+    out.print(sysctl.render(missing).rstrip(), markup=False)
+    out.print(f"kernel keys that would change ({len(changes)}):", markup=False)
+    for line in changes:
+        out.print(line, markup=False)
+    for key in sorted(missing):
+        out.print(f"  {key}: not in this kernel, would be skipped", markup=False)
+
+
+def run_kernel_part(store: Store, argv: str) -> list:
+    """Write, load and read back the kernel profile (inside the caller's change); returns the bad keys."""
+    from hostprep import sysctl
     if store.applied() is None:
         err.print("[bold yellow]WARNING:[/] the profile turns on ip_forward (containers need it) but hostprep's "
                   "firewall is not applied: nothing filters what is forwarded from the external NIC; run "
                   "'hostprep apply -i <external NIC>'", markup=True)
-    with store.lock():
-        report, notes = sysctl.apply_kernel(kernel, store.paths)
+    report, notes = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
     for n in notes:
         err.print(f"[yellow]note:[/] {n}", markup=True)
     bad = [r for r in report if r.state in ("drift", "overridden")]
@@ -241,13 +243,30 @@ def apply_kernel_part(dry_run: bool, store: Store, force: bool) -> None:
         err.print(f"[red]kernel drift:[/] {r.key}: wanted {r.desired}, {r.detail}", markup=True)
     store.save_settings({"kernel": True})
     ok = sum(1 for r in report if r.state == "ok")
-    store.journal("hostprep " + " ".join(sys.argv[1:]), f"kernel profile: {ok} keys live",
+    store.journal(argv, f"kernel profile: {ok} keys live",
                   "ok" if not bad else f"{len(bad)} keys overridden or drifting")
     out.print(f"kernel: {ok} of {len(report)} keys live and verified"
               + (f", {len(bad)} overridden or drifting (see above)" if bad else "")
               + f"; drop-in {store.paths.root / 'etc/sysctl.d' / sysctl.DROPIN_NAME}")
-    if bad:
-        raise typer.Exit(1)
+    return bad
+
+
+ConfirmOpt = typer.Option(None, "--confirm", metavar="SECONDS", min=1, max=86400,
+                          help="Commit-confirmed: arm an automatic rollback before changing anything; unless "
+                               "'hostprep confirm' runs within SECONDS, the state before is restored (also "
+                               "when your SSH session is gone). A systemd timer, or a detached watcher "
+                               "process where systemd is not running.")
+
+
+def say_pending(ch) -> None:
+    if ch is None or ch.pending is None:
+        return
+    p = ch.pending
+    how = f"systemd timer {p['unit']}" if p["mechanism"] == "systemd" else \
+        f"watcher process {p['watcher_pid']} (no systemd in this namespace)"
+    err.print(f"[bold yellow]confirm within {p['seconds']} s:[/] run 'hostprep confirm' before "
+              f"{p['deadline_text']}, or the state before this change is restored ({how}); "
+              "'hostprep rollback' restores it now", markup=True)
 
 
 @app.command("apply")
@@ -277,13 +296,19 @@ def apply_cmd(
     core: Optional[Path] = typer.Option(None, "--core", help="core.env: NGX_IGNORE_SELINUX=true there "
                                         "has the effect of --ignore-selinux."),
     backend: Optional[str] = BackendOpt,
+    confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
-    """Apply the base hardening on the external NIC (IPv4 and IPv6), and with -k the kernel profile."""
+    """Apply the base hardening on the external NIC (IPv4 and IPv6), and with -k the kernel profile.
+
+    Every apply is one transaction: a snapshot first (for 'hostprep rollback'),
+    then both IP families, the sets, the nft table and the kernel keys, or none.
+    After a successful firewall apply the boot units are installed and enabled.
+    """
     if disable and (interface is not None or skip_ddos or allow_private):
         raise InputError("-d/--disable", "Invalid option: option -d cannot be used with -i, -e or -a "
                          "arguments", "run 'hostprep apply -d' alone, or 'hostprep flush'")
     if disable:
-        flush_cmd.__wrapped__(dry_run=dry_run, backend=backend, kernel=False)
+        flush_cmd.__wrapped__(dry_run=dry_run, backend=backend, kernel=False, persistent=False)
         return
     store = Store(Paths.from_env())
     if not dry_run:
@@ -299,14 +324,65 @@ def apply_cmd(
         out.print("re-applying the remembered settings: "
                   + ("firewall on " + policy.interface if policy else "")
                   + (" and " if policy and do_kernel else "") + ("kernel profile" if do_kernel else ""))
-    if policy is not None:
-        apply_firewall_part(policy, store, yes, dry_run, force, backend)
-    if do_kernel:
-        apply_kernel_part(dry_run, store, force)
+    if dry_run:
+        if policy is not None:
+            prepare_firewall(policy, store, yes, True, force, backend)
+        if do_kernel:
+            print_kernel_dry_run(store)
+        if confirm_secs is not None:
+            out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
+        return
+    prepared = prepare_firewall(policy, store, yes, False, force, backend) if policy is not None else None
+    be = prepared[1] if prepared else None
+    argv = "hostprep " + " ".join(sys.argv[1:])
+    from hostprep import txn
+    bad: list = []
+    with txn.change(be, store, argv, firewall=prepared is not None, kernel=do_kernel, confirm=confirm_secs) as ch:
+        outcome = None
+        if prepared is not None:
+            info, _, desired = prepared
+            outcome = applymod.apply(be, store, desired, argv)
+        if do_kernel:
+            bad = run_kernel_part(store, argv)
+        ch.changed = do_kernel or bool(outcome and outcome.changed)
+    if prepared is not None:
+        report_firewall(info, desired, outcome)
+        install_persistence(store, policy.interface)
+    say_pending(ch)
+    if bad:
+        raise typer.Exit(1)
 
 
-def apply_firewall_part(policy: Policy, store: Store, yes: bool, dry_run: bool, force: bool,
-                        backend: Optional[str]) -> None:
+def install_persistence(store: Store, interface: str) -> None:
+    from hostprep import persist
+    try:
+        changed = persist.install(store.paths, interface, Runner())
+    except HostprepError as exc:
+        err.print(f"[bold red]WARNING:[/] boot persistence not installed: {exc.line()}; the hardening is live "
+                  "now but will be gone after a reboot", markup=True)
+        return
+    if changed:
+        out.print(f"boot persistence: {persist.UNIT} and {persist.nic_instance(interface)} enabled "
+                  f"({len(changed)} files written under {store.paths.root / 'etc'})")
+
+
+def report_firewall(info, desired, outcome) -> None:
+    for w in outcome.warnings:
+        err.print(f"[yellow]warning:[/] {w}", markup=True)
+    if not outcome.changed:
+        out.print(f"nothing changed: the hardening on {info.name} is already live")
+        return
+    for note in outcome.notes[:8]:
+        out.print(f"  - {note}")
+    if len(outcome.notes) > 8:
+        out.print(f"  - ... and {len(outcome.notes) - 8} more changes")
+    out.print(f"applied: {', '.join(desired.v4.groups)} on {info.name} (IPv4 {desired.v4.rule_count} rules, "
+              f"IPv6 {desired.v6.rule_count} rules, fragments {'dropped' if desired.nft else 'not handled (-e)'})")
+
+
+def prepare_firewall(policy: Policy, store: Store, yes: bool, dry_run: bool, force: bool,
+                     backend: Optional[str]):
+    """Guards, the NIC shown, the admin's yes; returns (NIC info, backend, desired) or None after a dry run."""
     info = nicmod.nic_info(policy.interface)
     if info.loopback:
         raise InputError("-i/--interface", f"{info.name} is the loopback interface",
@@ -343,21 +419,9 @@ def apply_firewall_part(policy: Policy, store: Store, yes: bool, dry_run: bool, 
             plan = applymod.make_plan(be, desired, None, Snapshot({4: Observed(4), 6: Observed(6)}, None))
         print_plan(plan)
         out.print("dry run: nothing was changed")
-        return
+        return None
     confirm(f"Apply the hardening on {info.name} (backend {be.variant})?", yes)
-    argv = "hostprep " + " ".join(sys.argv[1:])
-    outcome = applymod.apply(be, store, desired, argv)
-    for w in outcome.warnings:
-        err.print(f"[yellow]warning:[/] {w}", markup=True)
-    if not outcome.changed:
-        out.print(f"nothing changed: the hardening on {info.name} is already live")
-        return
-    for note in outcome.notes[:8]:
-        out.print(f"  - {note}")
-    if len(outcome.notes) > 8:
-        out.print(f"  - ... and {len(outcome.notes) - 8} more changes")
-    out.print(f"applied: {', '.join(desired.v4.groups)} on {info.name} (IPv4 {desired.v4.rule_count} rules, "
-              f"IPv6 {desired.v6.rule_count} rules, fragments {'dropped' if desired.nft else 'not handled (-e)'})")
+    return info, be, desired
 
 
 @app.command("flush")
@@ -367,19 +431,24 @@ def flush_cmd(
     backend: Optional[str] = BackendOpt,
     kernel: bool = typer.Option(False, "--kernel", help="Instead: restore the kernel values recorded "
                                 "before the first 'apply -k' and remove the sysctl drop-in."),
+    persistent: bool = typer.Option(False, "--persistent", help="Also remove the boot units (hostprep.service, "
+                                    "hostprep-nic@, the iptables-services drop-ins), so nothing comes back "
+                                    "at the next boot."),
 ) -> None:
     """Remove hostprep's chains, jumps, sets and nft table, and nothing else. Settings stay remembered."""
     need_root("flush")
     store = Store(Paths.from_env())
+    from hostprep import txn
+    argv = "hostprep " + " ".join(sys.argv[1:])
     if kernel:
         from hostprep import sysctl
         if dry_run:
             out.print("dry run: would restore the recorded kernel values and remove the drop-in")
             return
-        with store.lock():
+        with txn.change(None, store, argv, firewall=False, kernel=True):
             restored = sysctl.flush_kernel(sysctl.Kernel(), store.paths)
-        store.save_settings({"kernel": False})
-        store.journal("hostprep " + " ".join(sys.argv[1:]), f"kernel: {len(restored)} keys restored", "ok")
+            store.save_settings({"kernel": False})
+        store.journal(argv, f"kernel: {len(restored)} keys restored", "ok")
         out.print(f"kernel: {len(restored)} keys restored to their values before hostprep; drop-in removed")
         for line in restored:
             out.print(f"  {line}")
@@ -390,13 +459,21 @@ def flush_cmd(
         print_plan(applymod.make_plan(be, None, store.applied()))
         out.print("dry run: nothing was changed")
         return
-    outcome = applymod.flush(be, store, "hostprep " + " ".join(sys.argv[1:]))
+    outcome = applymod.flush(be, store, argv)
     if outcome.changed:
         out.print("removed hostprep's rules: " + "; ".join(outcome.notes))
     else:
         out.print("nothing to remove: no hostprep rules are loaded")
-    if store.settings():
-        out.print("the settings stay remembered: 'hostprep apply' brings the hardening back")
+    if persistent:
+        from hostprep import persist
+        gone = persist.remove(store.paths, runner)
+        store.journal(argv, f"boot persistence removed ({len(gone)} files)", "ok")
+        out.print(f"boot persistence removed: {len(gone)} files" if gone else "boot persistence: nothing installed")
+    elif store.settings():
+        out.print("the settings stay remembered: 'hostprep apply' brings the hardening back"
+                  + ("; the boot unit stays installed and loads nothing while nothing is applied "
+                     "(--persistent removes it)" if (store.paths.root / "etc/systemd/system/hostprep.service")
+                     .is_file() else ""))
 
 
 def print_status(report: dict) -> None:
@@ -453,6 +530,24 @@ def print_status(report: dict) -> None:
         out.print(f"fragments: nft netdev ingress on {frag['device']}, {total} packets dropped")
     if report.get("ipv6_parity") is not None:
         out.print(f"IPv6 parity: {'yes' if report['ipv6_parity'] else 'NO'}")
+    pers = report.get("persistence") or {}
+    if pers.get("installed"):
+        out.print(f"boot persistence: hostprep.service {'enabled' if pers['enabled'] else 'NOT enabled'}, "
+                  f"{'up to date' if pers['up_to_date'] else 'OUT OF DATE'}"
+                  + (f", {pers['nic_unit']}" if pers.get("nic_unit") else "")
+                  + (f", iptables-services drop-ins ({', '.join(pers['iptables_dropins'])})"
+                     if pers["iptables_dropins"] else "")
+                  + f"; the next boot loads {'exactly what is live' if pers['matches_live'] else 'the RECORDED state, which differs from what is live'}")
+    elif pers:
+        out.print("boot persistence: not installed")
+    tx = report.get("transaction") or {}
+    if tx.get("pending"):
+        p = tx["pending"]
+        out.print(f"PENDING CONFIRMATION: change {p['id']} ({p['command']}) is rolled back at {p['deadline']} "
+                  f"({p['seconds_left']} s left) unless 'hostprep confirm' runs; timer: {p['mechanism']}"
+                  + ("" if p["timer_alive"] else " (NOT RUNNING)" if p["timer_alive"] is False else ""))
+    if tx.get("rollback_available") and not tx.get("pending"):
+        out.print(f"rollback: 'hostprep rollback' restores the state before change {tx['rollback_available']}")
     if report["problems"]:
         for p in report["problems"]:
             err.print(f"[red]difference:[/] {p}", markup=True)
@@ -476,6 +571,72 @@ def status_cmd(
     else:
         print_status(report)
     raise typer.Exit(statusmod.exit_code(report))
+
+
+@app.command("confirm")
+@handle_errors
+def confirm_cmd() -> None:
+    """Keep the change applied with --confirm: the armed rollback is cancelled."""
+    from hostprep import txn
+    need_root("confirm")
+    p = txn.confirm(Store(Paths.from_env()), Runner())
+    out.print(f"confirmed: change {p['id']} ({p['command']}) stays"
+              + (" (its deadline had passed, but the rollback had not run yet)" if p["late"] else ""))
+
+
+@app.command("rollback")
+@handle_errors
+def rollback_cmd(
+    due: Optional[str] = typer.Option(None, "--due", hidden=True, help="(timer) roll back change ID only if it "
+                                      "still waits for confirmation."),
+    wait: bool = typer.Option(False, "--wait", hidden=True, help="(watcher) sleep until the deadline first."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Restore the state before the change waiting for confirmation, else before the last change.
+
+    hostprep's chains and jumps of both families, its ipsets and nft table, with
+    -k the sysctls and the drop-in, and the recorded settings and containers
+    come back exactly as they were; the journal records it.
+    """
+    from hostprep import txn
+    need_root("rollback")
+    store = Store(Paths.from_env())
+    runner = Runner()
+    if due is not None and wait and not txn.wait_until_due(store, due):
+        return
+    res = txn.rollback(applymod.default_backend(runner, backend), store, runner,
+                       "hostprep rollback" + (f" (deadline of change {due})" if due else ""), due)
+    for note in res["recovered"]:
+        out.print(note)
+    if res["skipped"]:
+        out.print(f"change {due} no longer waits for confirmation: nothing rolled back")
+        return
+    if res["id"] is None:
+        return
+    out.print(f"rolled back change {res['id']} ({res['command']}), {res['why']}: "
+              + (f"{len(res['notes'])} items restored" if res["notes"] else "nothing differed"))
+    for note in res["notes"][:12]:
+        out.print(f"  - {note}")
+    if len(res["notes"]) > 12:
+        out.print(f"  - ... and {len(res['notes']) - 12} more")
+
+
+@app.command("boot")
+@handle_errors
+def boot_cmd(backend: Optional[str] = BackendOpt) -> None:
+    """Load the recorded state: what hostprep.service runs at boot (and after iptables-services reloads).
+
+    Recovers an interrupted change, rolls back a change that was never
+    confirmed, then renders and loads the recorded hardening and containers
+    (no saved ruleset); fails closed to the base hardening if the containers'
+    rules cannot be loaded.
+    """
+    need_root("boot")
+    runner = Runner()
+    store = Store(Paths.from_env())
+    be = applymod.default_backend(runner, backend)
+    for note in applymod.boot(be, store, runner):
+        out.print(f"hostprep boot: {note}")
 
 
 def sandbox_name(name: str) -> None:
@@ -531,6 +692,7 @@ def container_up_cmd(
                                         "rate-limit-disable IPs, traffic restriction)."),
     installer: Optional[Path] = typer.Option(None, "--installer", help="installer.env (PROXY_BINDING_IP)."),
     backend: Optional[str] = BackendOpt,
+    confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
     """Open NAME's ports on the external NIC with its limits; replaces its rules atomically."""
     from hostprep import envfiles
@@ -547,13 +709,18 @@ def container_up_cmd(
     if c.template == "cloudconnect" and c.exempt:
         out.print(f"exempt from limits: {len(c.exempt)} addresses (NGX_RATELIMIT_DISABLE_IPS, "
                   "NGX_CLOUDCONNECT_CLIENT_IPS)")
-    outcome, added, removed, kept = applymod.container_up(be, store, c, "hostprep " + " ".join(sys.argv[1:]))
+    from hostprep import txn
+    argv = "hostprep " + " ".join(sys.argv[1:])
+    with txn.change(be, store, argv, confirm=confirm_secs) as ch:
+        outcome, added, removed, kept = applymod.container_up(be, store, c, argv)
+        ch.changed = outcome.changed
     store.write_container_log(name, container_log_text(name, c, added, removed, "up", kept), append=False)
     for w in outcome.warnings:
         err.print(f"[yellow]warning:[/] {w}", markup=True)
     what = "rules unchanged" if not outcome.changed else f"{len(added)} rules added, {len(removed)} removed"
     out.print(f"container {name}: {what}; ports {','.join(map(str, c.ports))} on {c.dest} "
               f"({'open with limits' if c.hardening else 'closed'}); log {store.container_log(name)}")
+    say_pending(ch)
 
 
 @container_app.command("down")
@@ -561,6 +728,7 @@ def container_up_cmd(
 def container_down_cmd(
     name: str = typer.Argument(..., help="Container name given to 'container up'."),
     backend: Optional[str] = BackendOpt,
+    confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
     """Remove exactly NAME's rules (and its sets); other containers and the base stay."""
     from hostprep.model import container_name
@@ -568,9 +736,14 @@ def container_down_cmd(
     need_root("container down")
     store = Store(Paths.from_env())
     be = applymod.default_backend(Runner(), backend)
-    outcome, removed = applymod.container_down(be, store, name, "hostprep " + " ".join(sys.argv[1:]))
+    from hostprep import txn
+    argv = "hostprep " + " ".join(sys.argv[1:])
+    with txn.change(be, store, argv, confirm=confirm_secs) as ch:
+        outcome, removed = applymod.container_down(be, store, name, argv)
+        ch.changed = outcome.changed
     store.write_container_log(name, container_log_text(name, None, [], removed, "down"), append=True)
     out.print(f"container {name}: {len(removed)} rules removed; log {store.container_log(name)}")
+    say_pending(ch)
 
 
 @container_app.command("list")

@@ -37,8 +37,12 @@ def who() -> str:
     return user
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+def write_atomic(path: Path, text: str, mode: int = 0o600, fault: str | None = None) -> None:
+    """Write ``path`` through a temporary file, fsync and rename: a crash leaves old or new."""
     try:
+        if fault:
+            from hostprep import faults
+            faults.hit(fault)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w") as fh:
@@ -136,7 +140,7 @@ class Store:
         return read_json(self.paths.state_file)
 
     def save_applied(self, record: dict) -> None:
-        write_atomic(self.paths.state_file, json.dumps(record, indent=2) + "\n")
+        write_atomic(self.paths.state_file, json.dumps(record, indent=2) + "\n", fault="record")
 
     def clear_applied(self) -> None:
         try:
@@ -173,7 +177,8 @@ class Store:
         return out
 
     def save_container(self, c) -> None:
-        write_atomic(self.containers_dir / f"{c.name}.json", json.dumps(c.as_dict(), indent=2) + "\n")
+        write_atomic(self.containers_dir / f"{c.name}.json", json.dumps(c.as_dict(), indent=2) + "\n",
+                     fault="record")
 
     def remove_container(self, name: str) -> None:
         try:

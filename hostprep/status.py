@@ -136,6 +136,18 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     nplan = applymod.plan_nft(desired, snap.nft, record)
     if desired is not None and nplan.action != "none":
         problems.append(f"nft ingress table: {nplan.reason}")
+    from hostprep import persist, txn
+    report["transaction"], tx_problems = txn.status_section(backend, store, runner)
+    problems.extend(tx_problems)
+    firewall_problems = [p for p in problems if p.startswith(("IPv", "container ", "ipset ", "nft "))]
+    report["persistence"] = persist.report(store.paths, iface if record else None)
+    pers = report["persistence"]
+    pers["matches_live"] = bool(record) and not firewall_problems and nplan.action == "none"
+    if record and not pers["installed"]:
+        problems.append("boot persistence: hostprep.service is not installed: the hardening is gone after a "
+                        "reboot (run 'hostprep apply')")
+    elif record and not pers["up_to_date"]:
+        problems.append("boot persistence: out of date: " + ", ".join(pers["stale"]) + " (run 'hostprep apply')")
     if desired is not None and 6 in snap.observed:
         g4 = [g for g, v in report["families"]["4"]["groups"].items() if v["present"]]
         g6 = [g for g, v in report["families"]["6"]["groups"].items() if v["present"]]

@@ -1,0 +1,207 @@
+"""Boot persistence: the systemd units and the logrotate config that ``apply`` installs.
+
+Files (all under the HOSTPREP_ROOT prefix, rendered from systemd/ and logrotate.d/):
+
+  etc/systemd/system/hostprep.service                 hostprep boot, before network-pre.target
+  etc/systemd/system/multi-user.target.wants/...      its enablement (what systemctl enable makes)
+  etc/systemd/system/hostprep-nic@.service            hostprep boot when the external NIC appears
+  etc/systemd/system/sys-subsystem-net-devices-<NIC>.device.wants/hostprep-nic@<NIC>.service
+  etc/systemd/system/iptables.service.d/hostprep.conf  (and ip6tables) put the chains back after
+                                                       iptables-services flushed them
+  etc/logrotate.d/hostprep                            rotation of the journal and container logs
+
+The symlinks are made here rather than by ``systemctl enable`` so that the same
+code works with and without a running systemd (and under a test root); where
+systemd runs, ``systemctl daemon-reload`` follows.  Nothing here saves a ruleset.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from hostprep.errors import StateError
+from hostprep.paths import Paths, data_dir
+from hostprep.runner import Runner
+from hostprep.state import write_atomic
+
+UNIT = "hostprep.service"
+NIC_TEMPLATE = "hostprep-nic@.service"
+WANTED_BY = "multi-user.target"
+IPTABLES_SERVICES = ("iptables", "ip6tables")
+ENV_KEYS = ("HOSTPREP_ROOT", "HOSTPREP_BACKEND", "HOSTPREP_PROC_SYS", "HOSTPREP_PROC_SYS_NONNET",
+            "HOSTPREP_SELINUXFS")
+
+
+def escape(name: str) -> str:
+    """systemd-escape of one path component (interface names: letters, digits, '-', '.', '_', ':')."""
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isascii() and (ch.isalnum() or ch in ":_" or (ch == "." and i > 0)):
+            out.append(ch)
+        else:
+            out.append("".join(f"\\x{b:02x}" for b in ch.encode()))
+    return "".join(out)
+
+
+def device_unit(nic: str) -> str:
+    return f"sys-subsystem-net-devices-{escape(nic)}.device"
+
+
+def nic_instance(nic: str) -> str:
+    return f"hostprep-nic@{escape(nic)}.service"
+
+
+def command() -> str:
+    """How the units start hostprep: this interpreter, so the venv it was installed in."""
+    return f"{sys.executable} -m hostprep"
+
+
+def environment() -> list[tuple[str, str]]:
+    out = []
+    for key in ENV_KEYS:
+        value = os.environ.get(key)
+        if value and not (key == "HOSTPREP_ROOT" and value == "/"):
+            if any(c.isspace() or c in "\"'\\%$" for c in value):
+                raise StateError(key, f"{value!r} cannot be written into a unit file",
+                                 "use a path without spaces, quotes, '%' or '$'")
+            out.append((key, value))
+    return out
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader([str(data_dir("systemd")),
+                                                             str(data_dir("logrotate.d"))]),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+@dataclass(frozen=True)
+class HostFile:
+    path: Path          # under the root
+    text: str | None    # None: a symlink
+    link: str | None = None  # the symlink's target (as seen on the host)
+
+
+def wanted_files(paths: Paths, interface: str) -> list[HostFile]:
+    env = _env()
+    unit_dir = paths.root / "etc/systemd/system"
+    ctx = {"command": command(), "environment": environment(), "interface": interface,
+           "state_dir": str(paths.state_dir), "log_dir": str(paths.log_dir)}
+    files = [
+        HostFile(unit_dir / UNIT, env.get_template("hostprep.service.j2").render(ctx)),
+        HostFile(unit_dir / f"{WANTED_BY}.wants" / UNIT, None, f"/etc/systemd/system/{UNIT}"),
+        HostFile(unit_dir / NIC_TEMPLATE, env.get_template("hostprep-nic@.service.j2").render(ctx)),
+        HostFile(unit_dir / f"{device_unit(interface)}.wants" / nic_instance(interface), None,
+                 f"/etc/systemd/system/{NIC_TEMPLATE}"),
+        HostFile(paths.root / "etc/logrotate.d/hostprep", env.get_template("hostprep.j2").render(ctx)),
+    ]
+    for svc in IPTABLES_SERVICES:
+        files.append(HostFile(unit_dir / f"{svc}.service.d/hostprep.conf",
+                              env.get_template("iptables-dropin.conf.j2").render(dict(ctx, service=svc))))
+    return files
+
+
+def _ours(paths: Paths) -> list[Path]:
+    """Every persistence file hostprep may have made (any NIC), for removal and for status."""
+    unit_dir = paths.root / "etc/systemd/system"
+    found = [unit_dir / UNIT, unit_dir / f"{WANTED_BY}.wants" / UNIT, unit_dir / NIC_TEMPLATE]
+    found += sorted(unit_dir.glob("sys-subsystem-net-devices-*.device.wants/hostprep-nic@*.service"))
+    found += [unit_dir / f"{svc}.service.d/hostprep.conf" for svc in IPTABLES_SERVICES]
+    return found
+
+
+def systemd_running() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def _reload(paths: Paths, runner: Runner) -> None:
+    from hostprep.txn import same_netns_as_init
+    if str(paths.root) == "/" and systemd_running() and same_netns_as_init() and runner.which("systemctl"):
+        runner.run(["systemctl", "daemon-reload"], check=False, mutates=True)
+
+
+def install(paths: Paths, interface: str, runner: Runner) -> list[str]:
+    """Write and enable the units for ``interface``; returns what changed (empty: all in place)."""
+    changed: list[str] = []
+    want = wanted_files(paths, interface)
+    keep = {f.path for f in want}
+    try:
+        for f in want:
+            if f.text is not None:
+                current = f.path.read_text() if f.path.is_file() else None
+                if current != f.text:
+                    write_atomic(f.path, f.text, 0o644)
+                    changed.append(str(f.path))
+            else:
+                if f.path.is_symlink() and os.readlink(f.path) == f.link:
+                    continue
+                f.path.parent.mkdir(parents=True, exist_ok=True)
+                if f.path.is_symlink() or f.path.exists():
+                    f.path.unlink()
+                os.symlink(f.link, f.path)
+                changed.append(str(f.path))
+        # The NIC unit of an earlier external NIC goes.
+        for old in _ours(paths):
+            if old not in keep and old.name.startswith("hostprep-nic@") and old.is_symlink():
+                old.unlink()
+                _rmdir_empty(old.parent)
+                changed.append(f"removed {old}")
+    except OSError as err:
+        raise StateError(str(paths.root / "etc/systemd/system"), f"cannot install the boot units "
+                         f"({err.strerror})", "check that /etc is writable") from None
+    if changed:
+        _reload(paths, runner)
+    return changed
+
+
+def _rmdir_empty(d: Path) -> None:
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+
+
+def remove(paths: Paths, runner: Runner) -> list[str]:
+    gone = []
+    for p in _ours(paths):
+        if p.is_symlink() or p.exists():
+            try:
+                p.unlink()
+            except OSError as err:
+                raise StateError(str(p), f"cannot remove ({err.strerror})") from None
+            gone.append(str(p))
+            if p.parent.name.endswith((".wants", ".d")):
+                _rmdir_empty(p.parent)
+    if gone:
+        _reload(paths, runner)
+    return gone
+
+
+def report(paths: Paths, interface: str | None) -> dict:
+    """What status shows: installed, enabled, up to date (as apply would write it now)."""
+    unit = paths.root / "etc/systemd/system" / UNIT
+    out = {"installed": unit.is_file(), "enabled": False, "nic_unit": None, "up_to_date": False,
+           "iptables_dropins": [], "logrotate": (paths.root / "etc/logrotate.d/hostprep").is_file(),
+           "stale": []}
+    if not out["installed"]:
+        return out
+    files = wanted_files(paths, interface) if interface else []
+    out["enabled"] = (paths.root / "etc/systemd/system" / f"{WANTED_BY}.wants" / UNIT).is_symlink()
+    differs = []
+    for f in files:
+        if f.text is not None:
+            if not f.path.is_file() or f.path.read_text() != f.text:
+                differs.append(str(f.path))
+        elif not (f.path.is_symlink() and os.readlink(f.path) == f.link):
+            differs.append(str(f.path))
+    if interface:
+        out["nic_unit"] = nic_instance(interface)
+    out["iptables_dropins"] = [svc for svc in IPTABLES_SERVICES
+                               if (paths.root / f"etc/systemd/system/{svc}.service.d/hostprep.conf").is_file()]
+    out["stale"] = differs
+    out["up_to_date"] = bool(files) and not differs
+    return out

@@ -1,0 +1,610 @@
+"""Every change as a transaction: snapshot, in-flight marker, confirm/rollback, recovery.
+
+A change (apply, apply -k, container up/down, flush) runs inside ``change()``:
+
+  1. under the lock, an interrupted earlier change (its process died: kill -9,
+     power loss) is recovered first: the state before it is restored;
+  2. a change still waiting for ``hostprep confirm`` refuses new ones;
+  3. the snapshot of hostprep's part of the host (chains and jumps of both
+     families, ipsets, the nft table; with -k the profile's sysctls and the
+     drop-in; the state files) is written to ``rollback/<id>.json`` and the
+     marker ``inflight.json`` names it;
+  4. with ``--confirm SECONDS`` the rollback is armed *before* anything changes
+     (``pending.json`` plus a transient systemd timer, or a detached watcher
+     process where systemd is not PID 1 of this network namespace);
+  5. the change runs; if it raises (a load failed, the read-back differed, the
+     record could not be written: full disk, read-only state directory), the
+     snapshot is restored, so the kernel agrees with the recorded state again;
+  6. on success ``rollback/last`` names the snapshot (``hostprep rollback``
+     restores it on demand) and the marker is removed.
+
+A kill -9 at any point leaves ``inflight.json``: ``status`` reports the
+interrupted change and whether the kernel still holds the state before it, and
+the next command that takes the lock (or the boot unit) restores that state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hostprep import faults
+from hostprep import plan as planmod
+from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError, StateError
+from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset
+from hostprep.runner import Runner
+from hostprep.state import Store, now, read_json, write_atomic
+
+SNAPSHOT_VERSION = 1
+MIN_CONFIRM, MAX_CONFIRM = 1, 86400
+
+
+# -- where things live ---------------------------------------------------------
+
+def rollback_dir(store: Store) -> Path:
+    return store.paths.state_dir / "rollback"
+
+
+def inflight_file(store: Store) -> Path:
+    return store.paths.state_dir / "inflight.json"
+
+
+def pending_file(store: Store) -> Path:
+    return store.paths.state_dir / "pending.json"
+
+
+def last_file(store: Store) -> Path:
+    return rollback_dir(store) / "last"
+
+
+def snapshot_file(store: Store, cid: str) -> Path:
+    return rollback_dir(store) / f"{cid}.json"
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def new_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+
+
+def confirm_seconds(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if not MIN_CONFIRM <= value <= MAX_CONFIRM:
+        raise InputError("--confirm", f"{value} is not a number of seconds between {MIN_CONFIRM} and "
+                         f"{MAX_CONFIRM}", "e.g. --confirm 120")
+    return value
+
+
+# -- the state files a change may rewrite --------------------------------------
+
+def state_files(store: Store) -> list[Path]:
+    from hostprep import sysctl
+    p = store.paths
+    files = [p.settings_file, p.state_file, p.state_dir / "kernel.json", p.root / "etc/sysctl.d" / sysctl.DROPIN_NAME]
+    cdir = store.containers_dir
+    if cdir.is_dir():
+        files += sorted(cdir.glob("*.json"))
+    return files
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise StateError(str(path), f"cannot read ({err.strerror})", "run as root") from None
+
+
+# -- snapshot ------------------------------------------------------------------
+
+def set_family(name: str, members) -> int:
+    if any(":" in m for m in members):
+        return 6
+    base = name[:-len(planmod.TEMP_SUFFIX)] if name.endswith(planmod.TEMP_SUFFIX) else name
+    return 6 if base.endswith("6") else 4
+
+
+def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = "") -> dict:
+    """hostprep's part of the host as it is now (the parts this change may touch)."""
+    from hostprep import apply as applymod
+    snap: dict = {"version": SNAPSHOT_VERSION, "time": now(), "command": command, "pid": os.getpid(),
+                  "backend": backend.variant if backend is not None else None}
+    if firewall:
+        live = applymod.observe(backend)
+        record = store.applied() or {}
+        fw = {}
+        for fam, obs in live.observed.items():
+            rs = planmod.ruleset_from_observed(obs)
+            fw[str(fam)] = {"chains": [[c.name, [r.spec for r in c.rules]] for c in rs.chains],
+                            "jumps": [[j.chain, j.spec] for j in rs.jumps]}
+        snap["firewall"] = fw
+        snap["sets"] = {name: {"family": set_family(name, members), "members": sorted(members)}
+                        for name, members in live.sets.items() if not name.endswith(planmod.TEMP_SUFFIX)}
+        if live.nft is None:
+            snap["nft"] = None
+        else:
+            rec = record.get("nft") or {}
+            script = rec.get("script") if rec.get("live") == live.nft.text and rec.get("script") else \
+                "table netdev hostprep\ndelete table netdev hostprep\n" + live.nft.text
+            snap["nft"] = {"device": live.nft.device, "text": live.nft.text, "script": script}
+    if kernel:
+        from hostprep import sysctl
+        k = sysctl.Kernel()
+        snap["sysctl"] = {s.key: k.read(s.key) for s in sysctl.profile()}
+    root = store.paths.root
+    snap["files"] = {str(p.relative_to(root)): _read_text(p) for p in state_files(store)}
+    return snap
+
+
+@dataclass(frozen=True)
+class Target:
+    """The state a snapshot describes, in the shape make_plan/execute/verify take."""
+
+    v4: Ruleset
+    v6: Ruleset
+    nft: NftIngress | None
+    sets: tuple = ()
+
+    def ruleset(self, family: int) -> Ruleset:
+        return self.v4 if family == 4 else self.v6
+
+
+def target_of(snap: dict) -> Target:
+    import ipaddress
+    rulesets = {}
+    for fam in (4, 6):
+        part = snap["firewall"].get(str(fam)) or {"chains": [], "jumps": []}
+        chains = tuple(Chain(name, tuple(Rule(name, s) for s in specs)) for name, specs in part["chains"])
+        jumps = tuple(Rule(c, s) for c, s in part["jumps"])
+        rulesets[fam] = Ruleset(fam, chains, jumps)
+    sets = tuple(IpSet(name, int(s["family"]), tuple(ipaddress.ip_network(m) for m in s["members"]))
+                 for name, s in sorted(snap.get("sets", {}).items()))
+    nft = snap.get("nft")
+    return Target(rulesets[4], rulesets[6], NftIngress(nft["device"], nft["script"]) if nft else None, sets)
+
+
+def save_snapshot(store: Store, cid: str, snap: dict) -> None:
+    write_atomic(snapshot_file(store, cid), json.dumps(snap) + "\n")
+
+
+def load_snapshot(store: Store, cid: str) -> dict:
+    snap = read_json(snapshot_file(store, cid))
+    if snap is None:
+        raise StateError(str(snapshot_file(store, cid)), "the snapshot of this change is missing",
+                         "nothing can be rolled back; run 'hostprep apply' to converge")
+    if snap.get("version") != SNAPSHOT_VERSION or "files" not in snap:
+        raise StateError(str(snapshot_file(store, cid)), "not a snapshot this hostprep can read",
+                         "remove it; run 'hostprep apply' to converge")
+    return snap
+
+
+# -- restore -------------------------------------------------------------------
+
+def _backend_for(snap: dict, backend):
+    if backend is not None and (snap.get("backend") in (None, backend.variant)):
+        return backend
+    from hostprep.backend import Backend
+    runner = backend.runner if backend is not None else Runner()
+    return Backend(runner, snap["backend"])
+
+
+def firewall_differs(backend, snap: dict) -> list[str]:
+    """What of the live firewall differs from the snapshot (empty: it holds the snapshot)."""
+    from hostprep import apply as applymod
+    if "firewall" not in snap:
+        return []
+    target = target_of(snap)
+    rec = {"nft": {"script": target.nft.script, "live": snap["nft"]["text"]}} if target.nft else None
+    plan = applymod.make_plan(backend, target, rec)
+    return plan.notes()
+
+
+def restore(backend, store: Store, snap: dict) -> list[str]:
+    """Bring hostprep's part of the host back to ``snap``; returns what was changed."""
+    from hostprep import apply as applymod
+    notes: list[str] = []
+    if "firewall" in snap:
+        be = _backend_for(snap, backend)
+        target = target_of(snap)
+        rec = {"nft": {"script": target.nft.script, "live": snap["nft"]["text"]}} if target.nft else None
+        plan = applymod.make_plan(be, target, rec)
+        if not plan.empty:
+            ex = applymod.execute(be, plan)
+            _, problems = applymod.verify(be, target)
+            if problems:
+                failed = applymod.undo(be, plan, ex)
+                raise CommandFailed("rollback", "the kernel does not hold the snapshot after loading it: "
+                                    + "; ".join(problems) + ("; undo failed: " + "; ".join(failed) if failed else ""),
+                                    "run 'hostprep status' and report this")
+            applymod.finish(be, plan, ex)
+            notes += plan.notes()
+    if "sysctl" in snap:
+        from hostprep import sysctl
+        k = sysctl.Kernel()
+        errors = []
+        for key, value in snap["sysctl"].items():
+            if value is not None and k.read(key) != value:
+                problem = k.write(key, value)
+                if problem:
+                    errors.append(f"{key} = {value}: {problem}")
+                else:
+                    notes.append(f"{key} = {value}")
+        if errors:
+            raise CommandFailed("rollback", "the kernel refused: " + "; ".join(errors), "run 'hostprep status'")
+    root = store.paths.root
+    wanted = {root / rel: text for rel, text in snap["files"].items()}
+    for path in state_files(store):
+        if path not in wanted:
+            wanted[path] = None       # a container record the change added
+    for path, text in wanted.items():
+        if _read_text(path) == text:
+            continue
+        if text is None:
+            try:
+                path.unlink()
+            except OSError as err:
+                raise StateError(str(path), f"cannot remove ({err.strerror})") from None
+        else:
+            write_atomic(path, text, 0o644 if path.suffix == ".conf" or path.name == "settings.json" else 0o600)
+        notes.append(f"{path.relative_to(root)} restored")
+    return notes
+
+
+# -- confirmation timers -------------------------------------------------------
+
+def same_netns_as_init() -> bool:
+    try:
+        return os.readlink("/proc/self/ns/net") == os.readlink("/proc/1/ns/net")
+    except OSError:
+        return False
+
+
+def timer_mechanism(store: Store) -> str:
+    """"systemd" (a transient timer, survives everything but a reboot) or "process".
+
+    systemd-run starts the rollback in PID 1's network namespace, so inside any
+    other namespace (the sandbox, the tests) a detached watcher process is used:
+    its own session, no terminal, SIGHUP ignored, so the SSH session dying does
+    not take it along.  HOSTPREP_CONFIRM_TIMER=systemd|process overrides.
+    """
+    choice = os.environ.get("HOSTPREP_CONFIRM_TIMER", "")
+    if choice in ("systemd", "process"):
+        return choice
+    if choice:
+        raise InputError("HOSTPREP_CONFIRM_TIMER", f"{choice!r} is not a timer", "use systemd or process")
+    if Path("/run/systemd/system").is_dir() and same_netns_as_init() and Runner.which("systemd-run") \
+            and str(store.paths.root) == "/":
+        return "systemd"
+    return "process"
+
+
+def _hostprep_argv() -> list[str]:
+    return [sys.executable, "-m", "hostprep"]
+
+
+def _env_for_child() -> dict[str, str]:
+    keep = ("HOSTPREP_ROOT", "HOSTPREP_BACKEND", "HOSTPREP_PROC_SYS", "HOSTPREP_PROC_SYS_NONNET",
+            "HOSTPREP_SELINUXFS", "HOSTPREP_LOCK_TIMEOUT", "PYTHONPATH", "PATH")
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+def unit_name(cid: str) -> str:
+    return f"hostprep-rollback-{cid}"
+
+
+def arm(store: Store, runner: Runner, cid: str, seconds: int, command: str) -> dict:
+    mech = timer_mechanism(store)
+    deadline = time.time() + seconds
+    pending = {"id": cid, "command": command, "armed": now(), "seconds": seconds, "deadline": deadline,
+               "deadline_text": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(deadline)),
+               "mechanism": mech, "watcher_pid": None, "unit": None}
+    write_atomic(pending_file(store), json.dumps(pending, indent=2) + "\n")
+    if mech == "systemd":
+        unit = unit_name(cid)
+        env = [f"--setenv={k}={v}" for k, v in _env_for_child().items()]
+        runner.run(["systemd-run", f"--unit={unit}", "--description=hostprep: roll back unconfirmed change "
+                    + cid, f"--on-active={seconds}s", "--timer-property=AccuracySec=1s", "--collect",
+                    *env, *_hostprep_argv(), "rollback", "--due", cid], mutates=True)
+        pending["unit"] = unit + ".timer"
+    else:
+        env = dict(_env_for_child())
+        proc = subprocess.Popen([*_hostprep_argv(), "rollback", "--due", cid, "--wait"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, close_fds=True, cwd="/")
+        pending["watcher_pid"] = proc.pid
+    write_atomic(pending_file(store), json.dumps(pending, indent=2) + "\n")
+    return pending
+
+
+def pending(store: Store) -> dict | None:
+    return read_json(pending_file(store))
+
+
+def _watcher_alive(pid: int | None, cid: str) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return b"--due" in argv and cid.encode() in argv
+
+
+def timer_alive(runner: Runner, p: dict) -> bool | None:
+    """Is the armed rollback still going to fire?  None: cannot tell."""
+    if p.get("mechanism") == "systemd":
+        if runner.which("systemctl") is None:
+            return None
+        res = runner.run(["systemctl", "is-active", p.get("unit") or ""], check=False)
+        return res.stdout.strip() == "active"
+    return _watcher_alive(p.get("watcher_pid"), p["id"])
+
+
+def disarm(store: Store, runner: Runner, p: dict) -> None:
+    _unlink(pending_file(store))
+    if p.get("mechanism") == "systemd" and p.get("unit") and runner.which("systemctl"):
+        runner.run(["systemctl", "stop", p["unit"]], check=False, mutates=True)
+    pid = p.get("watcher_pid")
+    if pid and pid != os.getpid() and _watcher_alive(pid, p["id"]):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+
+
+# -- the change itself -----------------------------------------------------------
+
+@dataclass
+class Change:
+    id: str
+    snapshot: dict
+    pending: dict | None = None
+    changed: bool = True
+    recovered: list[str] = field(default_factory=list)
+
+
+def owner_alive(store: Store) -> bool:
+    """Is some process holding the lock right now?  Never blocks."""
+    import fcntl
+    path = store.paths.state_dir / "lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def recover(backend, store: Store, by: str = "hostprep") -> list[str]:
+    """Under the lock: undo a change whose process died.  Returns journal-worthy notes."""
+    marker = read_json(inflight_file(store))
+    if marker is None:
+        return []
+    cid = marker.get("id", "?")
+    try:
+        snap = load_snapshot(store, cid)
+    except StateError:
+        _unlink(inflight_file(store))
+        store.journal(f"recover (by {by})", f"interrupted change {cid} ({marker.get('command')}) had no snapshot",
+                      "marker removed; run 'hostprep apply' to converge")
+        return [f"interrupted change {cid}: no snapshot; marker removed"]
+    notes = restore(backend, store, snap)
+    p = pending(store)
+    if p and p.get("id") == cid:
+        disarm(store, Runner(), p)
+    _unlink(inflight_file(store))
+    _unlink(snapshot_file(store, cid))
+    store.journal(f"recover (by {by})", f"change {cid} ({marker.get('command')}, PID {marker.get('pid')}) was interrupted; "
+                  f"the state before it is restored: {'; '.join(notes) or 'nothing had changed'}", "ok")
+    return [f"change {cid} ({marker.get('command')}) was interrupted (PID {marker.get('pid')}); the state "
+            f"before it is restored" + (f" ({len(notes)} items)" if notes else " (nothing had changed)")]
+
+
+_depth: dict[int, int] = {}
+
+
+@contextlib.contextmanager
+def change(backend, store: Store, command: str, *, firewall: bool = True, kernel: bool = False,
+           confirm: int | None = None, runner: Runner | None = None):
+    """One change of the host, as described in this module's docstring.  Re-entrant (nested: no-op)."""
+    key = id(store)
+    if _depth.get(key):
+        _depth[key] += 1
+        try:
+            yield None
+        finally:
+            _depth[key] -= 1
+        return
+    runner = runner or Runner()
+    with store.lock():
+        _depth[key] = 1
+        try:
+            faults.hit("locked")
+            recovered = recover(backend, store, command)
+            p = pending(store)
+            if p:
+                raise RefusedError("confirmation", f"change {p['id']} ({p['command']}) waits for 'hostprep "
+                                   f"confirm' until {p['deadline_text']}",
+                                   "run 'hostprep confirm' to keep it or 'hostprep rollback' to undo it first")
+            cid = new_id()
+            snap = take(backend, store, firewall=firewall, kernel=kernel, command=command)
+            save_snapshot(store, cid, snap)
+            write_atomic(inflight_file(store), json.dumps({"id": cid, "pid": os.getpid(), "command": command,
+                                                           "time": now()}) + "\n")
+            ch = Change(cid, snap, recovered=recovered)
+            try:
+                if confirm is not None:
+                    ch.pending = arm(store, runner, cid, confirm, command)
+                yield ch
+                faults.hit("after-record")
+            except BaseException as exc:
+                _fail(backend, store, ch, exc, command)
+                raise
+            _close(store, runner, ch, command)
+        finally:
+            _depth.pop(key, None)
+
+
+def _fail(backend, store: Store, ch: Change, exc: BaseException, command: str) -> None:
+    """The change raised: bring the host back to the snapshot (the recorded state)."""
+    try:
+        notes = restore(backend, store, ch.snapshot)
+    except HostprepError as err:
+        store.journal(command, f"change {ch.id} failed ({exc}); restoring the state before it failed too",
+                      f"{err}; 'hostprep status' shows it, the next hostprep command retries")
+        if isinstance(exc, HostprepError):
+            exc.problem += f"; restoring the state before it failed too ({err.problem})"
+            exc.fix = "the next hostprep command retries the restore; 'hostprep status' shows what is live"
+            exc.args = (exc.line(),)
+        return
+    if ch.pending:
+        disarm(store, Runner(), ch.pending)
+    with contextlib.suppress(OSError):
+        _unlink(inflight_file(store))
+        _unlink(snapshot_file(store, ch.id))
+    if notes:
+        store.journal(command, f"change {ch.id} failed ({exc})", "the state before it is restored: "
+                      + "; ".join(notes))
+        if isinstance(exc, HostprepError):
+            exc.problem += "; the host was brought back to the recorded state before this change"
+            exc.args = (exc.line(),)
+
+
+def _close(store: Store, runner: Runner, ch: Change, command: str) -> None:
+    if not ch.changed:
+        if ch.pending:
+            disarm(store, runner, ch.pending)
+            ch.pending = None
+        _unlink(snapshot_file(store, ch.id))
+    else:
+        write_atomic(last_file(store), ch.id + "\n")
+        for old in rollback_dir(store).glob("*.json"):
+            if old.stem != ch.id:
+                _unlink(old)
+    _unlink(inflight_file(store))
+
+
+# -- confirm / rollback ------------------------------------------------------------
+
+def confirm(store: Store, runner: Runner) -> dict:
+    with store.lock():
+        p = pending(store)
+        if p is None:
+            raise InputError("confirm", "no change waits for confirmation", "see 'hostprep status'")
+        late = time.time() >= p["deadline"]
+        disarm(store, runner, p)
+        store.journal("hostprep confirm", f"change {p['id']} ({p['command']}) confirmed"
+                      + (" after its deadline (the rollback had not run yet)" if late else ""), "ok")
+        return dict(p, late=late)
+
+
+def rollback(backend, store: Store, runner: Runner, command: str, due: str | None = None) -> dict:
+    """Restore the state before the pending change, else before the last one.
+
+    ``due``: called by the timer or the watcher for change ``due``; does nothing
+    when that change is no longer pending (confirmed, or rolled back already).
+    """
+    with store.lock():
+        recovered = recover(backend, store, command)
+        p = pending(store)
+        if due is not None:
+            if p is None or p.get("id") != due:
+                return {"id": due, "skipped": True, "recovered": recovered, "notes": []}
+        if recovered and due is None:
+            return {"id": None, "skipped": False, "recovered": recovered, "notes": []}
+        last = _read_text(last_file(store))
+        cid = p["id"] if p else (last.strip() if last else None)
+        if cid is None:
+            raise InputError("rollback", "nothing to roll back: no change is recorded since the last "
+                             "rollback", "see 'hostprep status'")
+        snap = load_snapshot(store, cid)
+        why = "deadline passed without 'hostprep confirm'" if due else "on demand"
+        try:
+            notes = restore(backend, store, snap)
+        except HostprepError as err:
+            store.journal(command, f"rollback of change {cid} ({snap.get('command')}), {why}", f"FAILED: {err}")
+            raise
+        if p:
+            disarm(store, runner, p)
+        _unlink(last_file(store))
+        _unlink(snapshot_file(store, cid))
+        store.journal(command, f"rolled back change {cid} ({snap.get('command')}), {why}: "
+                      + ("; ".join(notes) or "nothing differed"), "ok")
+        return {"id": cid, "skipped": False, "recovered": recovered, "notes": notes,
+                "command": snap.get("command"), "why": why}
+
+
+def wait_until_due(store: Store, cid: str) -> bool:
+    """The watcher: sleep until the deadline of ``cid``; False when it was confirmed meanwhile."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    while True:
+        try:
+            p = pending(store)
+        except StateError:
+            p = None
+        if p is None or p.get("id") != cid:
+            return False
+        left = p["deadline"] - time.time()
+        if left <= 0:
+            return True
+        time.sleep(min(left, 0.5))
+
+
+# -- what status says -----------------------------------------------------------------
+
+def status_section(backend, store: Store, runner: Runner) -> tuple[dict, list[str]]:
+    out: dict = {"pending": None, "interrupted": None, "rollback_available": None}
+    problems: list[str] = []
+    p = pending(store)
+    if p:
+        left = p["deadline"] - time.time()
+        alive = timer_alive(runner, p)
+        out["pending"] = {"id": p["id"], "command": p["command"], "deadline": p["deadline_text"],
+                          "seconds_left": max(0, int(left)), "mechanism": p["mechanism"],
+                          "timer_alive": alive, "watcher_pid": p.get("watcher_pid"), "unit": p.get("unit")}
+        problems.append(f"change {p['id']} ({p['command']}) waits for 'hostprep confirm' until "
+                        f"{p['deadline_text']} ({max(0, int(left))} s left); then it is rolled back")
+        if alive is False:
+            problems.append(f"the rollback timer of change {p['id']} is not running ({p['mechanism']}): "
+                            "run 'hostprep confirm' or 'hostprep rollback'")
+    marker = read_json(inflight_file(store))
+    if marker:
+        running = owner_alive(store)
+        entry = {"id": marker.get("id"), "command": marker.get("command"), "pid": marker.get("pid"),
+                 "running": running, "kernel": None}
+        if not running:
+            try:
+                snap = load_snapshot(store, marker["id"])
+                differs = firewall_differs(_backend_for(snap, backend), snap)
+                entry["kernel"] = "old" if not differs else "changed"
+                entry["differences"] = differs
+            except HostprepError as err:
+                entry["kernel"] = f"unknown ({err.problem})"
+            problems.append(f"change {marker.get('id')} ({marker.get('command')}, PID {marker.get('pid')}) was "
+                            "interrupted; the firewall "
+                            + ("still holds the state before it" if entry["kernel"] == "old" else
+                               "holds part or all of it" if entry["kernel"] == "changed" else entry["kernel"])
+                            + "; the next hostprep change (or 'hostprep rollback') restores the state before it")
+        out["interrupted"] = entry
+    last = _read_text(last_file(store))
+    if last and snapshot_file(store, last.strip()).is_file():
+        out["rollback_available"] = last.strip()
+    return out, problems
