@@ -604,8 +604,21 @@ def rollback_cmd(
     runner = Runner()
     if due is not None and wait and not txn.wait_until_due(store, due):
         return
-    res = txn.rollback(applymod.default_backend(runner, backend), store, runner,
-                       "hostprep rollback" + (f" (deadline of change {due})" if due else ""), due)
+    be = applymod.default_backend(runner, backend)
+    what = "hostprep rollback" + (f" (deadline of change {due})" if due else "")
+    while True:
+        try:
+            res = txn.rollback(be, store, runner, what, due)
+            break
+        except StateError as exc:
+            # The timer must not give up because someone held the lock for a while
+            # (a 'hostprep confirm' waiting too): try again until the change is no
+            # longer pending.
+            if due is None or exc.field != "lock":
+                raise
+            p = txn.pending(store)
+            if p is None or p.get("id") != due:
+                return
     for note in res["recovered"]:
         out.print(note)
     if res["skipped"]:

@@ -76,7 +76,8 @@ def _unlink(path: Path) -> None:
 
 
 def new_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+    """Sortable by time, unique even for two changes of one process within a second."""
+    return time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}-{os.urandom(3).hex()}"
 
 
 def confirm_seconds(value: int | None) -> int | None:

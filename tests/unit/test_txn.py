@@ -1,0 +1,329 @@
+"""Transactions without a kernel: snapshots of the state files, arming and disarming, recovery.
+
+The firewall half of restore() runs against real kernels in tests/kernel
+(test_confirm_rollback.py, test_faults.py); here the parts that need none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hostprep import plan as planmod
+from hostprep import render, txn
+from hostprep.errors import InputError, RefusedError, StateError
+from hostprep.model import Policy
+from hostprep.paths import Paths
+from hostprep.plan import Observed
+from hostprep.state import Store
+
+from conftest import FakeRunner
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(Paths(tmp_path))
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def seed(store: Store) -> dict[Path, str]:
+    files = {store.paths.settings_file: '{"interface": "eth1"}\n',
+             store.paths.state_file: '{"time": "t0"}\n',
+             store.containers_dir / "finesse.json": '{"name": "finesse"}\n'}
+    for p, t in files.items():
+        write(p, t)
+    return files
+
+
+def test_confirm_seconds_bounds():
+    assert txn.confirm_seconds(None) is None
+    assert txn.confirm_seconds(120) == 120
+    for bad in (0, -5, 86401):
+        with pytest.raises(InputError) as exc:
+            txn.confirm_seconds(bad)
+        assert exc.value.field == "--confirm"
+
+
+@pytest.mark.parametrize("name,members,family", [
+    ("hostprep-abcd1234-lb4", ["192.0.2.0/24"], 4),
+    ("hostprep-abcd1234-ex6", ["2001:db8::/64"], 6),
+    ("hostprep-abcd1234-ex6", [], 6),
+    ("hostprep-abcd1234-lb4-n", [], 4),
+    ("hostprep-abcd1234-ex6-n", [], 6),
+])
+def test_set_family_from_name_or_members(name, members, family):
+    assert txn.set_family(name, members) == family
+
+
+class SnapBackend:
+    """observe() answers with what the renderer would load (as iptables-save prints it)."""
+
+    variant = "nft"
+
+    def __init__(self, desired) -> None:
+        self.obs = {}
+        for fam in (4, 6):
+            plan = planmod.plan_family(desired.ruleset(fam), Observed(fam, ("INPUT", "FORWARD", "OUTPUT")))
+            text = planmod.restore_text(plan, desired.ruleset(fam))
+            # A restore text of a fresh table is an iptables-save text without counters.
+            lines = [ln for ln in text.splitlines() if not ln.startswith(("-F", "-X"))]
+            save = "\n".join(ln.replace("-I INPUT 1 ", "-A INPUT ").replace("-I FORWARD 1 ", "-A FORWARD ")
+                             .replace("-I OUTPUT 1 ", "-A OUTPUT ") for ln in lines) + "\n"
+            self.obs[fam] = planmod.parse_save(save.replace("*filter\n", "*filter\n:INPUT ACCEPT [0:0]\n"
+                                                            ":FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n", 1),
+                                               fam)
+
+    def families(self):
+        return (4, 6)
+
+    def observe(self, fam):
+        return self.obs[fam]
+
+    def nft_observe(self):
+        return None
+
+    def ipset_observe(self):
+        return {"hostprep-abcd1234-lb4": frozenset({"192.0.2.0/24"}), "hostprep-abcd1234-lb4-n": frozenset()}
+
+
+def test_snapshot_of_the_firewall_round_trips_to_the_same_rulesets(store):
+    desired = render.desired(Policy("eth1"))
+    be = SnapBackend(desired)
+    snap = txn.take(be, store, firewall=True, kernel=False, command="hostprep apply -i eth1")
+    target = txn.target_of(json.loads(json.dumps(snap)))
+    for fam in (4, 6):
+        assert target.ruleset(fam) == planmod.ruleset_from_observed(be.obs[fam])
+        assert target.ruleset(fam).rule_count == desired.ruleset(fam).rule_count
+    # the temporary NAME-n set of an interrupted swap is not part of the state
+    assert [(s.name, s.family, [str(m) for m in s.members]) for s in target.sets] == \
+        [("hostprep-abcd1234-lb4", 4, ["192.0.2.0/24"])]
+    assert target.nft is None and snap["backend"] == "nft"
+
+
+def test_restore_puts_back_the_state_files_and_drops_added_container_records(store):
+    before = seed(store)
+    snap = txn.take(None, store, firewall=False, kernel=False)
+    write(store.paths.settings_file, '{"interface": "eth9"}\n')
+    store.paths.state_file.unlink()
+    write(store.containers_dir / "ids.json", '{"name": "ids"}\n')
+    notes = txn.restore(None, store, snap)
+    assert {p: p.read_text() for p in before} == before
+    assert not (store.containers_dir / "ids.json").exists()
+    assert sorted(notes) == sorted(["etc/hostprep/settings.json restored", "var/lib/hostprep/applied.json restored",
+                                    "var/lib/hostprep/containers/ids.json restored"])
+    assert txn.restore(None, store, snap) == []          # idempotent
+
+
+def test_a_failing_change_restores_the_files_and_leaves_no_marker(store):
+    before = seed(store)
+    with pytest.raises(StateError):
+        with txn.change(None, store, "hostprep test", firewall=False) as ch:
+            assert txn.inflight_file(store).is_file()
+            assert txn.snapshot_file(store, ch.id).is_file()
+            write(store.paths.settings_file, '{"interface": "eth9"}\n')
+            raise StateError("applied.json", "cannot write (No space left on device)")
+    assert {p: p.read_text() for p in before} == before
+    assert not txn.inflight_file(store).exists()
+    assert list(txn.rollback_dir(store).glob("*.json")) == []
+    journal = store.paths.journal.read_text().splitlines()
+    assert len(journal) == 1 and "the state before it is restored" in journal[0]
+
+
+def test_the_problem_of_the_error_says_the_host_was_brought_back(store):
+    seed(store)
+    with pytest.raises(StateError) as exc:
+        with txn.change(None, store, "hostprep test", firewall=False):
+            write(store.paths.settings_file, "{}\n")
+            raise StateError("applied.json", "cannot write (Read-only file system)", "check the disk")
+    assert exc.value.line() == ("applied.json: cannot write (Read-only file system); the host was brought back "
+                                "to the recorded state before this change (check the disk)")
+
+
+def test_a_successful_change_is_what_rollback_restores(store):
+    before = seed(store)
+    with txn.change(None, store, "hostprep first", firewall=False) as ch:
+        write(store.paths.settings_file, '{"interface": "eth2"}\n')
+    assert txn.last_file(store).read_text() == ch.id + "\n"
+    assert not txn.inflight_file(store).exists()
+    res = txn.rollback(None, store, FakeRunner(), "hostprep rollback")
+    assert res["id"] == ch.id and res["notes"] == ["etc/hostprep/settings.json restored"]
+    assert {p: p.read_text() for p in before} == before
+    with pytest.raises(InputError) as exc:
+        txn.rollback(None, store, FakeRunner(), "hostprep rollback")
+    assert "nothing to roll back" in exc.value.problem
+
+
+def test_an_unchanged_change_keeps_the_earlier_snapshot(store):
+    seed(store)
+    with txn.change(None, store, "hostprep first", firewall=False) as first:
+        write(store.paths.settings_file, '{"interface": "eth2"}\n')
+    with txn.change(None, store, "hostprep again", firewall=False) as second:
+        second.changed = False
+    assert txn.last_file(store).read_text() == first.id + "\n"
+    assert [p.stem for p in txn.rollback_dir(store).glob("*.json")] == [first.id]
+
+
+def test_changes_nest_without_a_second_snapshot(store):
+    seed(store)
+    with txn.change(None, store, "outer", firewall=False) as outer:
+        with txn.change(None, store, "inner", firewall=False) as inner:
+            assert inner is None
+        assert outer is not None
+    assert len(list(txn.rollback_dir(store).glob("*.json"))) == 1
+
+
+def test_an_interrupted_change_is_recovered_by_the_next_one(store):
+    before = seed(store)
+    snap = txn.take(None, store, firewall=False, kernel=False, command="hostprep killed")
+    txn.save_snapshot(store, "20260101T000000-1", snap)
+    write(txn.inflight_file(store), json.dumps({"id": "20260101T000000-1", "pid": 1, "command": "hostprep killed"}))
+    write(store.paths.settings_file, '{"interface": "half"}\n')
+    report, problems = txn.status_section(None, store, FakeRunner())
+    assert report["interrupted"]["running"] is False and report["interrupted"]["id"] == "20260101T000000-1"
+    assert len(problems) == 1 and "was interrupted" in problems[0]
+    with txn.change(None, store, "hostprep next", firewall=False) as ch:
+        assert ch.recovered == ["change 20260101T000000-1 (hostprep killed) was interrupted (PID 1); the state "
+                                "before it is restored (1 items)"]
+        assert {p: p.read_text() for p in before} == before
+    assert "recover (by hostprep next)" in store.paths.journal.read_text()
+
+
+def test_a_missing_snapshot_of_an_interrupted_change_is_reported_not_fatal(store):
+    seed(store)
+    write(txn.inflight_file(store), json.dumps({"id": "nope", "pid": 1, "command": "x"}))
+    with store.lock():
+        assert txn.recover(None, store) == ["interrupted change nope: no snapshot; marker removed"]
+    assert not txn.inflight_file(store).exists()
+
+
+def test_timer_mechanism_override_and_sandbox(store, monkeypatch):
+    monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "systemd")
+    assert txn.timer_mechanism(store) == "systemd"
+    monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "cron")
+    with pytest.raises(InputError):
+        txn.timer_mechanism(store)
+    monkeypatch.delenv("HOSTPREP_CONFIRM_TIMER")
+    # under a test root (not "/") the rollback must stay in this namespace: never systemd-run
+    assert txn.timer_mechanism(store) == "process"
+
+
+def test_arming_with_systemd_runs_a_transient_timer_and_confirm_stops_it(store, monkeypatch):
+    monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "systemd")
+    monkeypatch.setenv("HOSTPREP_ROOT", str(store.paths.root))
+    runner = FakeRunner(replies={("systemctl", "is-active", "hostprep-rollback-ID1.timer"): (0, "active\n", "")})
+    p = txn.arm(store, runner, "ID1", 120, "hostprep apply -i eth1 --confirm 120")
+    argv = runner.calls[0][0]
+    assert argv[:6] == ["systemd-run", "--unit=hostprep-rollback-ID1",
+                        "--description=hostprep: roll back unconfirmed change ID1", "--on-active=120s",
+                        "--timer-property=AccuracySec=1s", "--collect"]
+    assert f"--setenv=HOSTPREP_ROOT={store.paths.root}" in argv
+    assert argv[-6:] == [sys.executable, "-m", "hostprep", "rollback", "--due", "ID1"]
+    assert runner.calls[0][2] is True                      # a mutating call (not run by --dry-run)
+    assert json.loads(txn.pending_file(store).read_text()) == p
+    assert p["unit"] == "hostprep-rollback-ID1.timer" and p["mechanism"] == "systemd"
+    assert 119 <= p["deadline"] - time.time() <= 120
+    assert txn.timer_alive(runner, p) is True
+    res = txn.confirm(store, runner)
+    assert res["id"] == "ID1" and res["late"] is False
+    assert runner.calls[-1][0] == ["systemctl", "stop", "hostprep-rollback-ID1.timer"]
+    assert not txn.pending_file(store).exists()
+    assert "change ID1 (hostprep apply -i eth1 --confirm 120) confirmed" in store.paths.journal.read_text()
+
+
+def test_a_pending_change_refuses_the_next_one(store, monkeypatch):
+    seed(store)
+    write(txn.pending_file(store), json.dumps({"id": "P1", "command": "hostprep apply --confirm 60",
+                                               "deadline": time.time() + 60, "deadline_text": "soon",
+                                               "mechanism": "process", "watcher_pid": None}))
+    with pytest.raises(RefusedError) as exc:
+        with txn.change(None, store, "hostprep apply", firewall=False):
+            pytest.fail("must not run")
+    assert exc.value.fix == "run 'hostprep confirm' to keep it or 'hostprep rollback' to undo it first"
+    assert not txn.inflight_file(store).exists()
+
+
+def test_confirm_without_a_pending_change_is_one_clear_error(store):
+    with pytest.raises(InputError) as exc:
+        txn.confirm(store, FakeRunner())
+    assert exc.value.line() == "confirm: no change waits for confirmation (see 'hostprep status')"
+
+
+def test_the_watcher_sleeps_until_the_deadline_and_stops_when_confirmed(store):
+    write(txn.pending_file(store), json.dumps({"id": "W1", "deadline": time.time() + 0.4}))
+    t0 = time.monotonic()
+    assert txn.wait_until_due(store, "W1") is True
+    assert time.monotonic() - t0 >= 0.35
+    write(txn.pending_file(store), json.dumps({"id": "W2", "deadline": time.time() + 30}))
+    assert txn.wait_until_due(store, "W1") is False       # another change is pending: not ours
+
+
+def test_the_watcher_process_outlives_its_parent_session_and_exits_on_confirm(store, monkeypatch):
+    """The process mechanism: own session (no terminal to hang up), gone once confirmed."""
+    monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "process")
+    monkeypatch.setenv("HOSTPREP_ROOT", str(store.paths.root))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    p = txn.arm(store, FakeRunner(), "W3", 600, "hostprep test")
+    pid = p["watcher_pid"]
+    try:
+        assert os.getsid(pid) == pid                      # a session leader: SIGHUP of ours never reaches it
+        deadline = time.time() + 10
+        while not txn._watcher_alive(pid, "W3") and time.time() < deadline:
+            time.sleep(0.05)
+        assert txn.timer_alive(FakeRunner(), p) is True
+        txn.disarm(store, FakeRunner(), p)
+        deadline = time.time() + 10
+        while txn._watcher_alive(pid, "W3") and time.time() < deadline:
+            time.sleep(0.05)
+        assert txn._watcher_alive(pid, "W3") is False
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def test_status_section_shows_the_pending_deadline(store):
+    write(txn.pending_file(store), json.dumps({"id": "S1", "command": "hostprep apply --confirm 60",
+                                               "deadline": time.time() + 59.5, "deadline_text": "12:00:00",
+                                               "mechanism": "process", "watcher_pid": 999999999}))
+    report, problems = txn.status_section(None, store, FakeRunner())
+    assert report["pending"]["seconds_left"] in (58, 59)
+    assert report["pending"]["timer_alive"] is False
+    assert problems[0].startswith("change S1 (hostprep apply --confirm 60) waits for 'hostprep confirm' until 12:00:00")
+    assert problems[1] == ("the rollback timer of change S1 is not running (process): run 'hostprep confirm' "
+                           "or 'hostprep rollback'")
+
+
+def test_snapshot_of_a_read_only_state_dir_fails_before_any_change(store, monkeypatch):
+    seed(store)
+    calls = []
+
+    def boom(*a, **k):
+        raise StateError("rollback", "cannot write (Read-only file system)")
+    monkeypatch.setattr(txn, "save_snapshot", boom)
+    with pytest.raises(StateError):
+        with txn.change(None, store, "hostprep apply", firewall=False):
+            calls.append("ran")
+    assert calls == []
+    assert not txn.inflight_file(store).exists()
+
+
+def test_cli_confirm_option_is_bounded():
+    res = subprocess.run([sys.executable, "-m", "hostprep", "apply", "-i", "eth1", "--dry-run", "--confirm", "0"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "--confirm" in res.stderr
