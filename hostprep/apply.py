@@ -8,6 +8,12 @@ Order of one apply:
   4. observe again and re-plan: anything left to do means the kernel did not take
      what was loaded -> error;
   5. record the settings and what was applied, then one journal line.
+
+Each public entry point (apply, flush, container_up/down) runs inside
+``txn.change``: the lock, the snapshot of the state before (what ``hostprep
+rollback`` and ``--confirm`` restore), the in-flight marker that a kill -9
+leaves behind, and the restore when anything above raises, including a record
+that cannot be written.  ``boot`` is what the systemd units run.
 """
 
 from __future__ import annotations

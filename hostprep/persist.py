@@ -86,10 +86,31 @@ class HostFile:
     link: str | None = None  # the symlink's target (as seen on the host)
 
 
-def wanted_files(paths: Paths, interface: str) -> list[HostFile]:
+def installed_invocation(paths: Paths) -> tuple[str, list[tuple[str, str]]] | None:
+    """(command, environment) written into the installed hostprep.service, or None."""
+    unit = paths.root / "etc/systemd/system" / UNIT
+    try:
+        text = unit.read_text()
+    except OSError:
+        return None
+    cmd, env = None, []
+    for line in text.splitlines():
+        if line.startswith("ExecStart=") and line.endswith(" boot"):
+            cmd = line[len("ExecStart="):-len(" boot")]
+        elif line.startswith("Environment=") and "=" in line[len("Environment="):]:
+            key, value = line[len("Environment="):].split("=", 1)
+            if key in ENV_KEYS:
+                env.append((key, value))
+    return (cmd, env) if cmd else None
+
+
+def wanted_files(paths: Paths, interface: str,
+                 invocation: tuple[str, list[tuple[str, str]]] | None = None) -> list[HostFile]:
+    """The files for ``interface``; ``invocation``: (command, environment), default this process's."""
     env = _env()
     unit_dir = paths.root / "etc/systemd/system"
-    ctx = {"command": command(), "environment": environment(), "interface": interface,
+    cmd, environ = invocation or (command(), environment())
+    ctx = {"command": cmd, "environment": environ, "interface": interface,
            "state_dir": str(paths.state_dir), "log_dir": str(paths.log_dir)}
     files = [
         HostFile(unit_dir / UNIT, env.get_template("hostprep.service.j2").render(ctx)),
@@ -189,7 +210,13 @@ def report(paths: Paths, interface: str | None) -> dict:
            "stale": []}
     if not out["installed"]:
         return out
-    files = wanted_files(paths, interface) if interface else []
+    # Compared with what apply would write with the command and environment the
+    # installed unit names (status may run with another environment than apply).
+    invocation = installed_invocation(paths)
+    if invocation is None:
+        out["stale"] = [str(unit)]
+        return out
+    files = wanted_files(paths, interface, invocation) if interface else []
     out["enabled"] = (paths.root / "etc/systemd/system" / f"{WANTED_BY}.wants" / UNIT).is_symlink()
     differs = []
     for f in files:

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install hostprep: the OS packages it runs (iptables in both variants, nftables,
-# iproute2, ipset, conntrack) with dnf or apt-get, and the Python package in a
+# iproute2, ipset, conntrack, logrotate for its journal) with dnf or apt-get, and the Python package in a
 # virtual environment at ./.venv.  Run as root from the source tree.
 #   sh scripts/install.sh          runtime only
 #   sh scripts/install.sh --test   plus what the tests need (scapy, pytest, testinfra)
@@ -16,14 +16,19 @@ fi
 
 if command -v dnf >/dev/null 2>&1; then
     # RHEL 9 family: nft-based iptables; the legacy variant is not shipped there.
-    dnf install -y -q iptables-nft nftables iproute ipset conntrack-tools ethtool python3.11 python3.11-pip \
-        || dnf install -y -q iptables-nft nftables iproute ipset conntrack-tools ethtool python3 python3-pip
+    dnf install -y -q iptables-nft nftables iproute ipset conntrack-tools ethtool logrotate python3.11 python3.11-pip \
+        || dnf install -y -q iptables-nft nftables iproute ipset conntrack-tools ethtool logrotate python3 python3-pip
 elif command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # Debian's iptables package carries both the nft and the legacy variant.
-    apt-get install -y -qq iptables nftables iproute2 ipset conntrack ethtool python3-venv >/dev/null \
-        || apt-get install -y -qq iptables nftables iproute2 ipset conntrack ethtool >/dev/null
+    apt-get install -y -qq iptables nftables iproute2 ipset conntrack ethtool logrotate python3-venv >/dev/null \
+        || apt-get install -y -qq iptables nftables iproute2 ipset conntrack ethtool logrotate >/dev/null
+    # The tests check the boot units with systemd-analyze verify (Debian: package systemd;
+    # installing it does not make it PID 1).
+    if [ "$want_test" = 1 ] && ! command -v systemd-analyze >/dev/null 2>&1; then
+        apt-get install -y -qq systemd >/dev/null || echo "install.sh: systemd-analyze not installed: the unit-file check will be skipped" >&2
+    fi
 else
     echo "install.sh: neither dnf nor apt-get found; install iptables, nftables, iproute2 by hand" >&2
     exit 2

@@ -356,8 +356,44 @@ def test_selinux_is_enforcing(hp):
 
 def test_the_persistence_unit_is_enabled(hp):
     unit = "etc/systemd/system/hostprep.service"
-    if not hp.file(unit).is_file:
-        pytest.skip("persistence unit not built yet (safe-changes issue)")
+    assert hp.file(unit).is_file
     root = "" if hp.root == "/" else f"--root={hp.root} "
     res = hp.host.run(f"systemctl {root}is-enabled hostprep.service")
     assert res.stdout.strip() == "enabled"
+
+
+def test_the_boot_unit_runs_before_the_network_and_after_iptables_services(hp):
+    text = hp.text("etc/systemd/system/hostprep.service")
+    keys: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            keys.setdefault(k.strip(), []).extend(v.split())
+    assert "network-pre.target" in keys["Before"] and "network-pre.target" in keys["Wants"]
+    assert {"iptables.service", "ip6tables.service"} <= set(keys["After"])
+    assert keys["ExecStart"][-1] == "boot"
+
+
+def test_the_external_nic_unit_is_wanted_by_its_device(hp, settings):
+    nic = settings["interface"]
+    root = "" if hp.root == "/" else f"--root={hp.root} "
+    res = hp.host.run(f"systemctl {root}is-enabled hostprep-nic@{nic}.service")
+    assert res.stdout.strip() == "enabled"
+
+
+def test_iptables_services_restarts_put_the_chains_back(hp):
+    for svc in ("iptables", "ip6tables"):
+        text = hp.text(f"etc/systemd/system/{svc}.service.d/hostprep.conf") or ""
+        execs = [ln.split("=", 1)[0] for ln in text.splitlines() if ln.startswith("Exec")]
+        assert execs == ["ExecStartPost", "ExecReload", "ExecStopPost"]
+
+
+def test_the_journal_is_rotated(hp):
+    text = hp.text("etc/logrotate.d/hostprep") or ""
+    journal = "/var/log/hostprep/journal.log" if hp.root == "/" else f"{hp.root}/var/log/hostprep/journal.log"
+    assert text.count(journal + " {") == 1
+
+
+def test_no_change_waits_for_confirmation_or_was_interrupted(hp):
+    assert (hp.file("var/lib/hostprep/pending.json").exists,
+            hp.file("var/lib/hostprep/inflight.json").exists) == (False, False)
