@@ -436,6 +436,9 @@ def flush_cmd(
                                     "at the next boot."),
 ) -> None:
     """Remove hostprep's chains, jumps, sets and nft table, and nothing else. Settings stay remembered."""
+    if kernel and persistent:
+        raise InputError("--kernel/--persistent", "--kernel restores the kernel values only, --persistent goes "
+                         "with the firewall flush", "run 'hostprep flush --kernel' and 'hostprep flush --persistent'")
     need_root("flush")
     store = Store(Paths.from_env())
     from hostprep import txn
