@@ -23,7 +23,11 @@ from hostprep.paths import Paths
 from hostprep.plan import Observed
 from hostprep.state import Store
 
-from conftest import FakeRunner
+
+
+@pytest.fixture
+def FakeRunner(fake_runner):
+    return fake_runner
 
 
 @pytest.fixture
@@ -149,7 +153,7 @@ def test_the_problem_of_the_error_says_the_host_was_brought_back(store):
                                 "to the recorded state before this change (check the disk)")
 
 
-def test_a_successful_change_is_what_rollback_restores(store):
+def test_a_successful_change_is_what_rollback_restores(store, FakeRunner):
     before = seed(store)
     with txn.change(None, store, "hostprep first", firewall=False) as ch:
         write(store.paths.settings_file, '{"interface": "eth2"}\n')
@@ -182,7 +186,7 @@ def test_changes_nest_without_a_second_snapshot(store):
     assert len(list(txn.rollback_dir(store).glob("*.json"))) == 1
 
 
-def test_an_interrupted_change_is_recovered_by_the_next_one(store):
+def test_an_interrupted_change_is_recovered_by_the_next_one(store, FakeRunner):
     before = seed(store)
     snap = txn.take(None, store, firewall=False, kernel=False, command="hostprep killed")
     txn.save_snapshot(store, "20260101T000000-1", snap)
@@ -217,7 +221,7 @@ def test_timer_mechanism_override_and_sandbox(store, monkeypatch):
     assert txn.timer_mechanism(store) == "process"
 
 
-def test_arming_with_systemd_runs_a_transient_timer_and_confirm_stops_it(store, monkeypatch):
+def test_arming_with_systemd_runs_a_transient_timer_and_confirm_stops_it(store, monkeypatch, FakeRunner):
     monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "systemd")
     monkeypatch.setenv("HOSTPREP_ROOT", str(store.paths.root))
     runner = FakeRunner(replies={("systemctl", "is-active", "hostprep-rollback-ID1.timer"): (0, "active\n", "")})
@@ -252,7 +256,7 @@ def test_a_pending_change_refuses_the_next_one(store, monkeypatch):
     assert not txn.inflight_file(store).exists()
 
 
-def test_confirm_without_a_pending_change_is_one_clear_error(store):
+def test_confirm_without_a_pending_change_is_one_clear_error(store, FakeRunner):
     with pytest.raises(InputError) as exc:
         txn.confirm(store, FakeRunner())
     assert exc.value.line() == "confirm: no change waits for confirmation (see 'hostprep status')"
@@ -267,7 +271,7 @@ def test_the_watcher_sleeps_until_the_deadline_and_stops_when_confirmed(store):
     assert txn.wait_until_due(store, "W1") is False       # another change is pending: not ours
 
 
-def test_the_watcher_process_outlives_its_parent_session_and_exits_on_confirm(store, monkeypatch):
+def test_the_watcher_process_outlives_its_parent_session_and_exits_on_confirm(store, monkeypatch, FakeRunner):
     """The process mechanism: own session (no terminal to hang up), gone once confirmed."""
     monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "process")
     monkeypatch.setenv("HOSTPREP_ROOT", str(store.paths.root))
@@ -296,7 +300,7 @@ def test_the_watcher_process_outlives_its_parent_session_and_exits_on_confirm(st
             pass
 
 
-def test_status_section_shows_the_pending_deadline(store):
+def test_status_section_shows_the_pending_deadline(store, FakeRunner):
     write(txn.pending_file(store), json.dumps({"id": "S1", "command": "hostprep apply --confirm 60",
                                                "deadline": time.time() + 59.5, "deadline_text": "12:00:00",
                                                "mechanism": "process", "watcher_pid": 999999999}))
