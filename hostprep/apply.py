@@ -404,14 +404,17 @@ def boot(backend: Backend, store: Store, runner: Runner, sys_net: Path = Path("/
     """What hostprep.service (and hostprep-nic@, and the iptables drop-ins) run.
 
     1. an interrupted change is recovered (the state before it restored);
-    2. a change that still waited for 'hostprep confirm' is rolled back: it
-       was not confirmed before the reboot;
+    2. a change that still waits for 'hostprep confirm' is rolled back when it
+       was armed in an earlier boot (not confirmed before the reboot) or its
+       deadline passed; inside its window (iptables-services restarted, the
+       NIC re-created) it stays, its timer is still armed;
     3. the recorded state is loaded: the base hardening of applied.json and
        the containers that were up, rendered afresh (no saved ruleset).  When
        the external NIC is not there yet, the iptables rules (which match it by
        name) are loaded anyway and the nft fragment table waits for
        hostprep-nic@; when the containers' rules cannot be loaded, the base
        hardening alone is (their ports stay closed: fail closed, never open);
+       with nothing recorded, any hostprep rules found are removed;
     4. the kernel profile, when recorded, is written and read back again.
     """
     notes: list[str] = []
@@ -419,10 +422,26 @@ def boot(backend: Backend, store: Store, runner: Runner, sys_net: Path = Path("/
         notes += txn.recover(backend, store, "hostprep boot")
         p = txn.pending(store)
         if p:
-            txn.rollback(backend, store, runner, "hostprep boot")
-            notes.append(f"change {p['id']} ({p['command']}) was not confirmed before the reboot: rolled back")
+            import time
+            if p.get("boot_id") != txn.boot_id():
+                why = "was not confirmed before the reboot"
+            elif time.time() >= p["deadline"]:
+                why = "passed its deadline without 'hostprep confirm' (its timer did not run)"
+            else:
+                why = None
+                notes.append(f"change {p['id']} ({p['command']}) waits for 'hostprep confirm' until "
+                             f"{p['deadline_text']}: kept, its timer is armed")
+            if why:
+                txn.rollback(backend, store, runner, "hostprep boot", reason=f"it {why}")
+                notes.append(f"change {p['id']} ({p['command']}) {why}: rolled back")
         record = store.applied()
-        if record is not None:
+        if record is None:
+            # Nothing recorded as applied: none of hostprep's rules belongs in the kernel
+            # (a copy saved by iptables-services, say, is removed).
+            outcome = converge(backend, store, None, "hostprep boot")
+            notes.append("nothing is recorded as applied: " + ("removed " + "; ".join(outcome.notes)
+                                                               if outcome.changed else "no rules loaded"))
+        else:
             policy = policy_from_record(record)
             desired = build_desired(policy, tuple(store.containers().values()))
             if desired.nft is not None and not (sys_net / policy.interface).exists():
@@ -446,8 +465,6 @@ def boot(backend: Backend, store: Store, runner: Runner, sys_net: Path = Path("/
             notes.append(f"hardening on {policy.interface}: " + ("; ".join(outcome.notes) if outcome.changed
                                                                  else "already live")
                          + f" ({len(desired.containers)} containers)")
-        else:
-            notes.append("nothing is recorded as applied: no rules loaded")
     kstate = None
     try:
         from hostprep import sysctl

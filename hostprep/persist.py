@@ -217,6 +217,10 @@ def report(paths: Paths, interface: str | None) -> dict:
         out["stale"] = [str(unit)]
         return out
     files = wanted_files(paths, interface, invocation) if interface else []
+    exe = invocation[0].split()[0]
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        out["stale"] = [f"{unit}: its interpreter {exe} does not exist (the boot would fail)"]
+        return out
     out["enabled"] = (paths.root / "etc/systemd/system" / f"{WANTED_BY}.wants" / UNIT).is_symlink()
     differs = []
     for f in files:

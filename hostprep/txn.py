@@ -307,10 +307,19 @@ def unit_name(cid: str) -> str:
     return f"hostprep-rollback-{cid}"
 
 
+def boot_id() -> str:
+    """This boot's id: a pending change armed in another boot outlived its timer (a reboot)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def arm(store: Store, runner: Runner, cid: str, seconds: int, command: str) -> dict:
     mech = timer_mechanism(store)
     deadline = time.time() + seconds
-    pending = {"id": cid, "command": command, "armed": now(), "seconds": seconds, "deadline": deadline,
+    pending = {"id": cid, "command": command, "armed": now(), "boot_id": boot_id(), "seconds": seconds,
+               "deadline": deadline,
                "deadline_text": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(deadline)),
                "mechanism": mech, "watcher_pid": None, "unit": None}
     write_atomic(pending_file(store), json.dumps(pending, indent=2) + "\n")
@@ -517,7 +526,8 @@ def confirm(store: Store, runner: Runner) -> dict:
         return dict(p, late=late)
 
 
-def rollback(backend, store: Store, runner: Runner, command: str, due: str | None = None) -> dict:
+def rollback(backend, store: Store, runner: Runner, command: str, due: str | None = None,
+             reason: str | None = None) -> dict:
     """Restore the state before the pending change, else before the last one.
 
     ``due``: called by the timer or the watcher for change ``due``; does nothing
@@ -537,7 +547,7 @@ def rollback(backend, store: Store, runner: Runner, command: str, due: str | Non
             raise InputError("rollback", "nothing to roll back: no change is recorded since the last "
                              "rollback", "see 'hostprep status'")
         snap = load_snapshot(store, cid)
-        why = "deadline passed without 'hostprep confirm'" if due else "on demand"
+        why = reason or ("deadline passed without 'hostprep confirm'" if due else "on demand")
         try:
             notes = restore(backend, store, snap)
         except HostprepError as err:

@@ -444,6 +444,13 @@ def test_iptables_services_restart_then_dropin_puts_chains_back(host, tmp_path, 
 
 # --------------------------------------------------------------------------- 4. pending confirmation
 
+def mark_armed_in_an_earlier_boot(pending: Path) -> None:
+    p = json.loads(pending.read_text())
+    assert len(p["boot_id"]) == 36                       # /proc/sys/kernel/random/boot_id of this boot
+    p["boot_id"] = "00000000-0000-0000-0000-000000000000"
+    pending.write_text(json.dumps(p))
+
+
 def test_unconfirmed_change_is_rolled_back_at_boot(host, spare):
     host.apply("-e")
     s0 = kernel_state(host, host.box.host)
@@ -457,7 +464,9 @@ def test_unconfirmed_change_is_rolled_back_at_boot(host, spare):
     s1 = kernel_state(host, host.box.host)
     assert s1 != s0 and s1["nft"] is not None
 
-    # Reboot without confirming: a fresh sandbox, the same state root.
+    # Reboot without confirming: a fresh sandbox, the same state root, and the
+    # change armed in an earlier boot (the machine's boot id cannot change here).
+    mark_armed_in_an_earlier_boot(pending)
     b = spare.sandbox()
     hb = dataclasses.replace(host, box=b)
     res = run_as_systemd(b.host, boot_unit(host))
@@ -478,14 +487,11 @@ def test_unconfirmed_change_is_rolled_back_at_boot(host, spare):
         == [None]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hostprep/txn.py:540 rollback() journals every rollback without "
-                   "'due' as 'on demand'; boot() (hostprep/apply.py:422) calls it for a change that was not "
-                   "confirmed before the reboot, so the journal says 'rolled back change ID (...), on demand' "
-                   "although nobody asked for it (boot's stdout says the real reason)")
 def test_boot_rollback_journal_gives_the_reason(host):
     host.apply("-e")
     host.apply("-p", SRC_A, "--confirm", "60")
     p = json.loads((host.root / "var/lib/hostprep/pending.json").read_text())
+    mark_armed_in_an_earlier_boot(host.root / "var/lib/hostprep/pending.json")
     try:
         res = run_as_systemd(host.box.host, boot_unit(host))
         assert res.returncode == 0, res.stdout + res.stderr
@@ -495,15 +501,9 @@ def test_boot_rollback_journal_gives_the_reason(host):
     rolled = [f[3] for f in journal(host) if f[2] == "hostprep boot" and f[3].startswith("rolled back change ")]
     head = f"rolled back change {p['id']} ({p['command']}), "
     assert len(rolled) == 1 and rolled[0].startswith(head), rolled
-    assert rolled[0][len(head):].split(": ", 1)[0] != "on demand"
+    assert rolled[0][len(head):].split(": ", 1)[0] == "it was not confirmed before the reboot"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hostprep/apply.py:420-423 boot() rolls back ANY pending change "
-                   "('was not confirmed before the reboot'), but the same 'hostprep boot' is the ExecStartPost/"
-                   "ExecReload/ExecStopPost of the iptables-services drop-ins and hostprep-nic@'s ExecStart: a "
-                   "'systemctl restart iptables' (or a NIC re-appearing) inside the --confirm window, with the "
-                   "watcher/timer still alive, undoes the admin's change early; 'hostprep confirm' then says no "
-                   "change waits")
 def test_iptables_restart_during_confirm_window_keeps_the_pending_change(host, tmp_path, spare):
     host.apply("-e")
     host.apply("-p", SRC_A, "--confirm", "60")

@@ -323,11 +323,6 @@ def test_report_compares_with_the_installed_invocation(paths, runner, monkeypatc
     assert (rep["installed"], rep["up_to_date"], rep["stale"]) == (True, False, [str(svc)])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hostprep/persist.py report() (lines 213-219) renders the expected "
-                   "units with the command the installed hostprep.service names and never checks that this "
-                   "command can run: a unit whose interpreter is gone (venv moved or deleted) is reported "
-                   "up_to_date, and status says 'the next boot loads exactly what is live' while the boot unit "
-                   "would fail with status=203/EXEC")
 def test_report_stale_when_the_installed_interpreter_is_gone(paths, runner, tmp_path):
     persist.install(paths, "eth1", runner)
     gone = str(tmp_path / "old-venv/bin/python")
