@@ -277,7 +277,11 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
     if plan.empty:
         store.journal(command, "nothing changed", "ok")
         return Outcome(False, [], [], plan.snapshot, plan.snapshot)
-    ex = execute(backend, plan)
+    try:
+        ex = execute(backend, plan)
+    except HostprepError as err:
+        store.journal(command, "; ".join(plan.notes()), f"failed: {err.line()}")
+        raise
     snap, problems = verify(backend, desired)
     if problems:
         # The kernel did not take what was loaded: put the previous state back
@@ -374,9 +378,12 @@ def _container_up_locked(backend: Backend, store: Store, c: Container,
     store.save_container(c)
     before = container_lines(outcome.before, previous) if previous else []
     after = container_lines(desired, c)
-    added = [ln for ln in after if ln not in before]
-    removed = [ln for ln in before if ln not in after]
-    kept = [ln for ln in after if ln in before]
+    # A rule is kept only within one family: moved from IPv4 to IPv6, every rule
+    # is removed from one table and added to the other, even where the text reads the same.
+    same = previous is not None and previous.family == c.family
+    added = [ln for ln in after if not (same and ln in before)]
+    removed = [ln for ln in before if not (same and ln in after)]
+    kept = [ln for ln in after if same and ln in before]
     return outcome, added, removed, kept
 
 

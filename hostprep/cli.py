@@ -332,10 +332,11 @@ def apply_cmd(
         if confirm_secs is not None:
             out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
         return
+    from hostprep import txn
+    txn.refuse_if_pending(store)
     prepared = prepare_firewall(policy, store, yes, False, force, backend) if policy is not None else None
     be = prepared[1] if prepared else None
     argv = "hostprep " + " ".join(sys.argv[1:])
-    from hostprep import txn
     bad: list = []
     with txn.change(be, store, argv, firewall=prepared is not None, kernel=do_kernel, confirm=confirm_secs) as ch:
         outcome = None
@@ -345,6 +346,8 @@ def apply_cmd(
         if do_kernel:
             bad = run_kernel_part(store, argv)
         ch.changed = do_kernel or bool(outcome and outcome.changed)
+    for note in ch.recovered:
+        err.print(f"[yellow]recovered:[/] {note}", markup=True)
     if prepared is not None:
         report_firewall(info, desired, outcome)
         install_persistence(store, policy.interface)
@@ -714,6 +717,8 @@ def container_up_cmd(
     from hostprep import envfiles
     need_root("container up")
     store = Store(Paths.from_env())
+    from hostprep import txn
+    txn.refuse_if_pending(store)
     policy = applymod.applied_policy(store)
     info = nicmod.nic_info(policy.interface)
     c = envfiles.load_container(name, env, core, installer, info.name, list(info.ipv4 + info.ipv6))
@@ -730,6 +735,8 @@ def container_up_cmd(
     with txn.change(be, store, argv, confirm=confirm_secs) as ch:
         outcome, added, removed, kept = applymod.container_up(be, store, c, argv)
         ch.changed = outcome.changed
+    for note in ch.recovered:
+        err.print(f"[yellow]recovered:[/] {note}", markup=True)
     store.write_container_log(name, container_log_text(name, c, added, removed, "up", kept), append=False)
     for w in outcome.warnings:
         err.print(f"[yellow]warning:[/] {w}", markup=True)
@@ -757,6 +764,8 @@ def container_down_cmd(
     with txn.change(be, store, argv, confirm=confirm_secs) as ch:
         outcome, removed = applymod.container_down(be, store, name, argv)
         ch.changed = outcome.changed
+    for note in ch.recovered:
+        err.print(f"[yellow]recovered:[/] {note}", markup=True)
     store.write_container_log(name, container_log_text(name, None, [], removed, "down"), append=True)
     out.print(f"container {name}: {len(removed)} rules removed; log {store.container_log(name)}")
     say_pending(ch)

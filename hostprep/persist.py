@@ -145,10 +145,11 @@ def _reload(paths: Paths, runner: Runner) -> None:
         runner.run(["systemctl", "daemon-reload"], check=False, mutates=True)
 
 
-def install(paths: Paths, interface: str, runner: Runner) -> list[str]:
+def install(paths: Paths, interface: str, runner: Runner,
+            invocation: tuple[str, list[tuple[str, str]]] | None = None) -> list[str]:
     """Write and enable the units for ``interface``; returns what changed (empty: all in place)."""
     changed: list[str] = []
-    want = wanted_files(paths, interface)
+    want = wanted_files(paths, interface, invocation)
     keep = {f.path for f in want}
     try:
         for f in want:

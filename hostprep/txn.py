@@ -262,7 +262,29 @@ def restore(backend, store: Store, snap: dict) -> list[str]:
         else:
             write_atomic(path, text, 0o644 if path.suffix == ".conf" or path.name == "settings.json" else 0o600)
         notes.append(f"{path.relative_to(root)} restored")
+    notes += _units_follow(store)
     return notes
+
+
+def _units_follow(store: Store) -> list[str]:
+    """Installed boot units follow the restored record (its external NIC), never this process's env."""
+    from hostprep import persist
+    invocation = persist.installed_invocation(store.paths)
+    record = read_json(store.paths.state_file)
+    iface = ((record or {}).get("settings") or {}).get("interface")
+    if invocation is None or not iface:
+        return []
+    changed = persist.install(store.paths, iface, Runner(), invocation)
+    return [f"boot units for {iface}: {len(changed)} files"] if changed else []
+
+
+def refuse_if_pending(store: Store) -> None:
+    """Before any prompt or guard: a change waiting for confirmation blocks the next one."""
+    p = pending(store)
+    if p:
+        raise RefusedError("confirmation", f"change {p['id']} ({p['command']}) waits for 'hostprep "
+                           f"confirm' until {p['deadline_text']}",
+                           "run 'hostprep confirm' to keep it or 'hostprep rollback' to undo it first")
 
 
 # -- confirmation timers -------------------------------------------------------
@@ -449,11 +471,7 @@ def change(backend, store: Store, command: str, *, firewall: bool = True, kernel
         try:
             faults.hit("locked")
             recovered = recover(backend, store, command)
-            p = pending(store)
-            if p:
-                raise RefusedError("confirmation", f"change {p['id']} ({p['command']}) waits for 'hostprep "
-                                   f"confirm' until {p['deadline_text']}",
-                                   "run 'hostprep confirm' to keep it or 'hostprep rollback' to undo it first")
+            refuse_if_pending(store)
             cid = new_id()
             snap = take(backend, store, firewall=firewall, kernel=kernel, command=command)
             save_snapshot(store, cid, snap)

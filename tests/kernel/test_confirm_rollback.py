@@ -674,11 +674,6 @@ def boot_units(host) -> dict[str, str]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the boot units that apply installs (hostprep.service, "
-                   "hostprep-nic@<NIC>) are written after the transaction (cli.py apply_cmd: "
-                   "install_persistence after 'with txn.change'), and txn.state_files() does not include "
-                   "them, so a rolled-back change of the external NIC leaves the boot units of the NIC "
-                   "that was not confirmed; status then says 'boot persistence: out of date' (exit 1)")
 def test_unconfirmed_nic_switch_rolls_back_the_boot_units_too(t):
     """Moving the hardening to another NIC is the change one fears most; its rollback must be whole."""
     host = t.host

@@ -19,7 +19,7 @@ break on a real host and check what the admin then finds:
   4. two applies at once: the second waits for the lock and wins; with
      HOSTPREP_LOCK_TIMEOUT it gives up naming the holder; ``status`` never waits;
   5. ``container up`` killed half-way, then run again (and, found on the way,
-     the container log of a move between families: xfail, a bug).
+     the container log of a move between families names every rule).
 
 Fault points and actions: hostprep/faults.py.  A paused process writes its PID
 into ``<HOSTPREP_FAULT_DIR>/<point>.reached`` and waits until the file is gone.
@@ -657,9 +657,6 @@ def test_container_up_killed_then_up_again(host, procs, tmp_path, point):
     assert report["containers"] == clean_list
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hostprep/apply.py:375-379 compares a container's rule lines "
-                   "without their family: moved from IPv4 to IPv6, the lines that read the same in both "
-                   "(rate log, rate drop) are logged as 'kept' and counted neither as removed nor added")
 def test_container_moved_to_ipv6_log_names_every_rule(host, tmp_path):
     host.hostprep(*apply_argv())
     host.hostprep(*fin_up(tmp_path, 4))
