@@ -407,8 +407,12 @@ def _container_down_locked(backend: Backend, store: Store, name: str,
 
 # -- boot -------------------------------------------------------------------------
 
-def boot(backend: Backend, store: Store, runner: Runner, sys_net: Path = Path("/sys/class/net")) -> list[str]:
+def boot(backend: Backend, store: Store, runner: Runner,
+         sys_net: Path = Path("/sys/class/net")) -> tuple[list[str], list[str]]:
     """What hostprep.service (and hostprep-nic@, and the iptables drop-ins) run.
+
+    Returns (notes, failures).  It fails closed: whatever cannot be read or
+    loaded is reported and the next safer thing is loaded, never nothing.
 
     1. an interrupted change is recovered (the state before it restored);
     2. a change that still waits for 'hostprep confirm' is rolled back when it
@@ -419,17 +423,28 @@ def boot(backend: Backend, store: Store, runner: Runner, sys_net: Path = Path("/
        the containers that were up, rendered afresh (no saved ruleset).  When
        the external NIC is not there yet, the iptables rules (which match it by
        name) are loaded anyway and the nft fragment table waits for
-       hostprep-nic@; when the containers' rules cannot be loaded, the base
-       hardening alone is (their ports stay closed: fail closed, never open);
-       with nothing recorded, any hostprep rules found are removed;
+       hostprep-nic@.  Then, as long as loading fails: without the containers
+       (their ports stay closed), without the nft table.  An unreadable
+       container record is skipped (its ports stay closed); an unusable
+       applied.json falls back to the remembered NIC's base hardening without
+       -p.  With nothing recorded, any hostprep rules found are removed;
     4. the kernel profile, when recorded, is written and read back again.
     """
+    import dataclasses
+    import time
     notes: list[str] = []
+    failures: list[str] = []
     with store.lock():
-        notes += txn.recover(backend, store, "hostprep boot")
-        p = txn.pending(store)
+        try:
+            notes += txn.recover(backend, store, "hostprep boot")
+        except HostprepError as err:
+            failures.append(f"recovering an interrupted change failed: {err.line()}")
+        try:
+            p = txn.pending(store)
+        except HostprepError as err:
+            failures.append(err.line())
+            p = None
         if p:
-            import time
             if p.get("boot_id") != txn.boot_id():
                 why = "was not confirmed before the reboot"
             elif time.time() >= p["deadline"]:
@@ -439,53 +454,83 @@ def boot(backend: Backend, store: Store, runner: Runner, sys_net: Path = Path("/
                 notes.append(f"change {p['id']} ({p['command']}) waits for 'hostprep confirm' until "
                              f"{p['deadline_text']}: kept, its timer is armed")
             if why:
-                txn.rollback(backend, store, runner, "hostprep boot", reason=f"it {why}")
-                notes.append(f"change {p['id']} ({p['command']}) {why}: rolled back")
-        record = store.applied()
-        if record is None:
-            # Nothing recorded as applied: none of hostprep's rules belongs in the kernel
-            # (a copy saved by iptables-services, say, is removed).
-            outcome = converge(backend, store, None, "hostprep boot")
-            notes.append("nothing is recorded as applied: " + ("removed " + "; ".join(outcome.notes)
-                                                               if outcome.changed else "no rules loaded"))
+                try:
+                    txn.rollback(backend, store, runner, "hostprep boot", reason=f"it {why}")
+                    notes.append(f"change {p['id']} ({p['command']}) {why}: rolled back")
+                except HostprepError as err:
+                    failures.append(f"rolling back change {p['id']} failed: {err.line()}")
+
+        policy: Policy | None = None
+        record_missing = False
+        try:
+            record = store.applied()
+            record_missing = record is None
+            if record is not None:
+                policy = policy_from_record(record)
+        except HostprepError as err:
+            failures.append(err.line())
+            try:
+                s = store.settings() or {}
+                if s.get("interface"):
+                    policy = Policy(s["interface"], bool(s.get("skip_ddos")), bool(s.get("allow_private")), ())
+                    notes.append(f"loading the remembered NIC's base hardening instead ({policy.interface}, "
+                                 "no -p sources: ping stays closed)")
+            except (HostprepError, AttributeError, TypeError) as serr:
+                failures.append(f"no usable remembered NIC either: {getattr(serr, 'problem', serr)}")
+        if policy is None:
+            if record_missing:
+                # Nothing recorded as applied: none of hostprep's rules belongs in the
+                # kernel (a copy saved by iptables-services, say, is removed).
+                try:
+                    outcome = converge(backend, store, None, "hostprep boot")
+                    notes.append("nothing is recorded as applied: " + ("removed " + "; ".join(outcome.notes)
+                                                                       if outcome.changed else "no rules loaded"))
+                except HostprepError as err:
+                    failures.append(err.line())
+            else:
+                failures.append("NOTHING LOADED: neither applied.json nor settings.json names the external NIC")
         else:
-            policy = policy_from_record(record)
-            desired = build_desired(policy, tuple(store.containers().values()))
+            containers, bad = store.containers_tolerant()
+            failures += [f"{e}: its ports stay closed" for e in bad]
+            desired = build_desired(policy, tuple(containers.values()))
             if desired.nft is not None and not (sys_net / policy.interface).exists():
-                import dataclasses
                 desired = dataclasses.replace(desired, nft=None)
                 notes.append(f"external NIC {policy.interface} is not present yet: its rules are loaded (they "
                              f"match it by name); the fragment table follows when it appears "
                              f"(hostprep-nic@{policy.interface})")
-            try:
-                outcome = converge(backend, store, desired, "hostprep boot")
-            except HostprepError as err:
-                if not desired.containers:
-                    raise
-                base = build_desired(policy, ())
-                if desired.nft is None:
-                    import dataclasses
-                    base = dataclasses.replace(base, nft=None)
-                outcome = converge(backend, store, base, "hostprep boot (base hardening only)")
-                notes.append(f"FAILED to load the containers' rules ({err.line()}): the base hardening alone is "
-                             "loaded, their ports stay closed")
-            notes.append(f"hardening on {policy.interface}: " + ("; ".join(outcome.notes) if outcome.changed
-                                                                 else "already live")
-                         + f" ({len(desired.containers)} containers)")
-    kstate = None
+            base = build_desired(policy, ())
+            attempts = [(desired, "hostprep boot")]
+            if desired.containers:
+                attempts.append((dataclasses.replace(base, nft=desired.nft),
+                                 "hostprep boot (base hardening only: the containers' ports stay closed)"))
+            if desired.nft is not None:
+                attempts.append((dataclasses.replace(base, nft=None),
+                                 "hostprep boot (base hardening without the fragment table)"))
+            for want, label in attempts:
+                try:
+                    outcome = converge(backend, store, want, label)
+                except HostprepError as err:
+                    failures.append(f"{label}: {err.line()}")
+                    continue
+                notes.append(f"hardening on {policy.interface}: " + ("; ".join(outcome.notes) if outcome.changed
+                                                                     else "already live")
+                             + f" ({len(want.containers)} containers)" + ("" if label == "hostprep boot"
+                                                                          else f" [{label[15:-1]}]"))
+                break
+            else:
+                failures.append("NOTHING LOADED: every attempt failed")
     try:
         from hostprep import sysctl
         kstate = sysctl.KernelState(store.paths).load()
-    except StateError as err:
-        notes.append(f"kernel record unreadable: {err.line()}")
-    if kstate and kstate.get("applied"):
-        from hostprep import sysctl
-        with store.lock():
-            report, _ = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
-        bad = [r.key for r in report if r.state in ("drift", "overridden")]
-        notes.append(f"kernel profile: {sum(1 for r in report if r.state == 'ok')} keys live"
-                     + (f", NOT live: {', '.join(bad)}" if bad else ""))
-    return notes
+        if kstate and kstate.get("applied"):
+            with store.lock():
+                report, _ = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
+            bad_keys = [r.key for r in report if r.state in ("drift", "overridden")]
+            notes.append(f"kernel profile: {sum(1 for r in report if r.state == 'ok')} keys live"
+                         + (f", NOT live: {', '.join(bad_keys)}" if bad_keys else ""))
+    except HostprepError as err:
+        failures.append(f"kernel profile: {err.line()}")
+    return notes, failures
 
 
 def untracked_connections(nic_addrs: list[str], proc: Path = Path("/proc")) -> int:

@@ -228,27 +228,28 @@ def print_kernel_dry_run(store: Store) -> None:
         out.print(f"  {key}: not in this kernel, would be skipped", markup=False)
 
 
-def run_kernel_part(store: Store, argv: str) -> list:
-    """Write, load and read back the kernel profile (inside the caller's change); returns the bad keys."""
+def run_kernel_part(store: Store, argv: str):
+    """Write, load and read back the kernel profile (inside the caller's change); prints nothing."""
     from hostprep import sysctl
-    if store.applied() is None:
-        err.print("[bold yellow]WARNING:[/] the profile turns on ip_forward (containers need it) but hostprep's "
-                  "firewall is not applied: nothing filters what is forwarded from the external NIC; run "
-                  "'hostprep apply -i <external NIC>'", markup=True)
     report, notes = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
-    for n in notes:
-        err.print(f"[yellow]note:[/] {n}", markup=True)
     bad = [r for r in report if r.state in ("drift", "overridden")]
-    for r in bad:
-        err.print(f"[red]kernel drift:[/] {r.key}: wanted {r.desired}, {r.detail}", markup=True)
     store.save_settings({"kernel": True})
     ok = sum(1 for r in report if r.state == "ok")
     store.journal(argv, f"kernel profile: {ok} keys live",
                   "ok" if not bad else f"{len(bad)} keys overridden or drifting")
+    return report, notes, bad
+
+
+def print_kernel_part(store: Store, report, notes, bad) -> None:
+    from hostprep import sysctl
+    for n in notes:
+        err.print(f"[yellow]note:[/] {n}", markup=True)
+    for r in bad:
+        err.print(f"[red]kernel drift:[/] {r.key}: wanted {r.desired}, {r.detail}", markup=True)
+    ok = sum(1 for r in report if r.state == "ok")
     out.print(f"kernel: {ok} of {len(report)} keys live and verified"
               + (f", {len(bad)} overridden or drifting (see above)" if bad else "")
               + f"; drop-in {store.paths.root / 'etc/sysctl.d' / sysctl.DROPIN_NAME}")
-    return bad
 
 
 ConfirmOpt = typer.Option(None, "--confirm", metavar="SECONDS", min=1, max=86400,
@@ -307,6 +308,9 @@ def apply_cmd(
     if disable and (interface is not None or skip_ddos or allow_private):
         raise InputError("-d/--disable", "Invalid option: option -d cannot be used with -i, -e or -a "
                          "arguments", "run 'hostprep apply -d' alone, or 'hostprep flush'")
+    if disable and (kernel or ping_from or confirm_secs is not None):
+        raise InputError("-d/--disable", "-d removes the firewall rules only; it takes no -k, -p or --confirm",
+                         "run 'hostprep apply -d' alone ('hostprep flush --kernel' restores the kernel values)")
     if disable:
         flush_cmd.__wrapped__(dry_run=dry_run, backend=backend, kernel=False, persistent=False)
         return
@@ -337,26 +341,38 @@ def apply_cmd(
     prepared = prepare_firewall(policy, store, yes, False, force, backend) if policy is not None else None
     be = prepared[1] if prepared else None
     argv = "hostprep " + " ".join(sys.argv[1:])
-    bad: list = []
+    if do_kernel and store.applied() is None and prepared is None:
+        err.print("[bold yellow]WARNING:[/] the profile turns on ip_forward (containers need it) but hostprep's "
+                  "firewall is not applied: nothing filters what is forwarded from the external NIC; run "
+                  "'hostprep apply -i <external NIC>'", markup=True)
+    kernel_result = None
+    # Nothing prints inside the change: a terminal gone with the SSH session must
+    # not turn a finished load into a failure.
     with txn.change(be, store, argv, firewall=prepared is not None, kernel=do_kernel, confirm=confirm_secs) as ch:
         outcome = None
         if prepared is not None:
             info, _, desired = prepared
             outcome = applymod.apply(be, store, desired, argv)
         if do_kernel:
-            bad = run_kernel_part(store, argv)
+            kernel_result = run_kernel_part(store, argv)
         ch.changed = do_kernel or bool(outcome and outcome.changed)
     for note in ch.recovered:
         err.print(f"[yellow]recovered:[/] {note}", markup=True)
     if prepared is not None:
         report_firewall(info, desired, outcome)
-        install_persistence(store, policy.interface)
+    if kernel_result is not None:
+        print_kernel_part(store, *kernel_result)
+    if prepared is not None or confirm_secs is not None or do_kernel:
+        # Without a firewall part (-k alone) the boot unit still rolls back a change
+        # not confirmed before a reboot and re-checks the kernel profile.
+        install_persistence(store, policy.interface if policy is not None else
+                            ((store.applied() or {}).get("settings") or {}).get("interface"))
     say_pending(ch)
-    if bad:
+    if kernel_result is not None and kernel_result[2]:
         raise typer.Exit(1)
 
 
-def install_persistence(store: Store, interface: str) -> None:
+def install_persistence(store: Store, interface: Optional[str]) -> None:
     from hostprep import persist
     try:
         changed = persist.install(store.paths, interface, Runner())
@@ -365,8 +381,9 @@ def install_persistence(store: Store, interface: str) -> None:
                   "now but will be gone after a reboot", markup=True)
         return
     if changed:
-        out.print(f"boot persistence: {persist.UNIT} and {persist.nic_instance(interface)} enabled "
-                  f"({len(changed)} files written under {store.paths.root / 'etc'})")
+        out.print(f"boot persistence: {persist.UNIT}"
+                  + (f" and {persist.nic_instance(interface)}" if interface else "")
+                  + f" enabled ({len(changed)} files written under {store.paths.root / 'etc'})")
 
 
 def report_firewall(info, desired, outcome) -> None:
@@ -537,13 +554,16 @@ def print_status(report: dict) -> None:
     if report.get("ipv6_parity") is not None:
         out.print(f"IPv6 parity: {'yes' if report['ipv6_parity'] else 'NO'}")
     pers = report.get("persistence") or {}
+    tx = report.get("transaction") or {}
     if pers.get("installed"):
         out.print(f"boot persistence: hostprep.service {'enabled' if pers['enabled'] else 'NOT enabled'}, "
                   f"{'up to date' if pers['up_to_date'] else 'OUT OF DATE'}"
                   + (f", {pers['nic_unit']}" if pers.get("nic_unit") else "")
                   + (f", iptables-services drop-ins ({', '.join(pers['iptables_dropins'])})"
                      if pers["iptables_dropins"] else "")
-                  + f"; the next boot loads {'exactly what is live' if pers['matches_live'] else 'the RECORDED state, which differs from what is live'}")
+                  + "; the next boot loads " + ("exactly what is live" if pers["matches_live"] else
+                                                    "the state before the PENDING change" if tx.get("pending")
+                                                    else "the RECORDED state, which differs from what is live"))
     elif pers:
         out.print("boot persistence: not installed")
     tx = report.get("transaction") or {}
@@ -608,8 +628,10 @@ def rollback_cmd(
     need_root("rollback")
     store = Store(Paths.from_env())
     runner = Runner()
-    if due is not None and wait and not txn.wait_until_due(store, due):
-        return
+    if due is not None and wait:
+        txn.ignore_hangup()
+        if not txn.wait_until_due(store, due):
+            return
     be = applymod.default_backend(runner, backend)
     what = "hostprep rollback" + (f" (deadline of change {due})" if due else "")
     while True:
@@ -647,15 +669,20 @@ def boot_cmd(backend: Optional[str] = BackendOpt) -> None:
 
     Recovers an interrupted change, rolls back a change that was never
     confirmed, then renders and loads the recorded hardening and containers
-    (no saved ruleset); fails closed to the base hardening if the containers'
-    rules cannot be loaded.
+    (no saved ruleset). Fails closed: what cannot be read or loaded is
+    reported (exit 1) and the base hardening is loaded without it.
     """
     need_root("boot")
     runner = Runner()
     store = Store(Paths.from_env())
     be = applymod.default_backend(runner, backend)
-    for note in applymod.boot(be, store, runner):
+    notes, failures = applymod.boot(be, store, runner)
+    for note in notes:
         out.print(f"hostprep boot: {note}")
+    if failures:
+        for f in failures:
+            err.print(f"[bold red]hostprep boot:[/] {f}", markup=True)
+        raise typer.Exit(1)
 
 
 def sandbox_name(name: str) -> None:

@@ -58,7 +58,11 @@ def nic_instance(nic: str) -> str:
 
 def command() -> str:
     """How the units start hostprep: this interpreter, so the venv it was installed in."""
-    return f"{sys.executable} -m hostprep"
+    exe = sys.executable
+    if not exe or any(c.isspace() or c in "\"'\\%$;" for c in exe):
+        raise StateError("python", f"{exe!r} cannot be written into a unit file (systemd splits or expands it)",
+                         "install hostprep in a path without spaces, quotes, '%', '$' or ';'")
+    return f"{exe} -m hostprep"
 
 
 def environment() -> list[tuple[str, str]]:
@@ -104,22 +108,24 @@ def installed_invocation(paths: Paths) -> tuple[str, list[tuple[str, str]]] | No
     return (cmd, env) if cmd else None
 
 
-def wanted_files(paths: Paths, interface: str,
+def wanted_files(paths: Paths, interface: str | None,
                  invocation: tuple[str, list[tuple[str, str]]] | None = None) -> list[HostFile]:
-    """The files for ``interface``; ``invocation``: (command, environment), default this process's."""
+    """The files for ``interface`` (None: -k only, no NIC unit); ``invocation``: (command,
+    environment), default this process's."""
     env = _env()
     unit_dir = paths.root / "etc/systemd/system"
     cmd, environ = invocation or (command(), environment())
-    ctx = {"command": cmd, "environment": environ, "interface": interface,
+    ctx = {"command": cmd, "environment": environ, "interface": interface or "none: kernel profile only",
            "state_dir": str(paths.state_dir), "log_dir": str(paths.log_dir)}
     files = [
         HostFile(unit_dir / UNIT, env.get_template("hostprep.service.j2").render(ctx)),
         HostFile(unit_dir / f"{WANTED_BY}.wants" / UNIT, None, f"/etc/systemd/system/{UNIT}"),
         HostFile(unit_dir / NIC_TEMPLATE, env.get_template("hostprep-nic@.service.j2").render(ctx)),
-        HostFile(unit_dir / f"{device_unit(interface)}.wants" / nic_instance(interface), None,
-                 f"/etc/systemd/system/{NIC_TEMPLATE}"),
         HostFile(paths.root / "etc/logrotate.d/hostprep", env.get_template("hostprep.j2").render(ctx)),
     ]
+    if interface:
+        files.insert(3, HostFile(unit_dir / f"{device_unit(interface)}.wants" / nic_instance(interface), None,
+                                 f"/etc/systemd/system/{NIC_TEMPLATE}"))
     for svc in IPTABLES_SERVICES:
         files.append(HostFile(unit_dir / f"{svc}.service.d/hostprep.conf",
                               env.get_template("iptables-dropin.conf.j2").render(dict(ctx, service=svc))))
@@ -145,7 +151,7 @@ def _reload(paths: Paths, runner: Runner) -> None:
         runner.run(["systemctl", "daemon-reload"], check=False, mutates=True)
 
 
-def install(paths: Paths, interface: str, runner: Runner,
+def install(paths: Paths, interface: str | None, runner: Runner,
             invocation: tuple[str, list[tuple[str, str]]] | None = None) -> list[str]:
     """Write and enable the units for ``interface``; returns what changed (empty: all in place)."""
     changed: list[str] = []
@@ -217,7 +223,7 @@ def report(paths: Paths, interface: str | None) -> dict:
     if invocation is None:
         out["stale"] = [str(unit)]
         return out
-    files = wanted_files(paths, interface, invocation) if interface else []
+    files = wanted_files(paths, interface, invocation)
     exe = invocation[0].split()[0]
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
         out["stale"] = [f"{unit}: its interpreter {exe} does not exist (the boot would fail)"]
@@ -235,5 +241,5 @@ def report(paths: Paths, interface: str | None) -> dict:
     out["iptables_dropins"] = [svc for svc in IPTABLES_SERVICES
                                if (paths.root / f"etc/systemd/system/{svc}.service.d/hostprep.conf").is_file()]
     out["stale"] = differs
-    out["up_to_date"] = bool(files) and not differs
+    out["up_to_date"] = not differs
     return out

@@ -45,12 +45,18 @@ def write_atomic(path: Path, text: str, mode: int = 0o600, fault: str | None = N
             faults.hit(fault)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except OSError:
+            # a full disk must not fill up with half-written temporaries
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     except OSError as err:
         raise StateError(str(path), f"cannot write ({err.strerror})",
                          "check that the state directory is writable and the disk not full") from None
@@ -176,6 +182,27 @@ class Store:
                 out[c.name] = c
         return out
 
+    def containers_tolerant(self) -> tuple[dict, list[str]]:
+        """As containers(), but an unreadable record is skipped and reported (boot fails closed)."""
+        from hostprep.model import Container
+
+        out, bad = {}, []
+        try:
+            files = sorted(self.containers_dir.glob("*.json")) if self.containers_dir.is_dir() else []
+        except OSError as err:
+            return {}, [f"{self.containers_dir}: cannot read ({err.strerror})"]
+        for f in files:
+            try:
+                data = read_json(f)
+                if data:
+                    c = Container.from_dict(data)
+                    out[c.name] = c
+            except StateError as err:
+                bad.append(err.line())
+            except Exception as err:  # noqa: BLE001 - any malformed record is skipped, never fatal at boot
+                bad.append(f"{f}: malformed container record ({type(err).__name__}: {err})")
+        return out, bad
+
     def save_container(self, c) -> None:
         write_atomic(self.containers_dir / f"{c.name}.json", json.dumps(c.as_dict(), indent=2) + "\n",
                      fault="record")
@@ -203,7 +230,9 @@ class Store:
         line = f"{now()}\t{who()}\t{command}\t{changed}\t{result}\n"
         try:
             self.paths.log_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.paths.journal, "a") as fh:
+            # 0640 as logrotate's 'create' makes it: commands and users are not for everyone
+            fd = os.open(self.paths.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            with os.fdopen(fd, "a") as fh:
                 fh.write(line)
         except OSError as err:
             print(f"warning: journal {self.paths.journal} not written ({err.strerror})", file=sys.stderr)

@@ -137,12 +137,17 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     if desired is not None and nplan.action != "none":
         problems.append(f"nft ingress table: {nplan.reason}")
     from hostprep import persist, txn
-    report["transaction"], tx_problems = txn.status_section(backend, store, runner)
+    try:
+        report["transaction"], tx_problems = txn.status_section(backend, store, runner)
+    except HostprepError as err:
+        report["transaction"], tx_problems = {"error": err.line()}, [f"transaction state: {err.line()}"]
     problems.extend(tx_problems)
     firewall_problems = [p for p in problems if p.startswith(("IPv", "container ", "ipset ", "nft "))]
     report["persistence"] = persist.report(store.paths, iface if record else None)
     pers = report["persistence"]
-    pers["matches_live"] = bool(record) and not firewall_problems and nplan.action == "none"
+    # While a change waits for confirmation the next boot rolls it back: not what is live.
+    pers["matches_live"] = (bool(record) and not firewall_problems and nplan.action == "none"
+                            and not (report["transaction"] or {}).get("pending"))
     if record and not pers["installed"]:
         problems.append("boot persistence: hostprep.service is not installed: the hardening is gone after a "
                         "reboot (run 'hostprep apply')")

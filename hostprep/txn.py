@@ -214,7 +214,7 @@ def firewall_differs(backend, snap: dict) -> list[str]:
     return plan.notes()
 
 
-def restore(backend, store: Store, snap: dict) -> list[str]:
+def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/net")) -> list[str]:
     """Bring hostprep's part of the host back to ``snap``; returns what was changed."""
     from hostprep import apply as applymod
     notes: list[str] = []
@@ -222,6 +222,17 @@ def restore(backend, store: Store, snap: dict) -> list[str]:
         be = _backend_for(snap, backend)
         target = target_of(snap)
         rec = {"nft": {"script": target.nft.script, "live": snap["nft"]["text"]}} if target.nft else None
+        if target.nft is not None and not (sys_net / target.nft.device).exists():
+            # Kernels before 6.x refuse an ingress hook on a missing device; the
+            # iptables part (matching the NIC by name) is restored all the same and
+            # hostprep-nic@ adds the table when the NIC appears.
+            import dataclasses
+            target = dataclasses.replace(target, nft=None)
+            live_nft = be.nft_observe()
+            if live_nft is not None:
+                target = dataclasses.replace(target, nft=NftIngress(live_nft.device, ""))
+                rec = {"nft": {"script": "", "live": live_nft.text}}
+            notes.append(f"nft table: {snap['nft']['device']} is not present, left to hostprep-nic@")
         plan = applymod.make_plan(be, target, rec)
         if not plan.empty:
             ex = applymod.execute(be, plan)
@@ -363,7 +374,15 @@ def arm(store: Store, runner: Runner, cid: str, seconds: int, command: str) -> d
 
 
 def pending(store: Store) -> dict | None:
-    return read_json(pending_file(store))
+    p = read_json(pending_file(store))
+    if p is None:
+        return None
+    ok = (isinstance(p.get("id"), str) and isinstance(p.get("command"), str)
+          and isinstance(p.get("deadline"), (int, float)) and isinstance(p.get("deadline_text"), str))
+    if not ok:
+        raise StateError(str(pending_file(store)), "malformed record of a change waiting for confirmation",
+                         "run 'hostprep rollback' if its snapshot exists, else remove the file")
+    return p
 
 
 def _watcher_alive(pid: int | None, cid: str) -> bool:
@@ -439,18 +458,61 @@ def recover(backend, store: Store, by: str = "hostprep") -> list[str]:
                       "marker removed; run 'hostprep apply' to converge")
         return [f"interrupted change {cid}: no snapshot; marker removed"]
     notes = restore(backend, store, snap)
-    p = pending(store)
+    try:
+        p = pending(store)
+    except StateError:
+        p = None
     if p and p.get("id") == cid:
         disarm(store, Runner(), p)
+    last = _read_text(last_file(store))
+    if last and last.strip() == cid:
+        _unlink(last_file(store))
     _unlink(inflight_file(store))
     _unlink(snapshot_file(store, cid))
-    store.journal(f"recover (by {by})", f"change {cid} ({marker.get('command')}, PID {marker.get('pid')}) was interrupted; "
-                  f"the state before it is restored: {'; '.join(notes) or 'nothing had changed'}", "ok")
-    return [f"change {cid} ({marker.get('command')}) was interrupted (PID {marker.get('pid')}); the state "
-            f"before it is restored" + (f" ({len(notes)} items)" if notes else " (nothing had changed)")]
+    if marker.get("kind") == "rollback":
+        what = f"was being rolled back (PID {marker.get('pid')}) when that was interrupted; the rollback is finished"
+        _note_rolled_back(store, cid, marker.get("command"), "its interrupted rollback was finished")
+        logged = f"change {cid} ({marker.get('command')}) {what}"
+    else:
+        what = f"was interrupted (PID {marker.get('pid')}); the state before it is restored"
+        logged = (f"change {cid} ({marker.get('command')}, PID {marker.get('pid')}) was interrupted; "
+                  "the state before it is restored")
+    store.journal(f"recover (by {by})", f"{logged}: {'; '.join(notes) or 'nothing had changed'}", "ok")
+    return [f"change {cid} ({marker.get('command')}) {what}"
+            + (f" ({len(notes)} items)" if notes else " (nothing had changed)")]
+
+
+def _note_rolled_back(store: Store, cid: str, command: str | None, why: str) -> None:
+    """What 'hostprep confirm' tells when it comes too late."""
+    with contextlib.suppress(StateError):
+        write_atomic(rollback_dir(store) / "rolled-back.json",
+                     json.dumps({"id": cid, "command": command, "why": why, "time": now()}) + "\n")
 
 
 _depth: dict[int, int] = {}
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGHUP (the SSH session gone), SIGINT and SIGTERM wait until the change is whole.
+
+    Delivered again, with their default effect, once the change has been
+    recorded or undone: a hang-up never leaves one family loaded and the other not.
+    """
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    sigs = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(got):
+            os.kill(os.getpid(), sig)
 
 
 @contextlib.contextmanager
@@ -466,7 +528,7 @@ def change(backend, store: Store, command: str, *, firewall: bool = True, kernel
             _depth[key] -= 1
         return
     runner = runner or Runner()
-    with store.lock():
+    with _signals_deferred(), store.lock():
         _depth[key] = 1
         try:
             faults.hit("locked")
@@ -503,14 +565,20 @@ def _fail(backend, store: Store, ch: Change, exc: BaseException, command: str) -
             exc.fix = "the next hostprep command retries the restore; 'hostprep status' shows what is live"
             exc.args = (exc.line(),)
         return
-    if ch.pending:
-        disarm(store, Runner(), ch.pending)
+    try:
+        p = ch.pending or pending(store)
+    except StateError:
+        p = None
+    if p and p.get("id") == ch.id:
+        disarm(store, Runner(), p)
     with contextlib.suppress(OSError):
         _unlink(inflight_file(store))
         _unlink(snapshot_file(store, ch.id))
-    if notes:
+    if notes or not isinstance(exc, CommandFailed):
+        # (a failed load or read-back is journalled by converge itself)
         store.journal(command, f"change {ch.id} failed ({exc})", "the state before it is restored: "
-                      + "; ".join(notes))
+                      + "; ".join(notes) if notes else "nothing had changed")
+    if notes:
         if isinstance(exc, HostprepError):
             exc.problem += "; the host was brought back to the recorded state before this change"
             exc.args = (exc.line(),)
@@ -532,10 +600,21 @@ def _close(store: Store, runner: Runner, ch: Change, command: str) -> None:
 
 # -- confirm / rollback ------------------------------------------------------------
 
-def confirm(store: Store, runner: Runner) -> dict:
+def confirm(store: Store, runner: Runner, backend=None) -> dict:
     with store.lock():
+        # An interrupted change (or rollback) is undone first: confirming it would
+        # keep a state nobody recorded.
+        recovered = recover(backend, store, "hostprep confirm")
         p = pending(store)
         if p is None:
+            gone = read_json(rollback_dir(store) / "rolled-back.json") if not recovered else None
+            if recovered:
+                raise RefusedError("confirm", recovered[0] + "; nothing is left to confirm",
+                                   "apply the change again if you want it")
+            if gone:
+                raise InputError("confirm", f"no change waits for confirmation: change {gone.get('id')} "
+                                 f"({gone.get('command')}) was rolled back at {gone.get('time')} "
+                                 f"({gone.get('why')})", "apply it again if you want it")
             raise InputError("confirm", "no change waits for confirmation", "see 'hostprep status'")
         late = time.time() >= p["deadline"]
         disarm(store, runner, p)
@@ -566,24 +645,37 @@ def rollback(backend, store: Store, runner: Runner, command: str, due: str | Non
                              "rollback", "see 'hostprep status'")
         snap = load_snapshot(store, cid)
         why = reason or ("deadline passed without 'hostprep confirm'" if due else "on demand")
+        # A rollback killed half-way is finished by the next command (recover()).
+        write_atomic(inflight_file(store), json.dumps({"id": cid, "kind": "rollback", "pid": os.getpid(),
+                                                       "command": snap.get("command"), "time": now()}) + "\n")
         try:
             notes = restore(backend, store, snap)
         except HostprepError as err:
-            store.journal(command, f"rollback of change {cid} ({snap.get('command')}), {why}", f"FAILED: {err}")
+            store.journal(command, f"rollback of change {cid} ({snap.get('command')}), {why}", f"FAILED: {err}; "
+                          "the next hostprep command retries it")
             raise
         if p:
             disarm(store, runner, p)
         _unlink(last_file(store))
+        _unlink(inflight_file(store))
         _unlink(snapshot_file(store, cid))
+        _note_rolled_back(store, cid, snap.get("command"), why)
         store.journal(command, f"rolled back change {cid} ({snap.get('command')}), {why}: "
                       + ("; ".join(notes) or "nothing differed"), "ok")
         return {"id": cid, "skipped": False, "recovered": recovered, "notes": notes,
                 "command": snap.get("command"), "why": why}
 
 
-def wait_until_due(store: Store, cid: str) -> bool:
-    """The watcher: sleep until the deadline of ``cid``; False when it was confirmed meanwhile."""
+def ignore_hangup() -> None:
+    """The watcher runs in a session of its own; should a hang-up reach it anyway, it stays."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def wait_until_due(store: Store, cid: str) -> bool:
+    """The watcher: sleep until the deadline of ``cid``; False when it was confirmed meanwhile.
+
+    (The watcher process ignores SIGHUP: see ignore_hangup(), called by the CLI.)
+    """
     while True:
         try:
             p = pending(store)

@@ -263,11 +263,14 @@ def test_confirm_without_a_pending_change_is_one_clear_error(store, FakeRunner):
 
 
 def test_the_watcher_sleeps_until_the_deadline_and_stops_when_confirmed(store):
-    write(txn.pending_file(store), json.dumps({"id": "W1", "deadline": time.time() + 0.4}))
+    def armed(cid, seconds):
+        write(txn.pending_file(store), json.dumps({"id": cid, "command": "c", "deadline": time.time() + seconds,
+                                                   "deadline_text": "t"}))
+    armed("W1", 0.4)
     t0 = time.monotonic()
     assert txn.wait_until_due(store, "W1") is True
     assert time.monotonic() - t0 >= 0.35
-    write(txn.pending_file(store), json.dumps({"id": "W2", "deadline": time.time() + 30}))
+    armed("W2", 30)
     assert txn.wait_until_due(store, "W1") is False       # another change is pending: not ours
 
 
@@ -331,3 +334,91 @@ def test_cli_confirm_option_is_bounded():
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert "--confirm" in res.stderr
+
+
+# -- review fixes: rollbacks killed half-way, late confirms, failed arming, signals --------------------
+
+def test_a_rollback_killed_half_way_is_finished_and_confirm_refuses(store, FakeRunner):
+    before = seed(store)
+    with txn.change(None, store, "hostprep apply --confirm 60", firewall=False) as ch:
+        write(store.paths.settings_file, '{"interface": "eth2"}\n')
+    write(txn.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 60",
+                                               "deadline": time.time() + 60, "deadline_text": "soon",
+                                               "mechanism": "process", "watcher_pid": None}))
+    # what rollback() writes before it restores; the process then died
+    write(txn.inflight_file(store), json.dumps({"id": ch.id, "kind": "rollback", "pid": 1,
+                                                "command": "hostprep apply --confirm 60"}))
+    with pytest.raises(RefusedError) as exc:
+        txn.confirm(store, FakeRunner())
+    assert exc.value.problem == (f"change {ch.id} (hostprep apply --confirm 60) was being rolled back (PID 1) when "
+                                 "that was interrupted; the rollback is finished (1 items); nothing is left to confirm")
+    assert {p: p.read_text() for p in before} == before
+    assert (txn.pending_file(store).exists(), txn.inflight_file(store).exists(), txn.last_file(store).exists()) \
+        == (False, False, False)
+
+
+def test_confirm_after_the_rollback_says_when_and_why(store, FakeRunner):
+    seed(store)
+    with txn.change(None, store, "hostprep apply --confirm 1", firewall=False) as ch:
+        write(store.paths.settings_file, '{"interface": "eth2"}\n')
+    write(txn.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 1",
+                                               "deadline": time.time() - 1, "deadline_text": "then",
+                                               "mechanism": "process", "watcher_pid": None}))
+    txn.rollback(None, store, FakeRunner(), "hostprep rollback (deadline)", due=ch.id)
+    with pytest.raises(InputError) as exc:
+        txn.confirm(store, FakeRunner())
+    assert exc.value.problem.startswith(f"no change waits for confirmation: change {ch.id} (hostprep apply "
+                                        "--confirm 1) was rolled back at ")
+    assert exc.value.problem.endswith("(deadline passed without 'hostprep confirm')")
+
+
+def test_a_failed_arming_leaves_no_pending_change_behind(store, monkeypatch):
+    seed(store)
+    monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "process")
+
+    def no_fork(*a, **k):
+        raise OSError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(txn.subprocess, "Popen", no_fork)
+    with pytest.raises(OSError):
+        with txn.change(None, store, "hostprep apply --confirm 60", firewall=False, confirm=60):
+            pytest.fail("the change must not run without its rollback armed")
+    assert (txn.pending_file(store).exists(), txn.inflight_file(store).exists()) == (False, False)
+    with txn.change(None, store, "hostprep apply", firewall=False):   # the next change is not refused
+        pass
+    assert "nothing had changed" in store.paths.journal.read_text()
+
+
+def test_a_malformed_pending_record_is_one_clear_line(store):
+    write(txn.pending_file(store), '{"id": "x"}')
+    with pytest.raises(StateError) as exc:
+        txn.pending(store)
+    assert exc.value.line() == (f"{txn.pending_file(store)}: malformed record of a change waiting for confirmation "
+                                "(run 'hostprep rollback' if its snapshot exists, else remove the file)")
+
+
+def test_hangup_and_terminate_wait_until_the_change_is_whole(store):
+    import signal
+    seed(store)
+    got = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        with txn.change(None, store, "hostprep apply", firewall=False):
+            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert got == []                                  # deferred: the change goes on
+            write(store.paths.settings_file, '{"interface": "eth2"}\n')
+        assert got == [signal.SIGHUP, signal.SIGTERM]         # delivered once the change was recorded
+        assert not txn.inflight_file(store).exists()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_apply_d_takes_no_confirm():
+    res = subprocess.run([sys.executable, "-m", "hostprep", "apply", "-d", "--confirm", "30"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: -d/--disable: -d removes the firewall rules only; it takes no -k, -p or --confirm (run 'hostprep "
+        "apply -d' alone ('hostprep flush --kernel' restores the kernel values))"]
