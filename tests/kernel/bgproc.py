@@ -6,6 +6,7 @@ import queue
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 
 class Bg:
@@ -44,3 +45,15 @@ class Bg:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=5)
+
+
+def watcher_alive(pid: int | None, cid: str | None = None) -> bool:
+    """The --confirm rollback watcher (of change ``cid``, if given) runs; a zombie or a reused PID has
+    another command line."""
+    if not pid:
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"rollback" in argv and b"--due" in argv and (cid is None or cid.encode() in argv)

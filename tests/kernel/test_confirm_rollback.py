@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 import pytest
+from bgproc import watcher_alive
+from test_kernel_sysctl import key_path, read_machine
 
 from hostprep import sysctl
 from hostprep.sandbox import HOST_EXT4, INET4, INET_EXTRA4
@@ -108,15 +110,6 @@ def pending(host) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def watcher_alive(pid: int | None) -> bool:
-    """The watcher process is running (a zombie or a reused PID has another command line)."""
-    if not pid:
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"rollback" in argv and b"--due" in argv
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
@@ -692,7 +685,6 @@ def test_unconfirmed_nic_switch_rolls_back_the_boot_units_too(t):
 
 # --------------------------------------------------------------------------- 8. apply -k, unconfirmed
 
-MACHINE_PROC_SYS = Path("/proc/sys")
 PROFILE = {s.key: s.value for s in sysctl.profile()}
 NET = [k for k in PROFILE if k.startswith("net.")]
 OTHER = [k for k in PROFILE if not k.startswith("net.")]
@@ -714,19 +706,6 @@ print(json.dumps(out))
 VOLATILE = {"/proc/sys/net/netfilter/nf_conntrack_count"}
 
 
-def key_path(root: Path, key: str) -> Path:
-    return root.joinpath(*key.split("."))
-
-
-def read_machine(keys) -> dict[str, str | None]:
-    """The machine's own values (read only; this process is in the machine's namespace)."""
-    out = {}
-    for key in keys:
-        try:
-            out[key] = key_path(MACHINE_PROC_SYS, key).read_text()
-        except OSError:
-            out[key] = None
-    return out
 
 
 def net_tree(host) -> dict[str, str]:

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bgproc import watcher_alive
 
 from hostprep.runner import Runner
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET4, INET6, INET_EXTRA4, Sandbox
@@ -229,15 +230,6 @@ def journal(host) -> list[list[str]]:
     return [ln.split("\t") for ln in p.read_text().splitlines()] if p.is_file() else []
 
 
-def watcher_alive(pid: int | None, cid: str) -> bool:
-    """The rollback watcher of change ``cid`` runs (a zombie or a reused PID has another command line)."""
-    if not pid:
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"--due" in argv and cid.encode() in argv
 
 
 def wait_for(predicate, timeout: float) -> bool:
