@@ -451,6 +451,36 @@ def test_kill_action_before_record_then_rollback_restores(host):
     assert (code, report["problems"], report["transaction"]["interrupted"]) == (0, [], None)
 
 
+def test_rollback_killed_between_families_is_finished_and_not_confirmed(host):
+    """A rollback (the timer's, or on demand) is a change too: killed after IPv4, the next command finishes
+    it; 'hostprep confirm' must not keep the half-rolled-back state (review finding)."""
+    before, before_record = clean_state(host, "-a")
+    files = state_files(host)
+    host.hostprep(*apply_argv("-e"), "--confirm", "600")
+    p = json.loads((host.root / STATE / "pending.json").read_text())
+    res = host.hostprep("rollback", check=False, env={"HOSTPREP_FAULT": "between-families:kill"})
+    assert res.returncode == -signal.SIGKILL
+    marker = json.loads(inflight(host).read_text())
+    assert (marker["id"], marker["kind"]) == (p["id"], "rollback")
+    assert kernel_state(host) not in (before,)                          # IPv4 back, IPv6 not yet
+    res = host.hostprep("confirm", check=False)
+    assert res.returncode == 2
+    assert one_error_line(res) == (f"error: confirm: change {p['id']} ({command_of(*apply_argv('-e'), '--confirm', '600')})"
+                                   " was being rolled back (PID " f"{marker['pid']}) when that was interrupted; the "
+                                   "rollback is finished (7 items); nothing is left to confirm (apply the change "
+                                   "again if you want it)")
+    assert kernel_state(host) == before
+    after = state_files(host)
+    note = json.loads(after.pop(f"{STATE}/rollback/rolled-back.json"))    # what a late 'confirm' tells
+    assert (note["id"], note["why"]) == (p["id"], "its interrupted rollback was finished")
+    def outside_rollback_dir(d):
+        return {k: v for k, v in d.items() if not k.startswith(f"{STATE}/rollback/")}
+    assert outside_rollback_dir(after) == outside_rollback_dir(files) and record(host) == before_record
+    assert not (host.root / STATE / "pending.json").exists() and not inflight(host).exists()
+    code, report = status_json(host)
+    assert (code, report["problems"]) == (0, [])
+
+
 # --------------------------------------------------------------------------- 3. the record cannot be written
 
 @pytest.mark.parametrize("action,strerror", [("enospc", "No space left on device"),
