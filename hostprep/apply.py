@@ -266,13 +266,20 @@ class Outcome:
     after: Snapshot | None = None
 
 
-def converge(backend: Backend, store: Store, desired: Desired | None, command: str) -> Outcome:
+_READ = object()
+
+
+def converge(backend: Backend, store: Store, desired: Desired | None, command: str,
+             record: dict | None | object = _READ) -> Outcome:
     """Bring hostprep's part of the kernel to ``desired`` (None: remove it all), verify, journal.
 
     The one path every command that changes rules goes through (apply, flush,
     container up/down).  The caller records its own state after this returns.
+    ``record``: the last apply's record (read from the store unless given; boot
+    passes None when applied.json is unusable).
     """
-    record = store.applied()
+    if record is _READ:
+        record = store.applied()
     plan = make_plan(backend, desired, record)
     if plan.empty:
         store.journal(command, "nothing changed", "ok")
@@ -281,6 +288,7 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
         ex = execute(backend, plan)
     except HostprepError as err:
         store.journal(command, "; ".join(plan.notes()), f"failed: {err.line()}")
+        err.journalled = True
         raise
     snap, problems = verify(backend, desired)
     if problems:
@@ -289,8 +297,10 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
         failed = undo(backend, plan, ex)
         state = "the previous rules are back" if not failed else "ROLLBACK FAILED: " + "; ".join(failed)
         store.journal(command, "; ".join(plan.notes()), "verify failed: " + "; ".join(problems) + f"; {state}")
-        raise CommandFailed("verify", "the kernel does not hold what was loaded: " + "; ".join(problems)
-                            + f"; {state}", "run 'hostprep status' and report this")
+        failed_verify = CommandFailed("verify", "the kernel does not hold what was loaded: " + "; ".join(problems)
+                                      + f"; {state}", "run 'hostprep status' and report this")
+        failed_verify.journalled = True
+        raise failed_verify
     warnings = finish(backend, plan, ex)
     faults.hit("before-record")
     store.journal(command, "; ".join(plan.notes()), "ok")
@@ -435,14 +445,16 @@ def boot(backend: Backend, store: Store, runner: Runner,
     notes: list[str] = []
     failures: list[str] = []
     with store.lock():
+        # Nothing in these steps may keep the hardening from loading below: any
+        # error (a snapshot of the wrong shape too) is reported and boot goes on.
         try:
             notes += txn.recover(backend, store, "hostprep boot")
-        except HostprepError as err:
-            failures.append(f"recovering an interrupted change failed: {err.line()}")
+        except Exception as err:  # noqa: BLE001
+            failures.append(f"recovering an interrupted change failed: {_line(err)}")
         try:
             p = txn.pending(store)
-        except HostprepError as err:
-            failures.append(err.line())
+        except Exception as err:  # noqa: BLE001
+            failures.append(_line(err))
             p = None
         if p:
             if p.get("boot_id") != txn.boot_id():
@@ -457,17 +469,19 @@ def boot(backend: Backend, store: Store, runner: Runner,
                 try:
                     txn.rollback(backend, store, runner, "hostprep boot", reason=f"it {why}")
                     notes.append(f"change {p['id']} ({p['command']}) {why}: rolled back")
-                except HostprepError as err:
-                    failures.append(f"rolling back change {p['id']} failed: {err.line()}")
+                except Exception as err:  # noqa: BLE001
+                    failures.append(f"rolling back change {p['id']} failed: {_line(err)}")
 
         policy: Policy | None = None
         record_missing = False
+        record: dict | None = None
         try:
             record = store.applied()
             record_missing = record is None
             if record is not None:
                 policy = policy_from_record(record)
         except HostprepError as err:
+            record = None       # converge must not read it again
             failures.append(err.line())
             try:
                 s = store.settings() or {}
@@ -482,7 +496,7 @@ def boot(backend: Backend, store: Store, runner: Runner,
                 # Nothing recorded as applied: none of hostprep's rules belongs in the
                 # kernel (a copy saved by iptables-services, say, is removed).
                 try:
-                    outcome = converge(backend, store, None, "hostprep boot")
+                    outcome = converge(backend, store, None, "hostprep boot", record=None)
                     notes.append("nothing is recorded as applied: " + ("removed " + "; ".join(outcome.notes)
                                                                        if outcome.changed else "no rules loaded"))
                 except HostprepError as err:
@@ -499,23 +513,22 @@ def boot(backend: Backend, store: Store, runner: Runner,
                              f"match it by name); the fragment table follows when it appears "
                              f"(hostprep-nic@{policy.interface})")
             base = build_desired(policy, ())
-            attempts = [(desired, "hostprep boot")]
+            attempts = [(desired, "")]
             if desired.containers:
                 attempts.append((dataclasses.replace(base, nft=desired.nft),
-                                 "hostprep boot (base hardening only: the containers' ports stay closed)"))
+                                 "base hardening only: the containers' ports stay closed"))
             if desired.nft is not None:
-                attempts.append((dataclasses.replace(base, nft=None),
-                                 "hostprep boot (base hardening without the fragment table)"))
+                attempts.append((dataclasses.replace(base, nft=None), "base hardening without the fragment table"))
             for want, label in attempts:
                 try:
-                    outcome = converge(backend, store, want, label)
+                    outcome = converge(backend, store, want, "hostprep boot" + (f" ({label})" if label else ""),
+                                       record=record)
                 except HostprepError as err:
-                    failures.append(f"{label}: {err.line()}")
+                    failures.append(f"loading {label or 'the recorded state'} failed: {err.line()}")
                     continue
                 notes.append(f"hardening on {policy.interface}: " + ("; ".join(outcome.notes) if outcome.changed
                                                                      else "already live")
-                             + f" ({len(want.containers)} containers)" + ("" if label == "hostprep boot"
-                                                                          else f" [{label[15:-1]}]"))
+                             + f" ({len(want.containers)} containers)" + (f" ({label})" if label else ""))
                 break
             else:
                 failures.append("NOTHING LOADED: every attempt failed")
@@ -531,6 +544,10 @@ def boot(backend: Backend, store: Store, runner: Runner,
     except HostprepError as err:
         failures.append(f"kernel profile: {err.line()}")
     return notes, failures
+
+
+def _line(err: Exception) -> str:
+    return err.line() if isinstance(err, HostprepError) else f"{type(err).__name__}: {err}"
 
 
 def untracked_connections(nic_addrs: list[str], proc: Path = Path("/proc")) -> int:

@@ -356,34 +356,42 @@ def apply_cmd(
         if do_kernel:
             kernel_result = run_kernel_part(store, argv)
         ch.changed = do_kernel or bool(outcome and outcome.changed)
+        # The boot units belong to the change: a hang-up right after it must not
+        # leave the new hardening live without them.  (-k alone installs them too:
+        # the boot unit rolls back an unconfirmed -k at the next boot.)
+        persistence = persistence_part(store, policy.interface if policy is not None else
+                                       ((store.applied() or {}).get("settings") or {}).get("interface"))
     for note in ch.recovered:
         err.print(f"[yellow]recovered:[/] {note}", markup=True)
     if prepared is not None:
         report_firewall(info, desired, outcome)
     if kernel_result is not None:
         print_kernel_part(store, *kernel_result)
-    if prepared is not None or confirm_secs is not None or do_kernel:
-        # Without a firewall part (-k alone) the boot unit still rolls back a change
-        # not confirmed before a reboot and re-checks the kernel profile.
-        install_persistence(store, policy.interface if policy is not None else
-                            ((store.applied() or {}).get("settings") or {}).get("interface"))
+    persistence()
     say_pending(ch)
     if kernel_result is not None and kernel_result[2]:
         raise typer.Exit(1)
 
 
-def install_persistence(store: Store, interface: Optional[str]) -> None:
+def persistence_part(store: Store, interface: Optional[str]):
+    """Install the boot units now (silently); returns what prints the outcome later."""
     from hostprep import persist
     try:
         changed = persist.install(store.paths, interface, Runner())
     except HostprepError as exc:
-        err.print(f"[bold red]WARNING:[/] boot persistence not installed: {exc.line()}; the hardening is live "
-                  "now but will be gone after a reboot", markup=True)
-        return
-    if changed:
-        out.print(f"boot persistence: {persist.UNIT}"
-                  + (f" and {persist.nic_instance(interface)}" if interface else "")
-                  + f" enabled ({len(changed)} files written under {store.paths.root / 'etc'})")
+        problem = exc.line()
+
+        def warn() -> None:
+            err.print(f"[bold red]WARNING:[/] boot persistence not installed: {problem}; the hardening is live "
+                      "now but will be gone after a reboot", markup=True)
+        return warn
+
+    def say() -> None:
+        if changed:
+            out.print(f"boot persistence: {persist.UNIT}"
+                      + (f" and {persist.nic_instance(interface)}" if interface else "")
+                      + f" enabled ({len(changed)} files written under {store.paths.root / 'etc'})")
+    return say
 
 
 def report_firewall(info, desired, outcome) -> None:
@@ -563,6 +571,8 @@ def print_status(report: dict) -> None:
                      if pers["iptables_dropins"] else "")
                   + "; the next boot loads " + ("exactly what is live" if pers["matches_live"] else
                                                     "the state before the PENDING change" if tx.get("pending")
+                                                    else "no firewall rules (nothing applied) and re-applies the "
+                                                    "kernel profile" if pers["matches_live"] is None
                                                     else "the RECORDED state, which differs from what is live"))
     elif pers:
         out.print("boot persistence: not installed")
@@ -678,10 +688,10 @@ def boot_cmd(backend: Optional[str] = BackendOpt) -> None:
     be = applymod.default_backend(runner, backend)
     notes, failures = applymod.boot(be, store, runner)
     for note in notes:
-        out.print(f"hostprep boot: {note}")
+        out.print(f"hostprep boot: {note}", markup=False)
     if failures:
         for f in failures:
-            err.print(f"[bold red]hostprep boot:[/] {f}", markup=True)
+            err.print(f"hostprep boot: FAILED: {f}", markup=False, style="bold red")
         raise typer.Exit(1)
 
 

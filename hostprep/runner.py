@@ -44,8 +44,11 @@ class Runner:
             raise MissingBinary(argv[0])
         env = dict(os.environ, LANG="C", LC_ALL="C")
         try:
+            # start_new_session: a Ctrl-C or a hang-up of the terminal goes to hostprep
+            # (which finishes or undoes the change first), never straight to an
+            # iptables-restore half-way through a load.
             proc = subprocess.run([exe, *argv[1:]], input=input, capture_output=True, text=True,
-                                  timeout=self.timeout, env=env, check=False)
+                                  timeout=self.timeout, env=env, check=False, start_new_session=True)
         except subprocess.TimeoutExpired:
             raise CommandFailed(argv[0], f"did not finish within {self.timeout:.0f} s",
                                 "check that the kernel and the xtables lock are not stuck") from None

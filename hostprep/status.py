@@ -146,7 +146,7 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     report["persistence"] = persist.report(store.paths, iface if record else None)
     pers = report["persistence"]
     # While a change waits for confirmation the next boot rolls it back: not what is live.
-    pers["matches_live"] = (bool(record) and not firewall_problems and nplan.action == "none"
+    pers["matches_live"] = (None if not record else not firewall_problems and nplan.action == "none"
                             and not (report["transaction"] or {}).get("pending"))
     if record and not pers["installed"]:
         problems.append("boot persistence: hostprep.service is not installed: the hardening is gone after a "

@@ -187,7 +187,13 @@ def load_snapshot(store: Store, cid: str) -> dict:
     if snap is None:
         raise StateError(str(snapshot_file(store, cid)), "the snapshot of this change is missing",
                          "nothing can be rolled back; run 'hostprep apply' to converge")
-    if snap.get("version") != SNAPSHOT_VERSION or "files" not in snap:
+    bad = snap.get("version") != SNAPSHOT_VERSION or not isinstance(snap.get("files"), dict)
+    if not bad and "firewall" in snap:
+        try:
+            target_of(snap)
+        except Exception:  # noqa: BLE001 - any malformed part: the snapshot is unusable
+            bad = True
+    if bad:
         raise StateError(str(snapshot_file(store, cid)), "not a snapshot this hostprep can read",
                          "remove it; run 'hostprep apply' to converge")
     return snap
@@ -464,6 +470,7 @@ def recover(backend, store: Store, by: str = "hostprep") -> list[str]:
         p = None
     if p and p.get("id") == cid:
         disarm(store, Runner(), p)
+        _note_rolled_back(store, cid, marker.get("command"), "it was interrupted before it was confirmed")
     last = _read_text(last_file(store))
     if last and last.strip() == cid:
         _unlink(last_file(store))
@@ -528,12 +535,13 @@ def change(backend, store: Store, command: str, *, firewall: bool = True, kernel
             _depth[key] -= 1
         return
     runner = runner or Runner()
-    with _signals_deferred(), store.lock():
+    with store.lock(), _signals_deferred():
         _depth[key] = 1
         try:
             faults.hit("locked")
             recovered = recover(backend, store, command)
             refuse_if_pending(store)
+            _unlink(rollback_dir(store) / "rolled-back.json")   # a late 'confirm' must not name an older one
             cid = new_id()
             snap = take(backend, store, firewall=firewall, kernel=kernel, command=command)
             save_snapshot(store, cid, snap)
@@ -574,7 +582,7 @@ def _fail(backend, store: Store, ch: Change, exc: BaseException, command: str) -
     with contextlib.suppress(OSError):
         _unlink(inflight_file(store))
         _unlink(snapshot_file(store, ch.id))
-    if notes or not isinstance(exc, CommandFailed):
+    if notes or not getattr(exc, "journalled", False):
         # (a failed load or read-back is journalled by converge itself)
         store.journal(command, f"change {ch.id} failed ({exc})", "the state before it is restored: "
                       + "; ".join(notes) if notes else "nothing had changed")
@@ -645,7 +653,13 @@ def rollback(backend, store: Store, runner: Runner, command: str, due: str | Non
                              "rollback", "see 'hostprep status'")
         snap = load_snapshot(store, cid)
         why = reason or ("deadline passed without 'hostprep confirm'" if due else "on demand")
-        # A rollback killed half-way is finished by the next command (recover()).
+        return _rollback_deferred(backend, store, runner, command, cid, snap, why, p, recovered)
+
+
+def _rollback_deferred(backend, store: Store, runner: Runner, command: str, cid: str, snap: dict, why: str,
+                       p: dict | None, recovered: list[str]) -> dict:
+    """The restore of a rollback: hang-ups wait for it; a kill leaves a marker the next command finishes."""
+    with _signals_deferred():
         write_atomic(inflight_file(store), json.dumps({"id": cid, "kind": "rollback", "pid": os.getpid(),
                                                        "command": snap.get("command"), "time": now()}) + "\n")
         try:
@@ -709,8 +723,8 @@ def status_section(backend, store: Store, runner: Runner) -> tuple[dict, list[st
     marker = read_json(inflight_file(store))
     if marker:
         running = owner_alive(store)
-        entry = {"id": marker.get("id"), "command": marker.get("command"), "pid": marker.get("pid"),
-                 "running": running, "kernel": None}
+        entry = {"id": marker.get("id"), "kind": marker.get("kind", "change"), "command": marker.get("command"),
+                 "pid": marker.get("pid"), "running": running, "kernel": None}
         if not running:
             try:
                 snap = load_snapshot(store, marker["id"])
@@ -719,13 +733,20 @@ def status_section(backend, store: Store, runner: Runner) -> tuple[dict, list[st
                 entry["differences"] = differs
             except HostprepError as err:
                 entry["kernel"] = f"unknown ({err.problem})"
-            problems.append(f"change {marker.get('id')} ({marker.get('command')}, PID {marker.get('pid')}) was "
-                            "interrupted; the firewall "
-                            + ("still holds the state before it" if entry["kernel"] == "old" else
-                               "holds part or all of it" if entry["kernel"] == "changed" else entry["kernel"])
-                            + "; the next hostprep change (or 'hostprep rollback') restores the state before it")
+            if entry["kind"] == "rollback":
+                problems.append(f"the rollback of change {marker.get('id')} ({marker.get('command')}) by PID "
+                                f"{marker.get('pid')} was interrupted; the firewall "
+                                + ("holds the state before that change again" if entry["kernel"] == "old" else
+                                   "is partly rolled back" if entry["kernel"] == "changed" else entry["kernel"])
+                                + "; the next hostprep command finishes the rollback")
+            else:
+                problems.append(f"change {marker.get('id')} ({marker.get('command')}, PID {marker.get('pid')}) was "
+                                "interrupted; the firewall "
+                                + ("still holds the state before it" if entry["kernel"] == "old" else
+                                   "holds part or all of it" if entry["kernel"] == "changed" else entry["kernel"])
+                                + "; the next hostprep change (or 'hostprep rollback') restores the state before it")
         out["interrupted"] = entry
     last = _read_text(last_file(store))
-    if last and snapshot_file(store, last.strip()).is_file():
+    if last and snapshot_file(store, last.strip()).is_file() and not marker:
         out["rollback_available"] = last.strip()
     return out, problems

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from test_containers import finesse_env, up
 
 HOST4 = "198.51.100.10"
@@ -57,14 +58,17 @@ def test_a_broken_container_record_leaves_its_ports_closed_and_the_rest_loaded(h
     assert (answered(host, 8446), answered(host, 8445), answered(host, 22)) == (True, False, False)
 
 
-def test_an_unusable_record_falls_back_to_the_remembered_nic(host):
+@pytest.mark.parametrize("damage", ['{"settings": {}}', '{"settings": {"interface": "eth1"', "[1]"],
+                         ids=["no-settings", "truncated", "not-an-object"])
+def test_an_unusable_record_falls_back_to_the_remembered_nic(host, damage):
     host.apply("-p", "198.51.100.20")
     wipe(host)
     rec = host.root / "var/lib/hostprep/applied.json"
-    rec.write_text(json.dumps({"settings": {}}))
+    rec.write_text(damage)
     res = boot(host)
     assert res.returncode == 1
-    assert "applied.json: malformed record of the last apply" in res.stderr
+    failed = [ln for ln in res.stderr.splitlines() if ln.startswith("hostprep boot: FAILED: ")]
+    assert len(failed) == 1 and "applied.json" in failed[0], res.stderr
     assert "loading the remembered NIC's base hardening instead (eth1, no -p sources: ping stays closed)" \
         in res.stdout
     assert jumps(host) == [["-A INPUT -i eth1 -j HOSTPREP-IN"]] * 2

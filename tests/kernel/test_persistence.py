@@ -419,8 +419,7 @@ def test_iptables_services_restart_then_dropin_puts_chains_back(host, tmp_path, 
 
     dropin = unit_command(host.root / UNIT_DIR / f"{service}.service.d/hostprep.conf", "ExecStartPost")
     assert dropin.raw == "-" + " ".join(BOOT)                 # '-': a hostprep failure does not fail iptables
-    assert (dropin.argv, dropin.env) == (BOOT, {k: v for k, v in unit_env(host).items()
-                                                if k != "HOSTPREP_LOCK_TIMEOUT"})
+    assert (dropin.argv, dropin.env) == (BOOT, unit_env(host))     # the same environment, lock timeout too
     res = run_as_systemd(host.box.host, dropin)
     assert res.returncode == 0, res.stdout + res.stderr
     assert kernel_state(host, host.box.host) == before

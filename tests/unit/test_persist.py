@@ -128,7 +128,7 @@ def test_iptables_services_dropins(paths, runner, service):
     persist.install(paths, "eth1", runner)
     u = unit(paths, f"{UNIT_DIR}/{service}.service.d/hostprep.conf")
     assert u == {"Service": {"ExecStartPost": [f"-{BOOT}"], "ExecReload": [f"-{BOOT}"],
-                             "ExecStopPost": [f"-{BOOT}"], "Environment": env_lines(paths)}}
+                             "ExecStopPost": [f"-{BOOT}"], "Environment": env_lines(paths) + ["HOSTPREP_LOCK_TIMEOUT=30"]}}
     text = (paths.root / f"{UNIT_DIR}/{service}.service.d/hostprep.conf").read_text()
     assert text.splitlines()[0] == f"# hostprep: the {service} service of iptables-services loads"
 
