@@ -162,35 +162,28 @@ class Store:
         return self.paths.state_dir / "containers"
 
     def containers(self) -> dict:
-        """name -> Container for every container whose rules are recorded as up."""
-        from hostprep.model import Container  # state stays free of model imports at load time
+        """name -> Container for every container whose rules are recorded as up.
 
-        out = {}
-        try:
-            files = sorted(self.containers_dir.glob("*.json")) if self.containers_dir.is_dir() else []
-        except OSError as err:
-            raise StateError(str(self.containers_dir), f"cannot read ({err.strerror})",
-                             "run as root") from None
-        for f in files:
-            data = read_json(f)
-            if data:
-                try:
-                    c = Container.from_dict(data)
-                except (KeyError, TypeError, ValueError, AttributeError) as err:
-                    raise StateError(str(f), f"malformed container record ({type(err).__name__}: {err})",
-                                     "remove or repair it, then run 'hostprep container up' again") from None
-                out[c.name] = c
+        A record that cannot be read is an error (one line naming the file).
+        """
+        out, bad = self._read_containers()
+        if bad:
+            raise bad[0]
         return out
 
     def containers_tolerant(self) -> tuple[dict, list[str]]:
         """As containers(), but an unreadable record is skipped and reported (boot fails closed)."""
-        from hostprep.model import Container
+        out, bad = self._read_containers()
+        return out, [err.line() for err in bad]
 
-        out, bad = {}, []
+    def _read_containers(self) -> tuple[dict, list[StateError]]:
+        from hostprep.model import Container  # state stays free of model imports at load time
+
         try:
             files = sorted(self.containers_dir.glob("*.json")) if self.containers_dir.is_dir() else []
         except OSError as err:
-            return {}, [f"{self.containers_dir}: cannot read ({err.strerror})"]
+            return {}, [StateError(str(self.containers_dir), f"cannot read ({err.strerror})", "run as root")]
+        out, bad = {}, []
         for f in files:
             try:
                 data = read_json(f)
@@ -198,9 +191,10 @@ class Store:
                     c = Container.from_dict(data)
                     out[c.name] = c
             except StateError as err:
-                bad.append(err.line())
-            except Exception as err:  # noqa: BLE001 - any malformed record is skipped, never fatal at boot
-                bad.append(f"{f}: malformed container record ({type(err).__name__}: {err})")
+                bad.append(err)
+            except Exception as err:  # noqa: BLE001 - any malformed record (from_dict validates deeply)
+                bad.append(StateError(str(f), f"malformed container record ({type(err).__name__}: {err})",
+                                      "remove or repair it, then run 'hostprep container up' again"))
         return out, bad
 
     def save_container(self, c) -> None:
