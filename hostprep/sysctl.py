@@ -17,6 +17,7 @@ from pathlib import Path
 import jinja2
 
 from hostprep.errors import CommandFailed, RefusedError, StateError
+from hostprep.netns import same_netns_as_init
 from hostprep.paths import Paths, data_dir
 from hostprep.state import read_json, write_atomic
 
@@ -38,8 +39,9 @@ class Setting:
     ignore_failure: bool = False   # "-key = value": skip where the kernel lacks it
 
 
-def render(missing: frozenset[str] = frozenset()) -> str:
-    return _ENV.get_template(f"{DROPIN_NAME}.j2").render(missing=missing)
+def render(missing: frozenset[str] = frozenset(), machine: frozenset[str] = frozenset()) -> str:
+    """The drop-in; ``missing`` keys written as "-key", ``machine`` keys commented out."""
+    return _ENV.get_template(f"{DROPIN_NAME}.j2").render(missing=missing, machine=machine)
 
 
 def normalise(value: str) -> str:
@@ -100,12 +102,41 @@ def effective_sources(root: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-class Kernel:
-    """/proc/sys, with the net.* and the other keys possibly under different roots."""
+PROC_SYS = Path("/proc/sys")
+MACHINE_WIDE = "machine-wide"
+MACHINE_WIDE_DETAIL = "belongs to the whole machine: not set from a network namespace"
 
-    def __init__(self, net_root: Path | None = None, other_root: Path | None = None) -> None:
-        self.net_root = net_root or Path(os.environ.get("HOSTPREP_PROC_SYS", "/proc/sys"))
-        self.other_root = other_root or Path(os.environ.get("HOSTPREP_PROC_SYS_NONNET", str(self.net_root)))
+
+class Kernel:
+    """/proc/sys, with the net.* and the other keys possibly under different roots.
+
+    In a network namespace other than the machine's (the sandbox, selftest, a
+    test), only the net.* keys that namespace shows are its own; kernel.*,
+    vm.*, fs.*, dev.* and the net.core.* keys it does not show belong to the
+    whole machine.  Such keys are ``machine_wide`` and never written from there
+    (a stand-in root for them, as the tests use, is written instead).
+    """
+
+    def __init__(self, net_root: Path | None = None, other_root: Path | None = None, *,
+                 in_namespace: bool | None = None) -> None:
+        self.net_root = net_root or Path(os.environ.get("HOSTPREP_PROC_SYS") or PROC_SYS)
+        self.other_root = other_root or Path(os.environ.get("HOSTPREP_PROC_SYS_NONNET") or self.net_root)
+        self.in_namespace = (not same_netns_as_init()) if in_namespace is None else in_namespace
+
+    def machine_wide(self, key: str) -> bool:
+        """A key of the whole machine that this process must not write from inside another namespace."""
+        if not self.in_namespace:
+            return False
+        if not key.startswith("net."):
+            return self.other_root == PROC_SYS
+        # net.* keys that are not per namespace (net.core.netdev_max_backlog...) are not shown inside one
+        return self.net_root == PROC_SYS and not self.has(key)
+
+    def skipped(self, settings: list[Setting]) -> tuple[frozenset[str], frozenset[str]]:
+        """(keys this kernel lacks, machine-wide keys left alone) among ``settings``."""
+        machine = frozenset(s.key for s in settings if self.machine_wide(s.key))
+        missing = frozenset(s.key for s in settings if s.key not in machine and not self.has(s.key))
+        return missing, machine
 
     def path(self, key: str) -> Path:
         root = self.net_root if key.startswith("net.") else self.other_root
@@ -137,7 +168,7 @@ class KeyReport:
     desired: str
     live: str | None
     source: str | None       # the file that sets it last in the search path
-    state: str               # "ok", "drift", "missing", "overridden"
+    state: str               # "ok", "drift", "missing", "overridden", "machine-wide"
     detail: str = ""
 
     def as_dict(self) -> dict:
@@ -154,6 +185,9 @@ def check(kernel: Kernel, paths: Paths) -> list[KeyReport]:
         live = kernel.read(s.key)
         src = sources.get(s.key)
         source = str(src[0]) if src else None
+        if kernel.machine_wide(s.key):
+            out.append(KeyReport(s.key, s.value, live, source, MACHINE_WIDE, MACHINE_WIDE_DETAIL))
+            continue
         if live is None:
             out.append(KeyReport(s.key, s.value, None, source, "missing", "the running kernel has no such key"))
             continue
@@ -189,7 +223,7 @@ def apply_kernel(kernel: Kernel, paths: Paths) -> tuple[list[KeyReport], list[st
     skipped; a key the kernel refuses is an error after the others are loaded.
     """
     settings = profile()
-    missing = frozenset(s.key for s in settings if not kernel.has(s.key))
+    missing, machine = kernel.skipped(settings)
     state = KernelState(paths)
     record = state.load() or {}
     # Before the first change of each key, remember its value; a key that only
@@ -197,13 +231,13 @@ def apply_kernel(kernel: Kernel, paths: Paths) -> tuple[list[KeyReport], list[st
     # and values recorded earlier are never overwritten.
     previous = dict(record.get("previous") or {})
     for s in settings:
-        if s.key not in missing and s.key not in previous:
+        if s.key not in missing and s.key not in machine and s.key not in previous:
             previous[s.key] = kernel.read(s.key)
     state.save({"previous": previous, "applied": bool(record.get("applied"))})
-    write_atomic(state.dropin, render(missing), 0o644)
+    write_atomic(state.dropin, render(missing, machine), 0o644)
     errors: list[str] = []
     for s in settings:
-        if s.key in missing:
+        if s.key in missing or s.key in machine:
             continue
         if kernel.read(s.key) == s.value:
             continue
@@ -213,6 +247,9 @@ def apply_kernel(kernel: Kernel, paths: Paths) -> tuple[list[KeyReport], list[st
     report = check(kernel, paths)
     state.save({"previous": previous, "applied": True})
     notes = [f"{k} is not in this kernel: skipped (written as '-{k}')" for k in sorted(missing)]
+    if machine:
+        notes.append(f"{len(machine)} machine-wide keys left alone (this is not the machine's own network "
+                     f"namespace; they are commented out in the drop-in): {', '.join(sorted(machine))}")
     if errors:
         raise CommandFailed("apply -k", "the kernel refused: " + "; ".join(errors),
                             f"the other keys are loaded; fix or report these ({state.dropin})")
@@ -228,8 +265,12 @@ def flush_kernel(kernel: Kernel, paths: Paths) -> list[str]:
                            "nothing to restore")
     errors: list[str] = []
     restored: list[str] = []
+    ours = {s.key for s in profile()}
     for key, value in (record.get("previous") or {}).items():
-        if value is None or kernel.read(key) == value:
+        # only the profile's keys, and never a machine-wide one from inside a namespace
+        if key not in ours or not isinstance(value, str) or kernel.machine_wide(key):
+            continue
+        if kernel.read(key) == value:
             continue
         problem = kernel.write(key, value)
         if problem:

@@ -5,8 +5,8 @@ fs.* sysctls):
 
 * net.* keys: the sandbox host namespace's own /proc/sys (hostprep runs inside
   it through ``ip netns exec``).  Keys that are not per-namespace (e.g.
-  net.core.netdev_max_backlog) do not exist there: hostprep must report them
-  missing and skip them.
+  net.core.netdev_max_backlog) do not exist there: they belong to the whole
+  machine, and hostprep must report them "machine-wide" and leave them alone.
 * kernel.*, vm.*, fs.*, dev.* keys: a temporary stand-in directory
   (HOSTPREP_PROC_SYS_NONNET), filled with a copy of the machine's current values
   (read only).  Every test checks, before hostprep runs, that hostprep resolves
@@ -134,8 +134,12 @@ class K:
         return res.returncode, json.loads(res.stdout)
 
     def missing(self) -> set[str]:
-        return ({k for k, v in self.ns_values().items() if v is None}
-                | {k for k, v in self.standin_values().items() if v is None})
+        """Keys this kernel lacks (absent from the stand-in of the machine's values)."""
+        return {k for k, v in self.standin_values().items() if v is None}
+
+    def machine_wide(self) -> set[str]:
+        """net.* keys the namespace does not show: the machine's, not set from a namespace."""
+        return {k for k, v in self.ns_values().items() if v is None}
 
 
 @pytest.fixture
@@ -158,11 +162,11 @@ def kernel_problems(report: dict) -> list[str]:
 
 def test_apply_k_loads_every_key_and_reads_it_back(k):
     machine_before = read_machine(OTHER + ["net.ipv4.ip_forward"])
-    missing = k.missing()
-    # Not per-namespace (init_net only): missing in the sandbox; per-namespace ones are there.
-    assert "net.core.netdev_max_backlog" in missing
+    missing, machine = k.missing(), k.machine_wide()
+    # Not per-namespace (init_net only): not shown in the sandbox; per-namespace ones are there.
+    assert "net.core.netdev_max_backlog" in machine
     assert {"net.core.somaxconn", "net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter",
-            "kernel.randomize_va_space"} & missing == set()
+            "kernel.randomize_va_space"} & (missing | machine) == set()
     assert k.ns_values(["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter"]) == {
         "net.ipv4.ip_forward": "0", "net.ipv4.conf.all.rp_filter": "0"}
 
@@ -170,18 +174,24 @@ def test_apply_k_loads_every_key_and_reads_it_back(k):
 
     notes = [ln for ln in res.stderr.splitlines() if ln.startswith("note:")]
     assert notes == [f"note: {key} is not in this kernel: skipped (written as '-{key}')"
-                     for key in sorted(missing)]
+                     for key in sorted(missing)] + [
+        f"note: {len(machine)} machine-wide keys left alone (this is not the machine's own network namespace; "
+        f"they are commented out in the drop-in): {', '.join(sorted(machine))}"]
     # -k alone installs the boot unit too (it rolls back an unconfirmed -k at the next boot and
     # re-checks the profile); no NIC unit: no external NIC is known.
     assert res.stdout.strip().splitlines() == [
-        f"kernel: {len(PROFILE) - len(missing)} of {len(PROFILE)} keys live and verified; drop-in {k.dropin}",
+        f"kernel: {len(PROFILE) - len(missing) - len(machine)} of {len(PROFILE)} keys live and verified; "
+        f"drop-in {k.dropin}",
         f"boot persistence: hostprep.service enabled (6 files written under {k.host.root / 'etc'})"]
-    want = {key: (None if key in missing else v) for key, v in PROFILE.items()}
+    want = {key: (None if key in missing | machine else v) for key, v in PROFILE.items()}
     assert k.ns_values() == {key: want[key] for key in NET}
     assert k.standin_values() == {key: want[key] for key in OTHER}
-    assert k.dropin.read_text() == sysctl.render(frozenset(missing))
+    assert k.dropin.read_text() == sysctl.render(frozenset(missing), frozenset(machine))
     assert [ln for ln in k.dropin.read_text().splitlines() if ln.startswith("-")] == [
         f"-{key} = {v}" for key, v in PROFILE.items() if key in missing]
+    assert [ln for ln in k.dropin.read_text().splitlines() if ln.startswith("# (machine-wide")] == [
+        f"# (machine-wide, not set from a network namespace) {key} = {v}" for key, v in PROFILE.items()
+        if key in machine]
     # The machine's own kernel/vm/fs/dev keys and its ip_forward did not move.
     assert read_machine(OTHER + ["net.ipv4.ip_forward"]) == machine_before
 
@@ -191,10 +201,42 @@ def test_apply_k_loads_every_key_and_reads_it_back(k):
     assert report["kernel"]["applied"] is True
     assert report["kernel"]["dropin"] == str(k.dropin)
     assert report["kernel"]["keys"] == [
-        {"key": key, "desired": v, "live": want[key], "source": str(k.dropin),
-         "state": "missing" if key in missing else "ok",
-         "detail": "the running kernel has no such key" if key in missing else ""}
+        {"key": key, "desired": v, "live": want[key], "source": None if key in machine else str(k.dropin),
+         "state": "missing" if key in missing else "machine-wide" if key in machine else "ok",
+         "detail": "the running kernel has no such key" if key in missing else
+         sysctl.MACHINE_WIDE_DETAIL if key in machine else ""}
         for key, v in PROFILE.items()]
+
+
+def test_without_a_stand_in_the_machine_wide_keys_are_left_alone(host):
+    """apply -k in a namespace, no HOSTPREP_PROC_SYS_NONNET: only that namespace's net.* keys.
+
+    (Issue 10, item 3: the dry run listed kernel.kptr_restrict 0 -> 2, vm.swappiness
+    60 -> 1 ... and apply wrote them to the machine.)  The dry run is checked first
+    and the real apply runs only when it promises to leave every non-net key alone;
+    the autouse fixture checks the machine's values after.
+    """
+    env = {"SSH_CONNECTION": ""}
+    dry = host.hostprep("apply", "-k", "--dry-run", env=env)
+    changes = dry.stdout.split("kernel keys that would change")[1].splitlines()[1:]
+    would_change = [ln.split(":")[0].strip() for ln in changes if " -> " in ln]
+    assert "net.ipv4.tcp_rfc1337" in would_change
+    assert [key for key in would_change if not key.startswith("net.")] == []
+    in_ns = json.loads(host.run(host.box.host, [PY, "-c", NS_READER, *NET]).stdout)
+    machine = OTHER + [key for key, value in in_ns.items() if value is None]
+    assert "net.core.netdev_max_backlog" in machine
+    listed = [ln.strip().split(":")[0] for ln in dry.stdout.splitlines()
+              if ln.endswith(sysctl.MACHINE_WIDE_DETAIL)]
+    assert sorted(listed) == sorted(machine)
+
+    res = host.hostprep("apply", "-k", env=env)
+    assert f"note: {len(machine)} machine-wide keys left alone" in res.stderr
+    report = json.loads(host.hostprep("status", "--json", env=env, check=False).stdout)
+    states = {e["key"]: e["state"] for e in report["kernel"]["keys"]}
+    assert sorted(key for key, state in states.items() if state == "machine-wide") == sorted(machine)
+    assert [p for p in report["problems"] if p.startswith("kernel:")] == []
+    record = json.loads((host.root / "var/lib/hostprep/kernel.json").read_text())
+    assert sorted(key for key in record["previous"] if not key.startswith("net.")) == []
 
 
 def test_apply_k_twice_changes_nothing_the_second_time(k):
