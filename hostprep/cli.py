@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,8 +24,8 @@ from hostprep import nic as nicmod
 from hostprep import status as statusmod
 from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
 from hostprep.model import GROUPS, Policy
-from hostprep.paths import Paths
-from hostprep.runner import DryRunner, Runner
+from hostprep.paths import Paths, open_nofollow, trusted_dir, untrusted_reason
+from hostprep.runner import PACKAGE_PARENT, DryRunner, Runner, python_module
 from hostprep.sandbox import EXT, SANDBOX_MARKER, Sandbox
 from hostprep.state import Store
 
@@ -216,16 +217,21 @@ def print_kernel_dry_run(store: Store) -> None:
     from hostprep import sysctl
     kernel = sysctl.Kernel()
     settings = sysctl.profile()
-    missing = frozenset(s.key for s in settings if not kernel.has(s.key))
+    missing, machine = kernel.skipped(settings)
     changes = [f"  {s.key}: {kernel.read(s.key)} -> {s.value}" for s in settings
-               if s.key not in missing and kernel.read(s.key) != s.value]
+               if s.key not in missing and s.key not in machine and kernel.read(s.key) != s.value]
     out.print(f"\n# kernel: {store.paths.root / 'etc/sysctl.d' / sysctl.DROPIN_NAME} would be:", markup=False)
-    out.print(sysctl.render(missing).rstrip(), markup=False)
+    out.print(sysctl.render(missing, machine).rstrip(), markup=False)
     out.print(f"kernel keys that would change ({len(changes)}):", markup=False)
     for line in changes:
         out.print(line, markup=False)
     for key in sorted(missing):
         out.print(f"  {key}: not in this kernel, would be skipped", markup=False)
+    if machine:
+        out.print(f"machine-wide keys left alone ({len(machine)}; this is not the machine's own network "
+                  "namespace):", markup=False)
+        for key in sorted(machine):
+            out.print(f"  {key}: {sysctl.MACHINE_WIDE_DETAIL}", markup=False)
 
 
 def run_kernel_part(store: Store, argv: str):
@@ -883,21 +889,23 @@ def sandbox_up(
     need_root("sandbox up")
     sandbox_name(name)
     runner = Runner()
-    real = root.resolve()
-    if real.parent not in (Path("/tmp"), Path("/var/tmp")):
-        raise InputError("--root", f"{root} is not directly under /tmp or /var/tmp",
-                         "give a new directory such as /var/tmp/hostprep-sandbox")
     box = Sandbox(name)
+    if box.exists(runner):
+        raise RefusedError(f"sandbox {name}", "its namespaces exist already",
+                           f"remove them first: hostprep sandbox down --name {name}")
+    # The state root first, before any namespace: made here (mode 0700), or an
+    # existing one only when no other user could have prepared it.
+    made = sandbox_root(root)
     box.create(runner)
-    real.mkdir(parents=True, exist_ok=True)
-    (real / SANDBOX_MARKER).write_text("made by hostprep sandbox up\n")
-    out.print(f"sandbox: namespaces {', '.join(box.namespaces)}; external NIC {EXT}, state under {root}")
-    env_prefix = ["env", f"HOSTPREP_ROOT={root}"] + ([f"HOSTPREP_BACKEND={backend}"] if backend else [])
-    base = ["ip", "netns", "exec", box.host, *env_prefix, sys.executable, "-m", "hostprep"]
+    out.print(f"sandbox: namespaces {', '.join(box.namespaces)}; external NIC {EXT}, state under {root}"
+              + ("" if made else " (kept from an earlier sandbox)"))
+    env_prefix = ["env", f"HOSTPREP_ROOT={root}", f"PYTHONPATH={PACKAGE_PARENT}"] + \
+        ([f"HOSTPREP_BACKEND={backend}"] if backend else [])
+    base = ["ip", "netns", "exec", box.host, *env_prefix, *python_module("hostprep")]
     # The sandbox is not a proxy host: the machine's SELinux state is not the point
     # of the demo (Debian has none), so apply runs with --ignore-selinux and says so.
     for args in (["apply", "-i", EXT, "-y", "--ignore-selinux"], ["status"]):
-        res = runner.run(base + args, check=False)
+        res = runner.run(base + args, check=False, cwd="/")
         sys.stdout.write(res.stdout)
         sys.stderr.write(res.stderr)
         if args[0] == "apply" and res.returncode != 0:
@@ -905,8 +913,36 @@ def sandbox_up(
                  f"hostprep sandbox down --name {name}", res.returncode)
     out.print(f"\nTry it: ip netns exec {box.inet} ping -c1 -W1 {'198.51.100.10'}   (dropped)\n"
               f"        ip netns exec {box.admin} ping -c1 -W1 192.0.2.10      (answered, internal NIC)\n"
-              f"        ip netns exec {box.host} env HOSTPREP_ROOT={root} {sys.executable} -m hostprep status\n"
+              f"        ip netns exec {box.host} env HOSTPREP_ROOT={root} {sys.executable} -P -m hostprep status\n"
               f"Remove it: hostprep sandbox down --name {name}")
+
+
+def sandbox_root(root: Path) -> bool:
+    """Make the sandbox's state root (True), or accept an earlier sandbox's (False); else refuse.
+
+    Directly under /tmp or /var/tmp; created with mkdir 0700 (which fails if someone
+    made it meanwhile); an existing one must be a plain directory of root's that
+    no one else can write (no symlink on its path) and be empty or carry the marker
+    of 'sandbox up'.  The marker is created without following a symlink.
+    """
+    root = Path(os.path.abspath(root))
+    if root.parent not in (Path("/tmp"), Path("/var/tmp")):
+        raise InputError("--root", f"{root} is not directly under /tmp or /var/tmp",
+                         "give a new directory such as /var/tmp/hostprep-sandbox")
+    try:
+        os.mkdir(root, 0o700)
+        made = True
+    except FileExistsError:
+        made = False
+        trusted_dir(root, "--root")
+        if any(p.name != SANDBOX_MARKER for p in root.iterdir()) and not (root / SANDBOX_MARKER).is_file():
+            raise RefusedError("--root", f"{root} exists and was not made by 'hostprep sandbox up'",
+                               "give a new directory, or remove that one")
+    if made or not (root / SANDBOX_MARKER).is_file():
+        fd = open_nofollow(root / SANDBOX_MARKER, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("made by hostprep sandbox up\n")
+    return made
 
 
 @sandbox_app.command("down")
@@ -921,9 +957,10 @@ def sandbox_down(
     gone = Sandbox(name).destroy(Runner())
     import shutil
     # Only a state root that `sandbox up` made is removed: directly under /tmp or
-    # /var/tmp (after resolving '..' and links) and carrying its marker file.
-    real = root.resolve()
-    if real.parent in (Path("/tmp"), Path("/var/tmp")) and (real / SANDBOX_MARKER).is_file():
+    # /var/tmp, no symlink, root's alone, and carrying its marker file.
+    real = Path(os.path.abspath(root))
+    if real.parent in (Path("/tmp"), Path("/var/tmp")) and untrusted_reason(real) is None \
+            and (real / SANDBOX_MARKER).is_file():
         shutil.rmtree(real, ignore_errors=True)
     elif root.exists():
         out.print(f"state root {root} left in place (not a sandbox root made by 'sandbox up')")

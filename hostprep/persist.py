@@ -146,7 +146,7 @@ def systemd_running() -> bool:
 
 
 def _reload(paths: Paths, runner: Runner) -> None:
-    from hostprep.txn import same_netns_as_init
+    from hostprep.netns import same_netns_as_init
     if str(paths.root) == "/" and systemd_running() and same_netns_as_init() and runner.which("systemctl"):
         runner.run(["systemctl", "daemon-reload"], check=False, mutates=True)
 

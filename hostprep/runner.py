@@ -11,11 +11,27 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hostprep.errors import CommandFailed, MissingBinary
 
 DEFAULT_TIMEOUT = 60.0
+# Where hostprep itself was loaded from: a child interpreter finds the same code there.
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+def python_module(module: str) -> list[str]:
+    """argv of a child interpreter running ``module``: ``-P`` keeps the caller's current
+    directory off sys.path (a ``hostprep/`` planted there by another user never runs as
+    root); run it with ``cwd="/"`` and ``PYTHONPATH=PACKAGE_PARENT`` (see child_env)."""
+    return [sys.executable, "-P", "-m", module]
+
+
+def child_env() -> dict[str, str]:
+    """The PYTHONPATH a child interpreter needs to import the hostprep that is running."""
+    return {"PYTHONPATH": PACKAGE_PARENT}
 
 
 @dataclass(frozen=True)
@@ -37,7 +53,7 @@ class Runner:
         return shutil.which(binary, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
     def run(self, argv: list[str], *, input: str | None = None, check: bool = True,
-            mutates: bool = False) -> Result:
+            mutates: bool = False, cwd: str | None = None) -> Result:
         """Run ``argv``.  ``mutates`` marks a command that changes the host."""
         exe = self.which(argv[0])
         if exe is None:
@@ -48,7 +64,8 @@ class Runner:
             # (which finishes or undoes the change first), never straight to an
             # iptables-restore half-way through a load.
             proc = subprocess.run([exe, *argv[1:]], input=input, capture_output=True, text=True,
-                                  timeout=self.timeout, env=env, check=False, start_new_session=True)
+                                  timeout=self.timeout, env=env, check=False, start_new_session=True,
+                                  cwd=cwd)
         except subprocess.TimeoutExpired:
             raise CommandFailed(argv[0], f"did not finish within {self.timeout:.0f} s",
                                 "check that the kernel and the xtables lock are not stuck") from None
@@ -71,8 +88,8 @@ class DryRunner(Runner):
         super().__init__(self.inner.timeout)
 
     def run(self, argv: list[str], *, input: str | None = None, check: bool = True,
-            mutates: bool = False) -> Result:
+            mutates: bool = False, cwd: str | None = None) -> Result:
         if mutates:
             self.recorded.append((list(argv), input))
             return Result(tuple(argv), 0, "", "")
-        return self.inner.run(argv, input=input, check=check, mutates=False)
+        return self.inner.run(argv, input=input, check=check, mutates=False, cwd=cwd)

@@ -44,7 +44,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -56,7 +55,7 @@ from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedErr
 from hostprep.model import Container, Network, Policy
 from hostprep.plan import Observed, parse_save
 from hostprep.probe import KINDS
-from hostprep.runner import Runner
+from hostprep.runner import PACKAGE_PARENT, Runner, python_module
 from hostprep.sandbox import (ADMIN4, ADMIN6, EXT, SANDBOX_MARKER, HOST_EXT4, HOST_EXT6, HOST_INT4, HOST_INT6, INET4, INET6,
                               INET_EXTRA4, INET_EXTRA6, INT, Sandbox)
 
@@ -781,11 +780,11 @@ class InSandbox:
         prefix = ["ip", "netns", "exec", self.ns(role)]
         if env or unset:
             prefix += ["env", *[a for u in unset for a in ("-u", u)], *[f"{k}={v}" for k, v in env.items()]]
-        return self.runner.run(prefix + argv, input=input, check=check, mutates=True)
+        return self.runner.run(prefix + argv, input=input, check=check, mutates=True, cwd="/")
 
 
 def package_parent() -> str:
-    return str(Path(__file__).resolve().parent.parent)
+    return PACKAGE_PARENT
 
 
 def read_counters(sb: InSandbox, variant: str, families: tuple[int, ...]) -> Counters:
@@ -803,7 +802,7 @@ def send(sb: InSandbox, role: str, probes: list[Probe]) -> dict[str, list[dict]]
     batch = [p.probe for p in probes for _ in range(p.repeat)]
     if not batch:
         return {}
-    res = sb.run(role, [sys.executable, "-m", "hostprep.probe"], env={"PYTHONPATH": package_parent()},
+    res = sb.run(role, python_module("hostprep.probe"), env={"PYTHONPATH": package_parent()},
                  input=json.dumps(batch), check=False)
     if res.returncode != 0:
         lines = (res.stderr or res.stdout).strip().splitlines()
@@ -821,7 +820,7 @@ def send(sb: InSandbox, role: str, probes: list[Probe]) -> dict[str, list[dict]]
 
 def hostprep_in_sandbox(sb: InSandbox, root: Path, variant: str, args: list[str]):
     """``python -m hostprep ARGS`` in the sandbox host with the temporary state root."""
-    res = sb.run("host", [sys.executable, "-m", "hostprep", *args],
+    res = sb.run("host", [*python_module("hostprep"), *args],
                  env={"HOSTPREP_ROOT": str(root), "HOSTPREP_BACKEND": variant, "PYTHONPATH": package_parent()},
                  unset=("HOSTPREP_SELINUXFS",), check=False)
     if res.returncode != 0:

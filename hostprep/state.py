@@ -13,13 +13,14 @@ import fcntl
 import json
 import os
 import pwd
+import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from hostprep.errors import StateError
-from hostprep.paths import Paths
+from hostprep.paths import Paths, make_dirs, open_nofollow, untrusted_reason
 
 
 def now() -> str:
@@ -43,7 +44,10 @@ def write_atomic(path: Path, text: str, mode: int = 0o600, fault: str | None = N
         if fault:
             from hostprep import faults
             faults.hit(fault)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
+        _check_parent(path)
+        # mkstemp creates with O_EXCL and rename replaces a symlink at the
+        # final name instead of following it: nothing here writes through a link.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
             with os.fdopen(fd, "w") as fh:
@@ -60,6 +64,14 @@ def write_atomic(path: Path, text: str, mode: int = 0o600, fault: str | None = N
     except OSError as err:
         raise StateError(str(path), f"cannot write ({err.strerror})",
                          "check that the state directory is writable and the disk not full") from None
+
+
+def _check_parent(path: Path) -> None:
+    """The directory a file goes into: no symlink, root's, writable by nobody else."""
+    st = os.lstat(path.parent)
+    if stat.S_ISLNK(st.st_mode) or (os.geteuid() == 0 and st.st_uid != 0) or st.st_mode & 0o022:
+        raise StateError(str(path.parent), f"not written: {untrusted_reason(path.parent) or 'not a safe directory'}",
+                         "make it a directory of root's that no one else can write, with no symlink")
 
 
 def read_json(path: Path) -> dict | None:
@@ -105,8 +117,8 @@ class Store:
             wait = timeout
         path = self.paths.state_dir / "lock"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            make_dirs(path.parent)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise StateError(str(path), f"cannot open the lock ({err.strerror})") from None
         deadline = time.monotonic() + wait
@@ -223,9 +235,10 @@ class Store:
         """One line per change: time, user (and SUDO_USER), command, what changed, result."""
         line = f"{now()}\t{who()}\t{command}\t{changed}\t{result}\n"
         try:
-            self.paths.log_dir.mkdir(parents=True, exist_ok=True)
-            # 0640 as logrotate's 'create' makes it: commands and users are not for everyone
-            fd = os.open(self.paths.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            make_dirs(self.paths.log_dir)
+            # 0640 as logrotate's 'create' makes it: commands and users are not for everyone;
+            # never through a symlink planted at its name
+            fd = open_nofollow(self.paths.journal, 0o640, append=True)
             with os.fdopen(fd, "a") as fh:
                 fh.write(line)
         except OSError as err:

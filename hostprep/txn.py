@@ -28,9 +28,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,8 @@ from hostprep import faults
 from hostprep import plan as planmod
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError, StateError
 from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset
-from hostprep.runner import Runner
+from hostprep.netns import same_netns_as_init
+from hostprep.runner import Runner, child_env, python_module
 from hostprep.state import Store, now, read_json, write_atomic
 
 SNAPSHOT_VERSION = 1
@@ -97,8 +98,64 @@ def state_files(store: Store) -> list[Path]:
     files = [p.settings_file, p.state_file, p.state_dir / "kernel.json", p.root / "etc/sysctl.d" / sysctl.DROPIN_NAME]
     cdir = store.containers_dir
     if cdir.is_dir():
-        files += sorted(cdir.glob("*.json"))
+        files += sorted(f for f in cdir.glob("*.json") if _container_record_name(f.name))
     return files
+
+
+def _container_record_name(filename: str) -> bool:
+    from hostprep.model import container_name
+    if not filename.endswith(".json"):
+        return False
+    try:
+        container_name(filename[:-len(".json")])
+    except InputError:
+        return False
+    return True
+
+
+def owned_file(store: Store, rel: object) -> Path | None:
+    """The state file ``rel`` (relative to the root) names, if it is one hostprep owns; else None.
+
+    A snapshot restores only these: the settings, the record, the kernel record,
+    the sysctl drop-in and the container records (by a valid container name),
+    never an absolute path, a '..' or anything else a tampered snapshot names.
+    """
+    from hostprep import sysctl
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\0" in rel:
+        return None
+    p = store.paths
+    fixed = {str(f.relative_to(p.root)): f for f in (p.settings_file, p.state_file, p.state_dir / "kernel.json",
+                                                     p.root / "etc/sysctl.d" / sysctl.DROPIN_NAME)}
+    if rel in fixed:
+        return fixed[rel]
+    cdir = str(store.containers_dir.relative_to(p.root)) + "/"
+    if rel.startswith(cdir) and "/" not in rel[len(cdir):] and _container_record_name(rel[len(cdir):]):
+        return p.root / rel
+    return None
+
+
+def check_snapshot(store: Store, snap: dict) -> str | None:
+    """What makes ``snap`` unsafe to restore (a file or a sysctl hostprep does not own), or None."""
+    from hostprep import sysctl
+    files = snap.get("files")
+    if not isinstance(files, dict):
+        return "no list of state files"
+    for rel, text in files.items():
+        if owned_file(store, rel) is None:
+            return f"it names a file hostprep does not own ({rel!r})"
+        if text is not None and not isinstance(text, str):
+            return f"the content of {rel} is not text"
+    if "sysctl" in snap:
+        keys = snap["sysctl"]
+        if not isinstance(keys, dict):
+            return "its kernel part is not a table of keys"
+        profile = {s.key for s in sysctl.profile()}
+        for key, value in keys.items():
+            if key not in profile:
+                return f"it names a kernel key outside hostprep's profile ({key!r})"
+            if value is not None and (not isinstance(value, str) or "\n" in value):
+                return f"the value of {key} is not one line of text"
+    return None
 
 
 def _read_text(path: Path) -> str | None:
@@ -145,7 +202,7 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
     if kernel:
         from hostprep import sysctl
         k = sysctl.Kernel()
-        snap["sysctl"] = {s.key: k.read(s.key) for s in sysctl.profile()}
+        snap["sysctl"] = {s.key: k.read(s.key) for s in sysctl.profile() if not k.machine_wide(s.key)}
     root = store.paths.root
     snap["files"] = {str(p.relative_to(root)): _read_text(p) for p in state_files(store)}
     return snap
@@ -182,12 +239,23 @@ def save_snapshot(store: Store, cid: str, snap: dict) -> None:
     write_atomic(snapshot_file(store, cid), json.dumps(snap) + "\n")
 
 
+# new_id() makes "20261205T182200-<pid>-<hex>"; anything with a '/' or '..' names another file
+CHANGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,80}")
+
+
 def load_snapshot(store: Store, cid: str) -> dict:
+    if not isinstance(cid, str) or not CHANGE_ID.fullmatch(cid):
+        raise StateError("snapshot", f"{cid!r} is not a change id hostprep makes",
+                         "nothing was restored; run 'hostprep apply' to converge")
     snap = read_json(snapshot_file(store, cid))
     if snap is None:
         raise StateError(str(snapshot_file(store, cid)), "the snapshot of this change is missing",
                          "nothing can be rolled back; run 'hostprep apply' to converge")
     bad = snap.get("version") != SNAPSHOT_VERSION or not isinstance(snap.get("files"), dict)
+    unsafe = None if bad else check_snapshot(store, snap)
+    if unsafe:
+        raise StateError(str(snapshot_file(store, cid)), f"refused: {unsafe}",
+                         "nothing was restored; remove the file and run 'hostprep apply' to converge")
     if not bad and "firewall" in snap:
         try:
             target_of(snap)
@@ -223,6 +291,9 @@ def firewall_differs(backend, snap: dict) -> list[str]:
 def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/net")) -> list[str]:
     """Bring hostprep's part of the host back to ``snap``; returns what was changed."""
     from hostprep import apply as applymod
+    unsafe = check_snapshot(store, snap)
+    if unsafe:
+        raise StateError("snapshot", f"refused: {unsafe}", "nothing was restored; run 'hostprep apply' to converge")
     notes: list[str] = []
     if "firewall" in snap:
         be = _backend_for(snap, backend)
@@ -255,6 +326,8 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
         k = sysctl.Kernel()
         errors = []
         for key, value in snap["sysctl"].items():
+            if k.machine_wide(key):
+                continue        # never from inside a namespace, whatever the snapshot says
             if value is not None and k.read(key) != value:
                 problem = k.write(key, value)
                 if problem:
@@ -264,7 +337,7 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
         if errors:
             raise CommandFailed("rollback", "the kernel refused: " + "; ".join(errors), "run 'hostprep status'")
     root = store.paths.root
-    wanted = {root / rel: text for rel, text in snap["files"].items()}
+    wanted = {owned_file(store, rel): text for rel, text in snap["files"].items()}
     for path in state_files(store):
         if path not in wanted:
             wanted[path] = None       # a container record the change added
@@ -306,11 +379,6 @@ def refuse_if_pending(store: Store) -> None:
 
 # -- confirmation timers -------------------------------------------------------
 
-def same_netns_as_init() -> bool:
-    try:
-        return os.readlink("/proc/self/ns/net") == os.readlink("/proc/1/ns/net")
-    except OSError:
-        return False
 
 
 def timer_mechanism(store: Store) -> str:
@@ -333,13 +401,16 @@ def timer_mechanism(store: Store) -> str:
 
 
 def _hostprep_argv() -> list[str]:
-    return [sys.executable, "-m", "hostprep"]
+    # -P and cwd "/": the rollback never imports from the directory the admin ran apply in
+    return python_module("hostprep")
 
 
 def _env_for_child() -> dict[str, str]:
     keep = ("HOSTPREP_ROOT", "HOSTPREP_BACKEND", "HOSTPREP_PROC_SYS", "HOSTPREP_PROC_SYS_NONNET",
             "HOSTPREP_SELINUXFS", "HOSTPREP_LOCK_TIMEOUT", "PYTHONPATH", "PATH")
-    return {k: os.environ[k] for k in keep if k in os.environ}
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("PYTHONPATH", child_env()["PYTHONPATH"])
+    return env
 
 
 def unit_name(cid: str) -> str:
@@ -458,11 +529,16 @@ def recover(backend, store: Store, by: str = "hostprep") -> list[str]:
     cid = marker.get("id", "?")
     try:
         snap = load_snapshot(store, cid)
-    except StateError:
+    except StateError as err:
         _unlink(inflight_file(store))
-        store.journal(f"recover (by {by})", f"interrupted change {cid} ({marker.get('command')}) had no snapshot",
-                      "marker removed; run 'hostprep apply' to converge")
-        return [f"interrupted change {cid}: no snapshot; marker removed"]
+        if not snapshot_file(store, cid).exists():
+            store.journal(f"recover (by {by})", f"interrupted change {cid} ({marker.get('command')}) had no "
+                          "snapshot", "marker removed; run 'hostprep apply' to converge")
+            return [f"interrupted change {cid}: no snapshot; marker removed"]
+        store.journal(f"recover (by {by})", f"interrupted change {cid} ({marker.get('command')}): "
+                      f"snapshot not usable ({err.problem})", "nothing restored, marker removed; "
+                      "run 'hostprep apply' to converge")
+        return [f"interrupted change {cid}: snapshot not usable ({err.problem}); nothing restored, marker removed"]
     notes = restore(backend, store, snap)
     try:
         p = pending(store)

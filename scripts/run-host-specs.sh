@@ -5,7 +5,8 @@
 #   HOSTPREP_BACKEND=legacy bash scripts/run-host-specs.sh   (the other iptables variant)
 #
 # 1. `hostprep sandbox up` builds the namespaces hpspec<pid>, -inet, -admin and runs
-#    `apply -i eth1 -y --ignore-selinux` inside with its state under /var/tmp/hpspec<pid>;
+#    `apply -i eth1 -y --ignore-selinux` inside with its state under a fresh
+#    /var/tmp/hpspec<pid>.XXXXXX (mktemp -d);
 # 2. `apply -k` inside it, with the kernel.*, vm.*, fs.*, dev.* keys pointed at a
 #    temporary stand-in (HOSTPREP_PROC_SYS_NONNET: a copy of the machine's current
 #    values, read only): the machine's own kernel/vm/fs sysctls are never written
@@ -28,8 +29,10 @@ esac
 repo=$(pwd)
 py="$repo/.venv/bin/python"
 name="hpspec$$"
-root="/var/tmp/$name"
-standin="/var/tmp/$name-procsys"
+# Fresh directories of root's (mktemp -d: 0700, fails rather than reuse what another
+# user may have prepared under /var/tmp).
+root=$(mktemp -d "/var/tmp/$name.XXXXXX")
+standin=$(mktemp -d "/var/tmp/$name-procsys.XXXXXX")
 backend_opt=()
 envs=(HOSTPREP_ROOT="$root" HOSTPREP_PROC_SYS_NONNET="$standin" SSH_CONNECTION=)
 if [ -n "${HOSTPREP_BACKEND:-}" ]; then
@@ -84,7 +87,6 @@ trap 'exit 130' INT TERM
 "$repo/.venv/bin/hostprep" sandbox up --name "$name" --root "$root" "${backend_opt[@]}"
 
 # 2. apply -k with the stand-in for the non-net keys
-mkdir "$standin"
 for k in "${nonnet[@]}"; do
     src="/proc/sys/${k//.//}"
     [ -r "$src" ] || continue            # a key this kernel lacks stays missing in the stand-in

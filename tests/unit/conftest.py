@@ -25,7 +25,7 @@ class FakeRunner(Runner):
             return f"/usr/sbin/{binary}"
         return None
 
-    def run(self, argv, *, input=None, check=True, mutates=False):
+    def run(self, argv, *, input=None, check=True, mutates=False, cwd=None):
         self.calls.append((list(argv), input, mutates))
         rc, out, err = self.replies.get(tuple(argv), (0, "", ""))
         return Result(tuple(argv), rc, out, err)

@@ -470,7 +470,7 @@ class NetnsRefused(Runner):
     def which(self, binary):
         return f"/usr/sbin/{binary}"
 
-    def run(self, argv, *, input=None, check=True, mutates=False):
+    def run(self, argv, *, input=None, check=True, mutates=False, cwd=None):
         self.calls.append(list(argv))
         if argv[:3] == ["ip", "netns", "add"]:
             raise CommandFailed("ip netns", "exit 1: mount --make-shared /run/netns failed: Operation not permitted")
@@ -497,7 +497,7 @@ class ApplyFails(NetnsRefused):
         super().__init__()
         self.made: list[str] = []
 
-    def run(self, argv, *, input=None, check=True, mutates=False):
+    def run(self, argv, *, input=None, check=True, mutates=False, cwd=None):
         self.calls.append(list(argv))
         if argv[:3] == ["ip", "netns", "add"]:
             self.made.append(argv[3])

@@ -231,7 +231,8 @@ def test_arming_with_systemd_runs_a_transient_timer_and_confirm_stops_it(store, 
                         "--description=hostprep: roll back unconfirmed change ID1", "--on-active=120s",
                         "--timer-property=AccuracySec=1s", "--collect"]
     assert f"--setenv=HOSTPREP_ROOT={store.paths.root}" in argv
-    assert argv[-6:] == [sys.executable, "-m", "hostprep", "rollback", "--due", "ID1"]
+    # -P: the rollback never imports a hostprep/ from the directory apply ran in (issue 10, item 2)
+    assert argv[-7:] == [sys.executable, "-P", "-m", "hostprep", "rollback", "--due", "ID1"]
     assert runner.calls[0][2] is True                      # a mutating call (not run by --dry-run)
     assert json.loads(txn.pending_file(store).read_text()) == p
     assert p["unit"] == "hostprep-rollback-ID1.timer" and p["mechanism"] == "systemd"
