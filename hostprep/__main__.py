@@ -1,3 +1,3 @@
-from hostprep.cli import main
+from hostprep.entry import main
 
 main()

@@ -17,8 +17,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from hostprep import __version__
+from hostprep.entry import EXIT_SIGINT, broken_pipe
 from hostprep import apply as applymod
 from hostprep import nic as nicmod
 from hostprep import status as statusmod
@@ -41,12 +43,26 @@ app.add_typer(container_app, name="container")
 
 # Tables keep their columns when the output is a pipe or a file (rich would assume 80).
 _width = None if sys.stdout.isatty() else 160
-out = Console(highlight=False, soft_wrap=True, width=_width)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup=False: nothing printed is read as Rich markup, so a value from a flag, a file
+# or a subprocess ('[/]', '[bold]', 'hostprep[probe]') is printed as it is; styled
+# labels go through say(), which builds a Text instead.
+class _Console(Console):
+    def on_broken_pipe(self) -> None:      # the reader went away: 141, as for SIGPIPE
+        self.quiet = True
+        broken_pipe()
+
+
+out = _Console(highlight=False, soft_wrap=True, width=_width, markup=False)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def say(console: Console, style: str, label: str, text: str) -> None:
+    """``label`` in ``style``, then ``text`` exactly as given (never parsed as markup)."""
+    console.print(Text.assemble((label, style), " ", text))
 
 
 def fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True)
+    say(err, "bold red", "error:", f"{message}")
     raise typer.Exit(code)
 
 
@@ -57,8 +73,10 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except HostprepError as exc:
             fail(exc.line(), exc.exit_code)
+        except BrokenPipeError:
+            broken_pipe()
         except KeyboardInterrupt:
-            fail("interrupted", 130)
+            fail("interrupted", EXIT_SIGINT)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - the promise is: never a traceback
@@ -98,8 +116,8 @@ def show_nic(info: nicmod.NicInfo) -> None:
     t.add_row("MTU", str(info.mtu))
     out.print(t)
     if info.slow:
-        err.print(f"[yellow]warning:[/] {info.name} runs at {info.speed_mbps} Mb/s; the reverse-proxy "
-                  "launcher refuses NICs slower than 1000 Mb/s", markup=True)
+        say(err, "yellow", "warning:", f"{info.name} runs at {info.speed_mbps} Mb/s; the reverse-proxy "
+                  "launcher refuses NICs slower than 1000 Mb/s")
 
 
 def confirm(prompt: str, yes: bool) -> None:
@@ -171,7 +189,7 @@ def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> None:
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)
     for w in selinux.check_enforcing(state, ignore_flag, selinux.ignore_from_core(core)):
-        err.print(f"[yellow]warning:[/] {w}", markup=True)
+        say(err, "yellow", "warning:", f"{w}")
 
 
 def ssh_guard(runner: Runner, info: nicmod.NicInfo, force: bool) -> None:
@@ -191,8 +209,8 @@ def ssh_guard(runner: Runner, info: nicmod.NicInfo, force: bool) -> None:
     if not force:
         raise RefusedError("-i/--interface", msg,
                            "connect through the internal NIC, or pass --force to lose these sessions")
-    err.print(f"[bold red]WARNING:[/] {msg}; --force given: SSH on {info.name} will be dropped "
-              "and such sessions will hang", markup=True)
+    say(err, "bold red", "WARNING:", f"{msg}; --force given: SSH on {info.name} will be dropped "
+              "and such sessions will hang")
 
 
 def rp_filter_guard(runner: Runner, force: bool) -> None:
@@ -210,7 +228,7 @@ def rp_filter_guard(runner: Runner, force: bool) -> None:
         if not force:
             raise RefusedError("-k/--kernel", msg, f"route {session.peer}'s network through {arrive} first, "
                                "or pass --force")
-        err.print(f"[bold red]WARNING:[/] {msg}; --force given", markup=True)
+        say(err, "bold red", "WARNING:", f"{msg}; --force given")
 
 
 def print_kernel_dry_run(store: Store) -> None:
@@ -249,9 +267,9 @@ def run_kernel_part(store: Store, argv: str):
 def print_kernel_part(store: Store, report, notes, bad) -> None:
     from hostprep import sysctl
     for n in notes:
-        err.print(f"[yellow]note:[/] {n}", markup=True)
+        say(err, "yellow", "note:", f"{n}")
     for r in bad:
-        err.print(f"[red]kernel drift:[/] {r.key}: wanted {r.desired}, {r.detail}", markup=True)
+        say(err, "red", "kernel drift:", f"{r.key}: wanted {r.desired}, {r.detail}")
     ok = sum(1 for r in report if r.state == "ok")
     out.print(f"kernel: {ok} of {len(report)} keys live and verified"
               + (f", {len(bad)} overridden or drifting (see above)" if bad else "")
@@ -271,9 +289,9 @@ def say_pending(ch) -> None:
     p = ch.pending
     how = f"systemd timer {p['unit']}" if p["mechanism"] == "systemd" else \
         f"watcher process {p['watcher_pid']} (no systemd in this namespace)"
-    err.print(f"[bold yellow]confirm within {p['seconds']} s:[/] run 'hostprep confirm' before "
-              f"{p['deadline_text']}, or the state before this change is restored ({how}); "
-              "'hostprep rollback' restores it now", markup=True)
+    say(err, "bold yellow", f"confirm within {p['seconds']} s:", f"run 'hostprep confirm' before "
+        f"{p['deadline_text']}, or the state before this change is restored ({how}); "
+        "'hostprep rollback' restores it now")
 
 
 @app.command("apply")
@@ -348,9 +366,9 @@ def apply_cmd(
     be = prepared[1] if prepared else None
     argv = "hostprep " + " ".join(sys.argv[1:])
     if do_kernel and store.applied() is None and prepared is None:
-        err.print("[bold yellow]WARNING:[/] the profile turns on ip_forward (containers need it) but hostprep's "
+        say(err, "bold yellow", "WARNING:", "the profile turns on ip_forward (containers need it) but hostprep's "
                   "firewall is not applied: nothing filters what is forwarded from the external NIC; run "
-                  "'hostprep apply -i <external NIC>'", markup=True)
+                  "'hostprep apply -i <external NIC>'")
     kernel_result = None
     # Nothing prints inside the change: a terminal gone with the SSH session must
     # not turn a finished load into a failure.
@@ -368,7 +386,7 @@ def apply_cmd(
         persistence = persistence_part(store, policy.interface if policy is not None else
                                        ((store.applied() or {}).get("settings") or {}).get("interface"))
     for note in ch.recovered:
-        err.print(f"[yellow]recovered:[/] {note}", markup=True)
+        say(err, "yellow", "recovered:", f"{note}")
     if prepared is not None:
         report_firewall(info, desired, outcome)
     if kernel_result is not None:
@@ -388,21 +406,21 @@ def persistence_part(store: Store, interface: Optional[str]):
         problem = exc.line()
 
         def warn() -> None:
-            err.print(f"[bold red]WARNING:[/] boot persistence not installed: {problem}; the hardening is live "
-                      "now but will be gone after a reboot", markup=True)
+            say(err, "bold red", "WARNING:", f"boot persistence not installed: {problem}; the hardening is live "
+                      "now but will be gone after a reboot")
         return warn
 
-    def say() -> None:
+    def report_units() -> None:
         if changed:
             out.print(f"boot persistence: {persist.UNIT}"
                       + (f" and {persist.nic_instance(interface)}" if interface else "")
                       + f" enabled ({len(changed)} files written under {store.paths.root / 'etc'})")
-    return say
+    return report_units
 
 
 def report_firewall(info, desired, outcome) -> None:
     for w in outcome.warnings:
-        err.print(f"[yellow]warning:[/] {w}", markup=True)
+        say(err, "yellow", "warning:", f"{w}")
     if not outcome.changed:
         out.print(f"nothing changed: the hardening on {info.name} is already live")
         return
@@ -429,9 +447,8 @@ def prepare_firewall(policy: Policy, store: Store, yes: bool, dry_run: bool, for
     show_nic(info)
     at_risk = applymod.untracked_connections(list(info.ipv4 + info.ipv6))
     if at_risk:
-        err.print(f"[yellow]warning:[/] conntrack is not tracking this namespace yet: {at_risk} established "
-                  f"TCP connection(s) on {info.name} will be classified NEW without SYN and dropped",
-                  markup=True)
+        say(err, "yellow", "warning:", f"conntrack is not tracking this namespace yet: {at_risk} established "
+                  f"TCP connection(s) on {info.name} will be classified NEW without SYN and dropped")
     be = applymod.default_backend(runner, backend)
     try:
         containers = tuple(store.containers().values())
@@ -516,7 +533,7 @@ def flush_cmd(
 def print_status(report: dict) -> None:
     out.print(f"backend: {report['backend']}")
     for w in report["warnings"]:
-        err.print(f"[yellow]warning:[/] {w}", markup=True)
+        say(err, "yellow", "warning:", f"{w}")
     nic = report.get("nic")
     if nic and "error" not in nic:
         out.print(f"external NIC: {nic['name']} {'UP' if nic['up'] else 'DOWN'} "
@@ -592,7 +609,7 @@ def print_status(report: dict) -> None:
         out.print(f"rollback: 'hostprep rollback' restores the state before change {tx['rollback_available']}")
     if report["problems"]:
         for p in report["problems"]:
-            err.print(f"[red]difference:[/] {p}", markup=True)
+            say(err, "red", "difference:", f"{p}")
     else:
         out.print("everything desired is live")
 
@@ -767,9 +784,8 @@ def container_up_cmd(
     c = envfiles.load_container(name, env, core, installer, info.name, list(info.ipv4 + info.ipv6))
     be = applymod.default_backend(Runner(), backend)
     if not c.hardening:
-        err.print(f"[bold yellow]WARNING:[/] NGX_IPTABLES_HARDENING=0: no port is opened for {name}; the base "
-                  f"hardening keeps {', '.join(map(str, c.ports))} on {info.name} CLOSED (clients time out)",
-                  markup=True)
+        say(err, "bold yellow", "WARNING:", f"NGX_IPTABLES_HARDENING=0: no port is opened for {name}; the base "
+                  f"hardening keeps {', '.join(map(str, c.ports))} on {info.name} CLOSED (clients time out)")
     if c.template == "cloudconnect" and c.exempt:
         out.print(f"exempt from limits: {len(c.exempt)} addresses (NGX_RATELIMIT_DISABLE_IPS, "
                   "NGX_CLOUDCONNECT_CLIENT_IPS)")
@@ -779,10 +795,10 @@ def container_up_cmd(
         outcome, added, removed, kept = applymod.container_up(be, store, c, argv)
         ch.changed = outcome.changed
     for note in ch.recovered:
-        err.print(f"[yellow]recovered:[/] {note}", markup=True)
+        say(err, "yellow", "recovered:", f"{note}")
     store.write_container_log(name, container_log_text(name, c, added, removed, "up", kept), append=False)
     for w in outcome.warnings:
-        err.print(f"[yellow]warning:[/] {w}", markup=True)
+        say(err, "yellow", "warning:", f"{w}")
     what = "rules unchanged" if not outcome.changed else f"{len(added)} rules added, {len(removed)} removed"
     out.print(f"container {name}: {what}; ports {','.join(map(str, c.ports))} on {c.dest} "
               f"({'open with limits' if c.hardening else 'closed'}); log {store.container_log(name)}")
@@ -808,7 +824,7 @@ def container_down_cmd(
         outcome, removed = applymod.container_down(be, store, name, argv)
         ch.changed = outcome.changed
     for note in ch.recovered:
-        err.print(f"[yellow]recovered:[/] {note}", markup=True)
+        say(err, "yellow", "recovered:", f"{note}")
     store.write_container_log(name, container_log_text(name, None, [], removed, "down"), append=True)
     out.print(f"container {name}: {len(removed)} rules removed; log {store.container_log(name)}")
     say_pending(ch)
@@ -989,8 +1005,8 @@ def print_selftest(report: dict) -> None:
     if report["ok"]:
         out.print(f"selftest: all {n} probes as expected ({report['seconds']} s)")
     else:
-        err.print(f"[bold red]selftest:[/] {report['mismatches']} of {n} probes not as expected "
-                  f"({report['seconds']} s)", markup=True)
+        say(err, "bold red", "selftest:", f"{report['mismatches']} of {n} probes not as expected "
+                  f"({report['seconds']} s)")
 
 
 @app.command("selftest")

@@ -1,0 +1,42 @@
+"""The ``hostprep`` command's entry point: quiet on Ctrl-C and on a closed pipe.
+
+Importing the CLI (Typer, Rich) takes a moment; a Ctrl-C during it would print
+a Python traceback.  Until the CLI is loaded SIGINT keeps its default action (the
+process ends, the shell sees 130, nothing is printed); from then on every command
+turns it into "interrupted" (exit 130) itself, and changes defer it until they are
+whole (txn).  A reader that goes away (``hostprep status | head``) ends hostprep
+quietly with 141, as SIGPIPE ends other tools; SIGPIPE itself stays ignored, so a
+child tool exiting early never kills hostprep half-way through a change.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+EXIT_SIGPIPE = 128 + signal.SIGPIPE
+EXIT_SIGINT = 128 + signal.SIGINT
+
+
+def broken_pipe() -> None:
+    """The reader of stdout went away: stop writing, exit 141, print nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    raise SystemExit(EXIT_SIGPIPE)
+
+
+def main() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from hostprep import cli
+    signal.signal(signal.SIGINT, previous)
+    try:
+        cli.main()
+    except KeyboardInterrupt:
+        # (between Typer's parsing and a command's own handling)
+        raise SystemExit(EXIT_SIGINT) from None
+    except BrokenPipeError:
+        broken_pipe()
