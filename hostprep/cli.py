@@ -322,6 +322,8 @@ def apply_cmd(
                                         "has the effect of --ignore-selinux."),
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
+    switch_nic: bool = typer.Option(False, "--switch-nic", help="With -y: move the hardening to another NIC "
+                                    "than the one hardened now (that NIC loses it). Without -y you are asked."),
 ) -> None:
     """Apply the base hardening on the external NIC (IPv4 and IPv6), and with -k the kernel profile.
 
@@ -342,27 +344,29 @@ def apply_cmd(
     if not dry_run:
         need_root("apply")
     policy, do_kernel, source = what_to_apply(interface, skip_ddos, allow_private, ping_from, kernel, store)
-    if not dry_run:
-        selinux_gate(store, ignore_selinux, core)
-        if do_kernel:
-            # Every refusal comes before any change: -i ... -k must not load the
-            # firewall and then refuse the kernel part.
-            rp_filter_guard(Runner(), force)
+    # Every guard runs before any change, and for a dry run too: a dry run refuses
+    # (same line, same exit code) where the real run would.
+    selinux_gate(store, ignore_selinux, core)
+    if do_kernel:
+        # -i ... -k must not load the firewall and then refuse the kernel part.
+        rp_filter_guard(Runner(), force)
+    pending_guard(store, dry_run)
     if source == "remembered settings":
         out.print("re-applying the remembered settings: "
                   + ("firewall on " + policy.interface if policy else "")
                   + (" and " if policy and do_kernel else "") + ("kernel profile" if do_kernel else ""))
     if dry_run:
         if policy is not None:
-            prepare_firewall(policy, store, yes, True, force, backend)
+            prepare_firewall(policy, store, yes=yes, dry_run=True, force=force, backend=backend,
+                             switch_nic=switch_nic)
         if do_kernel:
             print_kernel_dry_run(store)
         if confirm_secs is not None:
             out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
         return
     from hostprep import txn
-    txn.refuse_if_pending(store)
-    prepared = prepare_firewall(policy, store, yes, False, force, backend) if policy is not None else None
+    prepared = prepare_firewall(policy, store, yes=yes, dry_run=False, force=force, backend=backend,
+                                switch_nic=switch_nic) if policy is not None else None
     be = prepared[1] if prepared else None
     argv = "hostprep " + " ".join(sys.argv[1:])
     if do_kernel and store.applied() is None and prepared is None:
@@ -432,8 +436,46 @@ def report_firewall(info, desired, outcome) -> None:
               f"IPv6 {desired.v6.rule_count} rules, fragments {'dropped' if desired.nft else 'not handled (-e)'})")
 
 
-def prepare_firewall(policy: Policy, store: Store, yes: bool, dry_run: bool, force: bool,
-                     backend: Optional[str]):
+def pending_guard(store: Store, dry_run: bool) -> None:
+    """A change waiting for 'hostprep confirm' blocks the next one (a dry run says so the same way)."""
+    from hostprep import txn
+    try:
+        txn.refuse_if_pending(store)
+    except StateError:
+        if not dry_run or applymod.is_root():
+            raise
+        out.print("(not root: whether a change waits for confirmation cannot be read)")
+
+
+def nic_switch_guard(store: Store, info: nicmod.NicInfo, containers: tuple, *, yes: bool,
+                     switch_nic: bool) -> str | None:
+    """Applying on another NIC than the hardened one: say what that NIC loses, and which
+    containers are bound to an address the new NIC does not have; with -y, only with --switch-nic.
+    Returns the NIC the hardening moves from (None: no switch)."""
+    try:
+        record = store.applied() or {}
+    except StateError:
+        return None
+    current = (record.get("settings") or {}).get("interface") if isinstance(record, dict) else None
+    if not current or current == info.name:
+        return None
+    addrs = {a.split("/")[0] for a in info.ipv4 + info.ipv6}
+    lines = [f"{current} is the hardened external NIC now: applying on {info.name} REMOVES the hardening from "
+             f"{current} (its SSH, UDP, ICMP and port drops go; whatever listens there is reachable again)"]
+    lines += [f"container {c.name} is bound to {c.dest}, which is not an address of {info.name}: its ports "
+              f"{','.join(map(str, c.ports))} would not be reachable through {info.name}"
+              for c in containers if str(c.dest) not in addrs]
+    for line in lines:
+        say(err, "bold yellow", "NIC SWITCH:", line)
+    if yes and not switch_nic:
+        raise RefusedError("-i/--interface", f"{info.name} is not the hardened NIC ({current}); with -y the "
+                           "hardening is moved only on request", f"add --switch-nic to move it to {info.name}, "
+                           f"or give -i {current}")
+    return current
+
+
+def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, force: bool,
+                     backend: Optional[str], switch_nic: bool = False):
     """Guards, the NIC shown, the admin's yes; returns (NIC info, backend, desired) or None after a dry run."""
     info = nicmod.nic_info(policy.interface)
     if info.loopback:
@@ -457,6 +499,7 @@ def prepare_firewall(policy: Policy, store: Store, yes: bool, dry_run: bool, for
             raise
         out.print("(not root: the containers that are up cannot be read; showing the base hardening only)")
         containers = ()
+    moving_from = nic_switch_guard(store, info, containers, yes=yes, switch_nic=switch_nic)
     desired = applymod.build_desired(policy, containers)
     if dry_run:
         try:
@@ -471,7 +514,8 @@ def prepare_firewall(policy: Policy, store: Store, yes: bool, dry_run: bool, for
         print_plan(plan)
         out.print("dry run: nothing was changed")
         return None
-    confirm(f"Apply the hardening on {info.name} (backend {be.variant})?", yes)
+    confirm(f"Move the hardening from {moving_from} to {info.name} (backend {be.variant})?" if moving_from else
+            f"Apply the hardening on {info.name} (backend {be.variant})?", yes)
     return info, be, desired
 
 
@@ -493,6 +537,7 @@ def flush_cmd(
     need_root("flush")
     store = Store(Paths.from_env())
     from hostprep import txn
+    pending_guard(store, dry_run)           # a dry run refuses where the real flush would
     argv = "hostprep " + " ".join(sys.argv[1:])
     if kernel:
         from hostprep import sysctl

@@ -11,9 +11,13 @@ child tool exiting early never kills hostprep half-way through a change.
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
+import _signal  # first, and without 'signal' (its enums take a while to import)
+
+_signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 
 EXIT_SIGPIPE = 128 + signal.SIGPIPE
 EXIT_SIGINT = 128 + signal.SIGINT
@@ -30,9 +34,9 @@ def broken_pipe() -> None:
 
 
 def main() -> None:
-    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)      # (when imported earlier by someone else)
     from hostprep import cli
-    signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cli.main()
     except KeyboardInterrupt:
