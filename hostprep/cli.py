@@ -346,7 +346,12 @@ def apply_cmd(
     policy, do_kernel, source = what_to_apply(interface, skip_ddos, allow_private, ping_from, kernel, store)
     # Every guard runs before any change, and for a dry run too: a dry run refuses
     # (same line, same exit code) where the real run would.
-    selinux_gate(store, ignore_selinux, core)
+    try:
+        selinux_gate(store, ignore_selinux, core)
+    except StateError:
+        if not dry_run or applymod.is_root():
+            raise
+        out.print("(not root: the SELinux state cannot be read; the real run checks it)")
     if do_kernel:
         # -i ... -k must not load the firewall and then refuse the kernel part.
         rp_filter_guard(Runner(), force)

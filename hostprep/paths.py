@@ -127,12 +127,17 @@ class Paths:
 
     @classmethod
     def from_env(cls) -> "Paths":
-        """The root from ``HOSTPREP_ROOT``; refused when another user could have prepared it."""
+        """The root from ``HOSTPREP_ROOT``; as root, refused when another user could have prepared it.
+
+        (Without root hostprep changes nothing: a dry run may read whatever it can.)
+        """
         given = os.environ.get("HOSTPREP_ROOT", "/") or "/"
         root = Path(given)
         if not root.is_absolute():
             raise RefusedError("HOSTPREP_ROOT", f"{given!r} is not an absolute path",
                                "give an absolute directory, or unset it for /")
+        if os.geteuid() != 0:
+            return cls(root)
         if root.exists() or root.is_symlink():
             trusted_dir(root, "HOSTPREP_ROOT")
         else:

@@ -304,10 +304,8 @@ def test_dry_run_as_non_root(host):
     env = {"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.variant, "PYTHONPATH": REPO}
     res = host.run(host.box.host, [*drop, "id", "-u"], env=env)
     assert res.stdout.strip() == "65534"
-    # (--ignore-selinux: a dry run checks SELinux as the real run does, and the stand-in
-    # selinuxfs of these tests lies in root's private temporary directory)
     res = host.run(host.box.host, [*drop, sys.executable, "-m", "hostprep", "apply", "-i", "eth1",
-                                   "--dry-run", "--ignore-selinux"], env=env, check=False)
+                                   "--dry-run"], env=env, check=False)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     assert "-A HOSTPREP-SSH -p tcp -m tcp --dport 22" in res.stdout

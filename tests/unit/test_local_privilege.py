@@ -58,6 +58,7 @@ def test_a_root_owned_by_another_user_is_refused(monkeypatch, safe):
     assert f"{safe} is owned by uid {NOBODY}, not root" in exc.value.line()
 
 
+@as_root
 def test_a_group_or_world_writable_root_is_refused(monkeypatch, safe):
     for mode in (0o770, 0o707, 0o1777):
         os.chmod(safe, mode)
@@ -66,6 +67,7 @@ def test_a_group_or_world_writable_root_is_refused(monkeypatch, safe):
         assert f"{safe} is writable by group or others (mode {mode:o})" in exc.value.line()
 
 
+@as_root
 def test_a_symlink_on_the_path_is_refused(monkeypatch, safe):
     (safe / "real").mkdir(mode=0o700)
     (safe / "link").symlink_to(safe / "real")
@@ -77,6 +79,7 @@ def test_a_symlink_on_the_path_is_refused(monkeypatch, safe):
         assert f"{safe / 'link'} is a symlink" in exc.value.line()
 
 
+@as_root
 def test_a_root_still_to_be_made_in_a_world_writable_directory_is_refused(monkeypatch, safe):
     # /tmp/<name> that does not exist yet: another user could make it first
     os.chmod(safe, 0o1777)
