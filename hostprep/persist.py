@@ -56,9 +56,24 @@ def nic_instance(nic: str) -> str:
     return f"hostprep-nic@{escape(nic)}.service"
 
 
-def command() -> str:
-    """How the units start hostprep: this interpreter, so the venv it was installed in."""
+def interpreter() -> str:
+    """The interpreter the units name: this one, or for a system install (scripts/install.sh:
+    ``<prefix>/venv-<time>`` with ``<prefix>/current`` pointing at it) the same one through
+    ``current``, so that an upgrade, which switches ``current``, keeps the units right."""
     exe = sys.executable
+    venv = Path(sys.prefix)
+    current = venv.parent / "current"
+    try:
+        if venv.name.startswith("venv-") and current.is_symlink() and current.resolve() == venv.resolve():
+            return str(current / "bin" / Path(exe).name)
+    except OSError:
+        pass
+    return exe
+
+
+def command() -> str:
+    """How the units start hostprep: this interpreter (see interpreter()); systemd starts it in /."""
+    exe = interpreter()
     if not exe or any(c.isspace() or c in "\"'\\%$;" for c in exe):
         raise StateError("python", f"{exe!r} cannot be written into a unit file (systemd splits or expands it)",
                          "install hostprep in a path without spaces, quotes, '%', '$' or ';'")
