@@ -669,7 +669,7 @@ def test_unconfirmed_nic_switch_rolls_back_the_boot_units_too(t):
     t.hp(*BASE)
     before, units_before = snapshot(host), boot_units(host)
     assert "etc/systemd/system/sys-subsystem-net-devices-eth1.device.wants/hostprep-nic@eth1.service" in units_before
-    args = ("apply", "-i", "eth0", "-y", "--ignore-selinux", "--confirm", str(CONFIRM))
+    args = ("apply", "-i", "eth0", "-y", "--switch-nic", "--ignore-selinux", "--confirm", str(CONFIRM))
     t.hp(*args)
     p = t.armed()
     assert boot_units(host) != units_before            # apply installed the units of eth0
