@@ -718,15 +718,23 @@ def print_containers(rows: list[dict], title: str) -> None:
     out.print(t)
 
 
+def container_log_file_line(f) -> str:
+    """One env file in the log: never a plain hash of it (core.env holds secrets)."""
+    import datetime as dt
+    when = dt.datetime.fromtimestamp(f.mtime, dt.timezone.utc).isoformat(timespec="seconds")
+    return (f"# file {f.path} ({f.role or 'env file'}): {f.size} bytes, modified {when}"
+            + (f", hmac-sha256 {f.digest} (host key)" if f.digest else ""))
+
+
 def container_log_text(name: str, c, added: list[str], removed: list[str], event: str,
                        unchanged: list[str] = ()) -> str:
-    """The iptables_logs/NAME.log text: when, which files (and hashes), each rule added or removed."""
+    """The iptables_logs/NAME.log text: when, which files (size, mtime, keyed HMAC), each rule added or removed."""
     from hostprep.state import now, who
     lines = [f"# hostprep container {event}: {name} at {now()} by {who()}"]
     if c is not None:
         lines.append(f"# template {c.template}, destination {c.dest}, ports {','.join(map(str, c.ports))}, "
                      f"hardening {'on' if c.hardening else 'OFF'}")
-        lines += [f"# file {f.path} sha256 {f.sha256}" for f in c.files]
+        lines += [container_log_file_line(f) for f in c.files]
         lines += [f"# ipset {s.name}: {len(s.members)} members" for s in c.sets()]
     lines.append(f"# rules removed: {len(removed)}")
     lines += [f"removed: {ln}" for ln in removed]
