@@ -299,3 +299,55 @@ def load_container(name: str, env_path: Path, core_path: Path | None, installer_
     files = tuple(EnvFile(str(e.path.resolve()), e.digest, role, e.size, e.mtime)
                   for e, role in ((env, "env"), (core, "core"), (installer, "installer")) if e is not None)
     return Container(name, template, ports, dest, limits, hardening, restricted, lbs, tuple(exempt), files)
+
+
+@dataclass(frozen=True)
+class ChosenFiles:
+    """The env files one ``container up`` reads, and where each choice came from."""
+
+    env: Path
+    core: Path | None
+    installer: Path | None
+    sources: dict[str, str]      # role -> "given", "remembered", "dropped (--no-core)" or "none"
+
+    def describe(self) -> str:
+        parts = []
+        for role in ("env", "core", "installer"):
+            path = getattr(self, role)
+            parts.append(f"{role} {path} ({self.sources[role]})" if path is not None
+                         else f"{role}: {self.sources[role]}")
+        return "; ".join(parts)
+
+
+def choose_files(name: str, previous: Container | None, *, env: Path | None, core: Path | None,
+                 installer: Path | None, no_core: bool = False, no_installer: bool = False) -> ChosenFiles:
+    """The files of a ``container up``: each given one; else the one recorded at NAME's last up.
+
+    ``--no-core``/``--no-installer`` drop a remembered file (its defaults apply).  A
+    remembered file that is gone is refused (the admin says which file, or drops it).
+    """
+    for role, given, dropped in (("core", core, no_core), ("installer", installer, no_installer)):
+        if given is not None and dropped:
+            raise InputError(f"--no-{role}", f"given together with --{role}", f"give one of them")
+    chosen: dict[str, Path | None] = {}
+    sources: dict[str, str] = {}
+    for role, given, dropped in (("env", env, False), ("core", core, no_core),
+                                 ("installer", installer, no_installer)):
+        remembered = previous.file(role) if previous is not None else None
+        if given is not None:
+            chosen[role], sources[role] = given, "given"
+        elif dropped:
+            chosen[role], sources[role] = None, f"dropped (--no-{role})" if remembered else "none"
+        elif remembered is not None:
+            path = Path(remembered.path)
+            if not path.exists():
+                raise InputError(f"--{role}", f"the {role} file remembered from {name}'s last up, {path}, is gone",
+                                 f"give --{role} PATH" + (f", or --no-{role} to go on without it"
+                                                          if role != "env" else ""))
+            chosen[role], sources[role] = path, "remembered"
+        else:
+            chosen[role], sources[role] = None, "none"
+    if chosen["env"] is None:
+        raise InputError("--env", f"no env file is remembered for {name} (it is not up)",
+                         "give the component .env with --env, e.g. --env finesse.env")
+    return ChosenFiles(chosen["env"], chosen["core"], chosen["installer"], sources)

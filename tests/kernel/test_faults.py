@@ -230,7 +230,8 @@ def fin_up(tmp_path: Path, family: int) -> list[str]:
     """``container up fin`` bound to the external NIC's IPv4 or IPv6 address."""
     env, core = env_file(tmp_path, "finesse.env", **FIN), env_file(tmp_path, "core.env", **CORE)
     inst = env_file(tmp_path, f"installer{family}.env", PROXY_BINDING_IP=HOST_EXT4 if family == 4 else HOST_EXT6)
-    return ["container", "up", "fin", "--env", str(env), "--core", str(core), "--installer", str(inst)]
+    # -y: moving between the addresses opens the ports on another destination (widens access)
+    return ["container", "up", "fin", "-y", "--env", str(env), "--core", str(core), "--installer", str(inst)]
 
 
 # --------------------------------------------------------------------------- 1. the second family fails

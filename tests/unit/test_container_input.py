@@ -94,3 +94,100 @@ def test_log_text_names_files_without_their_sha256(store):
     assert files[1].endswith(f", hmac-sha256 {c.file('core').digest} (host key)")
     for f in ("finesse.env", "core.env", "installer.env"):
         assert hashlib.sha256((FIX / f).read_bytes()).hexdigest() not in text
+
+
+# -- item 7: what a re-up widens, and which files it reads -----------------------------
+
+def make(**kw) -> Container:
+    base = dict(name="fin", template="finesse", ports=(8445,), dest=ipaddress.ip_address("192.0.2.10"),
+                limits=Limits(10, 6, 8, 1, 1), hardening=True, restricted=True,
+                load_balancers=(ipaddress.ip_network("198.51.100.0/24"),),
+                exempt=(ipaddress.ip_network("203.0.113.7/32"),))
+    base.update(kw)
+    return Container(**base)
+
+
+def widening(before, after) -> list[str]:
+    from hostprep.plan import container_widening
+    return container_widening(before, after)
+
+
+def test_same_or_narrower_container_widens_nothing():
+    assert widening(make(), make()) == []
+    assert widening(make(restricted=False), make(restricted=True)) == []
+    assert widening(make(), make(exempt=(), limits=Limits(5, 3, 4, 9, 9), ports=(8445,))) == []
+
+
+def test_lost_core_lists_every_widening():
+    """The reported bug: an up without --core turned restriction off and dropped LBs/exempt."""
+    defaults = make(restricted=False, load_balancers=(),
+                    exempt=tuple(ipaddress.ip_network(n) for n in ("192.168.1.69/32", "127.0.0.1/32")))
+    assert widening(make(), defaults) == [
+        "NGX_TRAFFIC_RESTRICTED true -> false: every source may reach ports 8445, not only the load balancers",
+        "exempt from the limits (NGX_RATELIMIT_DISABLE_IPS, NGX_CLOUDCONNECT_CLIENT_IPS) added (2): "
+        "192.168.1.69/32, 127.0.0.1/32"]
+
+
+def test_each_kind_of_widening_is_listed():
+    after = make(limits=Limits(11, 7, 9, 1, 1), ports=(8445, 8446), dest=ipaddress.ip_address("192.0.2.11"),
+                 load_balancers=tuple(ipaddress.ip_network(f"198.51.100.{i}/32") for i in range(7)) +
+                 (ipaddress.ip_network("198.51.100.0/24"),))
+    assert widening(make(), after) == [
+        "destination 192.0.2.10 -> 192.0.2.11: the ports are opened on 192.0.2.11",
+        "ports added: 8446",
+        "load balancers (NGX_LOAD_BALANCER_IPS) added (7): 198.51.100.0/32, 198.51.100.1/32, 198.51.100.2/32, "
+        "198.51.100.3/32, 198.51.100.4/32 and 2 more",
+        "IPTABLES_CONNECTION_LIMIT_ABOVE raised 10 -> 11",
+        "IPTABLES_HASH_LIMIT_UPTO raised 6 -> 7",
+        "IPTABLES_HASH_LIMIT_BURST raised 8 -> 9"]
+
+
+def test_hardening_switched_either_way_is_listed():
+    assert widening(make(), make(hardening=False)) == [
+        "NGX_IPTABLES_HARDENING 1 -> 0: the container's limits, exemptions and load-balancer restriction are "
+        "removed (the base hardening keeps its ports closed)"]
+    assert widening(make(hardening=False), make(restricted=False)) == [
+        "NGX_IPTABLES_HARDENING 0 -> 1: ports 8445 on 192.0.2.10 are opened to the internet"]
+
+
+def recorded(tmp_path: Path, roles=("env", "core", "installer")) -> Container:
+    files = []
+    for role in roles:
+        path = tmp_path / f"{role}.env"
+        path.write_text("X=1\n")
+        files.append(EnvFile(str(path), "", role, 4, 0.0))
+    return make(files=tuple(files))
+
+
+def test_files_remembered_given_and_dropped(tmp_path):
+    from hostprep.envfiles import choose_files
+    prev = recorded(tmp_path)
+    got = choose_files("fin", prev, env=None, core=None, installer=None)
+    assert (got.env, got.core, got.installer, got.sources) == (
+        tmp_path / "env.env", tmp_path / "core.env", tmp_path / "installer.env",
+        {"env": "remembered", "core": "remembered", "installer": "remembered"})
+    other = tmp_path / "other-core.env"
+    got = choose_files("fin", prev, env=None, core=other, installer=None, no_installer=True)
+    assert (got.core, got.installer, got.sources) == (other, None, {
+        "env": "remembered", "core": "given", "installer": "dropped (--no-installer)"})
+    assert got.describe() == (f"env {tmp_path / 'env.env'} (remembered); core {other} (given); "
+                              "installer: dropped (--no-installer)")
+
+
+def test_files_of_a_new_container_and_errors(tmp_path):
+    from hostprep.envfiles import choose_files
+    from hostprep.errors import InputError
+    got = choose_files("fin", None, env=FIX / "finesse.env", core=None, installer=None, no_core=True)
+    assert (got.core, got.sources["core"]) == (None, "none")
+    with pytest.raises(InputError) as info:
+        choose_files("fin", None, env=None, core=None, installer=None)
+    assert info.value.field == "--env"
+    with pytest.raises(InputError) as info:
+        choose_files("fin", None, env=FIX / "finesse.env", core=FIX / "core.env", installer=None, no_core=True)
+    assert info.value.field == "--no-core"
+    prev = recorded(tmp_path)
+    (tmp_path / "core.env").unlink()
+    with pytest.raises(InputError) as info:
+        choose_files("fin", prev, env=None, core=None, installer=None)
+    assert (info.value.field, info.value.fix) == ("--core", "give --core PATH, or --no-core to go on without it")
+    assert choose_files("fin", prev, env=None, core=None, installer=None, no_core=True).core is None
