@@ -11,6 +11,7 @@ the restore cannot touch them.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -197,10 +198,35 @@ def ruleset_from_observed(observed: Observed) -> Ruleset:
 
 # -- ipsets (exempt lists of the containers) -----------------------------------
 
+_IPSET_V4 = re.compile(r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|"
+                       r"[1-9]?[0-9])){3}")
+
+
 def normalise_member(text: str) -> str:
-    """ipset prints /32 and /128 members without a prefix; compare as networks."""
+    """ipset prints /32 and /128 members without a prefix; compare as networks.
+
+    An IPv4 member as ipset prints it is already canonical (dotted quad without
+    leading zeros; hash:net keeps the network with its host bits cleared), so it
+    is not parsed again: only "/32" is added to a bare address.  That is the
+    common case of a large exempt list (issue 10 item 14: status re-parsed every
+    member of every loaded set).  IPv6 text forms vary, so they are parsed.
+    """
+    addr, slash, plen = text.partition("/")
+    if _IPSET_V4.fullmatch(addr) and (not slash or (plen.isdigit() and int(plen) <= 32 and plen == str(int(plen)))):
+        if not slash:
+            return addr + "/32"
+        net = f"{addr}/{plen}"
+        if plen == "32" or _v4_is_network(addr, int(plen)):
+            return net
     import ipaddress
     return str(ipaddress.ip_network(text, strict=False))
+
+
+def _v4_is_network(addr: str, plen: int) -> bool:
+    value = 0
+    for part in addr.split("."):
+        value = value << 8 | int(part)
+    return value & ((1 << (32 - plen)) - 1) == 0
 
 
 @dataclass(frozen=True)
