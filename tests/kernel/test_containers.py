@@ -545,6 +545,14 @@ def test_bad_env_changes_nothing(host, tmp_path):
          "already opened for container fin"),
         ("unsafe name", "a;b", finesse_env(tmp_path, "e.env", NGX_PRXY_FIN_PORT=9445), None, "a;b"),
         ("unknown template", "fin2", env_file(tmp_path, "f.env", TEMPLATE_TYPE="webex"), None, "TEMPLATE_TYPE"),
+        # issue 10 item 9: never widened silently
+        ("host bits", "fin2", finesse_env(tmp_path, "g.env", NGX_PRXY_FIN_PORT=9445),
+         env_file(tmp_path, "core-g.env", NGX_RATELIMIT_DISABLE_IPS="1.2.3.4/8"),
+         "'1.2.3.4/8' has host bits set: it would stand for 1.0.0.0/8"),
+        ("halves of everything", "fin2", finesse_env(tmp_path, "h.env", NGX_PRXY_FIN_PORT=9445),
+         env_file(tmp_path, "core-h.env", NGX_RATELIMIT_DISABLE_IPS="0.0.0.0/1|128.0.0.0/1"), "--allow-wide-exempt"),
+        ("interpolation", "fin2", finesse_env(tmp_path, "i.env", NGX_PRXY_FIN_PORT=9445),
+         env_file(tmp_path, "core-i.env", NGX_RATELIMIT_DISABLE_IPS="${HOME}"), "'${HOME}' is not an IP address"),
     ]
     for what, name, env, core, words in cases:
         before = kernel_state(host)
@@ -799,3 +807,15 @@ def test_dry_run_of_a_new_container_and_of_a_conflict(host, tmp_path):
     assert (res.returncode, res.stderr.splitlines()[-1:]) == (real.returncode, real.stderr.splitlines()[-1:])
     assert res.returncode == 2 and "already opened for container fin" in res.stderr
     assert kernel_state(host) == after_up
+
+
+def test_wide_exempt_only_with_the_flag(host, tmp_path):
+    """Issue 10 item 9: --allow-wide-exempt is the explicit way to exempt a /1."""
+    host.apply()
+    core = env_file(tmp_path, "core.env", NGX_RATELIMIT_DISABLE_IPS="0.0.0.0/1")
+    res = up(host, "fin", finesse_env(tmp_path), core, None, check=False)
+    assert (res.returncode, len(res.stderr.splitlines())) == (2, 1)
+    assert kernel_state(host)["ipset"] == ""
+    up(host, "fin", finesse_env(tmp_path), core, None, "--allow-wide-exempt")
+    name = f"hostprep-{hashlib.sha256(b'fin').hexdigest()[:8]}-ex4"
+    assert f"add {name} 0.0.0.0/1" in ipsets(host)[name]
