@@ -246,7 +246,7 @@ class Store:
         return self.paths.state_dir / "filekey"
 
     def file_key(self, create: bool = True) -> bytes | None:
-        """The host-local key of the env files' HMACs (32 random bytes, 0600, made once).
+        """The host-local key of the env files' HMACs (32 random bytes, kept as 64 hex digits, 0600, made once).
 
         The record and the container log name an env file by an HMAC with this key
         rather than a plain sha256: only who can read the key (root, who can read the
@@ -263,8 +263,8 @@ class Store:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 key = os.urandom(32)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(key)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(key.hex() + "\n")
                     fh.flush()
                     os.fsync(fh.fileno())
                 return key
@@ -275,9 +275,13 @@ class Store:
         except OSError as err:
             raise StateError(str(path), f"cannot read the file key ({err.strerror})", "run as root") from None
         with os.fdopen(fd, "rb") as fh:
-            key = fh.read()
+            text = fh.read(200).decode("ascii", "replace").strip()
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
         if len(key) != 32:
-            raise StateError(str(path), f"the file key has {len(key)} bytes, not 32",
+            raise StateError(str(path), "is not a file key (64 hex digits)",
                              "remove it; the next 'container up' makes a new one")
         return key
 
