@@ -261,8 +261,10 @@ class EnvFile:
     mtime: float = 0.0
 
     def as_dict(self) -> dict:
+        # "sha256" stays, empty: hostprep before issue 10 needs the key to read a record, and
+        # a boot unit or a downgrade that cannot read one leaves the container's ports closed.
         return {"path": self.path, "role": self.role, "size": self.size, "mtime": self.mtime,
-                "hmac": self.digest}
+                "hmac": self.digest, "sha256": ""}
 
     @classmethod
     def from_dict(cls, d: dict, index: int) -> "EnvFile":
@@ -273,7 +275,8 @@ class EnvFile:
             base = d["path"].rsplit("/", 1)[-1]
             role = "env" if index == 0 else "core" if base == "core.env" else \
                 "installer" if base == "installer.env" else ""
-        # A legacy "sha256" is not carried on: it is the hash the log must not show.
+        # A legacy "sha256" is not carried on: it is the hash the log must not show
+        # (records written now keep the key, empty, for older readers).
         return cls(str(d["path"]), str(d.get("hmac", "")), str(role), int(d.get("size", 0)),
                    float(d.get("mtime", 0.0)))
 
