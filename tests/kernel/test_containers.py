@@ -790,8 +790,12 @@ def test_widening_reup_listed_and_refused_without_yes_dry_run_exits_the_same(hos
 def test_dry_run_of_a_new_container_and_of_a_conflict(host, tmp_path):
     host.apply()
     before = kernel_state(host)
-    res = up(host, "fin", finesse_env(tmp_path), None, None, "--dry-run")
-    assert res.returncode == 0, res.stderr
+    env = finesse_env(tmp_path)
+    env.chmod(0o664)                  # group-writable: warned about (issue 10 item 9)
+    res = up(host, "fin", env, None, None, "--dry-run")
+    assert (res.returncode, res.stderr.splitlines()) == (0, [
+        f"warning: {env} is writable by group {env.stat().st_gid} (mode 0664): another user can change what is "
+        f"loaded into the firewall (chmod go-w {env})"])
     lines = res.stdout.splitlines()
     assert "container fin: 7 rules would be added, 0 removed" in lines
     assert len([ln for ln in lines if ln.startswith("  added: -A ")]) == 7
