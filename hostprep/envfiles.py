@@ -328,7 +328,7 @@ def choose_files(name: str, previous: Container | None, *, env: Path | None, cor
     """
     for role, given, dropped in (("core", core, no_core), ("installer", installer, no_installer)):
         if given is not None and dropped:
-            raise InputError(f"--no-{role}", f"given together with --{role}", f"give one of them")
+            raise InputError(f"--no-{role}", f"given together with --{role}", "give one of them")
     chosen: dict[str, Path | None] = {}
     sources: dict[str, str] = {}
     for role, given, dropped in (("env", env, False), ("core", core, no_core),
