@@ -6,7 +6,9 @@ properties count, and which ``IPTABLES_*`` defaults apply), ``core.env``
 ``NGX_TRAFFIC_RESTRICTED``) and ``installer.env`` (``PROXY_BINDING_IP``).  Defaults
 are the ones the installer documents (shared/reference/cisco-rp-installer.md §3).
 Reading changes nothing; every error names the key, the file, the value and the
-expected format, as the original launcher does.
+expected format, as the original launcher does.  Values are read as written (no
+``${VAR}`` interpolation); IP lists are never widened silently (host bits, prefixes
+shorter than /8 or /32 without --allow-wide-exempt, more than MAX_LIST_ENTRIES).
 """
 
 from __future__ import annotations
