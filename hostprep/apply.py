@@ -376,17 +376,19 @@ def container_up(backend: Backend, store: Store, c: Container,
         return _container_up_locked(backend, store, c, command)
 
 
-def _container_up_locked(backend: Backend, store: Store, c: Container,
-                         command: str) -> tuple[Outcome, list[str], list[str], list[str]]:
+def container_desired(store: Store, c: Container) -> tuple[Desired, Container | None]:
+    """The whole desired state with ``c`` up (conflicts refused), and its recorded version."""
     policy = applied_policy(store)
     registry = store.containers()
     others = {n: o for n, o in registry.items() if n != c.name}
     check_conflicts(c, others)
-    desired = render.desired(policy, tuple(others.values()) + (c,))
-    previous = registry.get(c.name)
-    outcome = apply(backend, store, desired, command)
-    store.save_container(c)
-    before = container_lines(outcome.before, previous) if previous else []
+    return render.desired(policy, tuple(others.values()) + (c,)), registry.get(c.name)
+
+
+def container_diff(before_snap: Snapshot, desired: Desired, previous: Container | None,
+                   c: Container) -> tuple[list[str], list[str], list[str]]:
+    """(added, removed, kept) iptables-save lines of one container."""
+    before = container_lines(before_snap, previous) if previous else []
     after = container_lines(desired, c)
     # A rule is kept only within one family: moved from IPv4 to IPv6, every rule
     # is removed from one table and added to the other, even where the text reads the same.
@@ -394,6 +396,23 @@ def _container_up_locked(backend: Backend, store: Store, c: Container,
     added = [ln for ln in after if not (same and ln in before)]
     removed = [ln for ln in before if not (same and ln in after)]
     kept = [ln for ln in after if same and ln in before]
+    return added, removed, kept
+
+
+def container_up_plan(backend: Backend, store: Store, c: Container) -> tuple[ApplyPlan, list[str], list[str]]:
+    """What ``container up`` would do (for --dry-run): the plan, and the lines added and removed."""
+    desired, previous = container_desired(store, c)
+    plan = make_plan(backend, desired, store.applied())
+    added, removed, _ = container_diff(plan.snapshot, desired, previous, c)
+    return plan, added, removed
+
+
+def _container_up_locked(backend: Backend, store: Store, c: Container,
+                         command: str) -> tuple[Outcome, list[str], list[str], list[str]]:
+    desired, previous = container_desired(store, c)
+    outcome = apply(backend, store, desired, command)
+    store.save_container(c)
+    added, removed, kept = container_diff(outcome.before, desired, previous, c)
     return outcome, added, removed, kept
 
 

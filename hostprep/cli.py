@@ -791,15 +791,23 @@ def print_containers(rows: list[dict], title: str) -> None:
     out.print(t)
 
 
+def container_log_file_line(f) -> str:
+    """One env file in the log: never a plain hash of it (core.env holds secrets)."""
+    import datetime as dt
+    when = dt.datetime.fromtimestamp(f.mtime, dt.timezone.utc).isoformat(timespec="seconds")
+    return (f"# file {f.path} ({f.role or 'env file'}): {f.size} bytes, modified {when}"
+            + (f", hmac-sha256 {f.digest} (host key)" if f.digest else ""))
+
+
 def container_log_text(name: str, c, added: list[str], removed: list[str], event: str,
                        unchanged: list[str] = ()) -> str:
-    """The iptables_logs/NAME.log text: when, which files (and hashes), each rule added or removed."""
+    """The iptables_logs/NAME.log text: when, which files (size, mtime, keyed HMAC), each rule added or removed."""
     from hostprep.state import now, who
     lines = [f"# hostprep container {event}: {name} at {now()} by {who()}"]
     if c is not None:
         lines.append(f"# template {c.template}, destination {c.dest}, ports {','.join(map(str, c.ports))}, "
                      f"hardening {'on' if c.hardening else 'OFF'}")
-        lines += [f"# file {f.path} sha256 {f.sha256}" for f in c.files]
+        lines += [container_log_file_line(f) for f in c.files]
         lines += [f"# ipset {s.name}: {len(s.members)} members" for s in c.sets()]
     lines.append(f"# rules removed: {len(removed)}")
     lines += [f"removed: {ln}" for ln in removed]
@@ -812,34 +820,97 @@ def container_log_text(name: str, c, added: list[str], removed: list[str], event
     return "\n".join(lines) + "\n"
 
 
+def confirm_widening(name: str, widening: list[str], yes: bool) -> None:
+    """A re-up that widens access goes ahead with -y, or after a y at a terminal; else refused."""
+    if not widening or yes:
+        return
+    if not sys.stdin.isatty():
+        raise RefusedError("-y/--yes", f"this up of {name} widens access ({len(widening)} change"
+                           f"{'s' if len(widening) > 1 else ''} listed above) and there is no terminal to confirm; "
+                           "nothing was changed", "check the files; pass -y to go ahead, --dry-run to see the rules")
+    answer = typer.prompt(f"Widen access to {name} as listed above? [y/N]", default="N", show_default=False)
+    if answer.strip().lower() not in ("y", "yes"):
+        raise RefusedError("confirmation", "not confirmed; nothing was changed")
+
+
 @container_app.command("up")
 @handle_errors
 def container_up_cmd(
     name: str = typer.Argument(..., help="Container name (e.g. finesse); a safe identifier."),
-    env: Path = typer.Option(..., "--env", help="The component .env file (finesse.env, ids.env, ...)."),
+    env: Optional[Path] = typer.Option(None, "--env", help="The component .env file (finesse.env, ids.env, ...). "
+                                       "Without it, the one of NAME's last up is read again."),
     core: Optional[Path] = typer.Option(None, "--core", help="core.env (hardening switch, load balancers, "
-                                        "rate-limit-disable IPs, traffic restriction)."),
-    installer: Optional[Path] = typer.Option(None, "--installer", help="installer.env (PROXY_BINDING_IP)."),
+                                        "rate-limit-disable IPs, traffic restriction). Without it, the one of "
+                                        "NAME's last up is read again."),
+    no_core: bool = typer.Option(False, "--no-core", help="Forget the remembered core.env: its defaults apply "
+                                 "(no load balancers, no restriction, the installer's exempt defaults)."),
+    installer: Optional[Path] = typer.Option(None, "--installer", help="installer.env (PROXY_BINDING_IP). "
+                                             "Without it, the one of NAME's last up is read again."),
+    no_installer: bool = typer.Option(False, "--no-installer", help="Forget the remembered installer.env "
+                                      "(the NIC's only IPv4 address is the destination)."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Go ahead when this up widens NAME's access (listed "
+                             "first); without it such an up asks at a terminal and is refused without one."),
+    allow_wide_exempt: bool = typer.Option(False, "--allow-wide-exempt", help="Accept exempt and load-balancer "
+                                           "networks wider than /8 (IPv4) or /32 (IPv6); /0 is never accepted."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would change (the plan and the rules), "
+                                 "run every check, change nothing; exit as the real run would."),
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
-    """Open NAME's ports on the external NIC with its limits; replaces its rules atomically."""
-    from hostprep import envfiles
+    """Open NAME's ports on the external NIC with its limits; replaces its rules atomically.
+
+    The env files are remembered in NAME's record: 'container up NAME' alone reads
+    them again; a file given replaces the remembered one (--no-core/--no-installer
+    drop one).  Changes that widen access (restriction off, exempt or load-balancer
+    entries added, limits raised, ports added, hardening switched) are listed first
+    and need -y or a y at a terminal.
+    """
+    from hostprep import envfiles, txn
+    from hostprep import plan as planmod
+    from hostprep.model import container_name
+    container_name(name)
     need_root("container up")
     store = Store(Paths.from_env())
-    from hostprep import txn
     txn.refuse_if_pending(store)
+    previous = store.containers().get(name)
+    files = envfiles.choose_files(name, previous, env=env, core=core, installer=installer, no_core=no_core,
+                                  no_installer=no_installer)
     policy = applymod.applied_policy(store)
     info = nicmod.nic_info(policy.interface)
-    c = envfiles.load_container(name, env, core, installer, info.name, list(info.ipv4 + info.ipv6))
-    be = applymod.default_backend(Runner(), backend)
+    c = envfiles.load_container(name, files.env, files.core, files.installer, info.name,
+                                list(info.ipv4 + info.ipv6), key=store.file_key(create=not dry_run),
+                                allow_wide=allow_wide_exempt)
+    if set(files.sources.values()) - {"given", "none"}:
+        out.print(f"container {name}: files: {files.describe()}", markup=False)
+    for w in envfiles.permission_warnings([p for p in (files.env, files.core, files.installer) if p]):
+        err.print(f"warning: {w}", markup=False, style="yellow")
     if not c.hardening:
         say(err, "bold yellow", "WARNING:", f"NGX_IPTABLES_HARDENING=0: no port is opened for {name}; the base "
                   f"hardening keeps {', '.join(map(str, c.ports))} on {info.name} CLOSED (clients time out)")
     if c.template == "cloudconnect" and c.exempt:
         out.print(f"exempt from limits: {len(c.exempt)} addresses (NGX_RATELIMIT_DISABLE_IPS, "
                   "NGX_CLOUDCONNECT_CLIENT_IPS)")
-    from hostprep import txn
+    widening = planmod.container_widening(previous, c) if previous is not None else []
+    for w in widening:
+        err.print(f"WIDENS ACCESS: {name}: {w}", markup=False, style="bold yellow")
+    if dry_run:
+        be = applymod.default_backend(DryRunner(), backend)
+        plan, added, removed = applymod.container_up_plan(be, store, c)
+        print_plan(plan)
+        out.print(f"container {name}: {len(added)} rules would be added, {len(removed)} removed", markup=False)
+        for ln in removed:
+            out.print(f"  removed: {ln}", markup=False)
+        for ln in added:
+            out.print(f"  added: {ln}", markup=False)
+        if confirm_secs is not None:
+            out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
+        out.print("dry run: nothing was changed")
+        if widening and not yes and sys.stdin.isatty():
+            out.print("(the real run would ask before widening access)")
+        confirm_widening(name, widening, yes or sys.stdin.isatty())
+        return
+    confirm_widening(name, widening, yes)
+    be = applymod.default_backend(Runner(), backend)
     argv = "hostprep " + " ".join(sys.argv[1:])
     with txn.change(be, store, argv, confirm=confirm_secs) as ch:
         outcome, added, removed, kept = applymod.container_up(be, store, c, argv)

@@ -236,10 +236,49 @@ class Limits:
                 "hash_burst": self.hash_burst, "log_limit": self.log_limit, "log_burst": self.log_burst}
 
 
+# The most entries one IP list of an env file may hold (and one container's exempt set):
+# 65,536 is the maxelem hostprep's ipsets are created with (plan.ipset_fill_script), and
+# parsing, loading and comparing a list costs time and memory at every up, status
+# and boot (1,000,000 entries: 26 s and 860 MB for one up).
+MAX_LIST_ENTRIES = 65536
+
+
 @dataclass(frozen=True)
 class EnvFile:
+    """An env file a container was brought up from, as recorded and logged.
+
+    No plain hash of the content (core.env holds NGX_JWT_SECRET: a sha256 in a log is
+    an offline oracle for a guessable secret): ``digest`` is an HMAC-SHA256 with a key
+    only root can read (``state.Store.file_key``), "" when none was used; size and
+    mtime name the version of the file for a reader.  ``role``: env, core or installer
+    (what ``container up NAME`` re-reads).
+    """
+
     path: str
-    sha256: str
+    digest: str = ""
+    role: str = ""
+    size: int = 0
+    mtime: float = 0.0
+
+    def as_dict(self) -> dict:
+        # "sha256" stays, empty: hostprep before issue 10 needs the key to read a record, and
+        # a boot unit or a downgrade that cannot read one leaves the container's ports closed.
+        return {"path": self.path, "role": self.role, "size": self.size, "mtime": self.mtime,
+                "hmac": self.digest, "sha256": ""}
+
+    @classmethod
+    def from_dict(cls, d: dict, index: int) -> "EnvFile":
+        role = d.get("role")
+        if role is None:
+            # Records before roles were kept: env first, then core and/or installer,
+            # told apart by the installer's file names (anything else is not remembered).
+            base = d["path"].rsplit("/", 1)[-1]
+            role = "env" if index == 0 else "core" if base == "core.env" else \
+                "installer" if base == "installer.env" else ""
+        # A legacy "sha256" is not carried on: it is the hash the log must not show
+        # (records written now keep the key, empty, for older readers).
+        return cls(str(d["path"]), str(d.get("hmac", "")), str(role), int(d.get("size", 0)),
+                   float(d.get("mtime", 0.0)))
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -320,7 +359,7 @@ class Container:
                 "dest": str(self.dest), "limits": self.limits.as_dict(), "hardening": self.hardening,
                 "restricted": self.restricted, "load_balancers": [str(n) for n in self.load_balancers],
                 "exempt": [str(n) for n in self.exempt],
-                "files": [{"path": f.path, "sha256": f.sha256} for f in self.files]}
+                "files": [f.as_dict() for f in self.files]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Container":
@@ -328,7 +367,11 @@ class Container:
                    Limits(**d["limits"]), bool(d["hardening"]), bool(d["restricted"]),
                    tuple(ipaddress.ip_network(n) for n in d["load_balancers"]),
                    tuple(ipaddress.ip_network(n) for n in d["exempt"]),
-                   tuple(EnvFile(f["path"], f["sha256"]) for f in d.get("files", [])))
+                   tuple(EnvFile.from_dict(f, i) for i, f in enumerate(d.get("files", []))))
+
+    def file(self, role: str) -> "EnvFile | None":
+        """The recorded env file of ``role`` (env, core, installer), if any."""
+        return next((f for f in self.files if f.role == role), None)
 
 
 @dataclass(frozen=True)

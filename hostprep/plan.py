@@ -11,10 +11,11 @@ the restore cannot touch them.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 
-from hostprep.model import BUILTIN_CHAINS, PREFIX, Rule, Ruleset
+from hostprep.model import BUILTIN_CHAINS, MAX_LIST_ENTRIES, PREFIX, Rule, Ruleset
 
 
 def target_of(spec: str) -> str | None:
@@ -197,10 +198,35 @@ def ruleset_from_observed(observed: Observed) -> Ruleset:
 
 # -- ipsets (exempt lists of the containers) -----------------------------------
 
+_IPSET_V4 = re.compile(r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|"
+                       r"[1-9]?[0-9])){3}")
+
+
 def normalise_member(text: str) -> str:
-    """ipset prints /32 and /128 members without a prefix; compare as networks."""
+    """ipset prints /32 and /128 members without a prefix; compare as networks.
+
+    An IPv4 member as ipset prints it is already canonical (dotted quad without
+    leading zeros; hash:net keeps the network with its host bits cleared), so it
+    is not parsed again: only "/32" is added to a bare address.  That is the
+    common case of a large exempt list (issue 10 item 14: status re-parsed every
+    member of every loaded set).  IPv6 text forms vary, so they are parsed.
+    """
+    addr, slash, plen = text.partition("/")
+    if _IPSET_V4.fullmatch(addr) and (not slash or (plen.isdigit() and int(plen) <= 32 and plen == str(int(plen)))):
+        if not slash:
+            return addr + "/32"
+        net = f"{addr}/{plen}"
+        if plen == "32" or _v4_is_network(addr, int(plen)):
+            return net
     import ipaddress
     return str(ipaddress.ip_network(text, strict=False))
+
+
+def _v4_is_network(addr: str, plen: int) -> bool:
+    value = 0
+    for part in addr.split("."):
+        value = value << 8 | int(part)
+    return value & ((1 << (32 - plen)) - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -245,7 +271,7 @@ def ipset_fill_script(sets: tuple, suffix: str = "") -> str:
     for s in sets:
         name = s.name + suffix
         family = "inet" if s.family == 4 else "inet6"
-        maxelem = max(65536, 2 * len(s.members))
+        maxelem = max(MAX_LIST_ENTRIES, 2 * len(s.members))
         lines.append(f"create {name} hash:net family {family} hashsize 1024 maxelem {maxelem}"
                      + (" -exist" if suffix else ""))
         if suffix:
@@ -267,3 +293,46 @@ def parse_ipset_save(text: str, prefix: str) -> dict[str, frozenset[str]]:
         elif len(parts) >= 3 and parts[0] == "add" and parts[1].startswith(prefix):
             members.setdefault(parts[1], set()).add(normalise_member(parts[2]))
     return {k: frozenset(v) for k, v in members.items()}
+
+
+def container_widening(before, after) -> list[str]:
+    """What a re-up of one container opens wider than its recorded rules: one line each.
+
+    ``before``/``after``: model.Container (the record, the new one).  Widening:
+    hardening switched on (ports opened) or off (the container's limits removed),
+    restricted mode off, load-balancer or exempt entries added, connection or rate
+    limits raised, ports added, another destination.  Narrowing changes are not listed.
+    """
+    def show(nets) -> str:
+        items = [str(n) for n in nets]
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    out: list[str] = []
+    if before.hardening != after.hardening:
+        out.append("NGX_IPTABLES_HARDENING 1 -> 0: the container's limits, exemptions and load-balancer "
+                   "restriction are removed (the base hardening keeps its ports closed)" if before.hardening else
+                   f"NGX_IPTABLES_HARDENING 0 -> 1: ports {','.join(map(str, after.ports))} on {after.dest} "
+                   "are opened to the internet")
+    if not (after.hardening and before.hardening):
+        return out      # closed before (everything opens, said above) or closed now
+    if before.restricted and not after.restricted:
+        out.append(f"NGX_TRAFFIC_RESTRICTED true -> false: every source may reach ports "
+                   f"{','.join(map(str, after.ports))}, not only the load balancers")
+    if after.dest != before.dest:
+        out.append(f"destination {before.dest} -> {after.dest}: the ports are opened on {after.dest}")
+    new_ports = [p for p in after.ports if p not in before.ports]
+    if new_ports:
+        out.append(f"ports added: {','.join(map(str, new_ports))}")
+    for kind, what in (("lb", "load balancers (NGX_LOAD_BALANCER_IPS)"),
+                       ("ex", "exempt from the limits (NGX_RATELIMIT_DISABLE_IPS, NGX_CLOUDCONNECT_CLIENT_IPS)")):
+        old = set(before.networks(kind)) if before.family == after.family else set()
+        added = [n for n in after.networks(kind) if n not in old]
+        if added:
+            out.append(f"{what} added ({len(added)}): {show(added)}")
+    b, a = before.limits, after.limits
+    for label, old_v, new_v in (("IPTABLES_CONNECTION_LIMIT_ABOVE", b.connlimit_above, a.connlimit_above),
+                                ("IPTABLES_HASH_LIMIT_UPTO", b.hash_upto, a.hash_upto),
+                                ("IPTABLES_HASH_LIMIT_BURST", b.hash_burst, a.hash_burst)):
+        if new_v > old_v:
+            out.append(f"{label} raised {old_v} -> {new_v}")
+    return out

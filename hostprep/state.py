@@ -91,6 +91,9 @@ class Store:
         self.paths = paths
         self._lock_fd: int | None = None
         self._lock_depth = 0
+        # container records parsed in this process, by file: (device, inode, size, mtime_ns) -> Container.
+        # A record is replaced by rename (write_atomic), so a changed one has another inode.
+        self._parsed: dict[Path, tuple[tuple[int, int, int, int], object]] = {}
 
     @contextlib.contextmanager
     def lock(self, timeout: float | None = None):
@@ -198,10 +201,24 @@ class Store:
         out, bad = {}, []
         for f in files:
             try:
+                # A record of 65,536 exempt entries takes ~0.3 s to parse and validate:
+                # parsed once per process (status, container up and boot read the registry
+                # more than once), parsed again only when the file changed.
+                try:
+                    st = f.stat()
+                    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                except OSError:
+                    stamp = None
+                cached = self._parsed.get(f)
+                if stamp is not None and cached is not None and cached[0] == stamp:
+                    out[cached[1].name] = cached[1]
+                    continue
                 data = read_json(f)
                 if data:
                     c = Container.from_dict(data)
                     out[c.name] = c
+                    if stamp is not None:
+                        self._parsed[f] = (stamp, c)
             except StateError as err:
                 bad.append(err)
             except Exception as err:  # noqa: BLE001 - any malformed record (from_dict validates deeply)
@@ -223,13 +240,62 @@ class Store:
         return self.paths.log_dir / "iptables_logs" / f"{name}.log"
 
     def write_container_log(self, name: str, text: str, append: bool) -> None:
+        """0640 from creation, as logrotate's 'create' makes it; an existing file's mode is fixed;
+        a symlink in its place is refused (O_NOFOLLOW)."""
         path = self.container_log(name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a" if append else "w") as fh:
+            fd = os.open(path, flags, 0o640)
+            with os.fdopen(fd, "w") as fh:
+                os.fchmod(fd, 0o640)
                 fh.write(text)
         except OSError as err:
             raise StateError(str(path), f"cannot write ({err.strerror})") from None
+
+    @property
+    def file_key_path(self) -> Path:
+        return self.paths.state_dir / "filekey"
+
+    def file_key(self, create: bool = True) -> bytes | None:
+        """The host-local key of the env files' HMACs (32 random bytes, kept as 64 hex digits, 0600, made once).
+
+        The record and the container log name an env file by an HMAC with this key
+        rather than a plain sha256: only who can read the key (root, who can read the
+        files too) can test a guess of a secret in core.env against it.  None when it
+        does not exist and ``create`` is False (a dry run writes nothing).
+        """
+        path = self.file_key_path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if not create:
+                return None
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                key = os.urandom(32)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(key.hex() + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                return key
+            except FileExistsError:
+                return self.file_key(create=False)      # another hostprep made it just now
+            except OSError as err:
+                raise StateError(str(path), f"cannot create the file key ({err.strerror})") from None
+        except OSError as err:
+            raise StateError(str(path), f"cannot read the file key ({err.strerror})", "run as root") from None
+        with os.fdopen(fd, "rb") as fh:
+            text = fh.read(200).decode("ascii", "replace").strip()
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise StateError(str(path), "is not a file key (64 hex digits)",
+                             "remove it; the next 'container up' makes a new one")
+        return key
 
     def journal(self, command: str, changed: str, result: str) -> None:
         """One line per change: time, user (and SUDO_USER), command, what changed, result."""

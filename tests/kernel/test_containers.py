@@ -83,9 +83,9 @@ def finesse_env(tmp_path: Path, fname: str = "finesse.env", **values) -> Path:
     return env_file(tmp_path, fname, TEMPLATE_TYPE="finesse", **values)
 
 
-def up(host, name: str, env: Path, core: Path | None = None, installer: Path | None = None,
-       check: bool = True) -> subprocess.CompletedProcess:
-    args = ["container", "up", name, "--env", str(env)]
+def up(host, name: str, env: Path | None, core: Path | None = None, installer: Path | None = None,
+       *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    args = ["container", "up", name, *extra] + (["--env", str(env)] if env is not None else [])
     if core is not None:
         args += ["--core", str(core)]
     if installer is not None:
@@ -485,15 +485,20 @@ def test_container_log_lists_rules_and_files_and_journal(host, tmp_path):
     assert logged(text, "added") == sorted(live)
     assert logged(text, "removed") == []
     files = [ln for ln in text.splitlines() if ln.startswith("# file ")]
-    assert files == [f"# file {p.resolve()} sha256 {hashlib.sha256(p.read_bytes()).hexdigest()}"
-                     for p in (env, core, installer)]
+    # path, role and size (then mtime and the keyed HMAC); never a plain sha256 (issue 10 item 11)
+    assert [ln.split(", modified ")[0] for ln in files] == [
+        f"# file {p.resolve()} ({role}): {p.stat().st_size} bytes"
+        for p, role in ((env, "env"), (core, "core"), (installer, "installer"))]
+    assert [p for p in (env, core, installer) if hashlib.sha256(p.read_bytes()).hexdigest() in text] == []
+    assert (oct(log.stat().st_mode & 0o777), oct((host.root / "var/lib/hostprep/filekey").stat().st_mode & 0o777)) \
+        == ("0o640", "0o600")
     j1 = journal.read_text().splitlines()
     assert len(j1) == len(j0) + 1
     assert "\thostprep container up fin " in j1[-1] and j1[-1].endswith("\tok"), j1[-1]
 
     # up again with a changed limit: the log is recreated (one header) and names what changed
     env.write_text(env.read_text().replace("IPTABLES_HASH_LIMIT_UPTO=6", "IPTABLES_HASH_LIMIT_UPTO=9"))
-    up(host, "fin", env, core, installer)
+    up(host, "fin", env, core, installer, "-y")       # a raised rate widens access: -y
     live2 = container_save_lines(host, "fin")
     text2 = log.read_text()
     assert text2.count("# hostprep container up: fin ") == 1 and "container down" not in text2
@@ -502,7 +507,9 @@ def test_container_log_lists_rules_and_files_and_journal(host, tmp_path):
     assert logged(text2, "kept") == sorted(ln for ln in live2 if ln in live)
     changed = [ln for ln in live2 if ln not in live]
     assert len(changed) == 1 and "--hashlimit-upto 9/sec" in changed[0]
-    assert f"# file {env.resolve()} sha256 {hashlib.sha256(env.read_bytes()).hexdigest()}" in text2.splitlines()
+    files2 = [ln for ln in text2.splitlines() if ln.startswith("# file ")]
+    # the env file changed: its HMAC changed, the unchanged core's did not
+    assert (files2[0] != files[0], files2[1:]) == (True, files[1:])
     assert len(journal.read_text().splitlines()) == len(j0) + 2
 
     # down: appended, exactly the rules that were live, as "removed"
@@ -538,6 +545,14 @@ def test_bad_env_changes_nothing(host, tmp_path):
          "already opened for container fin"),
         ("unsafe name", "a;b", finesse_env(tmp_path, "e.env", NGX_PRXY_FIN_PORT=9445), None, "a;b"),
         ("unknown template", "fin2", env_file(tmp_path, "f.env", TEMPLATE_TYPE="webex"), None, "TEMPLATE_TYPE"),
+        # issue 10 item 9: never widened silently
+        ("host bits", "fin2", finesse_env(tmp_path, "g.env", NGX_PRXY_FIN_PORT=9445),
+         env_file(tmp_path, "core-g.env", NGX_RATELIMIT_DISABLE_IPS="1.2.3.4/8"),
+         "'1.2.3.4/8' has host bits set: it would stand for 1.0.0.0/8"),
+        ("halves of everything", "fin2", finesse_env(tmp_path, "h.env", NGX_PRXY_FIN_PORT=9445),
+         env_file(tmp_path, "core-h.env", NGX_RATELIMIT_DISABLE_IPS="0.0.0.0/1|128.0.0.0/1"), "--allow-wide-exempt"),
+        ("interpolation", "fin2", finesse_env(tmp_path, "i.env", NGX_PRXY_FIN_PORT=9445),
+         env_file(tmp_path, "core-i.env", NGX_RATELIMIT_DISABLE_IPS="${HOME}"), "'${HOME}' is not an IP address"),
     ]
     for what, name, env, core, words in cases:
         before = kernel_state(host)
@@ -597,8 +612,9 @@ def test_up_again_new_burst_is_enforced(host, tmp_path):
     up(host, "fin", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=BIG, IPTABLES_HASH_LIMIT_UPTO=1,
                                 IPTABLES_HASH_LIMIT_BURST=2))
     new_burst, sent = 8, 12
+    # a raised burst widens access: -y says it is meant (issue 10 item 7)
     up(host, "fin", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=BIG, IPTABLES_HASH_LIMIT_UPTO=1,
-                                IPTABLES_HASH_LIMIT_BURST=new_burst))
+                                IPTABLES_HASH_LIMIT_BURST=new_burst), None, None, "-y")
     assert any(f"--hashlimit-burst {new_burst} " in s for s in host.observed(4).chain_specs(chain("fin")))
     # a source never seen before: its bucket starts full with the burst the chain shows
     res = burst(host, HOST_EXT4, 8445, [SRC_B], sent)
@@ -708,3 +724,102 @@ def test_ipv6_container_open_with_limits(host, tmp_path):
     assert ccount(host, "fin6", "rate drop", 6) == b.count("timeout")
     assert ccount(host, "fin6", "connlimit drop", 6) == 0
     assert deny_count(host, 6) == 0
+
+
+# --------------------------------------------------------------------------- issue 10 item 7: re-up
+
+def restricted_core(tmp_path: Path) -> Path:
+    return env_file(tmp_path, "core.env", NGX_TRAFFIC_RESTRICTED="true", NGX_LOAD_BALANCER_IPS=SRC_A,
+                    NGX_RATELIMIT_DISABLE_IPS="198.51.100.99")
+
+
+def record(host, name: str) -> dict:
+    return json.loads((host.root / f"var/lib/hostprep/containers/{name}.json").read_text())
+
+
+def test_reup_with_name_alone_reads_the_remembered_files(host, tmp_path):
+    """The reported bug: an up without --core dropped the LBs and the restriction, reopening the port."""
+    host.apply()
+    env, core = finesse_env(tmp_path), restricted_core(tmp_path)
+    up(host, "fin", env, core)
+    live = kernel_state(host)
+    res = up(host, "fin", None)
+    assert res.stdout.splitlines()[0] == (f"container fin: files: env {env.resolve()} (remembered); "
+                                          f"core {core.resolve()} (remembered); installer: none")
+    assert "container fin: rules unchanged" in res.stdout
+    assert "WIDENS" not in res.stderr
+    assert kernel_state(host) == live
+    other = host.probe1(host.box.inet, **tcp(HOST_EXT4, 8445, QUIET, src=SRC_B))
+    assert (other["answered"], ccount(host, "fin", "restricted to load balancers")) == (False, 1)
+    assert [(f["role"], f["path"]) for f in record(host, "fin")["files"]] == [
+        ("env", str(env.resolve())), ("core", str(core.resolve()))]
+    # a container never up has nothing to remember
+    res = up(host, "ids", None, check=False)
+    assert (res.returncode, res.stderr.splitlines()) == (2, [
+        "error: --env: no env file is remembered for ids (it is not up) (give the component .env with --env, "
+        "e.g. --env finesse.env)"])
+
+
+def test_widening_reup_listed_and_refused_without_yes_dry_run_exits_the_same(host, tmp_path):
+    host.apply()
+    up(host, "fin", finesse_env(tmp_path), restricted_core(tmp_path))
+    before, rec = kernel_state(host), record(host, "fin")
+    widen = ["WIDENS ACCESS: fin: NGX_TRAFFIC_RESTRICTED true -> false: every source may reach ports 8445, "
+             "not only the load balancers",
+             "WIDENS ACCESS: fin: exempt from the limits (NGX_RATELIMIT_DISABLE_IPS, NGX_CLOUDCONNECT_CLIENT_IPS) "
+             "added (3): 192.168.1.69/32, 192.168.1.169/32, 127.0.0.1/32"]
+    refusal = ("error: -y/--yes: this up of fin widens access (2 changes listed above) and there is no terminal "
+               "to confirm; nothing was changed (check the files; pass -y to go ahead, --dry-run to see the rules)")
+    for extra in (("--no-core",), ("--no-core", "--dry-run")):
+        res = up(host, "fin", None, None, None, *extra, check=False)
+        assert (res.returncode, res.stderr.splitlines()) == (2, widen + [refusal]), extra
+        assert (kernel_state(host), record(host, "fin")) == (before, rec), extra
+    # the dry run printed what would change before refusing as the real run does
+    assert "container fin: " in res.stdout and "dry run: nothing was changed" in res.stdout, res.stdout
+    assert "removed: -A HOSTPREP-C-fin" in res.stdout and "added: -A HOSTPREP-C-fin" in res.stdout, res.stdout
+    # with -y: the dry run exits 0 and still changes nothing; the real run widens
+    res = up(host, "fin", None, None, None, "--no-core", "--dry-run", "-y")
+    assert (res.returncode, res.stderr.splitlines(), kernel_state(host)) == (0, widen, before)
+    res = up(host, "fin", None, None, None, "--no-core", "-y")
+    assert (res.returncode, res.stderr.splitlines()) == (0, widen)
+    assert [f["role"] for f in record(host, "fin")["files"]] == ["env"]
+    r = host.probe1(host.box.inet, **tcp(HOST_EXT4, 8445, ANSWER, src=SRC_B))
+    assert (r["reply"], ccount(host, "fin", "within rate")) == ("RA", 1)
+
+
+def test_dry_run_of_a_new_container_and_of_a_conflict(host, tmp_path):
+    host.apply()
+    before = kernel_state(host)
+    env = finesse_env(tmp_path)
+    env.chmod(0o664)                  # group-writable: warned about (issue 10 item 9)
+    res = up(host, "fin", env, None, None, "--dry-run")
+    assert (res.returncode, res.stderr.splitlines()) == (0, [
+        f"warning: {env} is writable by group {env.stat().st_gid} (mode 0664): another user can change what is "
+        f"loaded into the firewall (chmod go-w {env})"])
+    lines = res.stdout.splitlines()
+    assert "container fin: 7 rules would be added, 0 removed" in lines
+    assert len([ln for ln in lines if ln.startswith("  added: -A ")]) == 7
+    assert lines[-1] == "dry run: nothing was changed"
+    assert kernel_state(host) == before
+    for path in ("var/lib/hostprep/containers/fin.json", "var/log/hostprep/iptables_logs/fin.log",
+                 "var/lib/hostprep/filekey"):
+        assert (host.root / path).exists() is False, path
+    up(host, "fin", finesse_env(tmp_path))
+    after_up = kernel_state(host)
+    res = up(host, "fin2", finesse_env(tmp_path, "b.env"), None, None, "--dry-run", check=False)
+    real = up(host, "fin2", finesse_env(tmp_path, "b.env"), None, None, check=False)
+    assert (res.returncode, res.stderr.splitlines()[-1:]) == (real.returncode, real.stderr.splitlines()[-1:])
+    assert res.returncode == 2 and "already opened for container fin" in res.stderr
+    assert kernel_state(host) == after_up
+
+
+def test_wide_exempt_only_with_the_flag(host, tmp_path):
+    """Issue 10 item 9: --allow-wide-exempt is the explicit way to exempt a /1."""
+    host.apply()
+    core = env_file(tmp_path, "core.env", NGX_RATELIMIT_DISABLE_IPS="0.0.0.0/1")
+    res = up(host, "fin", finesse_env(tmp_path), core, None, check=False)
+    assert (res.returncode, len(res.stderr.splitlines())) == (2, 1)
+    assert kernel_state(host)["ipset"] == ""
+    up(host, "fin", finesse_env(tmp_path), core, None, "--allow-wide-exempt")
+    name = f"hostprep-{hashlib.sha256(b'fin').hexdigest()[:8]}-ex4"
+    assert f"add {name} 0.0.0.0/1" in ipsets(host)[name]

@@ -230,7 +230,8 @@ def fin_up(tmp_path: Path, family: int) -> list[str]:
     """``container up fin`` bound to the external NIC's IPv4 or IPv6 address."""
     env, core = env_file(tmp_path, "finesse.env", **FIN), env_file(tmp_path, "core.env", **CORE)
     inst = env_file(tmp_path, f"installer{family}.env", PROXY_BINDING_IP=HOST_EXT4 if family == 4 else HOST_EXT6)
-    return ["container", "up", "fin", "--env", str(env), "--core", str(core), "--installer", str(inst)]
+    # -y: moving between the addresses opens the ports on another destination (widens access)
+    return ["container", "up", "fin", "-y", "--env", str(env), "--core", str(core), "--installer", str(inst)]
 
 
 # --------------------------------------------------------------------------- 1. the second family fails
@@ -295,6 +296,11 @@ def test_second_family_load_fails_nothing_changes(host, procs, variant, tmp_path
         assert "HOSTPREP-C-fin" not in half["v4"] and "-ex6 " in half["ipset"] and "-ex6 " not in before["ipset"]
     procs.release("between-families")
     out, err = proc.communicate(timeout=60)
+    if change != "apply -a":
+        # the move to another destination is listed first as widening access (issue 10 item 7)
+        assert err.splitlines()[0] == (f"WIDENS ACCESS: fin: destination {HOST_EXT4} -> {HOST_EXT6}: the ports "
+                                       f"are opened on {HOST_EXT6}"), err
+        err = "".join(f"{ln}\n" for ln in err.splitlines() if not ln.startswith("WIDENS ACCESS: "))
     line = one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     # one line: the tool, its own last words, and that execute() itself put IPv4 back
     why = "exit 1: injected failure of the IPv6 load" if mode == "exit 1" else r"exit \d+: .+"

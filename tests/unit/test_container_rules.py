@@ -484,18 +484,32 @@ def test_container_round_trip_through_dict_and_json():
     c = make("cuic", "cuic_12.6(1)", (8444, 8447), "2001:db8::10", Limits(6, 2, 4, 3, 2), hardening=True,
              restricted=True, load_balancers=nets("198.51.100.0/24", "2001:db8:1::/64"),
              exempt=nets("127.0.0.1", "2001:db8::7"),
-             files=(EnvFile("/opt/proxy/cuic.env", "ab" * 32), EnvFile("/opt/proxy/core.env", "cd" * 32)))
+             files=(EnvFile("/opt/proxy/cuic.env", "ab" * 32, "env", 10, 1.5),
+                    EnvFile("/opt/proxy/core.env", "cd" * 32, "core", 20, 2.5)))
     assert (Container.from_dict(c.as_dict()), Container.from_dict(json.loads(json.dumps(c.as_dict())))) == (c, c)
 
 
 def test_container_as_dict():
     c = make(load_balancers=nets("198.51.100.0/24"), exempt=nets("203.0.113.7"),
-             files=(EnvFile("/opt/proxy/finesse.env", "ab" * 32),))
+             files=(EnvFile("/opt/proxy/finesse.env", "ab" * 32, "env", 120, 1700000000.5),))
     assert c.as_dict() == {
         "name": "finesse", "template": "finesse", "ports": [8445], "dest": "192.0.2.10",
         "limits": {"connlimit_above": 10, "hash_upto": 6, "hash_burst": 8, "log_limit": 1, "log_burst": 1},
         "hardening": True, "restricted": False, "load_balancers": ["198.51.100.0/24"],
-        "exempt": ["203.0.113.7/32"], "files": [{"path": "/opt/proxy/finesse.env", "sha256": "ab" * 32}]}
+        "exempt": ["203.0.113.7/32"], "files": [{"path": "/opt/proxy/finesse.env", "role": "env", "size": 120,
+                                                 "mtime": 1700000000.5, "hmac": "ab" * 32, "sha256": ""}]}
+
+
+def test_legacy_record_files_get_roles_and_lose_the_plain_hash():
+    """Records written before roles: env first, core/installer by name; the sha256 is dropped."""
+    d = make().as_dict()
+    d["files"] = [{"path": "/opt/proxy/finesse.env", "sha256": "ab" * 32},
+                  {"path": "/opt/proxy/core.env", "sha256": "cd" * 32},
+                  {"path": "/opt/proxy/other.env", "sha256": "ef" * 32}]
+    c = Container.from_dict(d)
+    assert c.files == (EnvFile("/opt/proxy/finesse.env", "", "env"), EnvFile("/opt/proxy/core.env", "", "core"),
+                       EnvFile("/opt/proxy/other.env", "", ""))
+    assert [f["sha256"] for f in c.as_dict()["files"]] == ["", "", ""]      # kept empty, for older readers
 
 
 def test_container_from_dict_without_files():

@@ -8,6 +8,7 @@ and absent in others).  Variants are written into tmp_path by ``variant``.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import re
 from pathlib import Path
@@ -221,11 +222,123 @@ def test_cloudconnect_client_ips_ignored_for_other_components(tmp_path):
     assert load(env).exempt == nets(*RATELIMIT_DEFAULT)
 
 
-def test_load_balancer_ips_parsed_deduplicated_and_host_bits_cleared(tmp_path):
+def test_load_balancer_ips_parsed_and_deduplicated(tmp_path):
     core = variant(tmp_path, "core.env", set={
-        "NGX_LOAD_BALANCER_IPS": "198.51.100.7/24|203.0.113.7|203.0.113.7/32||2001:db8::/64"})
+        "NGX_LOAD_BALANCER_IPS": "198.51.100.0/24|203.0.113.7|203.0.113.7/32||2001:db8::/64"})
     assert load("finesse.env", core=core).load_balancers == nets("198.51.100.0/24", "203.0.113.7",
                                                                  "2001:db8::/64")
+
+
+# -- issue 10 item 9: lists are never widened silently --------------------------------
+
+@pytest.mark.parametrize("key,written,meant", [
+    ("NGX_LOAD_BALANCER_IPS", "198.51.100.7/24", "198.51.100.0/24"),
+    ("NGX_RATELIMIT_DISABLE_IPS", "203.0.113.7|1.2.3.4/8", "1.0.0.0/8"),
+    ("NGX_RATELIMIT_DISABLE_IPS", "2001:db8::7/64", "2001:db8::/64"),
+])
+def test_host_bits_refused_naming_the_network_meant(tmp_path, key, written, meant):
+    core = variant(tmp_path, "core.env", set={key: written})
+    err = error(core=core)
+    bad = written.split("|")[-1]
+    assert (err.field, err.problem) == (f"{key} in {core}", f"{bad!r} has host bits set: it would stand for {meant}")
+    assert err.fix.startswith(f"write {meant} if the whole network is meant")
+
+
+@pytest.mark.parametrize("key,written", [
+    ("NGX_RATELIMIT_DISABLE_IPS", "0.0.0.0/1|128.0.0.0/1"),
+    ("NGX_LOAD_BALANCER_IPS", "198.51.100.9|64.0.0.0/7"),
+    ("NGX_RATELIMIT_DISABLE_IPS", "2001:db8::/31"),
+    ("NGX_RATELIMIT_DISABLE_IPS", "::/1"),
+])
+def test_wide_prefix_refused_without_the_flag(tmp_path, key, written):
+    core = variant(tmp_path, "core.env", set={key: written})
+    err = error(core=core)
+    assert (err.field, "shorter than /" in err.problem, "--allow-wide-exempt" in err.fix) == (
+        f"{key} in {core}", True, True)
+
+
+def test_wide_prefix_accepted_with_the_flag_but_zero_prefix_never(tmp_path):
+    core = variant(tmp_path, "core.env", set={"NGX_RATELIMIT_DISABLE_IPS": "0.0.0.0/1|128.0.0.0/1|2001:db8::/31"})
+    c = envfiles.load_container("proxy1", FIX / "finesse.env", core, FIX / "installer.env", NIC, list(ADDRS),
+                                allow_wide=True)
+    assert c.exempt == nets("0.0.0.0/1", "128.0.0.0/1", "2001:db8::/31")
+    zero = variant(tmp_path, "core.env", set={"NGX_RATELIMIT_DISABLE_IPS": "0.0.0.0/0"}, name="zero.env")
+    with pytest.raises(InputError):
+        envfiles.load_container("proxy1", FIX / "finesse.env", zero, None, NIC, list(ADDRS), allow_wide=True)
+
+
+def test_narrowest_allowed_prefixes_accepted(tmp_path):
+    core = variant(tmp_path, "core.env", set={"NGX_RATELIMIT_DISABLE_IPS": "10.0.0.0/8|2001:db8::/32"})
+    assert load(core=core).exempt == nets("10.0.0.0/8", "2001:db8::/32")
+
+
+def test_env_values_are_not_interpolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("HP_TEST_WIDE", "0.0.0.0/1")
+    monkeypatch.setenv("HP_TEST_LB", "203.0.113.0/24")
+    lb = variant(tmp_path, "core.env", set={"NGX_LOAD_BALANCER_IPS": "${HP_TEST_LB}"}, name="lb.env")
+    assert envfiles.read_env(lb, "--core").values["NGX_LOAD_BALANCER_IPS"] == "${HP_TEST_LB}"
+    core = variant(tmp_path, "core.env", set={"NGX_RATELIMIT_DISABLE_IPS": "${HP_TEST_WIDE}"})
+    err = error(core=core)
+    assert (err.field, "'${HP_TEST_WIDE}' is not an IP" in err.problem) == (
+        f"NGX_RATELIMIT_DISABLE_IPS in {core}", True)
+
+
+def test_permission_warnings(tmp_path):
+    d = tmp_path / "proxy"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    ok, group, world = (variant(d, "core.env", name=n) for n in ("ok.env", "group.env", "world.env"))
+    ok.chmod(0o644)
+    group.chmod(0o664)
+    world.chmod(0o646)
+    warnings = envfiles.permission_warnings([ok, group, world])
+    assert warnings == [
+        f"{group} is writable by group {group.stat().st_gid} (mode 0664): another user can change what is "
+        f"loaded into the firewall (chmod go-w {group})",
+        f"{world} is writable by anyone (mode 0646): another user can change what is loaded into the "
+        f"firewall (chmod go-w {world})"]
+    d.chmod(0o777)
+    assert envfiles.permission_warnings([ok]) == [
+        f"{ok} is in {d}, writable by others (mode 0777): another user can replace the file (chmod go-w {d})"]
+    d.chmod(0o1777)       # sticky, as /tmp: others cannot replace a file they do not own
+    assert envfiles.permission_warnings([ok]) == []
+    d.chmod(0o755)
+
+
+# -- issue 10 item 14: list sizes are capped before anything is parsed -----------------
+
+def test_list_over_the_cap_refused_with_cap_and_reason(tmp_path):
+    from hostprep.model import MAX_LIST_ENTRIES
+    n = MAX_LIST_ENTRIES + 1
+    base = int(ipaddress.ip_address("198.18.0.0"))
+    core = variant(tmp_path, "core.env", set={
+        "NGX_RATELIMIT_DISABLE_IPS": "|".join(str(ipaddress.ip_address(base + i)) for i in range(n))})
+    err = error(core=core)
+    assert (err.field, err.problem.split(";")[0]) == (f"NGX_RATELIMIT_DISABLE_IPS in {core}",
+                                                      f"has {n:,} entries")
+    assert f"at most {MAX_LIST_ENTRIES:,} are accepted (the size hostprep's ipsets are made for" in err.problem
+    assert MAX_LIST_ENTRIES == 65536
+
+
+def test_list_at_the_cap_accepted(tmp_path):
+    from hostprep.model import MAX_LIST_ENTRIES
+    base = int(ipaddress.ip_address("198.18.0.0"))
+    core = variant(tmp_path, "core.env", set={
+        "NGX_RATELIMIT_DISABLE_IPS": "|".join(str(ipaddress.ip_address(base + i)) for i in range(MAX_LIST_ENTRIES))})
+    assert len(load(core=core).exempt) == MAX_LIST_ENTRIES
+
+
+def test_cloudconnect_lists_together_over_the_cap_refused(tmp_path):
+    from hostprep.model import MAX_LIST_ENTRIES
+    half = MAX_LIST_ENTRIES // 2 + 1
+    core = variant(tmp_path, "core.env", set={"NGX_RATELIMIT_DISABLE_IPS": "|".join(
+        str(ipaddress.ip_address(int(ipaddress.ip_address("198.18.0.0")) + i)) for i in range(half))})
+    env = variant(tmp_path, "cloudconnect.env", set={"NGX_CLOUDCONNECT_CLIENT_IPS": "|".join(
+        str(ipaddress.ip_address(int(ipaddress.ip_address("198.19.0.0")) + i)) for i in range(half))})
+    err = error(env=env, core=core)
+    assert (err.field, err.problem.split(";")[0]) == (
+        f"NGX_RATELIMIT_DISABLE_IPS in {core} and NGX_CLOUDCONNECT_CLIENT_IPS in {env}",
+        f"together list {2 * half:,} exempt entries")
 
 
 @pytest.mark.parametrize("written,hardening", [("1", True), ("0", False), ("", True)])
@@ -265,10 +378,26 @@ def test_binding_ip_ipv6_gives_an_ipv6_container(tmp_path):
     assert (c.dest, c.family) == (ipaddress.ip_address("2001:db8::10"), 6)
 
 
-def test_files_are_recorded_with_their_digest():
+def test_files_are_recorded_with_role_size_mtime_and_no_plain_hash():
     c = load("finesse.env")
-    assert c.files == tuple(EnvFile(str((FIX / f).resolve()), hashlib.sha256((FIX / f).read_bytes()).hexdigest())
-                            for f in ("finesse.env", "core.env", "installer.env"))
+    assert c.files == tuple(EnvFile(str((FIX / f).resolve()), "", role, (FIX / f).stat().st_size,
+                                    (FIX / f).stat().st_mtime)
+                            for f, role in (("finesse.env", "env"), ("core.env", "core"),
+                                            ("installer.env", "installer")))
+    plain = {hashlib.sha256((FIX / f).read_bytes()).hexdigest() for f in ("finesse.env", "core.env")}
+    assert [f for f in c.files if f.digest in plain] == []
+
+
+def test_files_digest_is_an_hmac_with_the_host_key():
+    key = bytes(range(32))
+    c = envfiles.load_container("proxy1", FIX / "finesse.env", FIX / "core.env", None, NIC, list(ADDRS), key=key)
+    raw = (FIX / "core.env").read_bytes()
+    assert c.file("core").digest == hmac.new(key, raw, hashlib.sha256).hexdigest()
+    assert c.file("core").digest != hashlib.sha256(raw).hexdigest()
+    # the same file under another host's key gives another digest: no cross-host oracle either
+    other = envfiles.load_container("proxy1", FIX / "finesse.env", FIX / "core.env", None, NIC, list(ADDRS),
+                                    key=bytes(32))
+    assert other.file("core").digest != c.file("core").digest
 
 
 def test_files_without_core_and_installer():
