@@ -11,15 +11,18 @@ runs on both firewall variants (nft and legacy) through the ``host`` fixture.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 
 import pytest
 
+from hostprep.model import PingSource, Policy
 from hostprep.plan import target_of
 from hostprep.sandbox import ADMIN4, HOST_EXT4, HOST_INT4, INET4, INET_EXTRA4
 
 from bgproc import Bg
+from conftest import load_rendered
 
 QUIET = 0.5     # timeout of a probe that must get no answer (veth round trip is < 1 ms)
 ANSWER = 1.0    # timeout of a probe that must be answered
@@ -245,6 +248,41 @@ def test_allow_private_leaves_spoof_group_out(host):
     res, d = counted(host, host.box.inet, tcp(HOST_EXT4, 8445, src=SPOOFED), c)
     assert (res["answered"], res["reply"]) == (False, None)
     assert d == {"spoof": 0, "deny": 1}         # the next group that takes it: default deny
+
+
+# --------------------------------------------------------------------------- 5b. -p and the spoof group
+
+PRIVATE_PING = "10.9.9.9"   # RFC 1918: used only inside the sandbox (the inet namespace gets it)
+
+
+def test_ping_source_in_spoof_list_refused_without_allow_private(host):
+    res = host.hostprep("apply", "-i", "eth1", "-y", "-p", PRIVATE_PING, check=False)
+    assert (res.returncode, res.stderr.strip().splitlines(), res.stdout) == (2, [
+        f"error: -p/--ping-from: {PRIVATE_PING} is in 10.0.0.0/8, a private/reserved range: on the external NIC "
+        "such a source is dropped as spoofed before the ping allow-list (add -a to leave the spoof group out, "
+        "or remove this -p)"], "")
+    assert host.observed(4).our_chains == ()        # nothing loaded
+    # with -a (no spoof group) the same -p is applied and its echo requests are answered
+    host.run(host.box.inet, ["ip", "addr", "add", f"{PRIVATE_PING}/32", "dev", "eth0"])
+    host.apply("-a", "-p", PRIVATE_PING)
+    icmp = {"allowed": lambda: host.counter(4, "HOSTPREP-ICMP", "hostprep icmp: ping allowed (-p)")}
+    ok, d = counted(host, host.box.inet, {"kind": "icmp", "dst": HOST_EXT4, "src": PRIVATE_PING,
+                                          "timeout": ANSWER}, icmp)
+    assert (ok["reply"], d) == ("icmp 0/0", {"allowed": 1})
+
+
+def test_spoof_group_drops_a_private_ping_source_before_the_allow_list(host):
+    """Rules whose -p holds a private source with the spoof group on (an older hostprep recorded
+    such a policy; boot renders it): the echo request is dropped as spoofed, not allowed by -p."""
+    host.run(host.box.inet, ["ip", "addr", "add", f"{PRIVATE_PING}/32", "dev", "eth0"])
+    load_rendered(host, Policy("eth1", ping=(PingSource(PRIVATE_PING, (ipaddress.ip_network(PRIVATE_PING),)),)), 4)
+    c = {"spoof": lambda: host.counter(4, "HOSTPREP-SPOOF", "hostprep spoof: 10.0.0.0/8"),
+         "allowed": lambda: host.counter(4, "HOSTPREP-ICMP", "hostprep icmp: ping allowed (-p)"),
+         "other": lambda: host.counter(4, "HOSTPREP-ICMP", "hostprep icmp: other icmp")}
+    res, d = counted(host, host.box.inet, {"kind": "icmp", "dst": HOST_EXT4, "src": PRIVATE_PING,
+                                           "timeout": QUIET}, c)
+    assert (res["answered"], res["reply"]) == (False, None)
+    assert d == {"spoof": 1, "allowed": 0, "other": 0}
 
 
 # --------------------------------------------------------------------------- 6. ddos (tcp)

@@ -9,11 +9,13 @@ answered.  Probes that expect silence use short timeouts (they cost them).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 import textwrap
 
-
+from conftest import load_rendered
+from hostprep.model import PingSource, Policy
 from hostprep.sandbox import ADMIN6, EXT, HOST_EXT6, HOST_INT6, INET6, INET_EXTRA6
 
 ALLOWED, NOT_ALLOWED = INET_EXTRA6          # 2001:db8:f::7 (-p), 2001:db8:f::8
@@ -218,6 +220,43 @@ def test_spoofed_ula_source_dropped(host):
     inside = host.probe1(host.box.admin, kind="tcp", dst=HOST_INT6, dport=8445, src=ula, timeout=ANSWER)
     assert inside == {"answered": True, "reply": "RA"}
     assert host.counter(6, "HOSTPREP-SPOOF") == spoof_before + 1
+
+
+PRIVATE_PING = "fd00::9"      # unique-local: used only inside the sandbox (the inet namespace gets it)
+
+
+def test_ping_source_in_spoof_list_refused_without_allow_private(host):
+    res = host.hostprep("apply", "-i", "eth1", "-y", "-p", PRIVATE_PING, check=False)
+    assert (res.returncode, res.stderr.strip().splitlines(), res.stdout) == (2, [
+        f"error: -p/--ping-from: {PRIVATE_PING} is in fc00::/7, a private/reserved range: on the external NIC "
+        "such a source is dropped as spoofed before the ping allow-list (add -a to leave the spoof group out, "
+        "or remove this -p)"], "")
+    assert host.observed(6).our_chains == ()
+
+
+def test_spoof_group_drops_a_private_ping_source_neighbour_discovery_still_works(host):
+    """Rules whose -p holds a unique-local source with the spoof group on (an older hostprep recorded
+    such a policy; boot renders it): its echo request is dropped as spoofed.  Neighbour discovery is
+    judged before the spoof group in the icmp chain: an on-link neighbour solicitation from that
+    unique-local source (hop limit 255) is still answered, and so is the -p source of the family."""
+    host.run(host.box.inet, ["ip", "-6", "addr", "add", f"{PRIVATE_PING}/128", "dev", "eth0", "nodad"])
+    ping = tuple(PingSource(v, (ipaddress.ip_network(v),)) for v in (PRIVATE_PING, ALLOWED))
+    load_rendered(host, Policy("eth1", ping=ping), 6)
+    spoof0 = host.counter(6, "HOSTPREP-SPOOF", "-s fc00::/7")
+    allowed0 = host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED)
+    dropped = host.probe1(host.box.inet, kind="icmp", dst=HOST_EXT6, src=PRIVATE_PING, timeout=SILENT)
+    assert dropped == {"answered": False, "reply": None}
+    assert (host.counter(6, "HOSTPREP-SPOOF", "-s fc00::/7"), host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED)) \
+        == (spoof0 + 1, allowed0)
+
+    nd0 = host.counter(6, "HOSTPREP-ICMP", ND_RULE)
+    res = host.probe1(host.box.inet, kind="ns", src=PRIVATE_PING, iface="eth0", dst=HOST_EXT6, timeout=ANSWER)
+    assert (res["answered"], icmp6_type(res["reply"])) == (True, "136")
+    assert (host.counter(6, "HOSTPREP-ICMP", ND_RULE), host.counter(6, "HOSTPREP-SPOOF")) == (nd0 + 1, spoof0 + 1)
+
+    ok = host.probe1(host.box.inet, kind="icmp", dst=HOST_EXT6, src=ALLOWED, timeout=ANSWER)
+    assert (ok["answered"], icmp6_type(ok["reply"])) == (True, "129")
+    assert host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED) == allowed0 + 1
 
 
 def test_probe_describes_icmpv6_replies_as_documented(host):

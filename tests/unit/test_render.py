@@ -233,6 +233,29 @@ def test_echo_request_only_from_ping_networks_of_the_family(default):
     }
 
 
+def test_spoof_group_judges_icmp_before_the_ping_allow_list(default):
+    # Issue 10 item 12: a -p network must not let a private/reserved source in.
+    # IPv6: after neighbour discovery and MLD (on-link, proven by hop limit or
+    # link-local source), before the echo allow-list.
+    def order(f):
+        kinds = []
+        for r in default.ruleset(f).chain("HOSTPREP-ICMP").rules:
+            comment = option(r.spec, "--comment") or ""
+            kinds.append("spoof" if r.target == "HOSTPREP-SPOOF" else comment.removeprefix("hostprep icmp: "))
+        return [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+    assert {f: order(f) for f in (4, 6)} == {
+        4: ["spoof", "ping allowed (-p)", "other icmp"],
+        6: ["neighbour discovery", "multicast listener", "spoof", "ping allowed (-p)", "other icmp"],
+    }
+
+
+def test_no_spoof_jump_in_icmp_with_allow_private_or_without_ping():
+    a = render.desired(Policy("eth1", allow_private=True, ping=PING))
+    n = render.desired(Policy("eth1"))
+    assert [[r.target for r in d.ruleset(f).chain("HOSTPREP-ICMP").rules if r.target == "HOSTPREP-SPOOF"]
+            for d in (a, n) for f in (4, 6)] == [[], [], [], []]
+
+
 def test_no_ping_sources_means_icmp_is_one_drop():
     d = render.desired(Policy("eth1"))
     assert d.v4.chain("HOSTPREP-ICMP").specs == (
