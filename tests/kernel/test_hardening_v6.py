@@ -13,8 +13,11 @@ import ipaddress
 import json
 import sys
 import textwrap
+import time
 
+import pytest
 from conftest import load_rendered
+from flows import tracked_flow
 from hostprep.model import PingSource, Policy
 from hostprep.sandbox import ADMIN6, EXT, HOST_EXT6, HOST_INT6, INET6, INET_EXTRA6
 
@@ -220,6 +223,53 @@ def test_spoofed_ula_source_dropped(host):
     inside = host.probe1(host.box.admin, kind="tcp", dst=HOST_INT6, dport=8445, src=ula, timeout=ANSWER)
     assert inside == {"answered": True, "reply": "RA"}
     assert host.counter(6, "HOSTPREP-SPOOF") == spoof_before + 1
+
+
+# ICMPv6 errors quoting a connection the host opened (tests/kernel/flows.py): the fast
+# path accepts RELATED only for the error types 1-4.
+RELATED = "--ctstate RELATED"       # every fast-path rule that accepts RELATED (before the fix: one rule)
+TOO_BIG = "hostprep fastpath: related icmp packet too big"
+
+
+def icmperr(quote: dict, **kw) -> dict:
+    return {"kind": "icmperr", "dst": HOST_EXT6, "src": INET6, "quote": quote, **kw}
+
+
+def test_packet_too_big_of_tracked_connection_accepted(host):
+    """PMTU discovery on IPv6: "packet too big" quoting the host's connection is accepted by the
+    fast path's RELATED type-2 rule and used: ``ip -6 route get`` shows the learned MTU."""
+    host.apply()
+    mtu = 1280
+    with tracked_flow(host, INET6) as quote:
+        route_before = host.run(host.box.host, ["ip", "-6", "route", "get", INET6]).stdout
+        too_big0, other0 = host.counter(6, "HOSTPREP-FAST", TOO_BIG), host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP)
+        res = host.probe1(host.box.inet, **icmperr(quote, type=2, mtu=mtu))
+        time.sleep(0.2)
+        route_after = host.run(host.box.host, ["ip", "-6", "route", "get", INET6]).stdout
+        counts = (host.counter(6, "HOSTPREP-FAST", TOO_BIG) - too_big0,
+                  host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP) - other0)
+    assert res == {"answered": False, "sent": 1}
+    assert "mtu" not in route_before
+    assert f"mtu {mtu}" in route_after, route_after
+    assert counts == (1, 0)
+
+
+@pytest.mark.parametrize("probe", [
+    {"type": 137, "gw": "fe80::1"},     # redirect, hop limit 255 as a real one has
+    {"type": 100},                      # an error type (< 128) conntrack calls RELATED, not one a connection needs
+], ids=["redirect-137", "error-type-100"])
+def test_icmpv6_quoting_tracked_connection_not_accepted_by_fast_path(host, probe):
+    """Issue 10 item 13: only destination unreachable, packet too big, time exceeded and
+    parameter problem are accepted as RELATED; a redirect (never RELATED: not an error
+    type) and any other error type quoting a tracked flow are dropped by the icmp group."""
+    host.apply()
+    with tracked_flow(host, INET6) as quote:
+        related0, other0 = host.counter(6, "HOSTPREP-FAST", RELATED), host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP)
+        res = host.probe1(host.box.inet, **icmperr(quote, **probe))
+        counts = (host.counter(6, "HOSTPREP-FAST", RELATED) - related0,
+                  host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP) - other0)
+    assert res == {"answered": False, "sent": 1}
+    assert counts == (0, 1)
 
 
 PRIVATE_PING = "fd00::9"      # unique-local: used only inside the sandbox (the inet namespace gets it)
