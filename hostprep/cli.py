@@ -154,7 +154,7 @@ def print_plan(plan: applymod.ApplyPlan) -> None:
 
 def settings_policy(interface: str, skip_ddos: bool, allow_private: bool,
                     ping_from: list[str]) -> Policy:
-    sources = nicmod.resolve_ping_sources(ping_from)
+    sources = nicmod.resolve_ping_sources(ping_from, allow_private=allow_private)
     return Policy(interface, skip_ddos, allow_private, sources)
 
 
@@ -309,7 +309,8 @@ def apply_cmd(
                                        help="Leave out the spoof group (private/reserved sources)."),
     ping_from: list[str] = typer.Option([], "-p", "--ping-from", metavar="HOST",
                                         help="Allow ICMP echo from this IP, CIDR or hostname "
-                                             "(repeatable; hostnames are resolved now and shown)."),
+                                             "(repeatable; hostnames are resolved now and shown; a "
+                                             "private/reserved source needs -a, the spoof group drops it)."),
     disable: bool = typer.Option(False, "-d", "--disable", help="Remove hostprep's rules "
                                  "(same as 'hostprep flush'); not allowed with -i, -e or -a."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the exact rules; change "

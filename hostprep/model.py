@@ -29,6 +29,26 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 DISPATCH_CHAIN = "HOSTPREP-IN"
 
+# The sources the spoof group drops on the external NIC, per family.  The one copy
+# of the list: rules/filter.rules.j2 renders it, and `apply -p` refuses a ping source
+# inside it unless -a leaves the spoof group out (its pings could never arrive).
+# IPv4 is X1's list: RFC 1918, link-local, TEST-NET-1, "this network", multicast
+# and reserved (224.0.0.0/3 covers 240.0.0.0/5), loopback.  IPv6: loopback,
+# IPv4-mapped, unique-local, deprecated site-local, multicast; link-local and ::
+# stay out (neighbour discovery and duplicate address detection use them).
+# Written as iptables-save prints them back (it keeps ::ffff:0.0.0.0/96 dotted).
+SPOOF_SOURCES: dict[int, tuple[str, ...]] = {
+    4: ("224.0.0.0/3", "169.254.0.0/16", "172.16.0.0/12", "192.0.2.0/24", "192.168.0.0/16",
+        "10.0.0.0/8", "0.0.0.0/8", "240.0.0.0/5", "127.0.0.0/8"),
+    6: ("::1/128", "::ffff:0.0.0.0/96", "fc00::/7", "fec0::/10", "ff00::/8"),
+}
+
+
+def spoof_range(net: ipaddress.IPv4Network | ipaddress.IPv6Network
+                ) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The first range of the spoof list that ``net`` overlaps (its sources are dropped), or None."""
+    return next((r for r in map(ipaddress.ip_network, SPOOF_SOURCES[net.version]) if net.overlaps(r)), None)
+
 
 def group_of_chain(chain: str) -> str | None:
     if chain.startswith("HOSTPREP-C-"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from hostprep.errors import InputError
-from hostprep.model import PingSource
+from hostprep.model import PingSource, spoof_range
 from hostprep import validate
 from hostprep.runner import Runner
 
@@ -189,9 +189,27 @@ def session_through(runner: Runner, session: SshSession, nic: NicInfo) -> bool:
     return route_dev(runner, session.peer) == nic.name
 
 
-def resolve_ping_sources(values: list[str]) -> tuple[PingSource, ...]:
-    """Validate every -p value, then resolve the hostnames (shown to the admin)."""
+def _refuse_spoofed(given: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+    """A -p network the spoof group drops: its echo requests could never arrive."""
+    rng = spoof_range(net)
+    if rng is not None:
+        what = given if given == str(net) or f"{given}/{net.prefixlen}" == str(net) else f"{given} ({net})"
+        raise InputError("-p/--ping-from", f"{what} {'is in' if net.subnet_of(rng) else 'overlaps'} {rng}, a private/reserved range: on the external NIC "
+                         "such a source is dropped as spoofed before the ping allow-list",
+                         "add -a to leave the spoof group out, or remove this -p")
+
+
+def resolve_ping_sources(values: list[str], *, allow_private: bool) -> tuple[PingSource, ...]:
+    """Validate every -p value, then resolve the hostnames (shown to the admin).
+
+    Without ``allow_private`` (-a) a source in the spoof group's ranges is refused,
+    addresses before any lookup, names once resolved.
+    """
     classified = [(v, validate.ping_source(v)) for v in values]
+    if not allow_private:
+        for given, norm in classified:
+            if validate.looks_numeric(given):
+                _refuse_spoofed(given, ipaddress.ip_network(norm))
     out: list[PingSource] = []
     for given, norm in classified:
         if validate.looks_numeric(given):
@@ -205,6 +223,8 @@ def resolve_ping_sources(values: list[str]) -> tuple[PingSource, ...]:
         nets: list = []
         for info in infos:
             net = ipaddress.ip_network(info[4][0].split("%")[0])
+            if not allow_private:
+                _refuse_spoofed(given, net)
             if net not in nets:
                 nets.append(net)
         out.append(PingSource(given, tuple(nets)))

@@ -16,6 +16,11 @@ order.  Each probe is a dict with a ``kind``:
   flood    count packets of TCP ``flags`` (default "R") within ``seconds``: dst,
            dport, count, [src, flags, seconds] -> sent
   ns       IPv6 neighbour solicitation for dst on iface -> answered (an NA came)
+  icmperr  an ICMP error or redirect quoting a TCP segment of a flow: dst, type,
+           [code=0, src, mtu (IPv4 3/4, IPv6 2), gw (IPv4 5, IPv6 137: the
+           better first hop), hlim (IPv6, default 255)] and quote {src, dst,
+           sport, dport, seq} (the segment as the host sent it) -> sent (no
+           answer is waited for; the counters judge it)
 
 The kernel tests and ``hostprep selftest`` share this module, so there is one
 copy of the probe code.  scapy is imported lazily (extra ``probe``).
@@ -179,8 +184,44 @@ def probe_ns(p: dict) -> dict:
     return {"answered": answered, "reply": _describe(reply)}
 
 
+def probe_icmperr(p: dict) -> dict:
+    from scapy.layers.inet import ICMP, IP, TCP
+    from scapy.layers.inet6 import (IPv6, ICMPv6DestUnreach, ICMPv6ND_Redirect, ICMPv6NDOptRedirectedHdr,
+                                    ICMPv6PacketTooBig, ICMPv6ParamProblem, ICMPv6TimeExceeded)
+    from scapy.sendrecv import send
+
+    q = p["quote"]
+    segment = TCP(sport=int(q["sport"]), dport=int(q["dport"]), seq=int(q["seq"]), flags="PA")
+    kind, code = int(p["type"]), int(p.get("code", 0))
+    outer = _ip(p["dst"], p.get("src"))
+    if ipaddress.ip_address(p["dst"]).version == 4:
+        # the header of a full-size segment sent with DF, as PMTU discovery sends them
+        quoted = IP(src=q["src"], dst=q["dst"], flags="DF", len=1500) / segment
+        kw = {"nexthopmtu": int(p["mtu"])} if "mtu" in p else {}
+        if "gw" in p:
+            kw["gw"] = p["gw"]
+        pkt = outer / ICMP(type=kind, code=code, **kw) / quoted
+    else:
+        quoted = IPv6(src=q["src"], dst=q["dst"]) / segment
+        outer.hlim = int(p.get("hlim", 255))
+        if kind == 137:
+            msg = ICMPv6ND_Redirect(code=code, tgt=p.get("gw", "fe80::1"), dst=q["dst"]) \
+                / ICMPv6NDOptRedirectedHdr(pkt=bytes(quoted))
+        elif kind == 2:
+            msg = ICMPv6PacketTooBig(code=code, mtu=int(p.get("mtu", 1280))) / quoted
+        else:
+            # 1, 3, 4 have their scapy classes; any other type (e.g. an unassigned error
+            # type below 128) is sent in the layout of a destination unreachable
+            cls = {3: ICMPv6TimeExceeded, 4: ICMPv6ParamProblem}.get(kind, ICMPv6DestUnreach)
+            msg = cls(code=code) / quoted
+            msg.type = kind
+        pkt = outer / msg
+    send(pkt, verbose=0)
+    return {"answered": False, "sent": 1}
+
+
 KINDS = {"tcp": probe_tcp, "connect": probe_connect, "icmp": probe_icmp, "udp": probe_udp,
-         "frag": probe_frag, "flood": probe_flood, "ns": probe_ns}
+         "frag": probe_frag, "flood": probe_flood, "ns": probe_ns, "icmperr": probe_icmperr}
 
 
 def run(probes: list[dict]) -> list[dict]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import jinja2
 
-from hostprep.model import (BUILTIN_CHAINS, PREFIX, Chain, Container, Desired, NftIngress, Policy,
-                            Rule, Ruleset)
+from hostprep.model import (BUILTIN_CHAINS, PREFIX, SPOOF_SOURCES, Chain, Container, Desired, NftIngress,
+                            Policy, Rule, Ruleset)
 from hostprep.paths import data_dir
 
 _ENV = jinja2.Environment(
@@ -30,6 +30,7 @@ def filter_text(policy: Policy, family: int) -> str:
         iface=policy.interface,
         ddos=not policy.skip_ddos,
         spoof=not policy.allow_private,
+        spoof_sources=SPOOF_SOURCES[family],
         ping=policy.ping_networks(family),
     )
 

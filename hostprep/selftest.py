@@ -919,7 +919,7 @@ def run_selftest(options: Options, runner: Runner | None = None) -> dict:
     variant = detect_variant(runner, options.backend)
     ipv6 = Path("/proc/sys/net/ipv6").is_dir()
     families = (4, 6) if ipv6 else (4,)
-    sources = nicmod.resolve_ping_sources(list(options.ping_from))
+    sources = nicmod.resolve_ping_sources(list(options.ping_from), allow_private=options.allow_private)
     user_nets = [str(n) for src in sources for n in src.networks]
     sandbox_ping = user_nets + [a for a in (PING_ALLOWED4, PING_ALLOWED6) if a not in user_nets]
     settings = Settings(options.skip_ddos, options.allow_private,

@@ -40,7 +40,10 @@ def _group_report(group: str, fam: int, desired, observed: planmod.Observed,
     counter = Counter()
     for chain in chains:
         for r in observed.chain_rules(chain):
-            counter = counter + r.counter
+            # A jump into another hostprep chain (icmp -> spoof, ddos -> rst) only passes the
+            # packet on: the target's own rules count it, in their group.
+            if not planmod.jumps_into_hostprep(r.spec):
+                counter = counter + r.counter
     if not want:
         return {"wanted": False, "present": False, "packets": counter.packets, "bytes": counter.bytes}
     differs = [c.name for c in want if c.name in fplan.reload_chains]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -57,3 +58,15 @@ def watcher_alive(pid: int | None, cid: str | None = None) -> bool:
     except OSError:
         return False
     return b"rollback" in argv and b"--due" in argv and (cid is None or cid.encode() in argv)
+
+
+def default_signals(*sigs: signal.Signals):
+    """A ``preexec_fn`` giving the child the default disposition of ``sigs``.
+
+    An ignored signal survives fork and exec: a test that sends one to its child must
+    not depend on what the test runner inherited (a CI under ``nohup`` ignores SIGHUP,
+    a shell's background job SIGINT and SIGQUIT)."""
+    def reset() -> None:
+        for sig in sigs:
+            signal.signal(sig, signal.SIG_DFL)
+    return reset

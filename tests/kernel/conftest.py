@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from hostprep.plan import Observed, parse_save
+from hostprep import render
+from hostprep.plan import Observed, parse_save, plan_family, restore_text
 from hostprep.runner import Runner
 from hostprep.sandbox import Sandbox
 
@@ -132,6 +133,14 @@ class Host:
 
     def probe1(self, ns: str, **probe) -> dict:
         return self.probe(ns, [probe])[0]
+
+
+def load_rendered(host, policy, family: int) -> None:
+    """Load hostprep's rules for ``policy`` as rendered, the way apply's plan does, bypassing the
+    CLI's checks: what ``boot`` loads from a record an older hostprep wrote."""
+    desired = render.desired(policy).ruleset(family)
+    text = restore_text(plan_family(desired, host.observed(family)), desired)
+    host.run(host.box.host, [tool(host.variant, family, "restore"), "--noflush"], input=text)
 
 
 @pytest.fixture(params=["nft", "legacy"])

@@ -400,11 +400,16 @@ def test_changes_refused_while_a_confirmation_is_pending(t, tmp_path):
 # When hostprep has returned (argv[1] "-") or has reached the fault point whose
 # marker file is argv[1], the "connection dies": the master side is closed (the
 # kernel hangs up the terminal) and SIGHUP goes to the session's process group.
+# The login shell starts with the default dispositions sshd gives it, whatever this
+# test inherited: an ignored SIGHUP (a CI started under nohup) survives exec and
+# would keep the session alive (the test then waited out its 90 s and failed).
 SSH_SESSION = r"""
 import json, os, pty, re, select, signal, sys, time
 marker = sys.argv[1]
 pid, fd = pty.fork()
 if pid == 0:
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
     os.execv("/bin/sh", ["sh", "-c", '"$0" -m hostprep "$@"; echo "HOSTPREP-EXIT $?"; exec sleep 120',
                          sys.executable, *sys.argv[2:]])
 def reached():

@@ -9,11 +9,16 @@ answered.  Probes that expect silence use short timeouts (they cost them).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 import textwrap
+import time
 
-
+import pytest
+from conftest import load_rendered
+from flows import tracked_flow
+from hostprep.model import PingSource, Policy
 from hostprep.sandbox import ADMIN6, EXT, HOST_EXT6, HOST_INT6, INET6, INET_EXTRA6
 
 ALLOWED, NOT_ALLOWED = INET_EXTRA6          # 2001:db8:f::7 (-p), 2001:db8:f::8
@@ -218,6 +223,90 @@ def test_spoofed_ula_source_dropped(host):
     inside = host.probe1(host.box.admin, kind="tcp", dst=HOST_INT6, dport=8445, src=ula, timeout=ANSWER)
     assert inside == {"answered": True, "reply": "RA"}
     assert host.counter(6, "HOSTPREP-SPOOF") == spoof_before + 1
+
+
+# ICMPv6 errors quoting a connection the host opened (tests/kernel/flows.py): the fast
+# path accepts RELATED only for the error types 1-4.
+RELATED = "--ctstate RELATED"       # every fast-path rule that accepts RELATED (before the fix: one rule)
+TOO_BIG = "hostprep fastpath: related icmp packet too big"
+
+
+def icmperr(quote: dict, **kw) -> dict:
+    return {"kind": "icmperr", "dst": HOST_EXT6, "src": INET6, "quote": quote, **kw}
+
+
+def test_packet_too_big_of_tracked_connection_accepted(host):
+    """PMTU discovery on IPv6: "packet too big" quoting the host's connection is accepted by the
+    fast path's RELATED type-2 rule and used: ``ip -6 route get`` shows the learned MTU."""
+    host.apply()
+    mtu = 1280
+    with tracked_flow(host, INET6) as quote:
+        route_before = host.run(host.box.host, ["ip", "-6", "route", "get", INET6]).stdout
+        too_big0, other0 = host.counter(6, "HOSTPREP-FAST", TOO_BIG), host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP)
+        res = host.probe1(host.box.inet, **icmperr(quote, type=2, mtu=mtu))
+        time.sleep(0.2)
+        route_after = host.run(host.box.host, ["ip", "-6", "route", "get", INET6]).stdout
+        counts = (host.counter(6, "HOSTPREP-FAST", TOO_BIG) - too_big0,
+                  host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP) - other0)
+    assert res == {"answered": False, "sent": 1}
+    assert "mtu" not in route_before
+    assert f"mtu {mtu}" in route_after, route_after
+    assert counts == (1, 0)
+
+
+@pytest.mark.parametrize("probe", [
+    {"type": 137, "gw": "fe80::1"},     # redirect, hop limit 255 as a real one has
+    {"type": 100},                      # an error type (< 128) conntrack calls RELATED, not one a connection needs
+], ids=["redirect-137", "error-type-100"])
+def test_icmpv6_quoting_tracked_connection_not_accepted_by_fast_path(host, probe):
+    """Issue 10 item 13: only destination unreachable, packet too big, time exceeded and
+    parameter problem are accepted as RELATED; a redirect (never RELATED: not an error
+    type) and any other error type quoting a tracked flow are dropped by the icmp group."""
+    host.apply()
+    with tracked_flow(host, INET6) as quote:
+        related0, other0 = host.counter(6, "HOSTPREP-FAST", RELATED), host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP)
+        res = host.probe1(host.box.inet, **icmperr(quote, **probe))
+        counts = (host.counter(6, "HOSTPREP-FAST", RELATED) - related0,
+                  host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP) - other0)
+    assert res == {"answered": False, "sent": 1}
+    assert counts == (0, 1)
+
+
+PRIVATE_PING = "fd00::9"      # unique-local: used only inside the sandbox (the inet namespace gets it)
+
+
+def test_ping_source_in_spoof_list_refused_without_allow_private(host):
+    res = host.hostprep("apply", "-i", "eth1", "-y", "-p", PRIVATE_PING, check=False)
+    assert (res.returncode, res.stderr.strip().splitlines(), res.stdout) == (2, [
+        f"error: -p/--ping-from: {PRIVATE_PING} is in fc00::/7, a private/reserved range: on the external NIC "
+        "such a source is dropped as spoofed before the ping allow-list (add -a to leave the spoof group out, "
+        "or remove this -p)"], "")
+    assert host.observed(6).our_chains == ()
+
+
+def test_spoof_group_drops_a_private_ping_source_neighbour_discovery_still_works(host):
+    """Rules whose -p holds a unique-local source with the spoof group on (an older hostprep recorded
+    such a policy; boot renders it): its echo request is dropped as spoofed.  Neighbour discovery is
+    judged before the spoof group in the icmp chain: an on-link neighbour solicitation from that
+    unique-local source (hop limit 255) is still answered, and so is the -p source of the family."""
+    host.run(host.box.inet, ["ip", "-6", "addr", "add", f"{PRIVATE_PING}/128", "dev", "eth0", "nodad"])
+    ping = tuple(PingSource(v, (ipaddress.ip_network(v),)) for v in (PRIVATE_PING, ALLOWED))
+    load_rendered(host, Policy("eth1", ping=ping), 6)
+    spoof0 = host.counter(6, "HOSTPREP-SPOOF", "-s fc00::/7")
+    allowed0 = host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED)
+    dropped = host.probe1(host.box.inet, kind="icmp", dst=HOST_EXT6, src=PRIVATE_PING, timeout=SILENT)
+    assert dropped == {"answered": False, "reply": None}
+    assert (host.counter(6, "HOSTPREP-SPOOF", "-s fc00::/7"), host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED)) \
+        == (spoof0 + 1, allowed0)
+
+    nd0 = host.counter(6, "HOSTPREP-ICMP", ND_RULE)
+    res = host.probe1(host.box.inet, kind="ns", src=PRIVATE_PING, iface="eth0", dst=HOST_EXT6, timeout=ANSWER)
+    assert (res["answered"], icmp6_type(res["reply"])) == (True, "136")
+    assert (host.counter(6, "HOSTPREP-ICMP", ND_RULE), host.counter(6, "HOSTPREP-SPOOF")) == (nd0 + 1, spoof0 + 1)
+
+    ok = host.probe1(host.box.inet, kind="icmp", dst=HOST_EXT6, src=ALLOWED, timeout=ANSWER)
+    assert (ok["answered"], icmp6_type(ok["reply"])) == (True, "129")
+    assert host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED) == allowed0 + 1
 
 
 def test_probe_describes_icmpv6_replies_as_documented(host):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bgproc import default_signals
 
 from hostprep.model import Container, Limits
 from hostprep.runner import Runner
@@ -213,8 +214,11 @@ def test_selftest_remembered_settings_and_recorded_containers(tmp_path, capsys, 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_selftest_leaves_no_namespace(tmp_path, capsys, sig, leftovers_checked):
     start = time.monotonic()
+    # the signal's default disposition in the child, whatever the test runner inherited:
+    # Python turns SIGINT into KeyboardInterrupt only when it starts with SIGINT not ignored
     proc = subprocess.Popen([PY, "-m", "hostprep", "selftest", "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env_for(tmp_path / "root"))
+                            stderr=subprocess.PIPE, text=True, env=env_for(tmp_path / "root"),
+                            preexec_fn=default_signals(signal.SIGINT, signal.SIGTERM))
     name = f"hpself{proc.pid}"
     try:
         # mid-run: the sandbox exists and hostprep's rules are loaded in it (the probes are next)

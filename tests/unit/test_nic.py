@@ -17,7 +17,8 @@ ETH1 = NicInfo("eth1", True, "up", "52:54:00:12:34:56", 1500, 1000,
 
 
 def test_resolve_localhost():
-    (src,) = resolve_ping_sources(["localhost"])
+    # localhost is loopback, a range the spoof group drops: resolution alone is tested here (-a)
+    (src,) = resolve_ping_sources(["localhost"], allow_private=True)
     v4 = [n for n in src.networks if n.version == 4]
     v6 = [n for n in src.networks if n.version == 6]
     assert (src.given, v4, v6 in ([], [ipaddress.ip_network("::1/128")])) == (
@@ -27,7 +28,7 @@ def test_resolve_localhost():
 def test_resolve_numeric_values_without_lookup(monkeypatch):
     calls = []
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: calls.append(a) or [])
-    got = resolve_ping_sources(["203.0.113.7", "198.51.100.0/24", "2001:db8::7"])
+    got = resolve_ping_sources(["203.0.113.7", "198.51.100.0/24", "2001:db8::7"], allow_private=False)
     assert (got, calls) == ((
         PingSource("203.0.113.7", (ipaddress.ip_network("203.0.113.7/32"),)),
         PingSource("198.51.100.0/24", (ipaddress.ip_network("198.51.100.0/24"),)),
@@ -40,7 +41,7 @@ def test_resolve_dedups_addresses_of_a_name(monkeypatch):
              (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("203.0.113.7", 0)),
              (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::7", 0, 0, 0))]
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: infos)
-    assert resolve_ping_sources(["monitor.example.com"]) == (PingSource(
+    assert resolve_ping_sources(["monitor.example.com"], allow_private=False) == (PingSource(
         "monitor.example.com", (ipaddress.ip_network("203.0.113.7/32"), ipaddress.ip_network("2001:db8::7/128"))),)
 
 
@@ -49,7 +50,7 @@ def test_malformed_value_refused_before_any_resolution(monkeypatch, bad):
     calls = []
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: calls.append(a) or [])
     with pytest.raises(InputError) as err:
-        resolve_ping_sources(["localhost", "monitor.example.com", bad])
+        resolve_ping_sources(["localhost", "monitor.example.com", bad], allow_private=True)
     assert (err.value.field, calls) == ("-p/--ping-from", [])
 
 
@@ -58,8 +59,45 @@ def test_unresolvable_name_is_an_input_error(monkeypatch):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     with pytest.raises(InputError) as err:
-        resolve_ping_sources(["monitor.example.com"])
+        resolve_ping_sources(["monitor.example.com"], allow_private=False)
     assert err.value.field == "-p/--ping-from"
+
+
+# Issue 10 item 12: a -p source the spoof group drops is refused without -a, in one line.
+FIX = "(add -a to leave the spoof group out, or remove this -p)"
+
+
+@pytest.mark.parametrize("value, line", [
+    ("10.9.9.9", "10.9.9.9 is in 10.0.0.0/8"),
+    ("10.0.0.0/7", "10.0.0.0/7 overlaps 10.0.0.0/8"),
+    ("192.0.2.7", "192.0.2.7 is in 192.0.2.0/24"),          # TEST-NET-1 is in X1's list
+    ("fd00::9", "fd00::9 is in fc00::/7"),
+], ids=["rfc1918", "overlap", "test-net-1", "ula"])
+def test_private_source_refused_without_allow_private_before_any_lookup(monkeypatch, value, line):
+    calls = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: calls.append(a) or [])
+    with pytest.raises(InputError) as err:
+        resolve_ping_sources(["monitor.example.com", value], allow_private=False)
+    assert (err.value.line(), calls) == (
+        f"-p/--ping-from: {line}, a private/reserved range: on the external NIC such a source is dropped as "
+        f"spoofed before the ping allow-list {FIX}", [])
+
+
+def test_name_resolving_to_a_private_source_refused_without_allow_private(monkeypatch):
+    infos = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("203.0.113.7", 0)),
+             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.9.9.9", 0))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: infos)
+    with pytest.raises(InputError) as err:
+        resolve_ping_sources(["monitor.example.com"], allow_private=False)
+    assert err.value.line() == (
+        "-p/--ping-from: monitor.example.com (10.9.9.9/32) is in 10.0.0.0/8, a private/reserved range: on the "
+        f"external NIC such a source is dropped as spoofed before the ping allow-list {FIX}")
+
+
+def test_private_source_accepted_with_allow_private():
+    assert resolve_ping_sources(["10.9.9.9", "fd00::9"], allow_private=True) == (
+        PingSource("10.9.9.9", (ipaddress.ip_network("10.9.9.9/32"),)),
+        PingSource("fd00::9", (ipaddress.ip_network("fd00::9/128"),)))
 
 
 def test_session_through_local_address_on_the_nic(fake_runner):

@@ -138,10 +138,43 @@ def test_fast_path_is_first_without_ddos():
         ["HOSTPREP-FAST", "HOSTPREP-FAST"]
 
 
-def test_fast_path_accepts_tracked(default):
-    assert {f: default.ruleset(f).chain("HOSTPREP-FAST").specs for f in (4, 6)} == {f: (
-        '-m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment '
-        '"hostprep fastpath: tracked connections" -j ACCEPT',) for f in (4, 6)}
+def test_fast_path_accepts_established_and_only_the_related_icmp_errors(default):
+    # Issue 10 item 13: ESTABLISHED, then RELATED only for the ICMP errors a
+    # connection needs (PMTU among them); no redirect, no RELATED non-ICMP.
+    def related(f, proto, match, t, what):
+        return (f'-p {proto} -m {match} --{"icmp" if f == 4 else "icmpv6"}-type {t} -m conntrack --ctstate RELATED '
+                f'-m comment --comment "hostprep fastpath: related icmp {what}" -j ACCEPT')
+    established = '-m conntrack --ctstate ESTABLISHED -m comment --comment "hostprep fastpath: established" -j ACCEPT'
+    assert {f: default.ruleset(f).chain("HOSTPREP-FAST").specs for f in (4, 6)} == {
+        4: (established,
+            related(4, "icmp", "icmp", 3, "destination unreachable"),
+            related(4, "icmp", "icmp", 4, "source quench"),
+            related(4, "icmp", "icmp", 11, "time exceeded"),
+            related(4, "icmp", "icmp", 12, "parameter problem")),
+        6: (established,
+            related(6, "ipv6-icmp", "icmp6", 1, "destination unreachable"),
+            related(6, "ipv6-icmp", "icmp6", 2, "packet too big"),
+            related(6, "ipv6-icmp", "icmp6", 3, "time exceeded"),
+            related(6, "ipv6-icmp", "icmp6", 4, "parameter problem")),
+    }
+
+
+def test_fast_path_related_only_icmp_error_types_never_redirects(default):
+    # Every rule of the fast path that accepts RELATED names ICMP and one of the
+    # error types; the redirects (IPv4 5, IPv6 137) are none of them.
+    found = {}
+    for f in (4, 6):
+        rows = []
+        for r in default.ruleset(f).chain("HOSTPREP-FAST").rules:
+            state = option(r.spec, "--ctstate")
+            rows.append((state, option(r.spec, "-p"),
+                         option(r.spec, "--icmp-type") or option(r.spec, "--icmpv6-type"), r.target))
+        found[f] = rows
+    assert found == {
+        4: [("ESTABLISHED", None, None, "ACCEPT")] + [("RELATED", "icmp", t, "ACCEPT") for t in ("3", "4", "11", "12")],
+        6: [("ESTABLISHED", None, None, "ACCEPT")] + [("RELATED", "ipv6-icmp", t, "ACCEPT")
+                                                      for t in ("1", "2", "3", "4")],
+    }
 
 
 def test_ddos_invalid_rule(default):
@@ -231,6 +264,29 @@ def test_echo_request_only_from_ping_networks_of_the_family(default):
         4: [("203.0.113.7/32", "8", "ACCEPT"), ("198.51.100.0/24", "8", "ACCEPT")],
         6: [("2001:db8::7/128", "128", "ACCEPT")],
     }
+
+
+def test_spoof_group_judges_icmp_before_the_ping_allow_list(default):
+    # Issue 10 item 12: a -p network must not let a private/reserved source in.
+    # IPv6: after neighbour discovery and MLD (on-link, proven by hop limit or
+    # link-local source), before the echo allow-list.
+    def order(f):
+        kinds = []
+        for r in default.ruleset(f).chain("HOSTPREP-ICMP").rules:
+            comment = option(r.spec, "--comment") or ""
+            kinds.append("spoof" if r.target == "HOSTPREP-SPOOF" else comment.removeprefix("hostprep icmp: "))
+        return [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+    assert {f: order(f) for f in (4, 6)} == {
+        4: ["spoof", "ping allowed (-p)", "other icmp"],
+        6: ["neighbour discovery", "multicast listener", "spoof", "ping allowed (-p)", "other icmp"],
+    }
+
+
+def test_no_spoof_jump_in_icmp_with_allow_private_or_without_ping():
+    a = render.desired(Policy("eth1", allow_private=True, ping=PING))
+    n = render.desired(Policy("eth1"))
+    assert [[r.target for r in d.ruleset(f).chain("HOSTPREP-ICMP").rules if r.target == "HOSTPREP-SPOOF"]
+            for d in (a, n) for f in (4, 6)] == [[], [], [], []]
 
 
 def test_no_ping_sources_means_icmp_is_one_drop():
