@@ -689,3 +689,18 @@ def test_failsafe_holds_the_nic_when_hostprep_cannot_run_then_boot_replaces_it(h
     st = status_as_systemd(b.host, host)
     assert (st.returncode, st.stdout.splitlines()[-1]) == (0, "everything desired is live"), st.stdout + st.stderr
     assert outcomes(hb.probe(b.inet, [tcp(HOST_EXT4, 8445, ANSWER), tcp(HOST_EXT4, 8446)])) == ["RA", None]
+
+
+def test_apply_replaces_a_live_failsafe(host):
+    host.apply()
+    before = kernel_state(host, host.box.host)
+    # the fail-safe loaded over the hardening (a failed boot unit, then the admin runs apply)
+    run_all(host.box.host, unit_commands(host.root / UNIT_DIR / "hostprep.service", "ExecStartPre"))
+    assert [ln for ln in save(host, host.box.host, 4) if ln.startswith("-A INPUT ")][0] == \
+        "-A INPUT -i eth1 -j HOSTPREP-FAILSAFE"
+    st = host.hostprep("status", "--json", check=False)
+    assert (st.returncode, json.loads(st.stdout)["failsafe"]["live"]) == (1, [4, 6])
+    host.apply()
+    assert kernel_state(host, host.box.host) == before
+    st = host.hostprep("status", "--json", check=False)
+    assert (st.returncode, json.loads(st.stdout)["failsafe"]) == (0, {"live": [], "installed": [4, 6]})
