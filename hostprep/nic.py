@@ -125,8 +125,9 @@ class NicIdentity:
         return other.mac == self.mac
 
 
-def link_identities(runner: Runner, sys_net: Path = SYS_NET) -> dict[str, NicIdentity]:
-    """name -> identity of every link of this network namespace that has a MAC address."""
+def link_identities(runner: Runner, sys_net: Path = SYS_NET) -> dict[str, NicIdentity | None]:
+    """name -> identity of every link of this network namespace (None: it has no MAC address:
+    loopback, tun, ppp, wireguard)."""
     perm: dict[str, str] = {}
     res = runner.run(["ip", "-j", "link", "show"], check=False)
     if res.returncode == 0:
@@ -137,7 +138,7 @@ def link_identities(runner: Runner, sys_net: Path = SYS_NET) -> dict[str, NicIde
                     perm[link["ifname"]] = str(link["permaddr"]).lower()
         except (json.JSONDecodeError, TypeError):
             pass
-    out: dict[str, NicIdentity] = {}
+    out: dict[str, NicIdentity | None] = {}
     try:
         devices = sorted(sys_net.iterdir())
     except OSError:
@@ -145,6 +146,7 @@ def link_identities(runner: Runner, sys_net: Path = SYS_NET) -> dict[str, NicIde
     for dev in devices:
         addr = (_read(dev / "address") or "").lower()
         if not addr or addr == ZERO_MAC:
+            out[dev.name] = None
             continue
         permanent = perm.get(dev.name) or (addr if _read(dev / "addr_assign_type") == "0" else None)
         out[dev.name] = NicIdentity(permanent or addr, permanent is not None)
@@ -183,14 +185,15 @@ class NicCheck:
                 "detail": self.detail, "now_named": self.now_named}
 
 
-def check_identity(name: str, recorded: NicIdentity | None, links: dict[str, NicIdentity]) -> NicCheck:
+def check_identity(name: str, recorded: NicIdentity | None, links: dict[str, NicIdentity | None]) -> NicCheck:
     """Pure: is ``name`` in ``links`` (this namespace's devices) the device ``recorded`` at apply?"""
     import dataclasses
     return dataclasses.replace(_check_identity(name, recorded, links), recorded=recorded)
 
 
-def _check_identity(name: str, recorded: NicIdentity | None, links: dict[str, NicIdentity]) -> NicCheck:
-    holders = [n for n, ident in links.items() if recorded is not None and recorded.matches(ident)]
+def _check_identity(name: str, recorded: NicIdentity | None, links: dict[str, NicIdentity | None]) -> NicCheck:
+    holders = [n for n, ident in links.items() if recorded is not None and ident is not None
+               and recorded.matches(ident)]
     others = [n for n in holders if n != name]
     mac_text = f"{'permanent ' if recorded.permanent else ''}MAC {recorded.mac}" if recorded else ""
     what = f"the device hardened at apply ({mac_text})"
@@ -204,11 +207,14 @@ def _check_identity(name: str, recorded: NicIdentity | None, links: dict[str, Ni
                         + (f" (no device has its {mac_text})" if recorded else ""),
                         "bring the NIC back under its name (see 'ip -br link'), or run "
                         "'hostprep apply -i <external NIC>'")
+    now = links[name]
+    if now is None:
+        return NicCheck(name, "unverifiable", f"external NIC {name} has no MAC address (a tun, ppp or wireguard "
+                        "device): a renamed or swapped NIC cannot be detected")
     if recorded is None:
         return NicCheck(name, "unrecorded", f"the identity (MAC) of external NIC {name} is not recorded "
                         "(applied by an older hostprep): a renamed or swapped NIC cannot be detected",
                         "run 'hostprep apply' to record it")
-    now = links[name]
     if recorded.matches(now):
         return NicCheck(name, "ok")
     if recorded.permanent or others:

@@ -142,7 +142,7 @@ def test_link_identities_permanent_random_and_permaddr(tmp_path, fake_runner):
     runner = fake_runner({("ip", "-j", "link", "show"): (0, '[{"ifname": "eth2", "permaddr": "52:54:00:AA:BB:CC"}]',
                                                          "")})
     assert nic.link_identities(runner, sys_net) == {
-        "eth0": PERM, "eth1": RAND, "eth2": nic.NicIdentity("52:54:00:aa:bb:cc", True)}
+        "eth0": PERM, "eth1": RAND, "eth2": nic.NicIdentity("52:54:00:aa:bb:cc", True), "lo": None}
 
 
 def test_identity_from_record_tolerates_old_and_malformed_records():
@@ -163,6 +163,9 @@ def test_identity_from_record_tolerates_old_and_malformed_records():
     # a random MAC that nobody has any more: a re-created veth (a reboot) cannot be told from another one
     (RAND, {"eth1": nic.NicIdentity("02:11:22:33:44:55", False)}, "unverifiable", None),
     (None, {"eth1": RAND}, "unrecorded", None),
+    # a device without a MAC (tun, wireguard) is present, only not verifiable
+    (None, {"eth1": None}, "unverifiable", None),
+    (RAND, {"eth1": None, "lo": None}, "unverifiable", None),
 ])
 def test_check_identity(recorded, links, state, now_named):
     check = nic.check_identity("eth1", recorded, links)
