@@ -458,7 +458,14 @@ def boot(backend: Backend, store: Store, runner: Runner,
        (their ports stay closed), without the nft table.  An unreadable
        container record is skipped (its ports stay closed); an unusable
        applied.json falls back to the remembered NIC's base hardening without
-       -p.  With nothing recorded, any hostprep rules found are removed;
+       -p.  With nothing recorded, any hostprep rules found are removed
+       (the fail-safe that hostprep.service loaded first too; otherwise the
+       load replaces it);
+    3a. the external NIC must be the device recorded at apply (nic_check, after
+       udev settled): missing, renamed or another device is a failure (exit 1,
+       journalled); the rules are loaded for the name all the same, and the
+       nft table is left as it is while the NIC is absent or another device
+       (it may be hooked on the renamed NIC);
     4. the kernel profile, when recorded, is written and read back again.
     """
     import dataclasses
