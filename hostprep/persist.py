@@ -88,11 +88,17 @@ def failsafe_file(paths: Paths, family: int) -> Path:
     return paths.state_dir / f"failsafe.v{family}.rules"
 
 
+# Where systemd looks for a system service's commands (its default PATH): the units do
+# not depend on the PATH of whoever ran apply.
+SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 def failsafe_tool(variant: str, family: int) -> str:
     """The restore tool of ``variant`` (as Backend.tool picks it), as an absolute path for the unit."""
     base = "iptables" if family == 4 else "ip6tables"
     specific = f"{base}-{variant}-restore"
-    return shutil.which(specific) or shutil.which(f"{base}-restore") or f"/usr/sbin/{specific}"
+    return (shutil.which(specific, path=SERVICE_PATH) or shutil.which(f"{base}-restore", path=SERVICE_PATH)
+            or f"/usr/sbin/{specific}")
 
 
 def failsafe_variant(paths: Paths, invocation: tuple[str, list[tuple[str, str]]] | None = None) -> str:

@@ -188,6 +188,18 @@ def test_failsafe_follows_the_nic_and_the_recorded_variant(paths, runner):
         "-I INPUT 1 -i ens3.100 -j HOSTPREP-FAILSAFE", "-I FORWARD 1 -i ens3.100 -j HOSTPREP-FAILSAFE"]
 
 
+def test_failsafe_tool_does_not_follow_the_callers_path(paths, runner, monkeypatch, tmp_path):
+    """systemd runs the unit with its own PATH: a wrapper early on apply's PATH must not get into the unit."""
+    before = persist.failsafe_tool("nft", 6)
+    wrapper = tmp_path / "bin/ip6tables-nft-restore"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    assert persist.failsafe_tool("nft", 6) == before
+    assert before.startswith(tuple(d + "/" for d in persist.SERVICE_PATH.split(":")) + ("/usr/sbin/",))
+
+
 def test_no_failsafe_without_a_nic(paths, runner):
     """apply -k alone: no external NIC is known, so there is nothing to close."""
     persist.install(paths, None, runner)
