@@ -79,7 +79,12 @@ def observe(backend: Backend) -> Snapshot:
                     backend.ipset_observe())
 
 
-def plan_nft(desired: Desired | None, live: NftObserved | None, record: dict | None) -> NftPlan:
+def plan_nft(desired: Desired | None, live: NftObserved | None, record: dict | None, *,
+             keep: bool = False) -> NftPlan:
+    """``keep``: the live table stays whatever it is (boot, while the external NIC is absent or
+    another device: the table may be hooked on the renamed NIC, which still exists)."""
+    if keep:
+        return NftPlan("none")
     want = desired.nft if desired else None
     if want is None:
         return NftPlan("delete", "not wanted") if live is not None else NftPlan("none")
@@ -96,7 +101,7 @@ def plan_nft(desired: Desired | None, live: NftObserved | None, record: dict | N
 
 
 def make_plan(backend: Backend, desired: Desired | None, record: dict | None,
-              snapshot: Snapshot | None = None) -> ApplyPlan:
+              snapshot: Snapshot | None = None, *, keep_nft: bool = False) -> ApplyPlan:
     snap = snapshot or observe(backend)
     families: dict[int, FamilyPlan] = {}
     texts: dict[int, str] = {}
@@ -105,7 +110,7 @@ def make_plan(backend: Backend, desired: Desired | None, record: dict | None,
         families[fam] = planmod.plan_family(want, snap.observed[fam])
         texts[fam] = planmod.restore_text(families[fam], want)
     sets = planmod.plan_sets(desired.sets if desired else (), snap.sets)
-    return ApplyPlan(desired, families, texts, plan_nft(desired, snap.nft, record), snap, sets)
+    return ApplyPlan(desired, families, texts, plan_nft(desired, snap.nft, record, keep=keep_nft), snap, sets)
 
 
 def _rollback(backend: Backend, snap: Snapshot, families: list[int], nft_touched: bool) -> list[str]:
@@ -217,13 +222,15 @@ def execute(backend: Backend, plan: ApplyPlan) -> Executed:
     return ex
 
 
-def verify(backend: Backend, desired: Desired | None) -> tuple[Snapshot, list[str]]:
+def verify(backend: Backend, desired: Desired | None, *, keep_nft: bool = False) -> tuple[Snapshot, list[str]]:
     snap = observe(backend)
-    leftover = make_plan(backend, desired, None, snap)
+    leftover = make_plan(backend, desired, None, snap, keep_nft=keep_nft)
     # Sets no rule wants any more (and the NAME-n temporaries) are destroyed by
     # finish() after this check; only missing or differing wanted sets count.
     wanted_sets = planmod.SetPlan(leftover.sets.create, leftover.sets.replace)
     problems = [n for fam, p in leftover.families.items() for n in p.notes] + wanted_sets.notes()
+    if keep_nft:
+        return snap, problems
     if desired and desired.nft and (snap.nft is None or snap.nft.device != desired.nft.device):
         problems.append("nft ingress table missing after load")
     if desired is None or desired.nft is None:
@@ -232,7 +239,8 @@ def verify(backend: Backend, desired: Desired | None) -> tuple[Snapshot, list[st
     return snap, problems
 
 
-def record_dict(desired: Desired, snap: Snapshot, variant: str) -> dict:
+def record_dict(desired: Desired, snap: Snapshot, variant: str, nic: dict | None = None) -> dict:
+    """``nic``: the identity of the external NIC at apply (nic.NicIdentity.as_dict(); None: unknown)."""
     pol = desired.policy
     return {
         "time": now(),
@@ -243,6 +251,7 @@ def record_dict(desired: Desired, snap: Snapshot, variant: str) -> dict:
                   + [j.line() for j in desired.ruleset(fam).jumps] for fam in (4, 6)},
         "nft": ({"script": desired.nft.script, "live": snap.nft.text if snap.nft else None}
                 if desired.nft else None),
+        "nic": nic,
     }
 
 
@@ -270,17 +279,18 @@ _READ = object()
 
 
 def converge(backend: Backend, store: Store, desired: Desired | None, command: str,
-             record: dict | None | object = _READ) -> Outcome:
+             record: dict | None | object = _READ, *, keep_nft: bool = False) -> Outcome:
     """Bring hostprep's part of the kernel to ``desired`` (None: remove it all), verify, journal.
 
     The one path every command that changes rules goes through (apply, flush,
     container up/down).  The caller records its own state after this returns.
     ``record``: the last apply's record (read from the store unless given; boot
-    passes None when applied.json is unusable).
+    passes None when applied.json is unusable).  ``keep_nft``: the live nft table is left as it
+    is (boot, when the external NIC is absent or another device).
     """
     if record is _READ:
         record = store.applied()
-    plan = make_plan(backend, desired, record)
+    plan = make_plan(backend, desired, record, keep_nft=keep_nft)
     if plan.empty:
         store.journal(command, "nothing changed", "ok")
         return Outcome(False, [], [], plan.snapshot, plan.snapshot)
@@ -290,7 +300,7 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
         store.journal(command, "; ".join(plan.notes()), f"failed: {err.line()}")
         err.journalled = True
         raise
-    snap, problems = verify(backend, desired)
+    snap, problems = verify(backend, desired, keep_nft=keep_nft)
     if problems:
         # The kernel did not take what was loaded: put the previous state back
         # rather than leave an unrecorded half of it.
@@ -307,20 +317,31 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
     return Outcome(True, plan.notes(), warnings, plan.snapshot, snap)
 
 
-def apply(backend: Backend, store: Store, desired: Desired, command: str) -> Outcome:
+def apply(backend: Backend, store: Store, desired: Desired, command: str, *, record_nic: bool = True) -> Outcome:
+    """``record_nic``: record the external NIC's identity as it is now (apply); False keeps the
+    recorded one (container up/down must not bless a NIC that was swapped meanwhile)."""
     with txn.change(backend, store, command) as ch:
-        outcome = _apply_locked(backend, store, desired, command)
+        outcome = _apply_locked(backend, store, desired, command, record_nic=record_nic)
         if ch is not None:
             ch.changed = outcome.changed
         return outcome
 
 
-def _apply_locked(backend: Backend, store: Store, desired: Desired, command: str) -> Outcome:
+def _apply_locked(backend: Backend, store: Store, desired: Desired, command: str, *,
+                  record_nic: bool = True) -> Outcome:
+    from hostprep import nic as nicmod
     outcome = converge(backend, store, desired, command)
     record = store.applied()
+    if record_nic:
+        ident = nicmod.identity_of(desired.policy.interface, backend.runner)
+        nic = ident.as_dict() if ident else None
+    else:
+        same = ((record or {}).get("settings") or {}).get("interface") == desired.policy.interface
+        nic = (record or {}).get("nic") if same else None
     if outcome.changed or record is None or record.get("settings") != desired.policy.to_settings() \
-            or record.get("rules") != record_dict(desired, outcome.after, backend.variant)["rules"]:
-        store.save_applied(record_dict(desired, outcome.after, backend.variant))
+            or record.get("rules") != record_dict(desired, outcome.after, backend.variant)["rules"] \
+            or record.get("nic") != nic:
+        store.save_applied(record_dict(desired, outcome.after, backend.variant, nic))
         store.save_settings(desired.policy.to_settings())
     return outcome
 
@@ -410,7 +431,7 @@ def container_up_plan(backend: Backend, store: Store, c: Container) -> tuple[App
 def _container_up_locked(backend: Backend, store: Store, c: Container,
                          command: str) -> tuple[Outcome, list[str], list[str], list[str]]:
     desired, previous = container_desired(store, c)
-    outcome = apply(backend, store, desired, command)
+    outcome = apply(backend, store, desired, command, record_nic=False)
     store.save_container(c)
     added, removed, kept = container_diff(outcome.before, desired, previous, c)
     return outcome, added, removed, kept
@@ -429,7 +450,7 @@ def _container_down_locked(backend: Backend, store: Store, name: str,
     policy = applied_policy(store)
     c = registry[name]
     desired = render.desired(policy, tuple(o for n, o in registry.items() if n != name))
-    outcome = apply(backend, store, desired, command)
+    outcome = apply(backend, store, desired, command, record_nic=False)
     store.remove_container(name)
     return outcome, container_lines(outcome.before, c)
 
@@ -456,7 +477,14 @@ def boot(backend: Backend, store: Store, runner: Runner,
        (their ports stay closed), without the nft table.  An unreadable
        container record is skipped (its ports stay closed); an unusable
        applied.json falls back to the remembered NIC's base hardening without
-       -p.  With nothing recorded, any hostprep rules found are removed;
+       -p.  With nothing recorded, any hostprep rules found are removed
+       (the fail-safe that hostprep.service loaded first too; otherwise the
+       load replaces it);
+    3a. the external NIC must be the device recorded at apply (nic_check, after
+       udev settled): missing, renamed or another device is a failure (exit 1,
+       journalled); the rules are loaded for the name all the same, and the
+       nft table is left as it is while the NIC is absent or another device
+       (it may be hooked on the renamed NIC);
     4. the kernel profile, when recorded, is written and read back again.
     """
     import dataclasses
@@ -523,14 +551,37 @@ def boot(backend: Backend, store: Store, runner: Runner,
             else:
                 failures.append("NOTHING LOADED: neither applied.json nor settings.json names the external NIC")
         else:
+            check = nic_check(runner, policy.interface, record, sys_net)
+            if check.failed:
+                failures.append(check.line())
+                store.journal("hostprep boot", f"external NIC {policy.interface}: {check.state}",
+                              f"FAILED: {check.line()}")
+            elif check.state != "ok":
+                notes.append(f"warning: {check.line()}")
             containers, bad = store.containers_tolerant()
             failures += [f"{e}: its ports stay closed" for e in bad]
             desired = build_desired(policy, tuple(containers.values()))
+            # The nft table is never dropped because the NIC is absent or another device:
+            # it may be hooked on the renamed NIC, which still exists (kernels before 6.x
+            # follow the device, newer ones the name).
+            keep_nft = False
             if desired.nft is not None and not (sys_net / policy.interface).exists():
                 desired = dataclasses.replace(desired, nft=None)
+                keep_nft = True
                 notes.append(f"external NIC {policy.interface} is not present yet: its rules are loaded (they "
                              f"match it by name); the fragment table follows when it appears "
                              f"(hostprep-nic@{policy.interface})")
+            elif desired.nft is not None and check.failed:
+                try:
+                    live_nft = backend.nft_observe()
+                except HostprepError:
+                    live_nft = None
+                if live_nft is not None and live_nft.device != policy.interface \
+                        and (sys_net / live_nft.device).exists():
+                    desired = dataclasses.replace(desired, nft=None)
+                    keep_nft = True
+                    notes.append(f"the fragment table stays on {live_nft.device}, where it is hooked; it is not "
+                                 f"moved to {policy.interface}, which is another device now")
             base = build_desired(policy, ())
             attempts = [(desired, "")]
             if desired.containers:
@@ -539,9 +590,11 @@ def boot(backend: Backend, store: Store, runner: Runner,
             if desired.nft is not None:
                 attempts.append((dataclasses.replace(base, nft=None), "base hardening without the fragment table"))
             for want, label in attempts:
+                # an attempt without the table (its load failed) leaves the live one as it is
+                keep = keep_nft or (want.nft is None and desired.nft is not None)
                 try:
                     outcome = converge(backend, store, want, "hostprep boot" + (f" ({label})" if label else ""),
-                                       record=record)
+                                       record=record, keep_nft=keep)
                 except HostprepError as err:
                     failures.append(f"loading {label or 'the recorded state'} failed: {err.line()}")
                     continue
@@ -563,6 +616,23 @@ def boot(backend: Backend, store: Store, runner: Runner,
     except HostprepError as err:
         failures.append(f"kernel profile: {err.line()}")
     return notes, failures
+
+
+def nic_check(runner: Runner, interface: str, record: dict | None, sys_net: Path = Path("/sys/class/net"), *,
+              settle: bool = True):
+    """The external NIC against the identity recorded at apply (nic.NicCheck).
+
+    Anything but a match is checked again once udev has settled (at boot the
+    kernel's names may not be the final ones yet); status (``settle=False``) does not wait.
+    """
+    from hostprep import nic as nicmod
+    rec = record or {}
+    same = (rec.get("settings") or {}).get("interface") == interface
+    recorded = nicmod.NicIdentity.from_record(rec.get("nic")) if same else None
+    check = nicmod.check_identity(interface, recorded, nicmod.link_identities(runner, sys_net))
+    if settle and check.state not in ("ok", "unrecorded") and nicmod.settle_udev(runner):
+        check = nicmod.check_identity(interface, recorded, nicmod.link_identities(runner, sys_net))
+    return check
 
 
 def _line(err: Exception) -> str:

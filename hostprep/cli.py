@@ -591,6 +591,17 @@ def print_status(report: dict) -> None:
                   f"{', '.join(nic['ipv4'] + nic['ipv6'])}")
     elif nic:
         out.print(f"external NIC: {nic['name']} ({nic['error']})")
+    ident = (nic or {}).get("identity")
+    if ident and ident.get("recorded"):
+        rec = ident["recorded"]
+        out.print(f"external NIC identity: {'permanent' if rec['permanent'] else 'random'} MAC {rec['mac']} recorded "
+                  f"at apply: " + {"ok": "same device", "unverifiable": "CANNOT BE VERIFIED", "missing": "NIC MISSING",
+                                   "renamed": f"RENAMED to {ident.get('now_named')}",
+                                   "swapped": "ANOTHER DEVICE"}.get(ident["state"], ident["state"]), markup=False)
+    fs = report.get("failsafe") or {}
+    if fs.get("live"):
+        out.print("fail-safe: LIVE on " + ", ".join(f"IPv{f}" for f in fs["live"])
+                  + " (HOSTPREP-FAILSAFE; 'hostprep boot' replaces it with the hardening)", markup=False)
     last = report.get("last_apply")
     if last:
         s = last["settings"]
@@ -753,8 +764,11 @@ def boot_cmd(backend: Optional[str] = BackendOpt) -> None:
 
     Recovers an interrupted change, rolls back a change that was never
     confirmed, then renders and loads the recorded hardening and containers
-    (no saved ruleset). Fails closed: what cannot be read or loaded is
-    reported (exit 1) and the base hardening is loaded without it.
+    (no saved ruleset), replacing the fail-safe the unit loaded first. Fails
+    closed: what cannot be read or loaded is reported (exit 1) and the base
+    hardening is loaded without it. The external NIC must be the device
+    recorded at apply (its MAC): missing, renamed or another device is exit 1,
+    journalled, and its nft table is left where it is hooked.
     """
     need_root("boot")
     runner = Runner()

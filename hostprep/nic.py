@@ -90,6 +90,152 @@ def _prefix(netmask: str | None) -> int:
     return bin(int(mask)).count("1")
 
 
+# -- the NIC's identity: is the device called eth1 still the one hardened at apply? ----
+
+ZERO_MAC = "00:00:00:00:00:00"
+
+
+@dataclass(frozen=True)
+class NicIdentity:
+    """What tells one device from another across renames (recorded in applied.json at apply).
+
+    ``permanent``: ``mac`` is the burnt-in address (``/sys/class/net/X/addr_assign_type`` 0,
+    or the permanent address the driver reports, as ``ethtool -P`` shows): it survives
+    reboots, renames and an admin's ``ip link set address``.  Otherwise (veths, bridges,
+    most virtual NICs) ``mac`` is the random address the device had at apply: it
+    identifies the device only while it exists; a re-created one gets a new address.
+    """
+
+    mac: str
+    permanent: bool
+
+    def as_dict(self) -> dict:
+        return {"mac": self.mac, "permanent": self.permanent}
+
+    @classmethod
+    def from_record(cls, data) -> "NicIdentity | None":
+        """From applied.json's "nic" (None: an older record without it, or a malformed one)."""
+        if not isinstance(data, dict) or not isinstance(data.get("mac"), str) or not data["mac"]:
+            return None
+        return cls(data["mac"].lower(), bool(data.get("permanent")))
+
+    def matches(self, other: "NicIdentity") -> bool:
+        if self.permanent:
+            return other.permanent and other.mac == self.mac
+        return other.mac == self.mac
+
+
+def link_identities(runner: Runner, sys_net: Path = SYS_NET) -> dict[str, NicIdentity | None]:
+    """name -> identity of every link of this network namespace (None: it has no MAC address:
+    loopback, tun, ppp, wireguard)."""
+    perm: dict[str, str] = {}
+    res = runner.run(["ip", "-j", "link", "show"], check=False)
+    if res.returncode == 0:
+        try:
+            for link in json.loads(res.stdout or "[]"):
+                # iproute2 prints the driver's permanent address only where it differs from the current one
+                if isinstance(link, dict) and link.get("permaddr") and link.get("ifname"):
+                    perm[link["ifname"]] = str(link["permaddr"]).lower()
+        except (json.JSONDecodeError, TypeError):
+            pass
+    out: dict[str, NicIdentity | None] = {}
+    try:
+        devices = sorted(sys_net.iterdir())
+    except OSError:
+        return out
+    for dev in devices:
+        addr = (_read(dev / "address") or "").lower()
+        if not addr or addr == ZERO_MAC:
+            out[dev.name] = None
+            continue
+        permanent = perm.get(dev.name) or (addr if _read(dev / "addr_assign_type") == "0" else None)
+        out[dev.name] = NicIdentity(permanent or addr, permanent is not None)
+    return out
+
+
+def identity_of(name: str, runner: Runner, sys_net: Path = SYS_NET) -> NicIdentity | None:
+    return link_identities(runner, sys_net).get(name)
+
+
+@dataclass(frozen=True)
+class NicCheck:
+    """The external NIC against its recorded identity.
+
+    state: "ok"; "unrecorded" (the record predates identities), "unverifiable" (another
+    random MAC, and no device has the recorded one: a re-created virtual NIC cannot be
+    told from another one) -- both warnings; "missing", "renamed", "swapped" -- failures.
+    """
+
+    name: str
+    state: str
+    detail: str = ""
+    fix: str = ""
+    now_named: str | None = None      # where the recorded device is now (renamed or swapped)
+    recorded: NicIdentity | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.state in ("missing", "renamed", "swapped")
+
+    def line(self) -> str:
+        return self.detail + (f"; {self.fix}" if self.fix else "")
+
+    def as_dict(self) -> dict:
+        return {"recorded": self.recorded.as_dict() if self.recorded else None, "state": self.state,
+                "detail": self.detail, "now_named": self.now_named}
+
+
+def check_identity(name: str, recorded: NicIdentity | None, links: dict[str, NicIdentity | None]) -> NicCheck:
+    """Pure: is ``name`` in ``links`` (this namespace's devices) the device ``recorded`` at apply?"""
+    import dataclasses
+    return dataclasses.replace(_check_identity(name, recorded, links), recorded=recorded)
+
+
+def _check_identity(name: str, recorded: NicIdentity | None, links: dict[str, NicIdentity | None]) -> NicCheck:
+    holders = [n for n, ident in links.items() if recorded is not None and ident is not None
+               and recorded.matches(ident)]
+    others = [n for n in holders if n != name]
+    mac_text = f"{'permanent ' if recorded.permanent else ''}MAC {recorded.mac}" if recorded else ""
+    what = f"the device hardened at apply ({mac_text})"
+    if name not in links:
+        if others:
+            return NicCheck(name, "renamed", f"external NIC {name} is gone: {what} is now named {others[0]}; "
+                            f"hostprep's rules match {name} by name, so {others[0]} is NOT filtered",
+                            f"rename it back (ip link set {others[0]} down; ip link set {others[0]} name {name}; "
+                            f"ip link set {name} up), or run 'hostprep apply -i {others[0]}'", others[0])
+        return NicCheck(name, "missing", f"external NIC {name} is not present"
+                        + (f" (no device has its {mac_text})" if recorded else ""),
+                        "bring the NIC back under its name (see 'ip -br link'), or run "
+                        "'hostprep apply -i <external NIC>'")
+    now = links[name]
+    if now is None:
+        return NicCheck(name, "unverifiable", f"external NIC {name} has no MAC address (a tun, ppp or wireguard "
+                        "device): a renamed or swapped NIC cannot be detected")
+    if recorded is None:
+        return NicCheck(name, "unrecorded", f"the identity (MAC) of external NIC {name} is not recorded "
+                        "(applied by an older hostprep): a renamed or swapped NIC cannot be detected",
+                        "run 'hostprep apply' to record it")
+    if recorded.matches(now):
+        return NicCheck(name, "ok")
+    if recorded.permanent or others:
+        return NicCheck(name, "swapped", f"external NIC {name} is another device now: its MAC is {now.mac}, not "
+                        f"{recorded.mac} as at apply" + (f"; {what} is now named {others[0]} and is NOT filtered"
+                                                           if others else ""),
+                        f"if {name} is the internet-facing NIC now, run 'hostprep apply -i {name}' to record it; "
+                        "otherwise give the external NIC its name back", others[0] if others else None)
+    return NicCheck(name, "unverifiable", f"external NIC {name} has MAC {now.mac}, not {recorded.mac} as at "
+                    "apply; both are random addresses (a virtual NIC), so a re-created device cannot be told "
+                    "from another one", f"run 'hostprep apply -i {name}' if {name} is the right NIC")
+
+
+def settle_udev(runner: Runner, timeout: int = 30, control: Path = Path("/run/udev/control")) -> bool:
+    """Wait until udev has handled its queue (renames included); False where udev is not running."""
+    if not control.exists() or runner.which("udevadm") is None:
+        return False
+    runner.run(["udevadm", "settle", f"--timeout={timeout}"], check=False)
+    return True
+
+
 @dataclass(frozen=True)
 class SshSession:
     peer: str

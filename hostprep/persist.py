@@ -9,6 +9,12 @@ Files (all under the HOSTPREP_ROOT prefix, rendered from systemd/ and logrotate.
   etc/systemd/system/iptables.service.d/hostprep.conf  (and ip6tables) put the chains back after
                                                        iptables-services flushed them
   etc/logrotate.d/hostprep                            rotation of the journal and container logs
+  var/lib/hostprep/failsafe.v4.rules, failsafe.v6.rules
+                                                      the fail-safe of the external NIC: loaded with
+                                                      ip(6)tables-restore alone (no Python) before
+                                                      'hostprep boot' (ExecStartPre=) and by the
+                                                      iptables-services drop-ins, replaced by the real
+                                                      hardening when hostprep runs
 
 The symlinks are made here rather than by ``systemctl enable`` so that the same
 code works with and without a running systemd (and under a test root); where
@@ -18,6 +24,7 @@ systemd runs, ``systemctl daemon-reload`` follows.  Nothing here saves a ruleset
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +34,7 @@ import jinja2
 from hostprep.errors import StateError
 from hostprep.paths import Paths, data_dir
 from hostprep.runner import Runner
-from hostprep.state import write_atomic
+from hostprep.state import read_json, write_atomic
 
 UNIT = "hostprep.service"
 NIC_TEMPLATE = "hostprep-nic@.service"
@@ -92,6 +99,43 @@ def environment() -> list[tuple[str, str]]:
     return out
 
 
+def failsafe_file(paths: Paths, family: int) -> Path:
+    return paths.state_dir / f"failsafe.v{family}.rules"
+
+
+# Where systemd looks for a system service's commands (its default PATH): the units do
+# not depend on the PATH of whoever ran apply.
+SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def failsafe_tool(variant: str, family: int) -> str:
+    """The restore tool of ``variant`` (as Backend.tool picks it), as an absolute path for the unit."""
+    base = "iptables" if family == 4 else "ip6tables"
+    specific = f"{base}-{variant}-restore"
+    return (shutil.which(specific, path=SERVICE_PATH) or shutil.which(f"{base}-restore", path=SERVICE_PATH)
+            or f"/usr/sbin/{specific}")
+
+
+def failsafe_variant(paths: Paths, invocation: tuple[str, list[tuple[str, str]]] | None = None) -> str:
+    """The iptables variant the fail-safe is loaded with: the last apply's, else the units' or this
+    environment's HOSTPREP_BACKEND, else what ``iptables -V`` says."""
+    from hostprep.backend import VARIANTS, detect_variant
+    try:
+        record = read_json(paths.state_file) or {}
+    except StateError:
+        record = {}
+    if record.get("backend") in VARIANTS:
+        return record["backend"]
+    env = dict(invocation[1]) if invocation else {}
+    choice = env.get("HOSTPREP_BACKEND") or os.environ.get("HOSTPREP_BACKEND")
+    if choice in VARIANTS:
+        return choice
+    try:
+        return detect_variant(Runner(), None)
+    except Exception:  # noqa: BLE001 - no iptables at all: the nft variant is RHEL 9's
+        return "nft"
+
+
 def _env() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.FileSystemLoader([str(data_dir("systemd")),
                                                              str(data_dir("logrotate.d"))]),
@@ -130,27 +174,39 @@ def wanted_files(paths: Paths, interface: str | None,
     env = _env()
     unit_dir = paths.root / "etc/systemd/system"
     cmd, environ = invocation or (command(), environment())
+    failsafe: list[tuple[int, str, str]] = []
+    files: list[HostFile] = []
+    if interface:
+        from hostprep import render
+        variant = failsafe_variant(paths, invocation)
+        for fam in (4, 6):
+            failsafe.append((fam, failsafe_tool(variant, fam), str(failsafe_file(paths, fam))))
+            files.append(HostFile(failsafe_file(paths, fam), render.failsafe_text(interface, fam)))
     ctx = {"command": cmd, "environment": environ, "interface": interface or "none: kernel profile only",
-           "state_dir": str(paths.state_dir), "log_dir": str(paths.log_dir)}
-    files = [
+           "state_dir": str(paths.state_dir), "log_dir": str(paths.log_dir), "failsafe": failsafe}
+    files += [
         HostFile(unit_dir / UNIT, env.get_template("hostprep.service.j2").render(ctx)),
         HostFile(unit_dir / f"{WANTED_BY}.wants" / UNIT, None, f"/etc/systemd/system/{UNIT}"),
         HostFile(unit_dir / NIC_TEMPLATE, env.get_template("hostprep-nic@.service.j2").render(ctx)),
         HostFile(paths.root / "etc/logrotate.d/hostprep", env.get_template("hostprep.j2").render(ctx)),
     ]
     if interface:
-        files.insert(3, HostFile(unit_dir / f"{device_unit(interface)}.wants" / nic_instance(interface), None,
-                                 f"/etc/systemd/system/{NIC_TEMPLATE}"))
+        files.insert(len(failsafe) + 3, HostFile(unit_dir / f"{device_unit(interface)}.wants"
+                                                 / nic_instance(interface), None,
+                                                 f"/etc/systemd/system/{NIC_TEMPLATE}"))
     for svc in IPTABLES_SERVICES:
         files.append(HostFile(unit_dir / f"{svc}.service.d/hostprep.conf",
-                              env.get_template("iptables-dropin.conf.j2").render(dict(ctx, service=svc))))
+                              env.get_template("iptables-dropin.conf.j2").render(
+                                  dict(ctx, service=svc, failsafe=[f for f in failsafe
+                                                                   if f[0] == (4 if svc == "iptables" else 6)]))))
     return files
 
 
 def _ours(paths: Paths) -> list[Path]:
     """Every persistence file hostprep may have made (any NIC), for removal and for status."""
     unit_dir = paths.root / "etc/systemd/system"
-    found = [unit_dir / UNIT, unit_dir / f"{WANTED_BY}.wants" / UNIT, unit_dir / NIC_TEMPLATE]
+    found = [failsafe_file(paths, 4), failsafe_file(paths, 6),
+             unit_dir / UNIT, unit_dir / f"{WANTED_BY}.wants" / UNIT, unit_dir / NIC_TEMPLATE]
     found += sorted(unit_dir.glob("sys-subsystem-net-devices-*.device.wants/hostprep-nic@*.service"))
     found += [unit_dir / f"{svc}.service.d/hostprep.conf" for svc in IPTABLES_SERVICES]
     return found

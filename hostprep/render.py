@@ -67,6 +67,16 @@ def nft_text(policy: Policy) -> str:
     return _ENV.get_template("ingress.nft.j2").render(iface=policy.interface)
 
 
+FAILSAFE_CHAIN = "HOSTPREP-FAILSAFE"
+
+
+def failsafe_text(interface: str, family: int) -> str:
+    """The fail-safe of one family (an iptables-restore --noflush file; see rules/failsafe.rules.j2)."""
+    from hostprep import validate
+    validate.interface_name(interface)
+    return _ENV.get_template("failsafe.rules.j2").render(family=family, iface=interface)
+
+
 def container_text(containers: tuple[Container, ...], family: int) -> str:
     """The containers' chains of one family (only containers whose hardening is on)."""
     mine = [c for c in containers if c.family == family and c.hardening]

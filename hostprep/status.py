@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from hostprep import apply as applymod
 from hostprep import plan as planmod
+from hostprep import render
 from hostprep.backend import Backend
 from hostprep.errors import HostprepError
 from hostprep.model import DISPATCH_CHAIN, GROUPS
@@ -98,14 +99,32 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
         problems.append("nothing applied yet: run 'hostprep apply -i <external NIC>'")
     iface = ((record or {}).get("settings") or {}).get("interface") or (settings or {}).get("interface")
     if iface:
+        check = applymod.nic_check(runner, iface, record, settle=False) if record else None
         try:
             report["nic"] = nic_info(iface).as_dict()
             if not report["nic"]["up"]:
                 problems.append(f"external NIC {iface} is down")
         except HostprepError as err:
             report["nic"] = {"name": iface, "error": err.problem}
-            problems.append(f"external NIC {iface} is not present")
+            if check is None or not check.failed:
+                problems.append(f"external NIC {iface} is not present")
+        if check is not None:
+            # Is the NIC of that name still the device hardened at apply (its MAC)?
+            report["nic"]["identity"] = check.as_dict()
+            if check.failed:
+                problems.append(check.line())
+            elif check.state != "ok":
+                warnings.append(check.line())
     snap = applymod.observe(backend)
+    failsafe = [fam for fam, obs in snap.observed.items() if render.FAILSAFE_CHAIN in obs.our_chains]
+    report["failsafe"] = {"live": failsafe, "installed": [
+        fam for fam in (4, 6) if (store.paths.state_dir / f"failsafe.v{fam}.rules").is_file()]}
+    if failsafe:
+        problems.append(f"the FAIL-SAFE is live ({', '.join(f'IPv{f}' for f in failsafe)}: chain "
+                        f"{render.FAILSAFE_CHAIN}): 'hostprep boot' did not run or did not finish after it was "
+                        "loaded; everything inbound on the external NIC but established traffic, ICMP errors and "
+                        "IPv6 neighbour discovery is dropped, the containers' ports too; see 'systemctl status "
+                        "hostprep' and the journal, then run 'hostprep boot'")
     if 6 not in snap.observed:
         warnings.append("IPv6 is disabled in this kernel (ipv6.disable=1): only IPv4 rules apply")
     for fam in snap.observed:

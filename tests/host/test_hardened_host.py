@@ -385,7 +385,23 @@ def test_iptables_services_restarts_put_the_chains_back(hp):
     for svc in ("iptables", "ip6tables"):
         text = hp.text(f"etc/systemd/system/{svc}.service.d/hostprep.conf") or ""
         execs = [ln.split("=", 1)[0] for ln in text.splitlines() if ln.startswith("Exec")]
-        assert execs == ["ExecStartPost", "ExecReload", "ExecStopPost"]
+        # each: the family's fail-safe (no Python), then hostprep boot
+        assert execs == ["ExecStartPost", "ExecStartPost", "ExecReload", "ExecReload", "ExecStopPost", "ExecStopPost"]
+
+
+def test_the_failsafe_is_installed_for_the_external_nic_and_not_live(hp, settings, family):
+    nic = settings["interface"]
+    text = hp.text(f"var/lib/hostprep/failsafe.v{family}.rules") or ""
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert [ln for ln in lines if ln.startswith("-I ")] == [f"-I INPUT 1 -i {nic} -j HOSTPREP-FAILSAFE",
+                                                            f"-I FORWARD 1 -i {nic} -j HOSTPREP-FAILSAFE"]
+    assert lines[-2:] == ['-A HOSTPREP-FAILSAFE -m comment --comment "hostprep failsafe: default deny" -j DROP',
+                          "COMMIT"]
+    unit = hp.text("etc/systemd/system/hostprep.service") or ""
+    # loaded before 'hostprep boot', which replaced it: it is not what is live
+    assert [ln.split()[-1] for ln in unit.splitlines() if ln.startswith("ExecStartPre=-")] == [
+        hp.path(f"var/lib/hostprep/failsafe.v{f}.rules") for f in (4, 6)]
+    assert "HOSTPREP-FAILSAFE" not in hp.rules(family)
 
 
 def test_the_journal_is_rotated(hp):

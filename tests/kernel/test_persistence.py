@@ -5,8 +5,8 @@ and the iptables-services drop-ins under the test's HOSTPREP_ROOT.  These tests
 do not trust the Python entry points: they read the installed unit files, take
 their ``Environment=`` lines and the ``ExecStart=`` (``ExecStartPost=``) command
 line, and run exactly that command with exactly that environment (``env -i``,
-systemd's default PATH, working directory /, no PYTHONPATH) inside a network
-namespace:
+systemd's default PATH, working directory /; PYTHONPATH only names this source
+tree, see SOURCE) inside a network namespace:
 
 1. a reboot: a FRESH sandbox (its own namespaces, the same addresses, no rule
    loaded) gets the boot unit's command and must end with the very kernel state
@@ -20,7 +20,10 @@ namespace:
    table): the drop-in's ExecStartPost puts hostprep's chains back, and keeps
    the sysconfig rules;
 4. a change still waiting for ``hostprep confirm`` at boot is rolled back;
-5. ``flush --persistent`` removes exactly the persistence files.
+5. ``flush --persistent`` removes exactly the persistence files;
+6. the fail-safe: the ExecStartPre= lines alone (hostprep boot cannot run) close
+   the external NIC but for established traffic and neighbour discovery, status
+   says the fail-safe is live, and hostprep boot replaces it.
 
 Namespaces beyond the ``host`` fixture's sandbox are made by the ``spare``
 fixture and deleted by name at teardown, even when the test fails; a rollback
@@ -116,9 +119,15 @@ def unit_entries(path: Path) -> list[tuple[str, str, str]]:
 
 def unit_command(path: Path, key: str, instance: str | None = None) -> UnitCommand:
     """The single ``key=`` command of ``path`` with the file's environment (%i/%I expanded)."""
+    cmds = unit_commands(path, key, instance)
+    assert len(cmds) == 1, f"{path}: {key}= lines: {[c.raw for c in cmds]}"
+    return cmds[0]
+
+
+def unit_commands(path: Path, key: str, instance: str | None = None) -> list[UnitCommand]:
+    """Every ``key=`` command of ``path``, in the order systemd runs them, with the file's environment."""
     entries = unit_entries(path)
     values = [v for s, k, v in entries if s == "Service" and k == key]
-    assert len(values) == 1, f"{path}: {key}= lines: {values}"
 
     def expand(text: str) -> str:
         if instance is None:
@@ -126,8 +135,6 @@ def unit_command(path: Path, key: str, instance: str | None = None) -> UnitComma
             return text
         return text.replace("%%", "\0").replace("%i", instance).replace("%I", instance).replace("\0", "%")
 
-    raw = expand(values[0])
-    argv = shlex.split(raw.lstrip("-@:+!"))
     env: dict[str, str] = {}
     for s, k, v in entries:
         if s == "Service" and k == "Environment":
@@ -135,18 +142,49 @@ def unit_command(path: Path, key: str, instance: str | None = None) -> UnitComma
                 name, sep, value = assignment.partition("=")
                 assert sep == "=", assignment
                 env[name] = value
-    return UnitCommand(raw, argv, env)
+    return [UnitCommand(expand(v), shlex.split(expand(v).lstrip("-@:+!")), env) for v in values]
+
+
+# The unit's interpreter is the venv's, which may hold an installed copy of another hostprep
+# (the venv is shared between checkouts): the code under test is this source tree.
+SOURCE = str(Path(__file__).resolve().parents[2])
 
 
 def run_as_systemd(ns: str, cmd: UnitCommand, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``cmd`` in namespace ``ns`` with only the unit's environment, from /, as systemd starts it."""
-    env = [f"PATH={SERVICE_PATH}", *[f"{k}={v}" for k, v in cmd.env.items()]]
+    """``cmd`` in namespace ``ns`` with only the unit's environment, from /, as systemd starts it
+    (plus PYTHONPATH naming this source tree, see SOURCE)."""
+    env = [f"PATH={SERVICE_PATH}", f"PYTHONPATH={SOURCE}", *[f"{k}={v}" for k, v in cmd.env.items()]]
     return subprocess.run(["ip", "netns", "exec", ns, "env", "-i", *env, *cmd.argv], capture_output=True,
                           text=True, timeout=timeout, cwd="/")
 
 
 def boot_unit(host) -> UnitCommand:
     return unit_command(host.root / UNIT_DIR / "hostprep.service", "ExecStart")
+
+
+def failsafe_lines(host, families=(4, 6)) -> list[str]:
+    """The Exec lines that load the fail-safe, as apply writes them ('-': a failure is ignored)."""
+    from hostprep.persist import failsafe_tool
+    return [f"-{failsafe_tool(host.variant, fam)} --noflush {host.root}/var/lib/hostprep/failsafe.v{fam}.rules"
+            for fam in families]
+
+
+def start_unit(ns: str, path: Path, instance: str | None = None) -> subprocess.CompletedProcess:
+    """``systemctl start``: every ExecStartPre= in order (a failure stops the start unless the line has '-'),
+    then ExecStart=; returns the result of ExecStart."""
+    for cmd in unit_commands(path, "ExecStartPre", instance):
+        res = run_as_systemd(ns, cmd)
+        assert res.returncode == 0 or cmd.raw.startswith("-"), res.stdout + res.stderr
+    return run_as_systemd(ns, unit_command(path, "ExecStart", instance))
+
+
+def run_all(ns: str, cmds: list[UnitCommand]) -> list[subprocess.CompletedProcess]:
+    """Several Exec lines of one kind (ExecStartPost=...), in order, as systemd runs them."""
+    out = []
+    for cmd in cmds:
+        out.append(run_as_systemd(ns, cmd))
+        assert out[-1].returncode == 0 or cmd.raw.startswith("-"), out[-1].stdout + out[-1].stderr
+    return out
 
 
 def unit_env(host) -> dict[str, str]:
@@ -318,7 +356,8 @@ def test_boot_unit_rebuilds_the_same_state_in_a_fresh_sandbox(host, tmp_path, sp
     assert kernel_state(hb, b.host) == EMPTY
     assert outcomes(hb.probe(b.inet, [tcp(HOST_EXT4, 8446, ANSWER), tcp(HOST_EXT6, 8446, ANSWER)])) == ["RA", "RA"]
 
-    res = run_as_systemd(b.host, unit)
+    # systemctl start hostprep: the fail-safe first, then hostprep boot, which replaces it
+    res = start_unit(b.host, host.root / UNIT_DIR / "hostprep.service")
     assert res.returncode == 0, res.stdout + res.stderr
     last = res.stdout.splitlines()[-1]
     assert (last.startswith("hostprep boot: hardening on eth1: "), last.endswith(" (2 containers)")) \
@@ -348,11 +387,17 @@ def test_late_nic_closed_from_its_first_packet_then_fragment_table(host, spare):
 
     c = spare.bare()
     hc = dataclasses.replace(host, box=c)
-    res = run_as_systemd(c.host, boot_unit(host))
-    assert res.returncode == 0, res.stdout + res.stderr
+    eth1_mac = host.run(host.box.host, ["cat", "/sys/class/net/eth1/address"]).stdout.strip()
+    res = start_unit(c.host, host.root / UNIT_DIR / "hostprep.service")
+    # No udev runs here, so "after udev settled" is now: the missing NIC fails the boot loudly
+    # (exit 1), and its rules are loaded all the same (the fail-safe is replaced by them).
+    assert res.returncode == 1, res.stdout + res.stderr
     assert res.stdout.splitlines()[0] == (
         "hostprep boot: external NIC eth1 is not present yet: its rules are loaded (they match it by name); "
         "the fragment table follows when it appears (hostprep-nic@eth1)")
+    assert [ln for ln in res.stderr.splitlines() if ln.startswith("hostprep boot: FAILED: ")] == [
+        f"hostprep boot: FAILED: external NIC eth1 is not present (no device has its MAC {eth1_mac}); bring the "
+        "NIC back under its name (see 'ip -br link'), or run 'hostprep apply -i <external NIC>'"]
     assert kernel_state(hc, c.host) == dict(a, nft=None)
 
     # eth1 appears (a veth into the peer namespace, the sandbox's addresses); nothing of hostprep runs.
@@ -386,6 +431,11 @@ def test_late_nic_closed_from_its_first_packet_then_fragment_table(host, spare):
     assert (nic.argv, nic.env) == (BOOT, unit_env(host))
     res = run_as_systemd(c.host, nic)
     assert res.returncode == 0, res.stdout + res.stderr
+    # a new veth has a new random MAC: noted, not an error (a re-created virtual NIC looks the same)
+    assert [ln for ln in res.stdout.splitlines() if ln.startswith("hostprep boot: warning: ")] == [
+        "hostprep boot: warning: external NIC eth1 has MAC " + hc.run(c.host, ["cat", "/sys/class/net/eth1/address"])
+        .stdout.strip() + f", not {eth1_mac} as at apply; both are random addresses (a virtual NIC), so a "
+        "re-created device cannot be told from another one; run 'hostprep apply -i eth1' if eth1 is the right NIC"]
     assert kernel_state(hc, c.host) == a                     # the fragment table, on eth1, as in A
     frag = hc.probe1(c.inet, kind="frag", dst=HOST_EXT4, src=SRC_A, timeout=QUIET)
     assert (frag["answered"], frag["fragments"]) == (False, 3)
@@ -417,12 +467,16 @@ def test_iptables_services_restart_then_dropin_puts_chains_back(host, tmp_path, 
     assert outcomes(host.probe(host.box.inet, [tcp(HOST_EXT4, 22, ANSWER), tcp(HOST_EXT6, 22, ANSWER)])) \
         == ["RA", "RA"]
 
-    dropin = unit_command(host.root / UNIT_DIR / f"{service}.service.d/hostprep.conf", "ExecStartPost")
-    assert dropin.raw == "-" + " ".join(BOOT)                 # '-': a hostprep failure does not fail iptables
+    cmds = unit_commands(host.root / UNIT_DIR / f"{service}.service.d/hostprep.conf", "ExecStartPost")
+    # the fail-safe of the family the service flushed, then boot; '-': a failure does not fail iptables
+    assert [c.raw for c in cmds] == failsafe_lines(host, (4 if service == "iptables" else 6,)) \
+        + ["-" + " ".join(BOOT)]
+    dropin = cmds[-1]
     assert (dropin.argv, dropin.env) == (BOOT, unit_env(host))     # the same environment, lock timeout too
-    res = run_as_systemd(host.box.host, dropin)
+    failsafe, res = run_all(host.box.host, cmds)
+    assert failsafe.returncode == 0, failsafe.stdout + failsafe.stderr
     assert res.returncode == 0, res.stdout + res.stderr
-    assert kernel_state(host, host.box.host) == before
+    assert kernel_state(host, host.box.host) == before        # the fail-safe is replaced
     for fam in (4, 6):
         after = save(host, host.box.host, fam)
         assert foreign_lines(after) == foreign_lines(sysconfig[fam])         # the sysconfig rules stay
@@ -503,8 +557,8 @@ def test_iptables_restart_during_confirm_window_keeps_the_pending_change(host, t
     spare.watch(p)
     live = kernel_state(host, host.box.host)
     restart_iptables_services(host, tmp_path)
-    dropin = unit_command(host.root / UNIT_DIR / "iptables.service.d/hostprep.conf", "ExecStartPost")
-    res = run_as_systemd(host.box.host, dropin)
+    res = run_all(host.box.host, unit_commands(host.root / UNIT_DIR / "iptables.service.d/hostprep.conf",
+                                               "ExecStartPost"))[-1]
     assert res.returncode == 0, res.stdout + res.stderr
     assert (pending.exists(), watcher_alive(p["watcher_pid"], p["id"])) == (True, True)
     assert kernel_state(host, host.box.host) == live
@@ -526,6 +580,7 @@ PERSISTENCE = {
     "etc/systemd/system/ip6tables.service.d",
     "etc/systemd/system/ip6tables.service.d/hostprep.conf",
 }
+FAILSAFE_FILES = {"var/lib/hostprep/failsafe.v4.rules", "var/lib/hostprep/failsafe.v6.rules"}
 FOREIGN = {   # an admin's own files beside hostprep's: flush --persistent must leave them (and their dirs)
     "etc/systemd/system/multi-user.target.wants/sshd.service": "/usr/lib/systemd/system/sshd.service",
     "etc/systemd/system/iptables.service.d/local.conf": "[Service]\nEnvironment=FOO=1\n",
@@ -547,8 +602,10 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
     st = host.hostprep("status", check=False)
     assert st.stdout.count("boot persistence: hostprep.service enabled, up to date, hostprep-nic@eth1.service, "
                            "iptables-services drop-ins (iptables, ip6tables)") == 1, st.stdout
+    assert {p for p in FAILSAFE_FILES if (host.root / p).is_file()} == FAILSAFE_FILES
     res = host.hostprep("flush", "--persistent")
-    assert res.stdout.splitlines()[-1] == "boot persistence removed: 6 files"
+    assert res.stdout.splitlines()[-1] == "boot persistence removed: 8 files"
+    assert {p for p in FAILSAFE_FILES if (host.root / p).exists()} == set()
     assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE}
     assert tree(etc) == {
         "hostprep", "hostprep/settings.json", "logrotate.d", "logrotate.d/hostprep", "selinux", "selinux/config",
@@ -559,9 +616,91 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
         path = host.root / rel
         assert (os.readlink(path) if path.is_symlink() else path.read_text()) == content
     assert [f[3] for f in journal(host) if f[2] == "hostprep flush --persistent"][-1] == \
-        "boot persistence removed (6 files)"
+        "boot persistence removed (8 files)"
     st = host.hostprep("status", check=False)
     assert "boot persistence: not installed" in st.stdout.splitlines(), st.stdout
     again = host.hostprep("flush", "--persistent")
     assert again.stdout.splitlines()[-1] == "boot persistence: nothing installed"
     assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE}
+
+
+# --------------------------------------------------------------------------- 6. the fail-safe
+
+FAILSAFE_DENY = '"hostprep failsafe: default deny"'
+FAILSAFE_EST = '"hostprep failsafe: established"'
+
+
+def test_failsafe_holds_the_nic_when_hostprep_cannot_run_then_boot_replaces_it(host, tmp_path, spare):
+    apply_with_containers(host, tmp_path)
+    a = kernel_state(host, host.box.host)
+    service = host.root / UNIT_DIR / "hostprep.service"
+    pre = unit_commands(service, "ExecStartPre")
+    assert [c.raw for c in pre] == failsafe_lines(host)
+    # nothing but the restore tool and the file: no Python in these lines
+    assert [c.argv[1:] for c in pre] == [["--noflush", f"{host.root}/var/lib/hostprep/failsafe.v{f}.rules"]
+                                         for f in (4, 6)]
+
+    # The "rebooted" host is open (a closed port and the container port answer) ...
+    b = spare.sandbox()
+    hb = dataclasses.replace(host, box=b)
+    assert outcomes(hb.probe(b.inet, [tcp(HOST_EXT4, 8446, ANSWER), tcp(HOST_EXT4, 8445, ANSWER)])) == ["RA", "RA"]
+    # ... then systemd runs the ExecStartPre= lines; ExecStart (hostprep boot) cannot run (say the
+    # interpreter went away in an upgrade): nothing else is loaded.
+    for cmd in pre:
+        res = run_as_systemd(b.host, cmd)
+        assert res.returncode == 0, res.stdout + res.stderr
+    assert [ln for ln in save(hb, b.host, 4) if ln.startswith("-A INPUT ") or ln.startswith("-A FORWARD ")] == [
+        "-A INPUT -i eth1 -j HOSTPREP-FAILSAFE", "-A FORWARD -i eth1 -j HOSTPREP-FAILSAFE"]
+
+    # Real packets: closed port, SSH, the container's port (v4 and v6) and ping get nothing back ...
+    deny4 = hb.counter(4, "HOSTPREP-FAILSAFE", FAILSAFE_DENY)
+    deny6 = hb.counter(6, "HOSTPREP-FAILSAFE", FAILSAFE_DENY)
+    got = hb.probe(b.inet, [tcp(HOST_EXT4, 8446), tcp(HOST_EXT4, 22), tcp(HOST_EXT4, 8445), tcp(HOST_EXT6, 8446),
+                            {"kind": "icmp", "dst": HOST_EXT4, "src": SRC_A, "timeout": QUIET}])
+    assert outcomes(got) == [None, None, None, None, None]
+    assert (hb.counter(4, "HOSTPREP-FAILSAFE", FAILSAFE_DENY) - deny4,
+            hb.counter(6, "HOSTPREP-FAILSAFE", FAILSAFE_DENY) - deny6) == (4, 1)
+    # ... while the host's own connections get their replies (the peer's RST to a closed port is
+    # the reply of a tracked connection) ...
+    est4 = hb.counter(4, "HOSTPREP-FAILSAFE", FAILSAFE_EST)
+    est6 = hb.counter(6, "HOSTPREP-FAILSAFE", FAILSAFE_EST)
+    out = hb.probe(b.host, [{"kind": "connect", "dst": INET4, "port": 9, "timeout": ANSWER},
+                            {"kind": "connect", "dst": INET6, "port": 9, "timeout": ANSWER}])
+    assert [r["reply"] for r in out] == ["refused", "refused"]
+    assert (hb.counter(4, "HOSTPREP-FAILSAFE", FAILSAFE_EST) - est4,
+            hb.counter(6, "HOSTPREP-FAILSAFE", FAILSAFE_EST) - est6) == (1, 1)
+    # ... and IPv6 neighbour discovery works (a neighbour solicitation gets its advertisement).
+    assert hb.probe1(b.inet, kind="ns", src=INET6, iface="eth0", dst=HOST_EXT6, timeout=ANSWER)["answered"] is True
+
+    # status says the fail-safe is what is live.
+    st = status_as_systemd(b.host, host)
+    assert st.returncode == 1
+    assert "fail-safe: LIVE on IPv4, IPv6 (HOSTPREP-FAILSAFE; 'hostprep boot' replaces it with the hardening)" \
+        in st.stdout.splitlines(), st.stdout
+    assert "difference: the FAIL-SAFE is live (IPv4, IPv6: chain HOSTPREP-FAILSAFE)" in st.stderr, st.stderr
+    js = run_as_systemd(b.host, UnitCommand("", [sys.executable, "-m", "hostprep", "status", "--json"],
+                                            boot_unit(host).env))
+    assert json.loads(js.stdout)["failsafe"] == {"live": [4, 6], "installed": [4, 6]}
+
+    # hostprep boot runs at last: the fail-safe is replaced by exactly the recorded state.
+    res = run_as_systemd(b.host, boot_unit(host))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert kernel_state(hb, b.host) == a
+    st = status_as_systemd(b.host, host)
+    assert (st.returncode, st.stdout.splitlines()[-1]) == (0, "everything desired is live"), st.stdout + st.stderr
+    assert outcomes(hb.probe(b.inet, [tcp(HOST_EXT4, 8445, ANSWER), tcp(HOST_EXT4, 8446)])) == ["RA", None]
+
+
+def test_apply_replaces_a_live_failsafe(host):
+    host.apply()
+    before = kernel_state(host, host.box.host)
+    # the fail-safe loaded over the hardening (a failed boot unit, then the admin runs apply)
+    run_all(host.box.host, unit_commands(host.root / UNIT_DIR / "hostprep.service", "ExecStartPre"))
+    assert [ln for ln in save(host, host.box.host, 4) if ln.startswith("-A INPUT ")][0] == \
+        "-A INPUT -i eth1 -j HOSTPREP-FAILSAFE"
+    st = host.hostprep("status", "--json", check=False)
+    assert (st.returncode, json.loads(st.stdout)["failsafe"]["live"]) == (1, [4, 6])
+    host.apply()
+    assert kernel_state(host, host.box.host) == before
+    st = host.hostprep("status", "--json", check=False)
+    assert (st.returncode, json.loads(st.stdout)["failsafe"]) == (0, {"live": [], "installed": [4, 6]})

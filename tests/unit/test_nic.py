@@ -155,3 +155,80 @@ def test_nic_info_missing_interface_names_existing_ones(monkeypatch):
     with pytest.raises(InputError) as err:
         nic.nic_info("eth9")
     assert (err.value.field, err.value.fix) == ("-i/--interface", "existing interfaces: eth0, lo")
+
+
+# -- identity of the external NIC (issue 10, item 4) ------------------------------------
+
+PERM = nic.NicIdentity("52:54:00:12:34:56", True)
+RAND = nic.NicIdentity("2e:d6:28:f4:db:83", False)
+
+
+def fake_sys_net(tmp_path, devices: dict[str, tuple[str, str]]):
+    """/sys/class/net stand-in: name -> (address, addr_assign_type)."""
+    root = tmp_path / "net"
+    for name, (addr, kind) in devices.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "address").write_text(addr + "\n")
+        (root / name / "addr_assign_type").write_text(kind + "\n")
+    return root
+
+
+def test_link_identities_permanent_random_and_permaddr(tmp_path, fake_runner):
+    sys_net = fake_sys_net(tmp_path, {"lo": ("00:00:00:00:00:00", "0"), "eth0": ("52:54:00:12:34:56", "0"),
+                                      "eth1": ("2E:D6:28:F4:DB:83", "1"), "eth2": ("02:00:00:00:00:09", "3")})
+    # eth2's address was set by an admin; the driver's permanent one is what identifies it
+    runner = fake_runner({("ip", "-j", "link", "show"): (0, '[{"ifname": "eth2", "permaddr": "52:54:00:AA:BB:CC"}]',
+                                                         "")})
+    assert nic.link_identities(runner, sys_net) == {
+        "eth0": PERM, "eth1": RAND, "eth2": nic.NicIdentity("52:54:00:aa:bb:cc", True), "lo": None}
+
+
+def test_identity_from_record_tolerates_old_and_malformed_records():
+    assert nic.NicIdentity.from_record({"mac": "2E:D6:28:F4:DB:83", "permanent": False}) == RAND
+    assert [nic.NicIdentity.from_record(v) for v in (None, {}, {"mac": ""}, {"mac": 5}, [1])] == [None] * 5
+
+
+@pytest.mark.parametrize("recorded,links,state,now_named", [
+    (PERM, {"eth1": PERM}, "ok", None),
+    (RAND, {"eth1": RAND}, "ok", None),
+    (PERM, {"ext9": PERM}, "renamed", "ext9"),
+    (RAND, {"ext9": RAND}, "renamed", "ext9"),
+    (PERM, {}, "missing", None),
+    (None, {}, "missing", None),
+    (PERM, {"eth1": nic.NicIdentity("52:54:00:00:00:01", True)}, "swapped", None),
+    (PERM, {"eth1": RAND}, "swapped", None),
+    (RAND, {"eth1": PERM, "ext9": RAND}, "swapped", "ext9"),
+    # a random MAC that nobody has any more: a re-created veth (a reboot) cannot be told from another one
+    (RAND, {"eth1": nic.NicIdentity("02:11:22:33:44:55", False)}, "unverifiable", None),
+    (None, {"eth1": RAND}, "unrecorded", None),
+    # a device without a MAC (tun, wireguard) is present, only not verifiable
+    (None, {"eth1": None}, "unverifiable", None),
+    (RAND, {"eth1": None, "lo": None}, "unverifiable", None),
+])
+def test_check_identity(recorded, links, state, now_named):
+    check = nic.check_identity("eth1", recorded, links)
+    assert (check.state, check.now_named, check.failed) == (state, now_named,
+                                                            state in ("missing", "renamed", "swapped"))
+    assert check.as_dict()["recorded"] == (recorded.as_dict() if recorded else None)
+
+
+def test_check_identity_lines_name_the_device_and_the_fix():
+    assert nic.check_identity("eth1", PERM, {"ext9": PERM}).line() == (
+        "external NIC eth1 is gone: the device hardened at apply (permanent MAC 52:54:00:12:34:56) is now named "
+        "ext9; hostprep's rules match eth1 by name, so ext9 is NOT filtered; rename it back (ip link set ext9 "
+        "down; ip link set ext9 name eth1; ip link set eth1 up), or run 'hostprep apply -i ext9'")
+    assert nic.check_identity("eth1", PERM, {}).line() == (
+        "external NIC eth1 is not present (no device has its permanent MAC 52:54:00:12:34:56); bring the NIC "
+        "back under its name (see 'ip -br link'), or run 'hostprep apply -i <external NIC>'")
+    assert nic.check_identity("eth1", PERM, {"eth1": RAND}).line() == (
+        "external NIC eth1 is another device now: its MAC is 2e:d6:28:f4:db:83, not 52:54:00:12:34:56 as at "
+        "apply; if eth1 is the internet-facing NIC now, run 'hostprep apply -i eth1' to record it; otherwise "
+        "give the external NIC its name back")
+
+
+def test_settle_udev_only_where_udev_runs(tmp_path, fake_runner):
+    runner = fake_runner()
+    assert nic.settle_udev(runner, control=tmp_path / "control") is False
+    (tmp_path / "control").touch()
+    assert nic.settle_udev(runner, 5, control=tmp_path / "control") is True
+    assert runner.calls == [(["udevadm", "settle", "--timeout=5"], None, False)]

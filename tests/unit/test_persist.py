@@ -26,6 +26,8 @@ from hostprep.paths import Paths
 BOOT = f"{sys.executable} -m hostprep boot"
 UNIT_DIR = "etc/systemd/system"
 ALL = [   # every path install() writes, in its order
+    "var/lib/hostprep/failsafe.v4.rules",
+    "var/lib/hostprep/failsafe.v6.rules",
     f"{UNIT_DIR}/hostprep.service",
     f"{UNIT_DIR}/multi-user.target.wants/hostprep.service",
     f"{UNIT_DIR}/hostprep-nic@.service",
@@ -80,6 +82,11 @@ def env_lines(paths: Paths, *extra: str) -> list[str]:
     return [f"HOSTPREP_ROOT={paths.root}", "HOSTPREP_BACKEND=nft", *extra]
 
 
+def failsafe_line(paths: Paths, family: int, variant: str = "nft") -> str:
+    """The command that loads the fail-safe of one family (the unit's Exec line without its '-')."""
+    return f"{persist.failsafe_tool(variant, family)} --noflush {paths.root}/var/lib/hostprep/failsafe.v{family}.rules"
+
+
 # --------------------------------------------------------------------------- rendered content
 
 def test_install_writes_every_file_and_runs_nothing(paths, runner):
@@ -98,12 +105,14 @@ def test_boot_service_unit(paths, runner):
         "DefaultDependencies": ["no"],
         "Wants": ["network-pre.target"],
         "Before": ["network-pre.target shutdown.target"],
-        "After": ["local-fs.target systemd-sysctl.service iptables.service ip6tables.service firewalld.service"],
+        "After": ["local-fs.target systemd-sysctl.service systemd-udev-trigger.service iptables.service "
+                  "ip6tables.service firewalld.service"],
         "Conflicts": ["shutdown.target"],
     }
     assert u["Service"] == {
         "Type": ["oneshot"], "RemainAfterExit": ["yes"],
         "Environment": env_lines(paths, "HOSTPREP_LOCK_TIMEOUT=30"),
+        "ExecStartPre": [f"-{failsafe_line(paths, 4)}", f"-{failsafe_line(paths, 6)}"],
         "ExecStart": [BOOT], "TimeoutStartSec": ["180"],
     }
     assert u["Install"] == {"WantedBy": ["multi-user.target"]}
@@ -127,10 +136,76 @@ def test_nic_template_unit(paths, runner):
 def test_iptables_services_dropins(paths, runner, service):
     persist.install(paths, "eth1", runner)
     u = unit(paths, f"{UNIT_DIR}/{service}.service.d/hostprep.conf")
-    assert u == {"Service": {"ExecStartPost": [f"-{BOOT}"], "ExecReload": [f"-{BOOT}"],
-                             "ExecStopPost": [f"-{BOOT}"], "Environment": env_lines(paths) + ["HOSTPREP_LOCK_TIMEOUT=30"]}}
+    # the fail-safe of the family the service flushed first (no Python), then hostprep boot
+    first = f"-{failsafe_line(paths, 4 if service == 'iptables' else 6)}"
+    assert u == {"Service": {"ExecStartPost": [first, f"-{BOOT}"], "ExecReload": [first, f"-{BOOT}"],
+                             "ExecStopPost": [first, f"-{BOOT}"],
+                             "Environment": env_lines(paths) + ["HOSTPREP_LOCK_TIMEOUT=30"]}}
     text = (paths.root / f"{UNIT_DIR}/{service}.service.d/hostprep.conf").read_text()
     assert text.splitlines()[0] == f"# hostprep: the {service} service of iptables-services loads"
+
+
+FAILSAFE_V4 = [
+    "*filter",
+    ":HOSTPREP-FAILSAFE - [0:0]",
+    "-I INPUT 1 -i eth1 -j HOSTPREP-FAILSAFE",
+    "-I FORWARD 1 -i eth1 -j HOSTPREP-FAILSAFE",
+    '-A HOSTPREP-FAILSAFE -m conntrack --ctstate ESTABLISHED -m comment --comment "hostprep failsafe: established" -j ACCEPT',
+    *[f'-A HOSTPREP-FAILSAFE -p icmp -m conntrack --ctstate RELATED -m icmp --icmp-type {t} -m comment --comment '
+      f'"hostprep failsafe: icmp error" -j ACCEPT' for t in (3, 4, 11, 12)],
+    '-A HOSTPREP-FAILSAFE -m comment --comment "hostprep failsafe: default deny" -j DROP',
+    "COMMIT",
+]
+FAILSAFE_V6 = FAILSAFE_V4[:5] + [
+    *[f'-A HOSTPREP-FAILSAFE -p ipv6-icmp -m conntrack --ctstate RELATED -m icmp6 --icmpv6-type {t} -m comment '
+      f'--comment "hostprep failsafe: icmp error" -j ACCEPT' for t in (1, 2, 3, 4)],
+    *[f'-A HOSTPREP-FAILSAFE -p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -m comment --comment '
+      f'"hostprep failsafe: neighbour discovery" -j ACCEPT' for t in (133, 134, 135, 136)],
+] + FAILSAFE_V4[-2:]
+
+
+@pytest.mark.parametrize("family,expected", [(4, FAILSAFE_V4), (6, FAILSAFE_V6)])
+def test_failsafe_rules(paths, runner, family, expected):
+    """Default deny inbound on the NIC (INPUT and FORWARD) but established, ICMP errors and (IPv6) ND."""
+    persist.install(paths, "eth1", runner)
+    f = paths.root / f"var/lib/hostprep/failsafe.v{family}.rules"
+    lines = f.read_text().splitlines()
+    assert [ln for ln in lines if ln and not ln.startswith("#")] == expected
+    assert lines[0] == f"# hostprep FAIL-SAFE for the external NIC eth1 (IPv{family}).  Written by"
+    assert oct(f.stat().st_mode & 0o777) == "0o644"
+
+
+def test_failsafe_follows_the_nic_and_the_recorded_variant(paths, runner):
+    (paths.state_dir).mkdir(parents=True)
+    paths.state_file.write_text('{"backend": "legacy"}')
+    persist.install(paths, "ens3.100", runner)
+    u = unit(paths, f"{UNIT_DIR}/hostprep.service")
+    assert u["Service"]["ExecStartPre"] == [f"-{failsafe_line(paths, 4, 'legacy')}",
+                                            f"-{failsafe_line(paths, 6, 'legacy')}"]
+    assert persist.failsafe_tool("legacy", 6).endswith("ip6tables-legacy-restore")
+    text = (paths.root / "var/lib/hostprep/failsafe.v4.rules").read_text()
+    assert [ln for ln in text.splitlines() if ln.startswith("-I ")] == [
+        "-I INPUT 1 -i ens3.100 -j HOSTPREP-FAILSAFE", "-I FORWARD 1 -i ens3.100 -j HOSTPREP-FAILSAFE"]
+
+
+def test_failsafe_tool_does_not_follow_the_callers_path(paths, runner, monkeypatch, tmp_path):
+    """systemd runs the unit with its own PATH: a wrapper early on apply's PATH must not get into the unit."""
+    before = persist.failsafe_tool("nft", 6)
+    wrapper = tmp_path / "bin/ip6tables-nft-restore"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    assert persist.failsafe_tool("nft", 6) == before
+    assert before.startswith(tuple(d + "/" for d in persist.SERVICE_PATH.split(":")) + ("/usr/sbin/",))
+
+
+def test_no_failsafe_without_a_nic(paths, runner):
+    """apply -k alone: no external NIC is known, so there is nothing to close."""
+    persist.install(paths, None, runner)
+    assert (paths.root / "var/lib/hostprep").exists() is False
+    assert "ExecStartPre" not in unit(paths, f"{UNIT_DIR}/hostprep.service")["Service"]
+    assert unit(paths, f"{UNIT_DIR}/iptables.service.d/hostprep.conf")["Service"]["ExecStartPost"] == [f"-{BOOT}"]
 
 
 def test_logrotate_config(paths, runner):
@@ -239,7 +314,8 @@ def test_switching_the_nic_removes_the_old_nic_link(paths, runner):
     new = paths.root / UNIT_DIR / r"sys-subsystem-net-devices-ens3.100.device.wants/hostprep-nic@ens3.100.service"
     changed = persist.install(paths, "ens3.100", runner)
     # the service's Description names the NIC, so it is rewritten too
-    assert changed == [str(paths.root / UNIT_DIR / "hostprep.service"), str(new), f"removed {old}"]
+    assert changed == [str(paths.root / f"var/lib/hostprep/failsafe.v{fam}.rules") for fam in (4, 6)] + [
+        str(paths.root / UNIT_DIR / "hostprep.service"), str(new), f"removed {old}"]
     assert (old.is_symlink(), old.parent.exists()) == (False, False)
     assert sorted(str(p.relative_to(paths.root / UNIT_DIR))
                   for p in (paths.root / UNIT_DIR).glob("sys-subsystem-net-devices-*/*")) == \
@@ -259,6 +335,7 @@ def test_remove_takes_exactly_the_units(paths, runner):
     assert sorted(gone) == sorted(str(paths.root / p) for p in UNITS)
     assert sorted(str(p.relative_to(paths.root)) for p in paths.root.rglob("*")) == sorted([
         "etc", "etc/logrotate.d", "etc/logrotate.d/hostprep", "etc/systemd", "etc/systemd/system",
+        "var", "var/lib", "var/lib/hostprep",
         f"{UNIT_DIR}/multi-user.target.wants", f"{UNIT_DIR}/multi-user.target.wants/sshd.service",
         f"{UNIT_DIR}/iptables.service.d", f"{UNIT_DIR}/iptables.service.d/local.conf"])
     assert persist.remove(paths, runner) == []
@@ -294,12 +371,15 @@ def test_report_stale(paths, runner):
     assert persist.report(paths, "eth1")["stale"] == []
     # another NIC is not what apply wrote: the service (its Description) and the NIC link are stale
     assert persist.report(paths, "eth2")["stale"] == [
+        str(paths.root / "var/lib/hostprep/failsafe.v4.rules"), str(paths.root / "var/lib/hostprep/failsafe.v6.rules"),
         str(unit_dir / "hostprep.service"),
         str(unit_dir / "sys-subsystem-net-devices-eth2.device.wants/hostprep-nic@eth2.service")]
-    # nothing applied (no NIC; -k alone): the service names eth1, which is not what apply -k writes
+    # nothing applied (no NIC; -k alone): the service names eth1 and loads its fail-safe, the drop-ins
+    # load it too, which is not what apply -k writes
     rep = persist.report(paths, None)
     assert (rep["installed"], rep["up_to_date"], rep["nic_unit"], rep["stale"]) == (
-        True, False, None, [str(unit_dir / "hostprep.service")])
+        True, False, None, [str(unit_dir / "hostprep.service"), str(unit_dir / "iptables.service.d/hostprep.conf"),
+                            str(unit_dir / "ip6tables.service.d/hostprep.conf")])
 
 
 def test_report_compares_with_the_installed_invocation(paths, runner, monkeypatch):
@@ -312,11 +392,12 @@ def test_report_compares_with_the_installed_invocation(paths, runner, monkeypatc
     assert persist.installed_invocation(paths) == (f"{sys.executable} -m hostprep",
                                                    [("HOSTPREP_ROOT", str(paths.root)), ("HOSTPREP_BACKEND", "nft")])
     assert persist.report(paths, "eth1")["up_to_date"] is True
-    # hostprep.service edited to another backend: the other units no longer agree with it
+    # hostprep.service edited to another backend: the other units no longer agree with it, nor does
+    # its own fail-safe line (nothing recorded as applied: the fail-safe takes the units' backend)
     svc = unit_dir / "hostprep.service"
     svc.write_text(svc.read_text().replace("HOSTPREP_BACKEND=nft", "HOSTPREP_BACKEND=legacy"))
     assert persist.report(paths, "eth1")["stale"] == [
-        str(unit_dir / "hostprep-nic@.service"), str(unit_dir / "iptables.service.d/hostprep.conf"),
+        str(svc), str(unit_dir / "hostprep-nic@.service"), str(unit_dir / "iptables.service.d/hostprep.conf"),
         str(unit_dir / "ip6tables.service.d/hostprep.conf")]
     # an ExecStart that is not hostprep's boot: the service itself is stale
     svc.write_text(svc.read_text().replace(" -m hostprep boot", " -m hostprep status"))
