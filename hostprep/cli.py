@@ -43,17 +43,18 @@ app.add_typer(container_app, name="container")
 
 # Tables keep their columns when the output is a pipe or a file (rich would assume 80).
 _width = None if sys.stdout.isatty() else 160
-# markup=False: nothing printed is read as Rich markup, so a value from a flag, a file
-# or a subprocess ('[/]', '[bold]', 'hostprep[probe]') is printed as it is; styled
-# labels go through say(), which builds a Text instead.
+# markup=False, emoji=False: nothing printed is read as Rich markup or an emoji code,
+# so a value from a flag, a file or a subprocess ('[/]', '[bold]', 'hostprep[probe]',
+# a MAC such as 62:ab:9d...) is printed as it is; styled labels go through say(),
+# which builds a Text instead.
 class _Console(Console):
     def on_broken_pipe(self) -> None:      # the reader went away: 141, as for SIGPIPE
         self.quiet = True
         broken_pipe()
 
 
-out = _Console(highlight=False, soft_wrap=True, width=_width, markup=False)
-err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+out = _Console(highlight=False, soft_wrap=True, width=_width, markup=False, emoji=False)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def say(console: Console, style: str, label: str, text: str) -> None:

@@ -52,6 +52,14 @@ def test_markup_in_an_error_text_is_printed_as_given(monkeypatch):
                     "pip install 'hostprep[probe]')\n")
 
 
+def test_emoji_codes_in_values_are_printed_as_given(capsys):
+    # a MAC such as 62:ab:9d:... holds ":ab:", which Rich turns into an emoji by default
+    cli.say(cli.err, "red", "error:", "MAC 62:ab:9d:94:78:46, :smile:")
+    cli.out.print("MAC 62:ab:9d:94:78:46")
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("MAC 62:ab:9d:94:78:46\n", "error: MAC 62:ab:9d:94:78:46, :smile:\n")
+
+
 def test_labels_keep_their_style_and_the_text_stays_literal():
     from rich.console import Console
     console = Console(record=True, width=200, markup=False, force_terminal=True, file=open(os.devnull, "w"))
