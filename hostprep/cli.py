@@ -23,6 +23,7 @@ from hostprep import __version__
 from hostprep.entry import EXIT_SIGINT, broken_pipe
 from hostprep import apply as applymod
 from hostprep import nic as nicmod
+from hostprep import output
 from hostprep import status as statusmod
 from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
 from hostprep.model import GROUPS, Policy
@@ -41,8 +42,9 @@ container_app = typer.Typer(no_args_is_help=True, help="Per-container port rules
                                                       "ports on the external NIC with the limits of its .env files.")
 app.add_typer(container_app, name="container")
 
-# Tables keep their columns when the output is a pipe or a file (rich would assume 80).
-_width = None if sys.stdout.isatty() else 160
+# Tables keep their columns when the output is a pipe or a file (rich would assume 80),
+# unless COLUMNS says how wide the reader is.
+_width = None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
 # markup=False: nothing printed is read as Rich markup, so a value from a flag, a file
 # or a subprocess ('[/]', '[bold]', 'hostprep[probe]') is printed as it is; styled
 # labels go through say(), which builds a Text instead.
@@ -433,10 +435,8 @@ def report_firewall(info, desired, outcome) -> None:
     if not outcome.changed:
         out.print(f"nothing changed: the hardening on {info.name} is already live")
         return
-    for note in outcome.notes[:8]:
-        out.print(f"  - {note}")
-    if len(outcome.notes) > 8:
-        out.print(f"  - ... and {len(outcome.notes) - 8} more changes")
+    for action in outcome.notes:
+        out.print(f"  - {action}")
     out.print(f"applied: {', '.join(desired.v4.groups)} on {info.name} (IPv4 {desired.v4.rule_count} rules, "
               f"IPv6 {desired.v6.rule_count} rules, fragments {'dropped' if desired.nft else 'not handled (-e)'})")
 
@@ -565,7 +565,9 @@ def flush_cmd(
         return
     outcome = applymod.flush(be, store, argv)
     if outcome.changed:
-        out.print("removed hostprep's rules: " + "; ".join(outcome.notes))
+        for action in outcome.notes:
+            out.print(f"  - {action}")
+        out.print(f"removed hostprep's rules: {outcome.summary.removeprefix('removed ')}")
     else:
         out.print("nothing to remove: no hostprep rules are loaded")
     if persistent:
@@ -580,97 +582,23 @@ def flush_cmd(
                      .is_file() else ""))
 
 
-def print_status(report: dict) -> None:
-    out.print(f"backend: {report['backend']}")
-    for w in report["warnings"]:
-        say(err, "yellow", "warning:", f"{w}")
-    nic = report.get("nic")
-    if nic and "error" not in nic:
-        out.print(f"external NIC: {nic['name']} {'UP' if nic['up'] else 'DOWN'} "
-                  f"{', '.join(nic['ipv4'] + nic['ipv6'])}")
-    elif nic:
-        out.print(f"external NIC: {nic['name']} ({nic['error']})")
-    last = report.get("last_apply")
-    if last:
-        s = last["settings"]
-        out.print(f"last apply: {last['time']} -i {s['interface']}"
-                  + (" -e" if s["skip_ddos"] else "") + (" -a" if s["allow_private"] else "")
-                  + "".join(f" -p {p}" for p in s["ping_from"]))
-    t = Table(title="hardening groups (packets/bytes matched by the group's rules)")
-    t.add_column("group")
-    fams = list(report["families"])
-    for fam in fams:
-        t.add_column(f"IPv{fam}")
-        t.add_column(f"IPv{fam} packets", justify="right")
-        t.add_column(f"IPv{fam} bytes", justify="right")
-    for g in GROUPS:
-        row = [g]
-        for fam in fams:
-            v = report["families"][fam]["groups"][g]
-            state = ("live" if v["present"] else "MISSING") if v["wanted"] else \
-                ("left out" if report.get("last_apply") else "-")
-            row += [state, str(v["packets"]), str(v["bytes"])]
-        t.add_row(*row)
-    out.print(t)
-    if report.get("containers"):
-        print_containers(report["containers"], title="containers (packets)")
-    kern = report.get("kernel") or {}
-    if kern.get("applied"):
-        t = Table(title="kernel profile (apply -k)")
-        for col in ("key", "desired", "live", "source", "state"):
-            t.add_column(col)
-        for k in kern["keys"]:
-            t.add_row(k["key"], k["desired"], k["live"] or "-", k["source"] or "-",
-                      k["state"] if k["state"] == "ok" else f"{k['state'].upper()}: {k['detail']}")
-        out.print(t)
-    sel = report.get("selinux")
-    if sel:
-        out.print(f"SELinux: runtime {sel['runtime']}, configured {sel['configured'] or 'no config'}"
-                  + (f", policy {sel['policy']}" if sel.get("policy") else "")
-                  + (", REBOOT REQUIRED" if sel.get("reboot_required") else ""))
-    frag = report.get("fragments")
-    if frag:
-        total = sum(c["packets"] for c in frag["counters"].values())
-        out.print(f"fragments: nft netdev ingress on {frag['device']}, {total} packets dropped")
-    if report.get("ipv6_parity") is not None:
-        out.print(f"IPv6 parity: {'yes' if report['ipv6_parity'] else 'NO'}")
-    pers = report.get("persistence") or {}
-    tx = report.get("transaction") or {}
-    if pers.get("installed"):
-        out.print(f"boot persistence: hostprep.service {'enabled' if pers['enabled'] else 'NOT enabled'}, "
-                  f"{'up to date' if pers['up_to_date'] else 'OUT OF DATE'}"
-                  + (f", {pers['nic_unit']}" if pers.get("nic_unit") else "")
-                  + (f", iptables-services drop-ins ({', '.join(pers['iptables_dropins'])})"
-                     if pers["iptables_dropins"] else "")
-                  + "; the next boot loads " + ("exactly what is live" if pers["matches_live"] else
-                                                    "the state before the PENDING change" if tx.get("pending")
-                                                    else "no firewall rules (nothing applied) and re-applies the "
-                                                    "kernel profile" if pers["matches_live"] is None
-                                                    else "the RECORDED state, which differs from what is live"))
-    elif pers:
-        out.print("boot persistence: not installed")
-    tx = report.get("transaction") or {}
-    if tx.get("pending"):
-        p = tx["pending"]
-        out.print(f"PENDING CONFIRMATION: change {p['id']} ({p['command']}) is rolled back at {p['deadline']} "
-                  f"({p['seconds_left']} s left) unless 'hostprep confirm' runs; timer: {p['mechanism']}"
-                  + ("" if p["timer_alive"] else " (NOT RUNNING)" if p["timer_alive"] is False else ""))
-    if tx.get("rollback_available") and not tx.get("pending"):
-        out.print(f"rollback: 'hostprep rollback' restores the state before change {tx['rollback_available']}")
-    if report["problems"]:
-        for p in report["problems"]:
-            say(err, "red", "difference:", f"{p}")
-    else:
-        out.print("everything desired is live")
+def print_status(report: dict, verbose: bool = False) -> None:
+    """Verdict / what is open to whom / details (hostprep.output lays them out)."""
+    output.print_status(out, err, report, verbose=verbose)
 
 
 @app.command("status")
 @handle_errors
 def status_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (schema in README)."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="List every kernel key (without -v only "
+                                 "when one drifts)."),
     backend: Optional[str] = BackendOpt,
 ) -> None:
-    """Desired vs live state with counters. Exit 0 all live, 1 something differs, 2 error."""
+    """Am I protected? What is open to whom, then desired vs live with counters.
+
+    Exit 0 all live, 1 something differs, 2 error.
+    """
     need_root("status")
     runner = Runner()
     be = applymod.default_backend(runner, backend)
@@ -678,7 +606,7 @@ def status_cmd(
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        print_status(report)
+        print_status(report, verbose=verbose)
     raise typer.Exit(statusmod.exit_code(report))
 
 
@@ -775,20 +703,9 @@ def sandbox_name(name: str) -> None:
 
 
 def print_containers(rows: list[dict], title: str) -> None:
-    t = Table(title=title)
-    for col in ("container", "template", "destination", "ports", "limits conn/rate/burst", "LB/exempt",
-                "state", "accepted", "drop conn", "drop rate"):
-        t.add_column(col)
-    for r in rows:
-        lim = r["limits"]
-        state = ("live" if r["present"] else "MISSING") if r["hardening"] else "hardening off (ports closed)"
-        if r["restricted"]:
-            state += ", restricted to LBs"
-        t.add_row(r["name"], r["template"], r["dest"], ",".join(map(str, r["ports"])),
-                  f"{lim['connlimit_above']}/{lim['hash_upto']}/s/{lim['hash_burst']}",
-                  f"{r['load_balancers']}/{r['exempt']}", state, str(r["accepted_within_rate"]),
-                  str(r["dropped_connlimit"]), str(r["dropped_rate"] + r["dropped_restricted"]))
-    out.print(t)
+    out.print(f"{title}:")
+    for line in output.containers_listing(rows):
+        out.print(line)
 
 
 def container_log_text(name: str, c, added: list[str], removed: list[str], event: str,
