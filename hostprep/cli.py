@@ -185,12 +185,17 @@ def what_to_apply(interface: Optional[str], skip_ddos: bool, allow_private: bool
     return policy, bool(remembered.get("kernel")), "remembered settings"
 
 
-def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> None:
-    """Refuse unless SELinux is enforcing, --ignore-selinux, or NGX_IGNORE_SELINUX=true in --core."""
+def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> list[str]:
+    """Refuse unless SELinux is enforcing, --ignore-selinux, or NGX_IGNORE_SELINUX=true in --core;
+    returns the warnings, which the caller prints once, after its work."""
     from hostprep import selinux
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)
-    for w in selinux.check_enforcing(state, ignore_flag, selinux.ignore_from_core(core)):
+    return selinux.check_enforcing(state, ignore_flag, selinux.ignore_from_core(core))
+
+
+def say_warnings(warnings: list[str]) -> None:
+    for w in warnings:
         say(err, "yellow", "warning:", f"{w}")
 
 
@@ -348,8 +353,9 @@ def apply_cmd(
     policy, do_kernel, source = what_to_apply(interface, skip_ddos, allow_private, ping_from, kernel, store)
     # Every guard runs before any change, and for a dry run too: a dry run refuses
     # (same line, same exit code) where the real run would.
+    selinux_warnings: list[str] = []
     try:
-        selinux_gate(store, ignore_selinux, core)
+        selinux_warnings = selinux_gate(store, ignore_selinux, core)
     except StateError:
         if not dry_run or applymod.is_root():
             raise
@@ -370,6 +376,7 @@ def apply_cmd(
             print_kernel_dry_run(store)
         if confirm_secs is not None:
             out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
+        say_warnings(selinux_warnings)
         return
     from hostprep import txn
     prepared = prepare_firewall(policy, store, yes=yes, dry_run=False, force=force, backend=backend,
@@ -403,6 +410,7 @@ def apply_cmd(
     if kernel_result is not None:
         print_kernel_part(store, *kernel_result)
     persistence()
+    say_warnings(selinux_warnings)
     say_pending(ch)
     if kernel_result is not None and kernel_result[2]:
         raise typer.Exit(1)

@@ -220,6 +220,8 @@ def persistence_lines(report: dict) -> list[Text]:
 
 def selinux_line(sel: dict) -> Text:
     runtime = sel["runtime"]
+    if not sel.get("present") and sel.get("config_present") is False:
+        return Text.assemble("SELinux: ", ("not installed", YELLOW), " (no /etc/selinux/config)")
     return Text.assemble("SELinux: runtime ", (runtime, GREEN if runtime == "enforcing" else YELLOW),
                          f", configured {sel['configured'] or 'no config'}"
                          + (f", policy {sel['policy']}" if sel.get("policy") else "")

@@ -207,7 +207,9 @@ def selinux_section(store: Store) -> tuple[dict, list[str]]:
 
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)
-    warnings = [] if state.runtime == "enforcing" else [f"SELinux is not enforcing: {state.describe()}"]
+    # Not installed at all: the details line says so; advice belongs to apply's refusal.
+    warnings = [] if state.runtime == "enforcing" or not state.installed else \
+        [f"SELinux is not enforcing: {state.describe()}"]
     return state.as_dict(), warnings
 
 

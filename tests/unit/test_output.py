@@ -124,3 +124,15 @@ def test_state_words_are_coloured_on_a_terminal_only(monkeypatch):
     buf = io.StringIO()
     Console(file=buf, width=80, markup=False).print(output.state_text("MISSING"))
     assert buf.getvalue() == "MISSING\n"
+
+
+def test_selinux_warning_once_after_the_work_never_before_an_input_error(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from hostprep import cli
+    root = tmp_path / "root"
+    root.mkdir(mode=0o755)
+    monkeypatch.setenv("HOSTPREP_ROOT", str(root))
+    monkeypatch.setenv("HOSTPREP_SELINUXFS", str(tmp_path / "no-selinuxfs"))
+    res = CliRunner().invoke(cli.app, ["apply", "--dry-run", "-i", "nosuchnic0", "-y", "--ignore-selinux"])
+    assert (res.exit_code, res.output.count("SELinux"), res.output.startswith("error: -i/--interface: ")) == \
+        (2, 0, True), res.output
