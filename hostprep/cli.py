@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -31,6 +32,21 @@ from hostprep.paths import Paths, open_nofollow, trusted_dir, untrusted_reason
 from hostprep.runner import PACKAGE_PARENT, DryRunner, Runner, python_module
 from hostprep.sandbox import EXT, SANDBOX_MARKER, Sandbox
 from hostprep.state import Store
+
+class PlainCommand(typer.core.TyperCommand):
+    """Help that reads like a man page: arguments as NAME (not {name} or 'name <str>')."""
+
+    def collect_usage_pieces(self, ctx):
+        return [self.options_metavar] + [p.metavar or p.name.upper() for p in self.get_params(ctx)
+                                         if isinstance(p, typer.core.TyperArgument) and not p.hidden]
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if isinstance(p, typer.core.TyperArgument):
+                p.display_type_rich = lambda ctx: ""
+        return params
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Harden the host of an internet-facing reverse proxy "
@@ -98,8 +114,17 @@ def main_cb(version: bool = typer.Option(False, "--version", callback=version_cb
     pass
 
 
-BackendOpt = typer.Option(None, "--backend", help="Firewall variant: nft or legacy "
-                          "(default: what 'iptables -V' says; env HOSTPREP_BACKEND).")
+def backend_cb(value: Optional[str]) -> Optional[str]:
+    """--backend is checked before anything is shown or asked."""
+    from hostprep.backend import VARIANTS
+    if value is not None and value not in VARIANTS:
+        fail(InputError("--backend", f"{value!r} is not a backend", "use nft or legacy").line(), 2)
+    return value
+
+
+BackendOpt = typer.Option(None, "--backend", metavar="nft|legacy", callback=backend_cb,
+                          help="Firewall variant: nft or legacy (default: what 'iptables -V' says; env "
+                               "HOSTPREP_BACKEND).")
 
 
 def need_root(what: str) -> None:
@@ -130,7 +155,8 @@ def confirm(prompt: str, yes: bool) -> None:
                            "pass -y to confirm the external NIC non-interactively")
     answer = typer.prompt(f"{prompt} [y/N]", default="N", show_default=False)
     if answer.strip().lower() not in ("y", "yes"):
-        raise RefusedError("confirmation", "not confirmed; nothing was changed")
+        err.print("not confirmed: nothing changed")
+        raise typer.Exit(1)
 
 
 def print_plan(plan: applymod.ApplyPlan) -> None:
@@ -301,9 +327,10 @@ def say_pending(ch) -> None:
         "'hostprep rollback' restores it now")
 
 
-@app.command("apply")
+@app.command("apply", cls=PlainCommand)
 @handle_errors
 def apply_cmd(
+    extra: Optional[list[str]] = typer.Argument(None, hidden=True),
     interface: Optional[str] = typer.Option(None, "-i", "--interface", metavar="NIC",
                                             help="The external (internet-facing) NIC. Without -i and -k, "
                                                  "the settings of the last successful apply are re-applied."),
@@ -325,7 +352,7 @@ def apply_cmd(
                                "in through the external NIC (or would be cut by rp_filter)."),
     ignore_selinux: bool = typer.Option(False, "--ignore-selinux", help="Apply although SELinux is not "
                                         "enforcing."),
-    core: Optional[Path] = typer.Option(None, "--core", help="core.env: NGX_IGNORE_SELINUX=true there "
+    core: Optional[Path] = typer.Option(None, "--core", metavar="FILE", help="core.env: NGX_IGNORE_SELINUX=true there "
                                         "has the effect of --ignore-selinux."),
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
@@ -338,6 +365,11 @@ def apply_cmd(
     then both IP families, the sets, the nft table and the kernel keys, or none.
     After a successful firewall apply the boot units are installed and enabled.
     """
+    if extra:
+        from hostprep.validate import _IFNAME
+        raise InputError("apply", f"unexpected argument {extra[0]!r}",
+                         f"the external NIC is given with -i: hostprep apply -i {extra[0]}"
+                         if _IFNAME.fullmatch(extra[0]) else "see 'hostprep apply --help'")
     if disable and (interface is not None or skip_ddos or allow_private):
         raise InputError("-d/--disable", "Invalid option: option -d cannot be used with -i, -e or -a "
                          "arguments", "run 'hostprep apply -d' alone, or 'hostprep flush'")
@@ -737,14 +769,14 @@ def container_log_text(name: str, c, added: list[str], removed: list[str], event
     return "\n".join(lines) + "\n"
 
 
-@container_app.command("up")
+@container_app.command("up", cls=PlainCommand)
 @handle_errors
 def container_up_cmd(
-    name: str = typer.Argument(..., help="Container name (e.g. finesse); a safe identifier."),
-    env: Path = typer.Option(..., "--env", help="The component .env file (finesse.env, ids.env, ...)."),
-    core: Optional[Path] = typer.Option(None, "--core", help="core.env (hardening switch, load balancers, "
+    name: str = typer.Argument(..., metavar="NAME", help="Container name (e.g. finesse); a safe identifier."),
+    env: Path = typer.Option(..., "--env", metavar="FILE", help="The component .env file (finesse.env, ids.env, ...)."),
+    core: Optional[Path] = typer.Option(None, "--core", metavar="FILE", help="core.env (hardening switch, load balancers, "
                                         "rate-limit-disable IPs, traffic restriction)."),
-    installer: Optional[Path] = typer.Option(None, "--installer", help="installer.env (PROXY_BINDING_IP)."),
+    installer: Optional[Path] = typer.Option(None, "--installer", metavar="FILE", help="installer.env (PROXY_BINDING_IP)."),
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
@@ -774,16 +806,17 @@ def container_up_cmd(
     store.write_container_log(name, container_log_text(name, c, added, removed, "up", kept), append=False)
     for w in outcome.warnings:
         say(err, "yellow", "warning:", f"{w}")
-    what = "rules unchanged" if not outcome.changed else f"{len(added)} rules added, {len(removed)} removed"
+    what = "rules unchanged" if not outcome.changed else \
+        f"{output.plural(len(added), 'rule')} added, {len(removed)} removed"
     out.print(f"container {name}: {what}; ports {','.join(map(str, c.ports))} on {c.dest} "
               f"({'open with limits' if c.hardening else 'closed'}); log {store.container_log(name)}")
     say_pending(ch)
 
 
-@container_app.command("down")
+@container_app.command("down", cls=PlainCommand)
 @handle_errors
 def container_down_cmd(
-    name: str = typer.Argument(..., help="Container name given to 'container up'."),
+    name: str = typer.Argument(..., metavar="NAME", help="Container name given to 'container up'."),
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
@@ -801,7 +834,7 @@ def container_down_cmd(
     for note in ch.recovered:
         say(err, "yellow", "recovered:", f"{note}")
     store.write_container_log(name, container_log_text(name, None, [], removed, "down"), append=True)
-    out.print(f"container {name}: {len(removed)} rules removed; log {store.container_log(name)}")
+    out.print(f"container {name}: {output.plural(len(removed), 'rule')} removed; log {store.container_log(name)}")
     say_pending(ch)
 
 
@@ -835,6 +868,14 @@ def _selinux_run(action: str, working_dir: Path, dry_run: bool) -> None:
     store = Store(Paths.from_env())
     fs, cfg = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, cfg)
+    if dry_run and action == "install" and (not state.present or state.runtime == "disabled"):
+        # Nothing to query here; show what an SELinux host would run.
+        out.print(f"SELinux is not enabled on this host ({state.describe()}): 'selinux install' would "
+                  "refuse here; on an SELinux host it runs:")
+        for argv in selinux.preview_install(working_dir):
+            out.print("would run: " + " ".join(argv))
+        out.print("dry run: nothing was changed")
+        return
     runner: Runner = DryRunner(inner=Runner(timeout=300)) if dry_run else Runner(timeout=300)
     fn = selinux.install if action == "install" else selinux.remove
     for line in fn(runner, working_dir, state):
@@ -850,7 +891,7 @@ def _selinux_run(action: str, working_dir: Path, dry_run: bool) -> None:
 @selinux_app.command("install")
 @handle_errors
 def selinux_install_cmd(
-    working_dir: Path = typer.Option(..., "--working-dir", help="The container's HOST_WORKING_DIR "
+    working_dir: Path = typer.Option(..., "--working-dir", metavar="DIR", help="The container's HOST_WORKING_DIR "
                                      "(default of the installer: ~/reverse_proxy/<container>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compile and show the commands; change nothing."),
 ) -> None:
@@ -861,7 +902,7 @@ def selinux_install_cmd(
 @selinux_app.command("remove")
 @handle_errors
 def selinux_remove_cmd(
-    working_dir: Path = typer.Option(..., "--working-dir", help="The directory given to 'selinux install'."),
+    working_dir: Path = typer.Option(..., "--working-dir", metavar="DIR", help="The directory given to 'selinux install'."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the commands; change nothing."),
 ) -> None:
     """Undo 'selinux install': drop the file-context mappings, relabel, remove the module when unused."""
@@ -871,8 +912,8 @@ def selinux_remove_cmd(
 @sandbox_app.command("up")
 @handle_errors
 def sandbox_up(
-    name: str = typer.Option("hostprep-sandbox", "--name", help="Namespace name (and prefix of the peers)."),
-    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root",
+    name: str = typer.Option("hostprep-sandbox", "--name", metavar="NAME", help="Namespace name (and prefix of the peers)."),
+    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root", metavar="DIR",
                               help="HOSTPREP_ROOT for the sandbox's state, journal and settings."),
     backend: Optional[str] = BackendOpt,
 ) -> None:
@@ -939,8 +980,8 @@ def sandbox_root(root: Path) -> bool:
 @sandbox_app.command("down")
 @handle_errors
 def sandbox_down(
-    name: str = typer.Option("hostprep-sandbox", "--name", help="Namespace name given to 'sandbox up'."),
-    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root", help="The sandbox's HOSTPREP_ROOT."),
+    name: str = typer.Option("hostprep-sandbox", "--name", metavar="NAME", help="Namespace name given to 'sandbox up'."),
+    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root", metavar="DIR", help="The sandbox's HOSTPREP_ROOT."),
 ) -> None:
     """Delete the sandbox's namespaces (by name) and its state root."""
     need_root("sandbox down")

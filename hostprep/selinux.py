@@ -359,12 +359,24 @@ def fcontext_spec(working_dir: Path, sub: str) -> str:
     return str(working_dir).replace(".", r"\.") + f"/{sub}(/.*)?"
 
 
+def preview_install(working_dir: Path, devel_makefile: Path = DEVEL_MAKEFILE) -> list[list[str]]:
+    """The commands ``install`` runs on an SELinux host, for a dry run where SELinux is not
+    enabled (nothing can be queried, so every file context is shown as added)."""
+    wd = validate_working_dir(working_dir, must_exist=True)
+    pp = f"<build dir>/{MODULE_NAME}.pp"
+    return ([["make", "-C", "<build dir>", "-f", str(devel_makefile), f"{MODULE_NAME}.pp"],
+             ["semodule", "-i", pp]]
+            + [["semanage", "fcontext", "-a", "-t", type_, fcontext_spec(wd, sub)] for sub, type_ in CONTEXTS]
+            + [["restorecon", "-R", "-F", "-v", str(wd)]])
+
+
 def _require_selinux(state: SelinuxState, action: str) -> None:
     if not state.present or state.runtime == "disabled":
         why = "no selinuxfs" if not state.present else "disabled"
         raise RefusedError("SELinux", f"not enabled on this host ({why}): nothing to {action}",
-                           f"enable SELinux first (SELINUX=enforcing in {CONFIG_SHOWN}, "
-                           "`touch /.autorelabel`, reboot), then run this again")
+                           (f"install SELinux first ({install_hint()})" if not state.installed else
+                            f"enable SELinux first (SELINUX=enforcing in {CONFIG_SHOWN}, `touch /.autorelabel`, "
+                            "reboot)") + ", then run this again")
 
 
 def _require_tools(runner: Runner, binaries: tuple[str, ...], makefile: Path | None = None) -> None:
