@@ -33,6 +33,15 @@ from hostprep.runner import PACKAGE_PARENT, DryRunner, Runner, python_module
 from hostprep.sandbox import EXT, SANDBOX_MARKER, Sandbox
 from hostprep.state import Store
 
+# The end of --help: two or three examples (\\b keeps click from re-wrapping them).
+EXAMPLES = {
+    "apply": "Examples:\n\n\b\n  hostprep apply -i eth1                     show eth1, ask y/N, apply\n  hostprep apply -i eth1 -y -p 203.0.113.7   ping allowed from one host\n  hostprep apply --dry-run -i eth1           plan and rules, no change",
+    "status": "Examples:\n\n\b\n  hostprep status             am I protected? what is open to whom\n  hostprep status -v          with every kernel key\n  hostprep status --json      one JSON document (schema in the README)",
+    "container up": "Examples:\n\n\b\n  hostprep container up finesse --env finesse.env --core core.env\n  hostprep container up ids --env ids.env --installer installer.env\n  hostprep container list",
+    "selftest": "Examples:\n\n\b\n  hostprep selftest                      remembered settings, containers\n  hostprep selftest -i eth1 -p 203.0.113.7\n  hostprep selftest --env finesse.env --core core.env --json",
+}
+
+
 class PlainCommand(typer.core.TyperCommand):
     """Help that reads like a man page: arguments as NAME (not {name} or 'name <str>')."""
 
@@ -327,7 +336,7 @@ def say_pending(ch) -> None:
         "'hostprep rollback' restores it now")
 
 
-@app.command("apply", cls=PlainCommand)
+@app.command("apply", cls=PlainCommand, epilog=EXAMPLES["apply"])
 @handle_errors
 def apply_cmd(
     extra: Optional[list[str]] = typer.Argument(None, hidden=True),
@@ -627,7 +636,7 @@ def print_status(report: dict, verbose: bool = False) -> None:
     output.print_status(out, err, report, verbose=verbose)
 
 
-@app.command("status")
+@app.command("status", epilog=EXAMPLES["status"])
 @handle_errors
 def status_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (schema in README)."),
@@ -769,7 +778,7 @@ def container_log_text(name: str, c, added: list[str], removed: list[str], event
     return "\n".join(lines) + "\n"
 
 
-@container_app.command("up", cls=PlainCommand)
+@container_app.command("up", cls=PlainCommand, epilog=EXAMPLES["container up"])
 @handle_errors
 def container_up_cmd(
     name: str = typer.Argument(..., metavar="NAME", help="Container name (e.g. finesse); a safe identifier."),
@@ -943,10 +952,18 @@ def sandbox_up(
         if args[0] == "apply" and res.returncode != 0:
             fail("apply failed inside the sandbox (see above); remove it with: "
                  f"hostprep sandbox down --name {name}", res.returncode)
-    out.print(f"\nTry it: ip netns exec {box.inet} ping -c1 -W1 {'198.51.100.10'}   (dropped)\n"
-              f"        ip netns exec {box.admin} ping -c1 -W1 192.0.2.10      (answered, internal NIC)\n"
-              f"        ip netns exec {box.host} env HOSTPREP_ROOT={root} {sys.executable} -P -m hostprep status\n"
+    out.print(try_it(box.inet, box.admin)
+              + f"        ip netns exec {box.host} env HOSTPREP_ROOT={root} {sys.executable} -P -m hostprep status\n"
               f"Remove it: hostprep sandbox down --name {name}")
+
+
+def try_it(inet: str, admin: str) -> str:
+    """The first lines of the hint 'sandbox up' prints: TCP connects with bash's /dev/tcp
+    (ping may not be installed)."""
+    return (f"\nTry it: ip netns exec {inet} timeout 3 bash -c 'echo > /dev/tcp/198.51.100.10/22'\n"
+            "          (external NIC: SSH dropped, no answer; exit 124 after 3 s)\n"
+            f"        ip netns exec {admin} bash -c 'echo > /dev/tcp/192.0.2.10/22'\n"
+            "          (internal NIC: answered, 'Connection refused' as nothing listens)\n")
 
 
 def sandbox_root(root: Path) -> bool:
@@ -1025,7 +1042,7 @@ def print_selftest(report: dict) -> None:
                   f"({report['seconds']} s)")
 
 
-@app.command("selftest")
+@app.command("selftest", epilog=EXAMPLES["selftest"])
 @handle_errors
 def selftest_cmd(
     interface: Optional[str] = typer.Option(None, "-i", "--interface", metavar="NIC",

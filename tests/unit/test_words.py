@@ -91,3 +91,21 @@ def test_selinux_install_dry_run_previews_where_selinux_is_absent(tmp_path):
                         ["semodule", "-i", "<build dir>/hostprep_proxy.pp"]]
     assert cmds[2] == ["semanage", "fcontext", "-a", "-t", "hostprep_proxy_log_t", f"{wd}/logs(/.*)?"]
     assert cmds[-1] == ["restorecon", "-R", "-F", "-v", str(wd)]
+
+
+@pytest.mark.parametrize("cmd", [["apply"], ["status"], ["container", "up"], ["selftest"]])
+def test_help_ends_with_examples_within_80_columns(cmd, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, text = run(*cmd, "--help")
+    lines = text.rstrip("\n").splitlines()
+    examples = lines[lines.index("  Examples:") + 2:]
+    assert (code, len(examples) in (2, 3), all(ln.startswith(f"    hostprep {cmd[0]}") or
+                                               ln.startswith("    hostprep container") for ln in examples),
+            max(len(ln) for ln in lines) <= 80) == (0, True, True, True), text
+
+
+def test_sandbox_hint_needs_no_ping():
+    text = cli.try_it("hps-inet", "hps-admin")
+    assert ("ping" in text, text.splitlines()[1:4:2]) == (False, [
+        "Try it: ip netns exec hps-inet timeout 3 bash -c 'echo > /dev/tcp/198.51.100.10/22'",
+        "        ip netns exec hps-admin bash -c 'echo > /dev/tcp/192.0.2.10/22'"])
