@@ -1042,6 +1042,44 @@ def print_selftest(report: dict) -> None:
                   f"({report['seconds']} s)")
 
 
+def run_with_progress(work):
+    """Run ``work(progress)`` under a live progress line (a terminal only): one step per
+    probe group, as the engine reports them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=out, transient=True) as bar:
+        task = bar.add_task("selftest: starting", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"selftest: {what}")
+            bar.refresh()       # every step is drawn, even one shorter than the refresh period
+        return work(progress)
+
+
+def print_selftest_compact(report: dict) -> None:
+    """On a terminal: one line per probe group (passed/failed), the failures in full."""
+    from hostprep import selftest
+    s = report["settings"]
+    out.print(f"selftest: sandbox {report['sandbox']['name']} (backend {report['backend']}); settings from "
+              f"{s['source']}: -i {report['sandbox']['external_nic']}" + (" -e" if s["skip_ddos"] else "")
+              + (" -a" if s["allow_private"] else "") + "".join(f" -p {p}" for p in s["ping_from_in_sandbox"])
+              + (f"; {output.plural(len(report['containers']), 'container')}" if report["containers"] else ""))
+    for group, passed, failed in selftest.group_results(report):
+        out.print(Text.assemble(f"  {group}: ", (f"{passed} passed", "green"),
+                                *((", ", (f"{failed} FAILED", "bold red")) if failed else ())))
+    if report["mismatches"]:
+        out.print(selftest.report_table(report, only_failed=True))
+    if report["sandbox"]["kept"]:
+        out.print(f"kept (--keep): remove with: hostprep sandbox down --name {report['sandbox']['name']} "
+                  f"--root {report['sandbox']['root']}")
+    n = len(report["probes"])
+    if report["ok"]:
+        out.print(f"selftest: all {n} probes as expected ({report['seconds']} s); --json or a pipe shows each probe")
+    else:
+        say(err, "bold red", "selftest:", f"{report['mismatches']} of {n} probes not as expected "
+                  f"({report['seconds']} s)")
+
+
 @app.command("selftest", epilog=EXAMPLES["selftest"])
 @handle_errors
 def selftest_cmd(
@@ -1071,9 +1109,15 @@ def selftest_cmd(
     need_root("selftest")
     options = selftest.resolve_options(interface, skip_ddos, allow_private, ping_from, env, core, backend, keep,
                                        Store(Paths.from_env()))
-    report = selftest.run_selftest(options)
+    terminal = not as_json and out.is_terminal
+    if terminal:
+        report = run_with_progress(lambda progress: selftest.run_selftest(options, progress=progress))
+    else:
+        report = selftest.run_selftest(options)
     if as_json:
         print(json.dumps(report, indent=2))
+    elif terminal:
+        print_selftest_compact(report)
     else:
         print_selftest(report)
     raise typer.Exit(0 if report["ok"] else 1)

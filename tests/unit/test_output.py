@@ -136,3 +136,12 @@ def test_selinux_warning_once_after_the_work_never_before_an_input_error(tmp_pat
     res = CliRunner().invoke(cli.app, ["apply", "--dry-run", "-i", "nosuchnic0", "-y", "--ignore-selinux"])
     assert (res.exit_code, res.output.count("SELinux"), res.output.startswith("error: -i/--interface: ")) == \
         (2, 0, True), res.output
+
+
+def test_selftest_groups_passed_and_failed_in_the_order_they_ran():
+    from hostprep import selftest
+    probes = [{"phase": "limits", "from": "inet", "ok": True}, {"phase": "base", "from": "admin", "ok": False},
+              {"phase": "base", "from": "inet", "ok": True}, {"phase": "base", "from": "inet", "ok": True}]
+    assert selftest.group_results({"probes": probes}) == [
+        ("base probes from the internet peer", 2, 0), ("base probes from the admin peer", 0, 1),
+        ("limits probes from the internet peer", 1, 0)]
