@@ -144,6 +144,8 @@ def need_root(what: str) -> None:
 
 def show_nic(info: nicmod.NicInfo) -> None:
     t = Table(title=f"External NIC {info.name}", show_header=False)
+    t.add_column(overflow="fold")
+    t.add_column(overflow="fold")           # a long address is folded, never cut with an ellipsis
     t.add_row("state", ("UP" if info.up else "DOWN") + f" (operstate {info.operstate})")
     t.add_row("IPv4", ", ".join(info.ipv4) or "-")
     t.add_row("IPv6", ", ".join(info.ipv6) or "-")

@@ -3,6 +3,8 @@ of a change as actions, what the next boot loads; pure functions, no root."""
 
 from __future__ import annotations
 
+import io
+
 from rich.console import Console
 
 from hostprep import apply as applymod
@@ -145,3 +147,34 @@ def test_selftest_groups_passed_and_failed_in_the_order_they_ran():
     assert selftest.group_results({"probes": probes}) == [
         ("base probes from the internet peer", 2, 0), ("base probes from the admin peer", 0, 1),
         ("limits probes from the internet peer", 1, 0)]
+
+
+KEYS = [{"key": "net.ipv4.tcp_syncookies", "desired": "1", "live": "1", "source": "x", "state": "ok", "detail": ""},
+        {"key": "kernel.sysrq", "desired": "0", "live": "16", "source": None, "state": "machine-wide", "detail": "m"}]
+
+
+def test_kernel_keys_in_one_line_unless_verbose_or_drifting():
+    def text(keys, verbose):
+        buf = io.StringIO()
+        console = Console(file=buf, width=80, markup=False)
+        report = {"verdict": {"state": "protected", "problems": 0, "firewall_problems": 0}, "backend": "nft",
+                  "nic": None, "last_apply": None, "problems": [], "warnings": [], "families": {},
+                  "kernel": {"applied": True, "keys": keys}}
+        output.print_status(console, console, report, verbose=verbose)
+        return buf.getvalue()
+    assert "kernel profile: 1 of 2 keys live (1 machine-wide); -v lists them\n" in text(KEYS, False)
+    assert ("kernel.sysrq" in text(KEYS, False), "kernel.sysrq" in text(KEYS, True)) == (False, True)
+    drift = KEYS + [dict(KEYS[0], key="net.ipv4.tcp_rfc1337", live="0", state="drift", detail="live value 0")]
+    assert "net.ipv4.tcp_rfc1337" in text(drift, False)
+
+
+def test_a_long_address_is_folded_not_cut_at_80_columns(monkeypatch):
+    from hostprep import cli, nic
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=buf, width=40, markup=False))
+    monkeypatch.setattr(cli, "err", Console(file=io.StringIO(), width=40, markup=False))
+    long6 = "2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff/64"
+    cli.show_nic(nic.NicInfo("eth1", True, "up", "02:00:00:00:00:01", 1500, 1000, ("198.51.100.10/24",),
+                             (long6,), False))
+    assert ("…" in buf.getvalue(), "".join(ln.strip("│ ") for ln in buf.getvalue().splitlines()
+                                           if "2001" in ln or "ffff" in ln or "eeee" in ln).count("ffff/64")) == (False, 1)
