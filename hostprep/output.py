@@ -58,10 +58,10 @@ def verdict_line(report: dict) -> Text:
     parts.append(f"backend {report['backend']}")
     if last:
         parts.append(plural(len(report.get("containers") or []), "container"))
-        parts.append(f"last applied {short_time(last.get('time'))}")
+        parts.append(f"applied {short_time(last.get('time'))}")
     line = Text.assemble((word, VERDICT_STYLE[word]), ": ", ", ".join(parts))
     if report["problems"]:
-        line.append(f" ({plural(len(report['problems']), 'problem')} below)")
+        line.append(f"\n  {plural(len(report['problems']), 'problem')} below")
     return line
 
 
@@ -79,14 +79,16 @@ def open_lines(report: dict) -> list[Text]:
                       if not a.startswith("fe80:"))
     live = report.get("verdict", {}).get("firewall_problems", 0) == 0
     lines = [Text(f"open on {name}" + (f" ({addrs})" if addrs else "")
-                  + (":" if live else ", as recorded (NOT all of it is live, see below):"))]
+                  + (":" if live else " as recorded, NOT all live:"))]
     containers = report.get("containers") or []
     for c in containers:
         if not c["hardening"]:
             lines.append(Text.assemble(f"  {c['name']}: tcp {','.join(map(str, c['ports']))} to {c['dest']} ",
                                        ("CLOSED", RED), " (NGX_IPTABLES_HARDENING=0)"))
         else:
-            lines.append(Text(f"  {c['name']}: {container_opening(c)}"))
+            where, _, limits = container_opening(c).partition("; ")
+            lines.append(Text(f"  {c['name']}: {where}"))
+            lines.append(Text(f"    {limits}"))
     if not containers:
         lines.append(Text("  no container port ('hostprep container up' opens one)"))
     ping = s.get("ping_from") or []
@@ -125,20 +127,20 @@ def groups_table(report: dict) -> Table:
     return t
 
 
+def container_state(r: dict) -> list[Text]:
+    """One container: its state, then its counters (packets)."""
+    if r["hardening"]:
+        state = state_text("live" if r["present"] else "MISSING")
+    else:
+        state = Text("hardening off (ports closed)", YELLOW)
+    return [Text.assemble(f"container {r['name']} ({r['template']}): ", state),
+            Text(f"  packets: {r['accepted_within_rate']} accepted, dropped {r['dropped_connlimit']} (conn "
+                 f"limit), {r['dropped_rate']} (rate)"
+                 + (f", {r['dropped_restricted']} (not an LB)" if r["restricted"] else ""))]
+
+
 def container_lines(rows: list[dict]) -> list[Text]:
-    """One line per container: state and its counters (packets)."""
-    out = []
-    for r in rows:
-        if r["hardening"]:
-            state = state_text("live" if r["present"] else "MISSING")
-        else:
-            state = Text("hardening off (ports closed)", YELLOW)
-        out.append(Text.assemble(f"container {r['name']} ({r['template']}): ", state,
-                                 f"; accepted {r['accepted_within_rate']}, dropped {r['dropped_connlimit']} "
-                                 f"over the connection limit, {r['dropped_rate']} over the rate"
-                                 + (f", {r['dropped_restricted']} not from a load balancer"
-                                    if r["restricted"] else "")))
-    return out
+    return [line for r in rows for line in container_state(r)]
 
 
 def container_opening(c: dict) -> str:
@@ -157,11 +159,15 @@ def container_opening(c: dict) -> str:
 
 
 def containers_listing(rows: list[dict]) -> list[Text]:
-    """``container list``: each container's opening and counters, in lines (no table to cut at 80 columns)."""
+    """``container list``: each container's state, counters, opening and limits, in lines
+    (no table to cut at 80 columns)."""
     out: list[Text] = []
-    for line, r in zip(container_lines(rows), rows):
-        out.append(line)
-        out.append(Text(f"  {container_opening(r)}"))
+    for r in rows:
+        out += container_state(r)
+        where, _, limits = container_opening(r).partition("; ")
+        out.append(Text(f"  {where}"))
+        if limits:
+            out.append(Text(f"  {limits}"))
     return out
 
 
@@ -212,9 +218,11 @@ def persistence_lines(report: dict) -> list[Text]:
     return [Text.assemble("boot persistence: hostprep.service ",
                          ("enabled" if pers["enabled"] else ("NOT enabled", RED)), ", ",
                          ("up to date" if pers["up_to_date"] else ("OUT OF DATE", RED)),
-                         (f", {pers['nic_unit']}" if pers.get("nic_unit") else "")
-                         + (f", iptables-services drop-ins ({', '.join(pers['iptables_dropins'])})"
-                            if pers["iptables_dropins"] else "")),
+                         ),
+            *([Text("  " + ", ".join(([pers["nic_unit"]] if pers.get("nic_unit") else [])
+                                     + ([f"iptables-services drop-ins ({', '.join(pers['iptables_dropins'])})"]
+                                        if pers["iptables_dropins"] else [])))]
+              if pers.get("nic_unit") or pers["iptables_dropins"] else []),
             Text(f"  the next boot loads {nxt}")]
 
 

@@ -52,7 +52,9 @@ def test_status_with_containers(transcript, tmp_path, check_golden):
                    "--installer", str(installer))
     transcript.run("container", "up", "ids", "--env", str(ids), "--core", str(core2),
                    "--installer", str(installer))
-    transcript.run("status")
-    transcript.run("container", "list")
+    status = transcript.run("status")
+    listed = transcript.run("container", "list")
+    # at 80 columns nothing of status or container list is wider (the terminal would wrap it)
+    assert [ln for ln in status.stdout.splitlines() + listed.stdout.splitlines() if len(ln) > 80] == []
     transcript.run("container", "down", "ids")
     check_golden("status_with_containers", transcript.text())

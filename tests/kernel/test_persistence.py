@@ -545,8 +545,10 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
             path.write_text(content)
     before = tree(etc)
     st = host.hostprep("status", check=False)
-    assert st.stdout.count("boot persistence: hostprep.service enabled, up to date, hostprep-nic@eth1.service, "
-                           "iptables-services drop-ins (iptables, ip6tables)") == 1, st.stdout
+    # two lines at 80 columns (issue 15, item 3)
+    assert st.stdout.count("boot persistence: hostprep.service enabled, up to date\n"
+                           "  hostprep-nic@eth1.service, iptables-services drop-ins (iptables, ip6tables)\n") == 1, \
+        st.stdout
     res = host.hostprep("flush", "--persistent")
     assert res.stdout.splitlines()[-1] == "boot persistence removed: 6 files"
     assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE}
