@@ -246,8 +246,7 @@ def transaction_lines(tx: dict) -> list[Text]:
                                  f"{p['mechanism']}" + ("" if p["timer_alive"] else " (NOT RUNNING)"
                                                         if p["timer_alive"] is False else "")))
     if tx.get("rollback_available") and not tx.get("pending"):
-        out.append(Text(f"rollback: 'hostprep rollback' restores the state before change "
-                        f"{tx['rollback_available']}"))
+        out.append(Text(f"rollback: change {tx['rollback_available']} ('hostprep rollback' undoes it)"))
     return out
 
 
@@ -267,8 +266,10 @@ def print_status(out: Console, err: Console, report: dict, *, verbose: bool = Fa
     # 3. details
     out.print()
     if nic and "error" not in nic:
+        shown = [a for a in nic["ipv4"] + nic["ipv6"] if not a.startswith("fe80:")]
         out.print(Text.assemble(f"external NIC: {nic['name']} ", state_text("UP") if nic["up"] else
-                                Text("DOWN", RED), " ", ", ".join(nic["ipv4"] + nic["ipv6"])))
+                                Text("DOWN", RED), " ", ", ".join(shown)
+                                + (" (and link-local)" if len(shown) < len(nic["ipv4"] + nic["ipv6"]) else "")))
     last = report.get("last_apply")
     if last:
         s = last["settings"]
