@@ -66,11 +66,115 @@ class ApplyPlan:
         return all(p.empty for p in self.families.values()) and self.nft.action == "none" and self.sets.empty
 
     def notes(self) -> list[str]:
+        """The differences this plan removes (what --dry-run's "plan:" and status list)."""
         out = self.sets.notes()
         out += [f"IPv{fam}: {n}" for fam, p in self.families.items() for n in p.notes]
         if self.nft.action != "none":
             out.append(f"nft netdev hostprep: {self.nft.action} ({self.nft.reason})")
         return out
+
+    def actions(self) -> list[str]:
+        """What carrying out this plan does, one item each, as done ("added chain HOSTPREP-IN
+        (3 rules)", "removed 43 rules in 11 chains"): the words of apply, flush and the journal."""
+        out: list[str] = []
+        for fam, p in self.families.items():
+            out += [f"IPv{fam}: {a}" for a in _family_actions(p, self.desired.ruleset(fam) if self.desired else None,
+                                                            self.snapshot.observed.get(fam))]
+        out += [f"created ipset {s.name} ({_n(len(s.members), 'member')})" for s in self.sets.create]
+        out += [f"replaced the members of ipset {s.name} ({_n(len(s.members), 'member')})"
+                for s in self.sets.replace]
+        out += [f"destroyed ipset {n}" for n in self.sets.destroy]
+        if self.nft.action == "load":
+            dev = self.desired.nft.device if self.desired and self.desired.nft else "?"
+            out.append(f"loaded the nft ingress table on {dev}" + ("" if self.nft.reason == "table missing"
+                                                                   else f" ({self.nft.reason})"))
+        elif self.nft.action == "delete":
+            dev = self.snapshot.nft.device if self.snapshot.nft else "?"
+            out.append(f"removed the nft ingress table on {dev}")
+        return out
+
+    def summary(self) -> str:
+        """All of ``actions()`` in one line: "removed 90 rules in 22 chains, 6 jumps, 2 ipsets, ..."."""
+        added = removed = chains_added = chains_removed = 0
+        for fam, p in self.families.items():
+            want = self.desired.ruleset(fam) if self.desired else None
+            live = self.snapshot.observed.get(fam)
+            for c in p.reload_chains:
+                added += len(want.chain(c).rules) if want and want.chain(c) else 0
+                if live is not None and c in live.our_chains:
+                    removed += len(live.chain_specs(c))
+                else:
+                    chains_added += 1
+            for c in p.delete_chains:
+                removed += len(live.chain_specs(c)) if live is not None else 0
+                chains_removed += 1
+        jumps_added = sum(len(p.insert_jumps) for p in self.families.values())
+        jumps_removed = sum(len(p.delete_jumps) for p in self.families.values())
+        plus, minus = [], []
+        if added or chains_added:
+            plus.append(_n(added, "rule") + (f" in {_n(chains_added, 'new chain')}" if chains_added else ""))
+        if removed or chains_removed:
+            minus.append(_n(removed, "rule") + (f" in {_n(chains_removed, 'chain')}" if chains_removed else ""))
+        if jumps_added:
+            plus.append(_n(jumps_added, "jump"))
+        if jumps_removed:
+            minus.append(_n(jumps_removed, "jump"))
+        if self.sets.create:
+            plus.append(_n(len(self.sets.create), "ipset"))
+        if self.sets.destroy:
+            minus.append(_n(len(self.sets.destroy), "ipset"))
+        if self.nft.action == "load":
+            plus.append("the nft ingress table")
+        elif self.nft.action == "delete":
+            minus.append("the nft ingress table")
+        parts = ([f"added {_and(plus)}"] if plus else []) + ([f"removed {_and(minus)}"] if minus else []) \
+            + ([f"replaced the members of {_n(len(self.sets.replace), 'ipset')}"] if self.sets.replace else [])
+        return "; ".join(parts) or "nothing changed"
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word if count == 1 else word + 's'}"
+
+
+# More chains than this added (or replaced) at once are reported in one line.
+_LIST_CHAINS = 3
+
+
+def _family_actions(p: FamilyPlan, want, live: Observed | None) -> list[str]:
+    """One family's part of ApplyPlan.actions()."""
+    out: list[str] = []
+    ours = set(live.our_chains) if live is not None else set()
+
+    def rules(name: str) -> int:
+        chain = want.chain(name) if want is not None else None
+        return len(chain.rules) if chain is not None else 0
+
+    for verb, names in (("added", [c for c in p.reload_chains if c not in ours]),
+                        ("replaced", [c for c in p.reload_chains if c in ours])):
+        if len(names) > _LIST_CHAINS:
+            out.append(f"{verb} {_n(len(names), 'chain')} ({_n(sum(rules(c) for c in names), 'rule')})")
+        else:
+            out += [f"{verb} chain {c} ({_n(rules(c), 'rule')})" for c in names]
+    if p.delete_chains:
+        gone = sum(len(live.chain_specs(c)) for c in p.delete_chains) if live is not None else 0
+        if len(p.delete_chains) == 1:
+            out.append(f"removed chain {p.delete_chains[0]} ({_n(gone, 'rule')})")
+        else:
+            out.append(f"removed {_n(gone, 'rule')} in {_n(len(p.delete_chains), 'chain')}")
+    inserted = list(dict.fromkeys(j.chain for j in p.insert_jumps))
+    deleted = list(dict.fromkeys(r.chain for r in p.delete_jumps))
+    again = [c for c in inserted if c in deleted]
+    if again:
+        out.append(f"put the jumps from {', '.join(again)} first again")
+    if [c for c in inserted if c not in again]:
+        out.append(f"added the jumps from {', '.join(c for c in inserted if c not in again)}")
+    if [c for c in deleted if c not in again]:
+        out.append(f"removed the jumps from {', '.join(c for c in deleted if c not in again)}")
+    return out
 
 
 def observe(backend: Backend) -> Snapshot:
@@ -273,6 +377,7 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
     before: Snapshot | None = None
     after: Snapshot | None = None
+    summary: str = ""            # the actions in one line
 
 
 _READ = object()
@@ -297,7 +402,7 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
     try:
         ex = execute(backend, plan)
     except HostprepError as err:
-        store.journal(command, "; ".join(plan.notes()), f"failed: {err.line()}")
+        store.journal(command, "; ".join(plan.actions()), f"failed: {err.line()}")
         err.journalled = True
         raise
     snap, problems = verify(backend, desired, keep_nft=keep_nft)
@@ -306,15 +411,15 @@ def converge(backend: Backend, store: Store, desired: Desired | None, command: s
         # rather than leave an unrecorded half of it.
         failed = undo(backend, plan, ex)
         state = "the previous rules are back" if not failed else "ROLLBACK FAILED: " + "; ".join(failed)
-        store.journal(command, "; ".join(plan.notes()), "verify failed: " + "; ".join(problems) + f"; {state}")
+        store.journal(command, "; ".join(plan.actions()), "verify failed: " + "; ".join(problems) + f"; {state}")
         failed_verify = CommandFailed("verify", "the kernel does not hold what was loaded: " + "; ".join(problems)
                                       + f"; {state}", "run 'hostprep status' and report this")
         failed_verify.journalled = True
         raise failed_verify
     warnings = finish(backend, plan, ex)
     faults.hit("before-record")
-    store.journal(command, "; ".join(plan.notes()), "ok")
-    return Outcome(True, plan.notes(), warnings, plan.snapshot, snap)
+    store.journal(command, "; ".join(plan.actions()), "ok")
+    return Outcome(True, plan.actions(), warnings, plan.snapshot, snap, plan.summary())
 
 
 def apply(backend: Backend, store: Store, desired: Desired, command: str, *, record_nic: bool = True) -> Outcome:
@@ -544,7 +649,7 @@ def boot(backend: Backend, store: Store, runner: Runner,
                 # kernel (a copy saved by iptables-services, say, is removed).
                 try:
                     outcome = converge(backend, store, None, "hostprep boot", record=None)
-                    notes.append("nothing is recorded as applied: " + ("removed " + "; ".join(outcome.notes)
+                    notes.append("nothing is recorded as applied: " + (outcome.summary
                                                                        if outcome.changed else "no rules loaded"))
                 except HostprepError as err:
                     failures.append(err.line())
@@ -598,9 +703,9 @@ def boot(backend: Backend, store: Store, runner: Runner,
                 except HostprepError as err:
                     failures.append(f"loading {label or 'the recorded state'} failed: {err.line()}")
                     continue
-                notes.append(f"hardening on {policy.interface}: " + ("; ".join(outcome.notes) if outcome.changed
+                notes.append(f"hardening on {policy.interface}: " + (outcome.summary if outcome.changed
                                                                      else "already live")
-                             + f" ({len(want.containers)} containers)" + (f" ({label})" if label else ""))
+                             + f" ({_n(len(want.containers), 'container')})" + (f" ({label})" if label else ""))
                 break
             else:
                 failures.append("NOTHING LOADED: every attempt failed")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -23,6 +24,7 @@ from hostprep import __version__
 from hostprep.entry import EXIT_SIGINT, broken_pipe
 from hostprep import apply as applymod
 from hostprep import nic as nicmod
+from hostprep import output
 from hostprep import status as statusmod
 from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
 from hostprep.model import GROUPS, Policy
@@ -30,6 +32,30 @@ from hostprep.paths import Paths, open_nofollow, trusted_dir, untrusted_reason
 from hostprep.runner import PACKAGE_PARENT, DryRunner, Runner, python_module
 from hostprep.sandbox import EXT, SANDBOX_MARKER, Sandbox
 from hostprep.state import Store
+
+# The end of --help: two or three examples (\\b keeps click from re-wrapping them).
+EXAMPLES = {
+    "apply": "Examples:\n\n\b\n  hostprep apply -i eth1                     show eth1, ask y/N, apply\n  hostprep apply -i eth1 -y -p 203.0.113.7   ping allowed from one host\n  hostprep apply --dry-run -i eth1           plan and rules, no change",
+    "status": "Examples:\n\n\b\n  hostprep status             am I protected? what is open to whom\n  hostprep status -v          with every kernel key\n  hostprep status --json      one JSON document (schema in the README)",
+    "container up": "Examples:\n\n\b\n  hostprep container up finesse --env finesse.env --core core.env\n  hostprep container up ids --env ids.env --installer installer.env\n  hostprep container list",
+    "selftest": "Examples:\n\n\b\n  hostprep selftest                      remembered settings, containers\n  hostprep selftest -i eth1 -p 203.0.113.7\n  hostprep selftest --env finesse.env --core core.env --json",
+}
+
+
+class PlainCommand(typer.core.TyperCommand):
+    """Help that reads like a man page: arguments as NAME (not {name} or 'name <str>')."""
+
+    def collect_usage_pieces(self, ctx):
+        return [self.options_metavar] + [p.metavar or p.name.upper() for p in self.get_params(ctx)
+                                         if isinstance(p, typer.core.TyperArgument) and not p.hidden]
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if isinstance(p, typer.core.TyperArgument):
+                p.display_type_rich = lambda ctx: ""
+        return params
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Harden the host of an internet-facing reverse proxy "
@@ -41,8 +67,9 @@ container_app = typer.Typer(no_args_is_help=True, help="Per-container port rules
                                                       "ports on the external NIC with the limits of its .env files.")
 app.add_typer(container_app, name="container")
 
-# Tables keep their columns when the output is a pipe or a file (rich would assume 80).
-_width = None if sys.stdout.isatty() else 160
+# Tables keep their columns when the output is a pipe or a file (rich would assume 80),
+# unless COLUMNS says how wide the reader is.
+_width = None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
 # markup=False, emoji=False: nothing printed is read as Rich markup or an emoji code,
 # so a value from a flag, a file or a subprocess ('[/]', '[bold]', 'hostprep[probe]',
 # a MAC such as 62:ab:9d...) is printed as it is; styled labels go through say(),
@@ -97,8 +124,17 @@ def main_cb(version: bool = typer.Option(False, "--version", callback=version_cb
     pass
 
 
-BackendOpt = typer.Option(None, "--backend", help="Firewall variant: nft or legacy "
-                          "(default: what 'iptables -V' says; env HOSTPREP_BACKEND).")
+def backend_cb(value: Optional[str]) -> Optional[str]:
+    """--backend is checked before anything is shown or asked."""
+    from hostprep.backend import VARIANTS
+    if value is not None and value not in VARIANTS:
+        fail(InputError("--backend", f"{value!r} is not a backend", "use nft or legacy").line(), 2)
+    return value
+
+
+BackendOpt = typer.Option(None, "--backend", metavar="nft|legacy", callback=backend_cb,
+                          help="Firewall variant: nft or legacy (default: what 'iptables -V' says; env "
+                               "HOSTPREP_BACKEND).")
 
 
 def need_root(what: str) -> None:
@@ -109,6 +145,8 @@ def need_root(what: str) -> None:
 
 def show_nic(info: nicmod.NicInfo) -> None:
     t = Table(title=f"External NIC {info.name}", show_header=False)
+    t.add_column(overflow="fold")
+    t.add_column(overflow="fold")           # a long address is folded, never cut with an ellipsis
     t.add_row("state", ("UP" if info.up else "DOWN") + f" (operstate {info.operstate})")
     t.add_row("IPv4", ", ".join(info.ipv4) or "-")
     t.add_row("IPv6", ", ".join(info.ipv6) or "-")
@@ -129,7 +167,8 @@ def confirm(prompt: str, yes: bool) -> None:
                            "pass -y to confirm the external NIC non-interactively")
     answer = typer.prompt(f"{prompt} [y/N]", default="N", show_default=False)
     if answer.strip().lower() not in ("y", "yes"):
-        raise RefusedError("confirmation", "not confirmed; nothing was changed")
+        err.print("not confirmed: nothing changed")
+        raise typer.Exit(1)
 
 
 def print_plan(plan: applymod.ApplyPlan) -> None:
@@ -184,12 +223,17 @@ def what_to_apply(interface: Optional[str], skip_ddos: bool, allow_private: bool
     return policy, bool(remembered.get("kernel")), "remembered settings"
 
 
-def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> None:
-    """Refuse unless SELinux is enforcing, --ignore-selinux, or NGX_IGNORE_SELINUX=true in --core."""
+def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> list[str]:
+    """Refuse unless SELinux is enforcing, --ignore-selinux, or NGX_IGNORE_SELINUX=true in --core;
+    returns the warnings, which the caller prints once, after its work."""
     from hostprep import selinux
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)
-    for w in selinux.check_enforcing(state, ignore_flag, selinux.ignore_from_core(core)):
+    return selinux.check_enforcing(state, ignore_flag, selinux.ignore_from_core(core))
+
+
+def say_warnings(warnings: list[str]) -> None:
+    for w in warnings:
         say(err, "yellow", "warning:", f"{w}")
 
 
@@ -295,9 +339,10 @@ def say_pending(ch) -> None:
         "'hostprep rollback' restores it now")
 
 
-@app.command("apply")
+@app.command("apply", cls=PlainCommand, epilog=EXAMPLES["apply"])
 @handle_errors
 def apply_cmd(
+    extra: Optional[list[str]] = typer.Argument(None, hidden=True),
     interface: Optional[str] = typer.Option(None, "-i", "--interface", metavar="NIC",
                                             help="The external (internet-facing) NIC. Without -i and -k, "
                                                  "the settings of the last successful apply are re-applied."),
@@ -320,7 +365,7 @@ def apply_cmd(
                                "in through the external NIC (or would be cut by rp_filter)."),
     ignore_selinux: bool = typer.Option(False, "--ignore-selinux", help="Apply although SELinux is not "
                                         "enforcing."),
-    core: Optional[Path] = typer.Option(None, "--core", help="core.env: NGX_IGNORE_SELINUX=true there "
+    core: Optional[Path] = typer.Option(None, "--core", metavar="FILE", help="core.env: NGX_IGNORE_SELINUX=true there "
                                         "has the effect of --ignore-selinux."),
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
@@ -333,6 +378,11 @@ def apply_cmd(
     then both IP families, the sets, the nft table and the kernel keys, or none.
     After a successful firewall apply the boot units are installed and enabled.
     """
+    if extra:
+        from hostprep.validate import _IFNAME
+        raise InputError("apply", f"unexpected argument {extra[0]!r}",
+                         f"the external NIC is given with -i: hostprep apply -i {extra[0]}"
+                         if _IFNAME.fullmatch(extra[0]) else "see 'hostprep apply --help'")
     if disable and (interface is not None or skip_ddos or allow_private):
         raise InputError("-d/--disable", "Invalid option: option -d cannot be used with -i, -e or -a "
                          "arguments", "run 'hostprep apply -d' alone, or 'hostprep flush'")
@@ -348,8 +398,9 @@ def apply_cmd(
     policy, do_kernel, source = what_to_apply(interface, skip_ddos, allow_private, ping_from, kernel, store)
     # Every guard runs before any change, and for a dry run too: a dry run refuses
     # (same line, same exit code) where the real run would.
+    selinux_warnings: list[str] = []
     try:
-        selinux_gate(store, ignore_selinux, core)
+        selinux_warnings = selinux_gate(store, ignore_selinux, core)
     except StateError:
         if not dry_run or applymod.is_root():
             raise
@@ -370,6 +421,7 @@ def apply_cmd(
             print_kernel_dry_run(store)
         if confirm_secs is not None:
             out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
+        say_warnings(selinux_warnings)
         return
     from hostprep import txn
     prepared = prepare_firewall(policy, store, yes=yes, dry_run=False, force=force, backend=backend,
@@ -403,6 +455,7 @@ def apply_cmd(
     if kernel_result is not None:
         print_kernel_part(store, *kernel_result)
     persistence()
+    say_warnings(selinux_warnings)
     say_pending(ch)
     if kernel_result is not None and kernel_result[2]:
         raise typer.Exit(1)
@@ -435,10 +488,8 @@ def report_firewall(info, desired, outcome) -> None:
     if not outcome.changed:
         out.print(f"nothing changed: the hardening on {info.name} is already live")
         return
-    for note in outcome.notes[:8]:
-        out.print(f"  - {note}")
-    if len(outcome.notes) > 8:
-        out.print(f"  - ... and {len(outcome.notes) - 8} more changes")
+    for action in outcome.notes:
+        out.print(f"  - {action}")
     out.print(f"applied: {', '.join(desired.v4.groups)} on {info.name} (IPv4 {desired.v4.rule_count} rules, "
               f"IPv6 {desired.v6.rule_count} rules, fragments {'dropped' if desired.nft else 'not handled (-e)'})")
 
@@ -567,7 +618,9 @@ def flush_cmd(
         return
     outcome = applymod.flush(be, store, argv)
     if outcome.changed:
-        out.print("removed hostprep's rules: " + "; ".join(outcome.notes))
+        for action in outcome.notes:
+            out.print(f"  - {action}")
+        out.print(f"removed hostprep's rules: {outcome.summary.removeprefix('removed ')}")
     else:
         out.print("nothing to remove: no hostprep rules are loaded")
     if persistent:
@@ -582,108 +635,23 @@ def flush_cmd(
                      .is_file() else ""))
 
 
-def print_status(report: dict) -> None:
-    out.print(f"backend: {report['backend']}")
-    for w in report["warnings"]:
-        say(err, "yellow", "warning:", f"{w}")
-    nic = report.get("nic")
-    if nic and "error" not in nic:
-        out.print(f"external NIC: {nic['name']} {'UP' if nic['up'] else 'DOWN'} "
-                  f"{', '.join(nic['ipv4'] + nic['ipv6'])}")
-    elif nic:
-        out.print(f"external NIC: {nic['name']} ({nic['error']})")
-    ident = (nic or {}).get("identity")
-    if ident and ident.get("recorded"):
-        rec = ident["recorded"]
-        out.print(f"external NIC identity: {'permanent' if rec['permanent'] else 'random'} MAC {rec['mac']} recorded "
-                  f"at apply: " + {"ok": "same device", "unverifiable": "CANNOT BE VERIFIED", "missing": "NIC MISSING",
-                                   "renamed": f"RENAMED to {ident.get('now_named')}",
-                                   "swapped": "ANOTHER DEVICE"}.get(ident["state"], ident["state"]), markup=False)
-    fs = report.get("failsafe") or {}
-    if fs.get("live"):
-        out.print("fail-safe: LIVE on " + ", ".join(f"IPv{f}" for f in fs["live"])
-                  + " (HOSTPREP-FAILSAFE; 'hostprep boot' replaces it with the hardening)", markup=False)
-    last = report.get("last_apply")
-    if last:
-        s = last["settings"]
-        out.print(f"last apply: {last['time']} -i {s['interface']}"
-                  + (" -e" if s["skip_ddos"] else "") + (" -a" if s["allow_private"] else "")
-                  + "".join(f" -p {p}" for p in s["ping_from"]))
-    t = Table(title="hardening groups (packets/bytes matched by the group's rules)")
-    t.add_column("group")
-    fams = list(report["families"])
-    for fam in fams:
-        t.add_column(f"IPv{fam}")
-        t.add_column(f"IPv{fam} packets", justify="right")
-        t.add_column(f"IPv{fam} bytes", justify="right")
-    for g in GROUPS:
-        row = [g]
-        for fam in fams:
-            v = report["families"][fam]["groups"][g]
-            state = ("live" if v["present"] else "MISSING") if v["wanted"] else \
-                ("left out" if report.get("last_apply") else "-")
-            row += [state, str(v["packets"]), str(v["bytes"])]
-        t.add_row(*row)
-    out.print(t)
-    if report.get("containers"):
-        print_containers(report["containers"], title="containers (packets)")
-    kern = report.get("kernel") or {}
-    if kern.get("applied"):
-        t = Table(title="kernel profile (apply -k)")
-        for col in ("key", "desired", "live", "source", "state"):
-            t.add_column(col)
-        for k in kern["keys"]:
-            t.add_row(k["key"], k["desired"], k["live"] or "-", k["source"] or "-",
-                      k["state"] if k["state"] == "ok" else f"{k['state'].upper()}: {k['detail']}")
-        out.print(t)
-    sel = report.get("selinux")
-    if sel:
-        out.print(f"SELinux: runtime {sel['runtime']}, configured {sel['configured'] or 'no config'}"
-                  + (f", policy {sel['policy']}" if sel.get("policy") else "")
-                  + (", REBOOT REQUIRED" if sel.get("reboot_required") else ""))
-    frag = report.get("fragments")
-    if frag:
-        total = sum(c["packets"] for c in frag["counters"].values())
-        out.print(f"fragments: nft netdev ingress on {frag['device']}, {total} packets dropped")
-    if report.get("ipv6_parity") is not None:
-        out.print(f"IPv6 parity: {'yes' if report['ipv6_parity'] else 'NO'}")
-    pers = report.get("persistence") or {}
-    tx = report.get("transaction") or {}
-    if pers.get("installed"):
-        out.print(f"boot persistence: hostprep.service {'enabled' if pers['enabled'] else 'NOT enabled'}, "
-                  f"{'up to date' if pers['up_to_date'] else 'OUT OF DATE'}"
-                  + (f", {pers['nic_unit']}" if pers.get("nic_unit") else "")
-                  + (f", iptables-services drop-ins ({', '.join(pers['iptables_dropins'])})"
-                     if pers["iptables_dropins"] else "")
-                  + "; the next boot loads " + ("exactly what is live" if pers["matches_live"] else
-                                                    "the state before the PENDING change" if tx.get("pending")
-                                                    else "no firewall rules (nothing applied) and re-applies the "
-                                                    "kernel profile" if pers["matches_live"] is None
-                                                    else "the RECORDED state, which differs from what is live"))
-    elif pers:
-        out.print("boot persistence: not installed")
-    tx = report.get("transaction") or {}
-    if tx.get("pending"):
-        p = tx["pending"]
-        out.print(f"PENDING CONFIRMATION: change {p['id']} ({p['command']}) is rolled back at {p['deadline']} "
-                  f"({p['seconds_left']} s left) unless 'hostprep confirm' runs; timer: {p['mechanism']}"
-                  + ("" if p["timer_alive"] else " (NOT RUNNING)" if p["timer_alive"] is False else ""))
-    if tx.get("rollback_available") and not tx.get("pending"):
-        out.print(f"rollback: 'hostprep rollback' restores the state before change {tx['rollback_available']}")
-    if report["problems"]:
-        for p in report["problems"]:
-            say(err, "red", "difference:", f"{p}")
-    else:
-        out.print("everything desired is live")
+def print_status(report: dict, verbose: bool = False) -> None:
+    """Verdict / what is open to whom / details (hostprep.output lays them out)."""
+    output.print_status(out, err, report, verbose=verbose)
 
 
-@app.command("status")
+@app.command("status", epilog=EXAMPLES["status"])
 @handle_errors
 def status_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (schema in README)."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="List every kernel key (without -v only "
+                                 "when one drifts)."),
     backend: Optional[str] = BackendOpt,
 ) -> None:
-    """Desired vs live state with counters. Exit 0 all live, 1 something differs, 2 error."""
+    """Am I protected? What is open to whom, then desired vs live with counters.
+
+    Exit 0 all live, 1 something differs, 2 error.
+    """
     need_root("status")
     runner = Runner()
     be = applymod.default_backend(runner, backend)
@@ -691,7 +659,7 @@ def status_cmd(
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        print_status(report)
+        print_status(report, verbose=verbose)
     raise typer.Exit(statusmod.exit_code(report))
 
 
@@ -791,20 +759,9 @@ def sandbox_name(name: str) -> None:
 
 
 def print_containers(rows: list[dict], title: str) -> None:
-    t = Table(title=title)
-    for col in ("container", "template", "destination", "ports", "limits conn/rate/burst", "LB/exempt",
-                "state", "accepted", "drop conn", "drop rate"):
-        t.add_column(col)
-    for r in rows:
-        lim = r["limits"]
-        state = ("live" if r["present"] else "MISSING") if r["hardening"] else "hardening off (ports closed)"
-        if r["restricted"]:
-            state += ", restricted to LBs"
-        t.add_row(r["name"], r["template"], r["dest"], ",".join(map(str, r["ports"])),
-                  f"{lim['connlimit_above']}/{lim['hash_upto']}/s/{lim['hash_burst']}",
-                  f"{r['load_balancers']}/{r['exempt']}", state, str(r["accepted_within_rate"]),
-                  str(r["dropped_connlimit"]), str(r["dropped_rate"] + r["dropped_restricted"]))
-    out.print(t)
+    out.print(f"{title}:")
+    for line in output.containers_listing(rows):
+        out.print(line)
 
 
 def container_log_file_line(f) -> str:
@@ -849,18 +806,18 @@ def confirm_widening(name: str, widening: list[str], yes: bool) -> None:
         raise RefusedError("confirmation", "not confirmed; nothing was changed")
 
 
-@container_app.command("up")
+@container_app.command("up", cls=PlainCommand, epilog=EXAMPLES["container up"])
 @handle_errors
 def container_up_cmd(
-    name: str = typer.Argument(..., help="Container name (e.g. finesse); a safe identifier."),
-    env: Optional[Path] = typer.Option(None, "--env", help="The component .env file (finesse.env, ids.env, ...). "
+    name: str = typer.Argument(..., metavar="NAME", help="Container name (e.g. finesse); a safe identifier."),
+    env: Optional[Path] = typer.Option(None, "--env", metavar="FILE", help="The component .env file (finesse.env, ids.env, ...). "
                                        "Without it, the one of NAME's last up is read again."),
-    core: Optional[Path] = typer.Option(None, "--core", help="core.env (hardening switch, load balancers, "
+    core: Optional[Path] = typer.Option(None, "--core", metavar="FILE", help="core.env (hardening switch, load balancers, "
                                         "rate-limit-disable IPs, traffic restriction). Without it, the one of "
                                         "NAME's last up is read again."),
     no_core: bool = typer.Option(False, "--no-core", help="Forget the remembered core.env: its defaults apply "
                                  "(no load balancers, no restriction, the installer's exempt defaults)."),
-    installer: Optional[Path] = typer.Option(None, "--installer", help="installer.env (PROXY_BINDING_IP). "
+    installer: Optional[Path] = typer.Option(None, "--installer", metavar="FILE", help="installer.env (PROXY_BINDING_IP). "
                                              "Without it, the one of NAME's last up is read again."),
     no_installer: bool = typer.Option(False, "--no-installer", help="Forget the remembered installer.env "
                                       "(the NIC's only IPv4 address is the destination)."),
@@ -936,16 +893,17 @@ def container_up_cmd(
     store.write_container_log(name, container_log_text(name, c, added, removed, "up", kept), append=False)
     for w in outcome.warnings:
         say(err, "yellow", "warning:", f"{w}")
-    what = "rules unchanged" if not outcome.changed else f"{len(added)} rules added, {len(removed)} removed"
+    what = "rules unchanged" if not outcome.changed else \
+        f"{output.plural(len(added), 'rule')} added, {len(removed)} removed"
     out.print(f"container {name}: {what}; ports {','.join(map(str, c.ports))} on {c.dest} "
               f"({'open with limits' if c.hardening else 'closed'}); log {store.container_log(name)}")
     say_pending(ch)
 
 
-@container_app.command("down")
+@container_app.command("down", cls=PlainCommand)
 @handle_errors
 def container_down_cmd(
-    name: str = typer.Argument(..., help="Container name given to 'container up'."),
+    name: str = typer.Argument(..., metavar="NAME", help="Container name given to 'container up'."),
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
@@ -963,7 +921,7 @@ def container_down_cmd(
     for note in ch.recovered:
         say(err, "yellow", "recovered:", f"{note}")
     store.write_container_log(name, container_log_text(name, None, [], removed, "down"), append=True)
-    out.print(f"container {name}: {len(removed)} rules removed; log {store.container_log(name)}")
+    out.print(f"container {name}: {output.plural(len(removed), 'rule')} removed; log {store.container_log(name)}")
     say_pending(ch)
 
 
@@ -997,6 +955,14 @@ def _selinux_run(action: str, working_dir: Path, dry_run: bool) -> None:
     store = Store(Paths.from_env())
     fs, cfg = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, cfg)
+    if dry_run and action == "install" and (not state.present or state.runtime == "disabled"):
+        # Nothing to query here; show what an SELinux host would run.
+        out.print(f"SELinux is not enabled on this host ({state.describe()}): 'selinux install' would "
+                  "refuse here; on an SELinux host it runs:")
+        for argv in selinux.preview_install(working_dir):
+            out.print("would run: " + " ".join(argv))
+        out.print("dry run: nothing was changed")
+        return
     runner: Runner = DryRunner(inner=Runner(timeout=300)) if dry_run else Runner(timeout=300)
     fn = selinux.install if action == "install" else selinux.remove
     for line in fn(runner, working_dir, state):
@@ -1012,7 +978,7 @@ def _selinux_run(action: str, working_dir: Path, dry_run: bool) -> None:
 @selinux_app.command("install")
 @handle_errors
 def selinux_install_cmd(
-    working_dir: Path = typer.Option(..., "--working-dir", help="The container's HOST_WORKING_DIR "
+    working_dir: Path = typer.Option(..., "--working-dir", metavar="DIR", help="The container's HOST_WORKING_DIR "
                                      "(default of the installer: ~/reverse_proxy/<container>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compile and show the commands; change nothing."),
 ) -> None:
@@ -1023,7 +989,7 @@ def selinux_install_cmd(
 @selinux_app.command("remove")
 @handle_errors
 def selinux_remove_cmd(
-    working_dir: Path = typer.Option(..., "--working-dir", help="The directory given to 'selinux install'."),
+    working_dir: Path = typer.Option(..., "--working-dir", metavar="DIR", help="The directory given to 'selinux install'."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the commands; change nothing."),
 ) -> None:
     """Undo 'selinux install': drop the file-context mappings, relabel, remove the module when unused."""
@@ -1033,8 +999,8 @@ def selinux_remove_cmd(
 @sandbox_app.command("up")
 @handle_errors
 def sandbox_up(
-    name: str = typer.Option("hostprep-sandbox", "--name", help="Namespace name (and prefix of the peers)."),
-    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root",
+    name: str = typer.Option("hostprep-sandbox", "--name", metavar="NAME", help="Namespace name (and prefix of the peers)."),
+    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root", metavar="DIR",
                               help="HOSTPREP_ROOT for the sandbox's state, journal and settings."),
     backend: Optional[str] = BackendOpt,
 ) -> None:
@@ -1064,10 +1030,18 @@ def sandbox_up(
         if args[0] == "apply" and res.returncode != 0:
             fail("apply failed inside the sandbox (see above); remove it with: "
                  f"hostprep sandbox down --name {name}", res.returncode)
-    out.print(f"\nTry it: ip netns exec {box.inet} ping -c1 -W1 {'198.51.100.10'}   (dropped)\n"
-              f"        ip netns exec {box.admin} ping -c1 -W1 192.0.2.10      (answered, internal NIC)\n"
-              f"        ip netns exec {box.host} env HOSTPREP_ROOT={root} {sys.executable} -P -m hostprep status\n"
+    out.print(try_it(box.inet, box.admin)
+              + f"        ip netns exec {box.host} env HOSTPREP_ROOT={root} {sys.executable} -P -m hostprep status\n"
               f"Remove it: hostprep sandbox down --name {name}")
+
+
+def try_it(inet: str, admin: str) -> str:
+    """The first lines of the hint 'sandbox up' prints: TCP connects with bash's /dev/tcp
+    (ping may not be installed)."""
+    return (f"\nTry it: ip netns exec {inet} timeout 3 bash -c 'echo > /dev/tcp/198.51.100.10/22'\n"
+            "          (external NIC: SSH dropped, no answer; exit 124 after 3 s)\n"
+            f"        ip netns exec {admin} bash -c 'echo > /dev/tcp/192.0.2.10/22'\n"
+            "          (internal NIC: answered, 'Connection refused' as nothing listens)\n")
 
 
 def sandbox_root(root: Path) -> bool:
@@ -1101,8 +1075,8 @@ def sandbox_root(root: Path) -> bool:
 @sandbox_app.command("down")
 @handle_errors
 def sandbox_down(
-    name: str = typer.Option("hostprep-sandbox", "--name", help="Namespace name given to 'sandbox up'."),
-    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root", help="The sandbox's HOSTPREP_ROOT."),
+    name: str = typer.Option("hostprep-sandbox", "--name", metavar="NAME", help="Namespace name given to 'sandbox up'."),
+    root: Path = typer.Option(Path("/var/tmp/hostprep-sandbox"), "--root", metavar="DIR", help="The sandbox's HOSTPREP_ROOT."),
 ) -> None:
     """Delete the sandbox's namespaces (by name) and its state root."""
     need_root("sandbox down")
@@ -1146,7 +1120,45 @@ def print_selftest(report: dict) -> None:
                   f"({report['seconds']} s)")
 
 
-@app.command("selftest")
+def run_with_progress(work):
+    """Run ``work(progress)`` under a live progress line (a terminal only): one step per
+    probe group, as the engine reports them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=out, transient=True) as bar:
+        task = bar.add_task("selftest: starting", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"selftest: {what}")
+            bar.refresh()       # every step is drawn, even one shorter than the refresh period
+        return work(progress)
+
+
+def print_selftest_compact(report: dict) -> None:
+    """On a terminal: one line per probe group (passed/failed), the failures in full."""
+    from hostprep import selftest
+    s = report["settings"]
+    out.print(f"selftest: sandbox {report['sandbox']['name']} (backend {report['backend']}); settings from "
+              f"{s['source']}: -i {report['sandbox']['external_nic']}" + (" -e" if s["skip_ddos"] else "")
+              + (" -a" if s["allow_private"] else "") + "".join(f" -p {p}" for p in s["ping_from_in_sandbox"])
+              + (f"; {output.plural(len(report['containers']), 'container')}" if report["containers"] else ""))
+    for group, passed, failed in selftest.group_results(report):
+        out.print(Text.assemble(f"  {group}: ", (f"{passed} passed", "green"),
+                                *((", ", (f"{failed} FAILED", "bold red")) if failed else ())))
+    if report["mismatches"]:
+        out.print(selftest.report_table(report, only_failed=True))
+    if report["sandbox"]["kept"]:
+        out.print(f"kept (--keep): remove with: hostprep sandbox down --name {report['sandbox']['name']} "
+                  f"--root {report['sandbox']['root']}")
+    n = len(report["probes"])
+    if report["ok"]:
+        out.print(f"selftest: all {n} probes as expected ({report['seconds']} s); --json or a pipe shows each probe")
+    else:
+        say(err, "bold red", "selftest:", f"{report['mismatches']} of {n} probes not as expected "
+                  f"({report['seconds']} s)")
+
+
+@app.command("selftest", epilog=EXAMPLES["selftest"])
 @handle_errors
 def selftest_cmd(
     interface: Optional[str] = typer.Option(None, "-i", "--interface", metavar="NIC",
@@ -1175,9 +1187,15 @@ def selftest_cmd(
     need_root("selftest")
     options = selftest.resolve_options(interface, skip_ddos, allow_private, ping_from, env, core, backend, keep,
                                        Store(Paths.from_env()))
-    report = selftest.run_selftest(options)
+    terminal = not as_json and out.is_terminal
+    if terminal:
+        report = run_with_progress(lambda progress: selftest.run_selftest(options, progress=progress))
+    else:
+        report = selftest.run_selftest(options)
     if as_json:
         print(json.dumps(report, indent=2))
+    elif terminal:
+        print_selftest_compact(report)
     else:
         print_selftest(report)
     raise typer.Exit(0 if report["ok"] else 1)

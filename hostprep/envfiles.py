@@ -270,7 +270,10 @@ def load_container(name: str, env_path: Path, core_path: Path | None, installer_
     core = read_env(core_path, "--core", key) if core_path else None
     installer = read_env(installer_path, "--installer", key) if installer_path else None
     template = env.get("TEMPLATE_TYPE")
-    if template is None or template not in PORTS:
+    if template is None:
+        raise InputError(f"TEMPLATE_TYPE in {env.path}", "TEMPLATE_TYPE is missing",
+                         "add TEMPLATE_TYPE=<component>, one of: " + ", ".join(PORTS))
+    if template not in PORTS:
         raise InputError(f"TEMPLATE_TYPE in {env.path}", f"{template!r} is not a known component",
                          "one of: " + ", ".join(PORTS))
     conn, upto, burst = LIMIT_DEFAULTS[template]

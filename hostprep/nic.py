@@ -373,5 +373,9 @@ def resolve_ping_sources(values: list[str], *, allow_private: bool) -> tuple[Pin
                 _refuse_spoofed(given, net)
             if net not in nets:
                 nets.append(net)
+        if any(n.network_address.is_loopback for n in nets):
+            raise InputError("-p/--ping-from", f"{given!r} resolves to a loopback address "
+                             f"({', '.join(str(n) for n in nets)}): no ping from it ever arrives on the "
+                             "external NIC", "give the monitoring host's name or address")
         out.append(PingSource(given, tuple(nets)))
     return tuple(out)

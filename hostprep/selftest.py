@@ -49,7 +49,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError
 from hostprep.model import Container, Network, Policy
@@ -900,12 +900,25 @@ def bring_up(sb: InSandbox, root: Path, variant: str, options: Options, prepared
         hostprep_in_sandbox(sb, root, variant, args + ["--installer", str(installer)])
 
 
-def run_selftest(options: Options, runner: Runner | None = None) -> dict:
+ROLE_WORDS = {"inet": "from the internet peer", "admin": "from the admin peer", "host": "from the host itself"}
+
+
+def run_selftest(options: Options, runner: Runner | None = None,
+                 progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Build the sandbox, apply, bring the containers up, probe, judge; returns the report.
 
     The sandbox and the temporary root are removed before returning (and when
-    interrupted), unless ``options.keep``.
+    interrupted), unless ``options.keep``.  ``progress(done, total, what)`` is
+    called before each step (sandbox, apply, each phase's probes per peer) and
+    once at the end; it prints nothing here (the CLI decides).
     """
+    step = [0, 0]     # done, total (known once the matrix is built)
+
+    def tell(what: str) -> None:
+        if progress is not None:
+            progress(step[0], step[1], what)
+        step[0] += 1
+
     import importlib.util
     from hostprep import nic as nicmod
     from hostprep import validate
@@ -928,6 +941,7 @@ def run_selftest(options: Options, runner: Runner | None = None) -> dict:
     dests = sandbox_dests([c for _, c, _ in prepared])
     sandboxed = tuple(rebind(c, dests[str(c.dest)]) for _, c, _ in prepared)
     matrix = build_matrix(settings, sandboxed)
+    step[1] = 2 + len({(p.phase, p.role) for p in matrix.probes})
 
     box = Sandbox(f"hpself{os.getpid()}")
     root: Path | None = None
@@ -946,6 +960,7 @@ def run_selftest(options: Options, runner: Runner | None = None) -> dict:
     with interruptible():
         failed = True
         try:
+            tell(f"building the sandbox {box.name}")
             root = Path(tempfile.mkdtemp(prefix=f"{box.name}-", dir="/tmp"))
             (root / SANDBOX_MARKER).write_text("made by hostprep selftest\n")
             try:
@@ -954,6 +969,8 @@ def run_selftest(options: Options, runner: Runner | None = None) -> dict:
                 raise RefusedError("selftest", f"network namespaces cannot be made here ({err.problem})",
                                    "run it as root on a host (or VM) that allows 'ip netns add'") from None
             timings["sandbox"] = round(time.monotonic() - started, 1)
+            tell(f"applying in the sandbox (backend {variant}"
+                 + (f", {len(prepared)} containers)" if prepared else ")"))
             bring_up(sb, root, variant, options, prepared, sandboxed, dests, sandbox_ping)
             timings["apply"] = round(time.monotonic() - started - sum(timings.values()), 1)
             done_steps: set[Step] = set()
@@ -966,7 +983,10 @@ def run_selftest(options: Options, runner: Runner | None = None) -> dict:
                 before = read_counters(sb, variant, families)
                 results: dict[str, list[dict]] = {}
                 for role in ROLES:
-                    results.update(send(sb, role, [p for p in probes if p.role == role]))
+                    mine = [p for p in probes if p.role == role]
+                    if mine:
+                        tell(f"{phase} probes {ROLE_WORDS[role]} ({len(mine)})")
+                    results.update(send(sb, role, mine))
                 after = read_counters(sb, variant, families)
                 verdicts += judge_phase(probes, results, before, after)
                 timings[phase] = round(time.monotonic() - started - sum(timings.values()), 1)
@@ -981,6 +1001,7 @@ def run_selftest(options: Options, runner: Runner | None = None) -> dict:
                             raise
                     if root is not None:
                         shutil.rmtree(root, ignore_errors=True)
+    tell("done")
     by_name = {v.probe.name: v for v in verdicts}
     rows = [by_name[p.name] for p in matrix.probes]
     return {
@@ -1009,7 +1030,17 @@ def run_selftest(options: Options, runner: Runner | None = None) -> dict:
     }
 
 
-def report_table(report: dict):
+def group_results(report: dict) -> list[tuple[str, int, int]]:
+    """(group, passed, failed) per phase and peer, in the order they ran."""
+    out: dict[str, list[int]] = {}
+    for p in report["probes"]:
+        key = f"{p['phase']} probes {ROLE_WORDS.get(p['from'], 'from ' + p['from'])}"
+        out.setdefault(key, [0, 0])[0 if p["ok"] else 1] += 1
+    order = [f"{ph} probes {ROLE_WORDS[r]}" for ph in PHASES for r in ROLES]
+    return [(k, *out[k]) for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))]
+
+
+def report_table(report: dict, only_failed: bool = False):
     """The report as a rich Table (the CLI prints it)."""
     from rich.table import Table
     t = Table(title=f"hostprep selftest in sandbox {report['sandbox']['name']} (backend {report['backend']})",
@@ -1018,6 +1049,8 @@ def report_table(report: dict):
     for col in ("probe", "from", "expected", "observed", "counter that matched", "packets", "result"):
         t.add_column(col)
     for p in report["probes"]:
+        if only_failed and p["ok"]:
+            continue
         crs = [CounterResult(c["label"], c["delta"], *c["want"], *c["own"], c["ok"]) for c in p["counters"]]
         t.add_row(p["name"], p["from"], p["expected"], p["observed"], "\n".join(c.label for c in crs),
                   "\n".join(c.packets() for c in crs), "ok" if p["ok"] else "MISMATCH")

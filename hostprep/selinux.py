@@ -97,6 +97,7 @@ class SelinuxState:
     configured: str | None
     policy: str | None
     reboot_required: bool
+    config_present: bool = True      # the config file exists (False: SELinux is not installed)
 
     def __post_init__(self) -> None:
         if self.runtime not in MODES:
@@ -105,6 +106,11 @@ class SelinuxState:
             raise ValueError(f"configured mode {self.configured!r} not in {MODES}")
         if not self.present and self.runtime != "disabled":
             raise ValueError("without selinuxfs the runtime mode is disabled")
+
+    @property
+    def installed(self) -> bool:
+        """selinuxfs mounted or a config file: SELinux is part of this system."""
+        return self.present or self.config_present
 
     @property
     def enabled(self) -> bool:
@@ -118,6 +124,7 @@ class SelinuxState:
     def as_dict(self) -> dict:
         return {
             "present": self.present,
+            "config_present": self.config_present,
             "runtime": self.runtime,
             "configured": self.configured,
             "policy": self.policy,
@@ -129,7 +136,8 @@ class SelinuxState:
         text = f"SELinux {self.runtime}"
         if not self.present:
             text += " (no selinuxfs)"
-        text += f", {CONFIG_SHOWN}: " + (f"SELINUX={self.configured}" if self.configured else "no SELINUX= setting")
+        text += f", {CONFIG_SHOWN}: " + (f"SELINUX={self.configured}" if self.configured else
+                                         "no SELINUX= setting" if self.config_present else "missing")
         if self.policy:
             text += f", policy {self.policy}"
         if self.reboot_required:
@@ -205,7 +213,8 @@ def read_state(selinuxfs: Path, config: Path) -> SelinuxState:
     """
     present, runtime = _read_runtime(selinuxfs)
     configured, policy = _read_config(config)
-    return SelinuxState(present, runtime, configured, policy, _reboot_required(runtime, configured))
+    return SelinuxState(present, runtime, configured, policy, _reboot_required(runtime, configured),
+                        config.is_file())
 
 
 def default_paths(root: Path) -> tuple[Path, Path]:
@@ -234,6 +243,16 @@ def ignore_from_core(core: Path | None) -> bool:
                      "Expected true or false (default false)")
 
 
+def install_hint() -> str:
+    """The packages that bring SELinux to this host (by its package manager)."""
+    import shutil
+    if shutil.which("dnf") or shutil.which("yum"):
+        return "dnf install selinux-policy-targeted, set SELINUX=enforcing in /etc/selinux/config, reboot"
+    if shutil.which("apt-get"):
+        return "apt-get install selinux-basics selinux-policy-default, run selinux-activate, reboot"
+    return "install the distribution's SELinux policy packages (selinux-policy-targeted on RHEL)"
+
+
 def _how_to_enforce(state: SelinuxState) -> str:
     if state.runtime == "permissive":
         steps = "run `setenforce 1`"
@@ -257,12 +276,17 @@ def check_enforcing(state: SelinuxState, ignore_flag: bool, ignore_core: bool) -
     what it skipped; and, when SELinux is enforcing now but the config file says
     otherwise, that the next boot will not be enforcing.
     """
-    configured = f"SELINUX={state.configured}" if state.configured else "no SELINUX= setting"
+    configured = f"SELINUX={state.configured}" if state.configured else \
+        "no SELINUX= setting" if state.config_present else "missing"
     if state.runtime == "enforcing":
         if state.configured in ("permissive", "disabled"):
             return [f"SELinux is enforcing now but {CONFIG_SHOWN} has {configured}: the next boot will not "
                     f"be enforcing (set SELINUX=enforcing there)"]
         return []
+    skip = f"to skip this check: --ignore-selinux, or {IGNORE_KEY}=true in the core.env given with --core"
+    if not (ignore_flag or ignore_core) and not state.installed:
+        raise RefusedError("SELinux", f"not installed on this host (no {CONFIG_SHOWN})",
+                           f"to install it: {install_hint()}; {skip}")
     if not (ignore_flag or ignore_core):
         raise RefusedError(
             "SELinux", f"not enforcing (runtime: {state.runtime}, {CONFIG_SHOWN}: {configured})",
@@ -273,9 +297,9 @@ def check_enforcing(state: SelinuxState, ignore_flag: bool, ignore_core: bool) -
         by.append("--ignore-selinux")
     if ignore_core:
         by.append(f"{IGNORE_KEY}=true in core.env (--core)")
-    return [f"SELinux check skipped by {' and '.join(by)}: SELinux is {state.runtime} "
-            f"({CONFIG_SHOWN}: {configured}), not enforcing, so its rules do not confine the proxy "
-            f"containers; to enable enforcing mode: {_how_to_enforce(state)}"]
+    what = "not installed" if not state.installed else state.runtime
+    return [f"SELinux check skipped ({' and '.join(by)}): SELinux is {what}, the proxy containers are not "
+            "confined"]
 
 
 # -- the policy module for HOST_WORKING_DIR ---------------------------------------
@@ -335,12 +359,24 @@ def fcontext_spec(working_dir: Path, sub: str) -> str:
     return str(working_dir).replace(".", r"\.") + f"/{sub}(/.*)?"
 
 
+def preview_install(working_dir: Path, devel_makefile: Path = DEVEL_MAKEFILE) -> list[list[str]]:
+    """The commands ``install`` runs on an SELinux host, for a dry run where SELinux is not
+    enabled (nothing can be queried, so every file context is shown as added)."""
+    wd = validate_working_dir(working_dir, must_exist=True)
+    pp = f"<build dir>/{MODULE_NAME}.pp"
+    return ([["make", "-C", "<build dir>", "-f", str(devel_makefile), f"{MODULE_NAME}.pp"],
+             ["semodule", "-i", pp]]
+            + [["semanage", "fcontext", "-a", "-t", type_, fcontext_spec(wd, sub)] for sub, type_ in CONTEXTS]
+            + [["restorecon", "-R", "-F", "-v", str(wd)]])
+
+
 def _require_selinux(state: SelinuxState, action: str) -> None:
     if not state.present or state.runtime == "disabled":
         why = "no selinuxfs" if not state.present else "disabled"
         raise RefusedError("SELinux", f"not enabled on this host ({why}): nothing to {action}",
-                           f"enable SELinux first (SELINUX=enforcing in {CONFIG_SHOWN}, "
-                           "`touch /.autorelabel`, reboot), then run this again")
+                           (f"install SELinux first ({install_hint()})" if not state.installed else
+                            f"enable SELinux first (SELINUX=enforcing in {CONFIG_SHOWN}, `touch /.autorelabel`, "
+                            "reboot)") + ", then run this again")
 
 
 def _require_tools(runner: Runner, binaries: tuple[str, ...], makefile: Path | None = None) -> None:

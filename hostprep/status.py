@@ -165,7 +165,8 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
         report["transaction"], tx_problems = {"error": err.line()}, [f"transaction state: {err.line()}"]
     problems.extend(tx_problems)
     firewall_problems = [p for p in problems if p.startswith(("IPv", "container ", "ipset ", "nft "))]
-    report["persistence"] = persist.report(store.paths, iface if record else None)
+    # The units were written for the remembered NIC: a flush keeps both (and the units load nothing).
+    report["persistence"] = persist.report(store.paths, iface)
     pers = report["persistence"]
     # While a change waits for confirmation the next boot rolls it back: not what is live.
     pers["matches_live"] = (None if not record else not firewall_problems and nplan.action == "none"
@@ -181,7 +182,30 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
         report["ipv6_parity"] = g4 == g6
         if g4 != g6:
             problems.append(f"IPv6 parity: IPv4 has {', '.join(g4)}; IPv6 has {', '.join(g6)}")
+    report["verdict"] = verdict(report)
     return report
+
+
+# Problems that leave the firewall as it should be: the host is protected, with these below.
+NOT_FIREWALL = ("kernel:", "boot persistence:")
+
+
+def verdict(report: dict) -> dict:
+    """Am I protected?  ``state``: "protected", "not protected" or "pending" (a change waits for
+    'hostprep confirm'); from the problems: any firewall problem (or nothing applied) is
+    "not protected"; kernel drift or stale boot units alone leave it "protected"."""
+    tx = report.get("transaction") or {}
+    pending = tx.get("pending")
+    firewall = [p for p in report["problems"] if not p.startswith(NOT_FIREWALL)
+                and not (pending and p.startswith(f"change {pending.get('id')} "))
+                and not (pending and p.startswith(f"the rollback timer of change {pending.get('id')} "))]
+    if firewall or not report.get("last_apply"):
+        state = "not protected"
+    elif pending:
+        state = "pending"
+    else:
+        state = "protected"
+    return {"state": state, "problems": len(report["problems"]), "firewall_problems": len(firewall)}
 
 
 def kernel_section(store: Store) -> tuple[dict, list[str]]:
@@ -205,7 +229,9 @@ def selinux_section(store: Store) -> tuple[dict, list[str]]:
 
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)
-    warnings = [] if state.runtime == "enforcing" else [f"SELinux is not enforcing: {state.describe()}"]
+    # Not installed at all: the details line says so; advice belongs to apply's refusal.
+    warnings = [] if state.runtime == "enforcing" or not state.installed else \
+        [f"SELinux is not enforcing: {state.describe()}"]
     return state.as_dict(), warnings
 
 

@@ -42,9 +42,21 @@ def ip_network(value: str, field: str) -> ipaddress.IPv4Network | ipaddress.IPv6
     """An IP address or CIDR, normalised (host bits must be zero)."""
     try:
         return ipaddress.ip_network(value, strict=True)
-    except ValueError as err:
-        raise InputError(field, f"{value!r} is not a valid IP address or CIDR ({err})",
-                         "write e.g. 203.0.113.7, 198.51.100.0/24 or 2001:db8::7") from None
+    except ValueError:
+        pass
+    example = "write e.g. 203.0.113.7, 198.51.100.0/24 or 2001:db8::7"
+    try:
+        net = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        address, _, prefix = value.partition("/")
+        try:
+            addr = ipaddress.ip_address(address)
+        except ValueError:
+            raise InputError(field, f"{value!r} is not a valid IP address or CIDR", example) from None
+        raise InputError(field, f"{value!r}: the prefix length /{prefix} is not a number from 0 to "
+                         f"{addr.max_prefixlen} (IPv{addr.version})", example) from None
+    raise InputError(field, f"{value!r} has host bits set", f"write the network {net} (or the one host "
+                     f"{value.partition('/')[0]})")
 
 
 def looks_numeric(value: str) -> bool:
@@ -76,6 +88,9 @@ def ping_source(value: str, field: str = "-p/--ping-from") -> str:
         if net.prefixlen == 0:
             raise InputError(field, f"{value!r} would allow ping from every address",
                              "list the monitoring hosts or their networks")
+        if net.network_address.is_loopback:
+            raise InputError(field, f"{value!r} is a loopback address: no ping from it ever arrives on the "
+                             "external NIC", "give the monitoring host's address")
         if net.version == 6 and net.network_address.ipv4_mapped is not None:
             raise InputError(field, f"{value!r} is an IPv4-mapped IPv6 address",
                              "give the IPv4 address itself")

@@ -302,7 +302,7 @@ def test_confirmed_change_stays_after_the_deadline(t):
     rc_text = t.hp("status", check=False)
     assert rc_text.returncode == 0, rc_text.stderr
     assert "PENDING CONFIRMATION" not in rc_text.stdout
-    assert (f"rollback: 'hostprep rollback' restores the state before change {p['id']}"
+    assert (f"rollback: change {p['id']} ('hostprep rollback' undoes it)"      # 80 columns: issue 15, item 3
             in rc_text.stdout.splitlines())
     report = json.loads(t.hp("status", "--json").stdout)
     assert report["transaction"]["pending"] is None

@@ -600,8 +600,10 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
             path.write_text(content)
     before = tree(etc)
     st = host.hostprep("status", check=False)
-    assert st.stdout.count("boot persistence: hostprep.service enabled, up to date, hostprep-nic@eth1.service, "
-                           "iptables-services drop-ins (iptables, ip6tables)") == 1, st.stdout
+    # two lines at 80 columns (issue 15, item 3)
+    assert st.stdout.count("boot persistence: hostprep.service enabled, up to date\n"
+                           "  hostprep-nic@eth1.service, iptables-services drop-ins (iptables, ip6tables)\n") == 1, \
+        st.stdout
     assert {p for p in FAILSAFE_FILES if (host.root / p).is_file()} == FAILSAFE_FILES
     res = host.hostprep("flush", "--persistent")
     assert res.stdout.splitlines()[-1] == "boot persistence removed: 8 files"

@@ -75,3 +75,15 @@ def test_verify_failure_is_undone_and_nothing_recorded(tmp_path: Path):
     assert store.settings() is None
     journal = (tmp_path / "var/log/hostprep/journal.log").read_text().splitlines()
     assert len(journal) == 1 and "verify failed" in journal[0] and "the previous rules are back" in journal[0]
+
+
+def test_the_journal_says_what_the_load_did(tmp_path: Path):
+    """issue 15, item 4: the journal has apply's action wording, not the differences."""
+    backend = LyingKernelBackend()
+    store = Store(Paths(tmp_path))
+    with pytest.raises(CommandFailed):
+        applymod.apply(backend, store, render.desired(Policy("eth1")), "hostprep apply -i eth1")
+    fields = (tmp_path / "var/log/hostprep/journal.log").read_text().splitlines()[0].split("\t")
+    assert fields[3] == ("IPv4: added 11 chains (44 rules); IPv4: added the jumps from INPUT, FORWARD, OUTPUT; "
+                         "IPv6: added 11 chains (48 rules); IPv6: added the jumps from INPUT, FORWARD, OUTPUT; "
+                         "loaded the nft ingress table on eth1")

@@ -510,9 +510,13 @@ def test_unknown_template_type_lists_the_valid_ones(tmp_path, written):
     env = (variant(tmp_path, "finesse.env", drop=("TEMPLATE_TYPE",)) if written is None
            else variant(tmp_path, "finesse.env", set={"TEMPLATE_TYPE": written}))
     err = error(env=env)
-    shown = written if written else None
+    if not written:     # absent or empty: say it is missing (issue 15, item 8), not "None is not known"
+        assert (err.field, err.problem, err.fix) == (
+            f"TEMPLATE_TYPE in {env}", "TEMPLATE_TYPE is missing", "add TEMPLATE_TYPE=<component>, one of: "
+            + VALID_TEMPLATES)
+        return
     assert (err.field, err.problem, err.fix) == (
-        f"TEMPLATE_TYPE in {env}", f"{shown!r} is not a known component", "one of: " + VALID_TEMPLATES)
+        f"TEMPLATE_TYPE in {env}", f"{written!r} is not a known component", "one of: " + VALID_TEMPLATES)
 
 
 @pytest.mark.parametrize("name", ["a;b", "", "-x", "x" * 64, "a b", "a\n", ".x", "_x", "a/b", "a$(id)", "fin\u00e9sse"])

@@ -47,7 +47,7 @@ def test_enforcing(tmp_path):
     state = read_state(*host(tmp_path, "1", "enforcing"))
     assert state == SelinuxState(True, "enforcing", "enforcing", "targeted", False)
     assert state.describe() == "SELinux enforcing, /etc/selinux/config: SELINUX=enforcing, policy targeted"
-    assert state.as_dict() == {"present": True, "runtime": "enforcing", "configured": "enforcing",
+    assert state.as_dict() == {"present": True, "config_present": True, "runtime": "enforcing", "configured": "enforcing",
                                "policy": "targeted", "reboot_required": False, "differs": False}
 
 
@@ -65,8 +65,8 @@ def test_disabled_no_selinuxfs(tmp_path):
 
 def test_no_selinuxfs_no_config(tmp_path):
     state = read_state(*host(tmp_path, None, None))
-    assert state == SelinuxState(False, "disabled", None, None, False)
-    assert state.describe() == "SELinux disabled (no selinuxfs), /etc/selinux/config: no SELINUX= setting"
+    assert state == SelinuxState(False, "disabled", None, None, False, config_present=False)
+    assert state.describe() == "SELinux disabled (no selinuxfs), /etc/selinux/config: missing"
 
 
 def test_selinuxfs_dir_without_enforce_file(tmp_path):
@@ -192,24 +192,44 @@ def test_check_refuses_disabled_by_kernel_command_line():
         "--ignore-selinux, or NGX_IGNORE_SELINUX=true in the core.env given with --core")
 
 
-def test_ignore_flag_warns():
+def test_ignore_flag_warns_in_one_short_line():
+    # issue 15, item 7: one short line, no advice the admin chose to skip
     assert check_enforcing(DISABLED, True, False) == [
-        "SELinux check skipped by --ignore-selinux: SELinux is disabled (/etc/selinux/config: "
-        "SELINUX=disabled), not enforcing, so its rules do not confine the proxy containers; to enable "
-        "enforcing mode: set SELINUX=enforcing in /etc/selinux/config, run `touch /.autorelabel` and reboot"]
+        "SELinux check skipped (--ignore-selinux): SELinux is disabled, the proxy containers are not confined"]
 
 
 def test_ignore_core_warns():
-    warnings = check_enforcing(PERMISSIVE, False, True)
-    assert len(warnings) == 1
-    assert warnings[0].startswith("SELinux check skipped by NGX_IGNORE_SELINUX=true in core.env (--core): "
-                                  "SELinux is permissive")
+    assert check_enforcing(PERMISSIVE, False, True) == [
+        "SELinux check skipped (NGX_IGNORE_SELINUX=true in core.env (--core)): SELinux is permissive, the proxy "
+        "containers are not confined"]
 
 
 def test_ignore_both_named():
     warnings = check_enforcing(PERMISSIVE, True, True)
-    assert warnings[0].startswith("SELinux check skipped by --ignore-selinux and NGX_IGNORE_SELINUX=true "
-                                  "in core.env (--core): ")
+    assert warnings[0].startswith("SELinux check skipped (--ignore-selinux and NGX_IGNORE_SELINUX=true "
+                                  "in core.env (--core)): ")
+
+
+NOT_INSTALLED = SelinuxState(False, "disabled", None, None, False, config_present=False)
+
+
+def test_not_installed_names_the_packages_not_autorelabel(monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/apt-get" if name == "apt-get" else None)
+    with pytest.raises(RefusedError) as err:
+        check_enforcing(NOT_INSTALLED, False, False)
+    assert str(err.value) == (
+        "SELinux: not installed on this host (no /etc/selinux/config) (to install it: apt-get install "
+        "selinux-basics selinux-policy-default, run selinux-activate, reboot; to skip this check: "
+        "--ignore-selinux, or NGX_IGNORE_SELINUX=true in the core.env given with --core)")
+    assert check_enforcing(NOT_INSTALLED, True, False) == [
+        "SELinux check skipped (--ignore-selinux): SELinux is not installed, the proxy containers are not "
+        "confined"]
+
+
+def test_read_state_without_a_config_file_is_not_installed(tmp_path):
+    state = read_state(tmp_path / "no-selinuxfs", tmp_path / "no-config")
+    assert (state.installed, state.config_present, state.as_dict()["config_present"]) == (False, False, False)
 
 
 def write_core(tmp_path, text):

@@ -1,0 +1,319 @@
+"""How the CLI words and lays out what it prints (part of the CLI: no other module prints).
+
+The functions here build Rich ``Text`` lines and tables from the JSON-able
+reports of ``status`` (and friends); ``cli`` hands them its consoles.  Values are
+never parsed as markup: every line is assembled from (text, style) pieces.
+State words are styled (green live, red missing, yellow pending); Rich drops
+the colours when the output is not a terminal or NO_COLOR is set.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from hostprep.model import GROUPS
+
+GREEN, RED, YELLOW = "green", "red", "yellow"
+VERDICT_STYLE = {"protected": "bold green", "NOT protected": "bold red",
+                 "changes pending confirmation": "bold yellow"}
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 rule``, ``2 rules`` (``words``: an irregular plural)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def limits_text(lim: dict) -> str:
+    """Limits as an admin reads them: ``10 conn, 6/s burst 8`` (per source)."""
+    return f"{lim['connlimit_above']} conn, {lim['hash_upto']}/s burst {lim['hash_burst']}"
+
+
+def short_time(stamp: str | None) -> str:
+    """``2026-12-05T19:39:53+01:00`` -> ``2026-12-05 18:39 UTC``."""
+    from datetime import datetime, timezone
+    if not stamp:
+        return "never"
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    if when.tzinfo is None:
+        return when.strftime("%Y-%m-%d %H:%M")
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# -- status: verdict --------------------------------------------------------
+
+def verdict_line(report: dict) -> Text:
+    v = report["verdict"]
+    word = {"protected": "protected", "not protected": "NOT protected",
+            "pending": "changes pending confirmation"}[v["state"]]
+    nic = report.get("nic") or {}
+    last = report.get("last_apply")
+    parts = []
+    if nic.get("name"):
+        parts.append(nic["name"])
+    parts.append(f"backend {report['backend']}")
+    if last:
+        parts.append(plural(len(report.get("containers") or []), "container"))
+        parts.append(f"applied {short_time(last.get('time'))}")
+    line = Text.assemble((word, VERDICT_STYLE[word]), ": ", ", ".join(parts))
+    if report["problems"]:
+        line.append(f"\n  {plural(len(report['problems']), 'problem')} below")
+    return line
+
+
+# -- status: what is open to whom --------------------------------------------
+
+def open_lines(report: dict) -> list[Text]:
+    """What reaches the host through the external NIC, and from where (as ``ufw status verbose``)."""
+    last = report.get("last_apply")
+    nic = report.get("nic") or {}
+    if not last:
+        return []
+    s = last.get("settings") or {}
+    name = s.get("interface") or nic.get("name")
+    addrs = ", ".join(a.split("/")[0] for a in (nic.get("ipv4") or []) + (nic.get("ipv6") or [])
+                      if not a.startswith("fe80:"))
+    live = report.get("verdict", {}).get("firewall_problems", 0) == 0
+    lines = [Text(f"open on {name}" + (f" ({addrs})" if addrs else "")
+                  + (":" if live else " as recorded, NOT all live:"))]
+    containers = report.get("containers") or []
+    for c in containers:
+        if not c["hardening"]:
+            lines.append(Text.assemble(f"  {c['name']}: tcp {','.join(map(str, c['ports']))} to {c['dest']} ",
+                                       ("CLOSED", RED), " (NGX_IPTABLES_HARDENING=0)"))
+        else:
+            where, _, limits = container_opening(c).partition("; ")
+            lines.append(Text(f"  {c['name']}: {where}"))
+            lines.append(Text(f"    {limits}"))
+    if not containers:
+        lines.append(Text("  no container port ('hostprep container up' opens one)"))
+    ping = s.get("ping_from") or []
+    lines.append(Text("  ping (ICMP echo): " + (f"from {', '.join(ping)} only" if ping else "from nowhere")))
+    lines.append(Text("  everything else dropped, IPv4 and IPv6; SSH in/out dropped"))
+    left_out = [g for g, flag in (("ddos", "skip_ddos"), ("spoof", "allow_private")) if s.get(flag)]
+    if left_out:
+        lines.append(Text(f"  left out: {', '.join(left_out)} group"
+                          + ("s" if len(left_out) > 1 else "") + " (-e/-a)"))
+    return lines
+
+
+# -- status: details -----------------------------------------------------------
+
+def state_text(word: str) -> Text:
+    style = GREEN if word in ("live", "UP", "yes") else RED if word in ("MISSING", "NO") else YELLOW if word == "pending" else ""
+    return Text(word, style)
+
+
+def groups_table(report: dict) -> Table:
+    t = Table(title="hardening groups (packets matched)", title_justify="left", box=None,
+              show_edge=False, pad_edge=False)
+    t.add_column("group", overflow="fold")
+    fams = list(report["families"])
+    for fam in fams:
+        t.add_column(f"IPv{fam}", overflow="fold")
+        t.add_column("packets", justify="right", overflow="fold")
+    for g in GROUPS:
+        row: list = [g]
+        for fam in fams:
+            v = report["families"][fam]["groups"][g]
+            state = ("live" if v["present"] else "MISSING") if v["wanted"] else \
+                ("left out" if report.get("last_apply") else "-")
+            row += [state_text(state), str(v["packets"])]
+        t.add_row(*row)
+    return t
+
+
+def container_state(r: dict) -> list[Text]:
+    """One container: its state, then its counters (packets)."""
+    if r["hardening"]:
+        state = state_text("live" if r["present"] else "MISSING")
+    else:
+        state = Text("hardening off (ports closed)", YELLOW)
+    return [Text.assemble(f"container {r['name']} ({r['template']}): ", state),
+            Text(f"  packets: {r['accepted_within_rate']} accepted, dropped {r['dropped_connlimit']} (conn "
+                 f"limit), {r['dropped_rate']} (rate)"
+                 + (f", {r['dropped_restricted']} (not an LB)" if r["restricted"] else ""))]
+
+
+def container_lines(rows: list[dict]) -> list[Text]:
+    return [line for r in rows for line in container_state(r)]
+
+
+def container_opening(c: dict) -> str:
+    """``tcp 8445 to 198.51.100.10, from anywhere; per source 10 conn, 6/s burst 8; ...``"""
+    ports = ",".join(map(str, c["ports"]))
+    if not c["hardening"]:
+        return f"tcp {ports} to {c['dest']} CLOSED (NGX_IPTABLES_HARDENING=0)"
+    who = f"only from its {plural(c['load_balancers'], 'load balancer')}" if c["restricted"] else "from anywhere"
+    extra = []
+    if c["exempt"]:
+        extra.append(f"{c['exempt']} exempt from limits")
+    if c["load_balancers"] and not c["restricted"]:
+        extra.append(plural(c["load_balancers"], "load balancer"))
+    return (f"tcp {ports} to {c['dest']}, {who}; per source {limits_text(c['limits'])}"
+            + (f"; {', '.join(extra)}" if extra else ""))
+
+
+def containers_listing(rows: list[dict]) -> list[Text]:
+    """``container list``: each container's state, counters, opening and limits, in lines
+    (no table to cut at 80 columns)."""
+    out: list[Text] = []
+    for r in rows:
+        out += container_state(r)
+        where, _, limits = container_opening(r).partition("; ")
+        out.append(Text(f"  {where}"))
+        if limits:
+            out.append(Text(f"  {limits}"))
+    return out
+
+
+def kernel_summary(kern: dict) -> Text:
+    keys = kern["keys"]
+    ok = sum(1 for k in keys if k["state"] == "ok")
+    by_state: dict[str, int] = {}
+    for k in keys:
+        if k["state"] != "ok":
+            by_state[k["state"]] = by_state.get(k["state"], 0) + 1
+    rest = ", ".join(f"{n} {s}" for s, n in sorted(by_state.items()))
+    return Text(f"kernel profile: {ok} of {len(keys)} keys live" + (f" ({rest})" if rest else "")
+                + "; -v lists them")
+
+
+def kernel_table(kern: dict) -> Table:
+    t = Table(title="kernel profile (apply -k)", title_justify="left", box=None, show_edge=False, pad_edge=False)
+    for col in ("key", "desired", "live", "state"):
+        t.add_column(col, overflow="fold")
+    for k in kern["keys"]:
+        word = "live" if k["state"] == "ok" else k["state"]
+        state = state_text(word) if word == "live" else Text(f"{word.upper()}: {k['detail']}",
+                                                             YELLOW if word == "machine-wide" else RED)
+        t.add_row(k["key"], k["desired"], k["live"] or "-", state)
+    return t
+
+
+def kernel_drifts(kern: dict) -> bool:
+    return any(k["state"] in ("drift", "overridden") for k in kern.get("keys") or [])
+
+
+def persistence_lines(report: dict) -> list[Text]:
+    pers = report.get("persistence") or {}
+    tx = report.get("transaction") or {}
+    if not pers:
+        return []
+    if not pers.get("installed"):
+        return [Text("boot persistence: not installed")]
+    kernel = (report.get("kernel") or {}).get("applied")
+    if pers["matches_live"]:
+        nxt = "exactly what is live"
+    elif tx.get("pending"):
+        nxt = "the state before the PENDING change"
+    elif pers["matches_live"] is None:
+        nxt = "no firewall rules (nothing applied)" + (" and re-applies the kernel profile" if kernel else "")
+    else:
+        nxt = "the RECORDED state, which differs from what is live"
+    return [Text.assemble("boot persistence: hostprep.service ",
+                         ("enabled" if pers["enabled"] else ("NOT enabled", RED)), ", ",
+                         ("up to date" if pers["up_to_date"] else ("OUT OF DATE", RED)),
+                         ),
+            *([Text("  " + ", ".join(([pers["nic_unit"]] if pers.get("nic_unit") else [])
+                                     + ([f"iptables-services drop-ins ({', '.join(pers['iptables_dropins'])})"]
+                                        if pers["iptables_dropins"] else [])))]
+              if pers.get("nic_unit") or pers["iptables_dropins"] else []),
+            Text(f"  the next boot loads {nxt}")]
+
+
+def selinux_line(sel: dict) -> Text:
+    runtime = sel["runtime"]
+    if not sel.get("present") and sel.get("config_present") is False:
+        return Text.assemble("SELinux: ", ("not installed", YELLOW), " (no /etc/selinux/config)")
+    return Text.assemble("SELinux: runtime ", (runtime, GREEN if runtime == "enforcing" else YELLOW),
+                         f", configured {sel['configured'] or 'no config'}"
+                         + (f", policy {sel['policy']}" if sel.get("policy") else "")
+                         + (", REBOOT REQUIRED" if sel.get("reboot_required") else ""))
+
+
+def transaction_lines(tx: dict) -> list[Text]:
+    out = []
+    if tx.get("pending"):
+        p = tx["pending"]
+        out.append(Text.assemble(("PENDING CONFIRMATION", "bold yellow"),
+                                 f": change {p['id']} ({p['command']}) is rolled back at {p['deadline']} "
+                                 f"({p['seconds_left']} s left) unless 'hostprep confirm' runs; timer: "
+                                 f"{p['mechanism']}" + ("" if p["timer_alive"] else " (NOT RUNNING)"
+                                                        if p["timer_alive"] is False else "")))
+    if tx.get("rollback_available") and not tx.get("pending"):
+        out.append(Text(f"rollback: change {tx['rollback_available']} ('hostprep rollback' undoes it)"))
+    return out
+
+
+def print_status(out: Console, err: Console, report: dict, *, verbose: bool = False) -> None:
+    """Verdict, then what is open to whom, then the details; problems last (on stderr)."""
+    # 1. the verdict: am I protected?
+    out.print(verdict_line(report))
+    # 2. what is open to whom on the external NIC
+    nic = report.get("nic")
+    if nic and "error" in nic:
+        out.print(Text.assemble("external NIC: ", nic["name"], " ", (f"({nic['error']})", RED)))
+    opened = open_lines(report)
+    if opened:
+        out.print()
+        for line in opened:
+            out.print(line)
+    # 3. details
+    out.print()
+    if nic and "error" not in nic:
+        shown = [a for a in nic["ipv4"] + nic["ipv6"] if not a.startswith("fe80:")]
+        out.print(Text.assemble(f"external NIC: {nic['name']} ", state_text("UP") if nic["up"] else
+                                Text("DOWN", RED), " ", ", ".join(shown)
+                                + (" (and link-local)" if len(shown) < len(nic["ipv4"] + nic["ipv6"]) else "")))
+    ident = (nic or {}).get("identity")
+    if ident and ident.get("recorded"):
+        rec = ident["recorded"]
+        state = {"ok": Text("same device", GREEN), "unverifiable": Text("CANNOT BE VERIFIED", YELLOW),
+                 "missing": Text("NIC MISSING", RED), "renamed": Text(f"RENAMED to {ident.get('now_named')}", RED),
+                 "swapped": Text("ANOTHER DEVICE", RED)}.get(ident["state"], Text(str(ident["state"]), YELLOW))
+        out.print(Text.assemble(f"external NIC identity: {'permanent' if rec['permanent'] else 'random'} MAC "
+                                f"{rec['mac']} at apply: ", state))
+    fs = report.get("failsafe") or {}
+    if fs.get("live"):
+        out.print(Text.assemble(("fail-safe: LIVE", RED), " on " + ", ".join(f"IPv{f}" for f in fs["live"])
+                                + " (HOSTPREP-FAILSAFE; 'hostprep boot' replaces it with the hardening)"))
+    last = report.get("last_apply")
+    if last:
+        s = last["settings"]
+        out.print(f"last apply: {last['time']} -i {s['interface']}"
+                  + (" -e" if s["skip_ddos"] else "") + (" -a" if s["allow_private"] else "")
+                  + "".join(f" -p {p}" for p in s["ping_from"]))
+    out.print(groups_table(report))
+    frag = report.get("fragments")
+    if frag:
+        total = sum(c["packets"] for c in frag["counters"].values())
+        out.print(f"fragments: nft netdev ingress on {frag['device']}, {total} packets dropped")
+    if report.get("ipv6_parity") is not None:
+        out.print(Text.assemble("IPv6 parity: ", state_text("yes") if report["ipv6_parity"] else state_text("NO")))
+    for line in container_lines(report.get("containers") or []):
+        out.print(line)
+    kern = report.get("kernel") or {}
+    if kern.get("applied"):
+        if verbose or kernel_drifts(kern):
+            out.print(kernel_table(kern))
+        else:
+            out.print(kernel_summary(kern))
+    for line in persistence_lines(report):
+        out.print(line)
+    sel = report.get("selinux")
+    if sel:
+        out.print(selinux_line(sel))
+    for line in transaction_lines(report.get("transaction") or {}):
+        out.print(line)
+    for w in report["warnings"]:
+        err.print(Text.assemble(("warning:", YELLOW), " ", w))
+    if report["problems"]:
+        for p in report["problems"]:
+            err.print(Text.assemble(("difference:", RED), " ", p))
+    else:
+        out.print("everything desired is live")
