@@ -6,6 +6,7 @@ unexpected exception becomes one line too (never a traceback).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -850,9 +851,10 @@ def container_up_cmd(
                                   no_installer=no_installer)
     policy = applymod.applied_policy(store)
     info = nicmod.nic_info(policy.interface)
-    c = envfiles.load_container(name, files.env, files.core, files.installer, info.name,
-                                list(info.ipv4 + info.ipv6), key=store.file_key(create=not dry_run),
-                                allow_wide=allow_wide_exempt)
+    with working(f"container {name}: reading and checking the env files"):
+        c = envfiles.load_container(name, files.env, files.core, files.installer, info.name,
+                                    list(info.ipv4 + info.ipv6), key=store.file_key(create=not dry_run),
+                                    allow_wide=allow_wide_exempt)
     if set(files.sources.values()) - {"given", "none"}:
         out.print(f"container {name}: files: {files.describe()}", markup=False)
     for w in envfiles.permission_warnings([p for p in (files.env, files.core, files.installer) if p]):
@@ -965,7 +967,11 @@ def _selinux_run(action: str, working_dir: Path, dry_run: bool) -> None:
         return
     runner: Runner = DryRunner(inner=Runner(timeout=300)) if dry_run else Runner(timeout=300)
     fn = selinux.install if action == "install" else selinux.remove
-    for line in fn(runner, working_dir, state):
+    with working(f"selinux {action}: " + ("compiling and loading the policy module, relabelling "
+                                          if action == "install" else "removing the mappings, relabelling ")
+                 + str(working_dir)):
+        done = fn(runner, working_dir, state)
+    for line in done:
         out.print(line, markup=False)
     if dry_run:
         for argv, _ in runner.recorded:
@@ -1118,6 +1124,17 @@ def print_selftest(report: dict) -> None:
     else:
         say(err, "bold red", "selftest:", f"{report['mismatches']} of {n} probes not as expected "
                   f"({report['seconds']} s)")
+
+
+@contextlib.contextmanager
+def working(what: str):
+    """A spinner with ``what`` on stderr while a step that may take seconds runs (a terminal only;
+    never inside a change: a terminal gone with the SSH session must not fail a load)."""
+    if not err.is_terminal:
+        yield
+        return
+    with err.status(Text(what), spinner="dots"):
+        yield
 
 
 def run_with_progress(work):

@@ -159,3 +159,15 @@ def test_a_dry_run_refuses_while_a_change_waits_for_confirmation(rhel_root):
     for args in (["apply", "-i", "eth1", "--dry-run"], ["apply", "-k", "--dry-run"], ["flush", "--dry-run"],
                  ["flush", "--kernel", "--dry-run"]):
         assert run(*args) == (2, line)
+
+
+def test_a_slow_step_shows_a_spinner_on_a_terminal_only(monkeypatch):
+    """container up with large lists and selinux install say what they are doing (issue 15, item 6)."""
+    import io
+    from rich.console import Console
+    for terminal in (True, False):
+        buf = io.StringIO()
+        monkeypatch.setattr(cli, "err", Console(file=buf, force_terminal=terminal, markup=False, emoji=False))
+        with cli.working("container finesse: reading and checking the env files [1/2]"):
+            time.sleep(0.3)
+        assert ("container finesse: reading and checking the env files [1/2]" in buf.getvalue()) == terminal
