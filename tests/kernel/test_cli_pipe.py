@@ -4,9 +4,10 @@ quietly with 141, for the table (Rich) and for --json (print)."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
-from conftest import PY
+PY = sys.executable
 
 REPO = str(Path(__file__).resolve().parents[2])
 
