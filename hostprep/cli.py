@@ -479,8 +479,16 @@ def persistence_part(store: Store, interface: Optional[str]):
         if changed:
             out.print(f"boot persistence: {persist.UNIT}"
                       + (f" and {persist.nic_instance(interface)}" if interface else "")
-                      + f" enabled ({len(changed)} files written under {store.paths.root / 'etc'})")
+                      + f" enabled ({len(changed)} files written under " + " and ".join(written_under(store, changed))
+                      + ")")
     return report_units
+
+
+def written_under(store: Store, files: list[str]) -> list[str]:
+    """Where the files of the boot persistence went: <root>/etc, and the state directory (fail-safe)."""
+    places = {str(store.paths.state_dir) if Path(f.removeprefix("removed ")).is_relative_to(store.paths.state_dir)
+              else str(store.paths.root / "etc") for f in files}
+    return sorted(places)
 
 
 def report_firewall(info, desired, outcome) -> None:
