@@ -150,10 +150,10 @@ def test_foreign_rules_untouched_by_apply_and_flush(host):
     flushed = host.hostprep("flush")
     # what was done, one item per line, then a summary (issue 15, item 4)
     assert flushed.stdout.splitlines()[:6] == [
-        "  - IPv4: removed 40 rules in 11 chains", "  - IPv4: removed the jumps from INPUT, FORWARD, OUTPUT",
-        "  - IPv6: removed 44 rules in 11 chains", "  - IPv6: removed the jumps from INPUT, FORWARD, OUTPUT",
+        "  - IPv4: removed 44 rules in 11 chains", "  - IPv4: removed the jumps from INPUT, FORWARD, OUTPUT",
+        "  - IPv6: removed 48 rules in 11 chains", "  - IPv6: removed the jumps from INPUT, FORWARD, OUTPUT",
         "  - removed the nft ingress table on eth1",
-        "removed hostprep's rules: 84 rules in 22 chains, 6 jumps and the nft ingress table"]
+        "removed hostprep's rules: 92 rules in 22 chains, 6 jumps and the nft ingress table"]
     assert "the settings stay remembered: 'hostprep apply' brings the hardening back" in flushed.stdout
     assert foreign(host) == before
     assert_nothing_of_hostprep(host)
@@ -397,7 +397,7 @@ def test_disable_works_like_flush(host):
     before = state(host)
     host.apply()
     res = host.hostprep("apply", "-d")
-    assert "removed hostprep's rules: 84 rules in 22 chains, 6 jumps and the nft ingress table" \
+    assert "removed hostprep's rules: 92 rules in 22 chains, 6 jumps and the nft ingress table" \
         in res.stdout.splitlines()
     assert_nothing_of_hostprep(host)
     assert state(host) == before
