@@ -26,6 +26,7 @@ from hostprep.entry import EXIT_SIGINT, broken_pipe
 from hostprep import apply as applymod
 from hostprep import nic as nicmod
 from hostprep import output
+from hostprep import persist
 from hostprep import status as statusmod
 from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
 from hostprep.model import GROUPS, Policy
@@ -1045,7 +1046,8 @@ def sandbox_up(
             fail("apply failed inside the sandbox (see above); remove it with: "
                  f"hostprep sandbox down --name {name}", res.returncode)
     out.print(try_it(box.inet, box.admin)
-              + f"        ip netns exec {box.host} env HOSTPREP_ROOT={root} {sys.executable} -P -m hostprep status\n"
+              + f"        ip netns exec {box.host} env HOSTPREP_ROOT={root} {persist.interpreter()} -P -m hostprep "
+                "status\n"
               f"Remove it: hostprep sandbox down --name {name}")
 
 
