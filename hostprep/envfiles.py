@@ -26,7 +26,8 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from hostprep.errors import InputError
-from hostprep.model import MAX_LIST_ENTRIES, Container, EnvFile, Limits, Network, container_name
+from hostprep.model import (IPV6_SOURCE_PREFIX_DEFAULT, IPV6_SOURCE_PREFIX_MIN, MAX_LIST_ENTRIES, Container, EnvFile,
+                            Limits, Network, container_name)
 
 # TEMPLATE_TYPE -> [(port property, default port)], reference §3.4.
 PORTS: dict[str, list[tuple[str, int]]] = {
@@ -303,7 +304,21 @@ def load_container(name: str, env_path: Path, core_path: Path | None, installer_
     dest = binding_ip(installer, nic_name, nic_addrs)
     files = tuple(EnvFile(str(e.path.resolve()), e.digest, role, e.size, e.mtime)
                   for e, role in ((env, "env"), (core, "core"), (installer, "installer")) if e is not None)
-    return Container(name, template, ports, dest, limits, hardening, restricted, lbs, tuple(exempt), files)
+    return Container(name, template, ports, dest, limits, hardening, restricted, lbs, tuple(exempt), files,
+                     ipv6_source_prefix(env))
+
+
+def ipv6_source_prefix(env: EnvData) -> int:
+    """HOSTPREP_IPV6_SOURCE_PREFIX of the component .env: the prefix length one IPv6 "source" of the
+    limits stands for (48..128, default 64; hostprep/model.py says why).  Not the installer's key: only
+    hostprep reads it."""
+    key, value = "HOSTPREP_IPV6_SOURCE_PREFIX", env.get("HOSTPREP_IPV6_SOURCE_PREFIX")
+    if value is None:
+        return IPV6_SOURCE_PREFIX_DEFAULT
+    if not _INT.fullmatch(value) or not IPV6_SOURCE_PREFIX_MIN <= int(value) <= 128:
+        raise InputError(f"{key} in {env.path}", f"is not in expected format. Input Provided= {value!r}",
+                         f"Expected Format <Integer> from {IPV6_SOURCE_PREFIX_MIN} to 128 (a prefix length). Eg. 64")
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,57 @@ class Limits:
                 "hash_burst": self.hash_burst, "log_limit": self.log_limit, "log_burst": self.log_burst}
 
 
+# IPv6 per-source keys: connlimit and hashlimit count one "source" per /64 by default.
+# A /64 is the smallest prefix an IPv6 network hands to one subscriber (one LAN, one
+# mobile device): keyed on the /128, one client holding a /64 opened 171 connections
+# against a limit of 10 from 19 addresses.  HOSTPREP_IPV6_SOURCE_PREFIX in the
+# component .env changes it (48..128): 128 where many real clients share one /64
+# (an office LAN of agents), shorter where one attacker holds more (a /56 or /48 site).
+IPV6_SOURCE_PREFIX_DEFAULT = 64
+IPV6_SOURCE_PREFIX_MIN = 48
+
+# The bounds of each container port's hashlimit table (issue 12, item 3).  Without them
+# the kernel sizes it from RAM (8,192 buckets, at most 65,536 entries, 10 s expiry on
+# hosts with more than 1 GB) and a spoofed SYN flood of 6,554 new sources a second fills it.
+# When the table is full the kernel drops the packet that would need a new entry
+# (hotdrop: no rule counts it, "xt_hashlimit: max count of N reached" in the kernel log):
+# sources already in the table keep their limits, new sources cannot connect until
+# entries expire.  See LimiterBounds for the why of each value.
+HASHLIMIT_HTABLE_MAX = 131072
+HASHLIMIT_HTABLE_SIZE = HASHLIMIT_HTABLE_MAX // 8
+
+
+@dataclass(frozen=True)
+class LimiterBounds:
+    """The explicit bounds of one hashlimit table (``--hashlimit-htable-*``).
+
+    - ``htable_max`` 131,072 entries: twice the kernel's default, so a spoofed flood
+      must bring max / expire new sources a second (65,536/s with Finesse's limits)
+      before the table is full; at about 128 bytes an entry that is at most 16 MiB
+      of kernel memory per container port.
+    - ``htable_size`` max / 8 buckets: the kernel's own ratio (its default max is 8 x
+      size), so a full table still walks about 8 entries per lookup.
+    - ``htable_expire_ms``: the time an idle source's bucket takes to fill up again
+      (burst / rate), rounded up to whole seconds: an entry that expired earlier
+      would give its source a fresh burst before the limit allows one, one that
+      lives longer holds room a flood needs.  The kernel's 10 s kept a spoofed
+      source 7.5 times longer than needed with Finesse's limits (6/s burst 8: 2 s).
+    """
+
+    htable_size: int
+    htable_max: int
+    htable_expire_ms: int
+
+    @classmethod
+    def for_limits(cls, limits: "Limits") -> "LimiterBounds":
+        refill_s = -(-limits.hash_burst // limits.hash_upto)      # ceil(burst / rate)
+        return cls(HASHLIMIT_HTABLE_SIZE, HASHLIMIT_HTABLE_MAX, 1000 * refill_s)
+
+    def as_dict(self) -> dict:
+        return {"htable_size": self.htable_size, "htable_max": self.htable_max,
+                "htable_expire_ms": self.htable_expire_ms}
+
+
 # The most entries one IP list of an env file may hold (and one container's exempt set):
 # 65,536 is the maxelem hostprep's ipsets are created with (plan.ipset_fill_script), and
 # parsing, loading and comparing a list costs time and memory at every up, status
@@ -318,6 +369,7 @@ class Container:
     load_balancers: tuple[Network, ...] = ()
     exempt: tuple[Network, ...] = ()                       # rate-limit-disable + Cloud Connect clients
     files: tuple[EnvFile, ...] = ()
+    ipv6_source_prefix: int = IPV6_SOURCE_PREFIX_DEFAULT   # HOSTPREP_IPV6_SOURCE_PREFIX
 
     def __post_init__(self) -> None:
         container_name(self.name)
@@ -328,6 +380,9 @@ class Container:
                 raise InputError(self.name, f"port {p!r} is outside 1..65535")
         if len(set(self.ports)) != len(self.ports):
             raise InputError(self.name, "a port is listed twice")
+        p6 = self.ipv6_source_prefix
+        if not isinstance(p6, int) or isinstance(p6, bool) or not IPV6_SOURCE_PREFIX_MIN <= p6 <= 128:
+            raise InputError("HOSTPREP_IPV6_SOURCE_PREFIX", f"{p6!r} is outside {IPV6_SOURCE_PREFIX_MIN}..128")
         if self.restricted and not self.networks("lb"):
             raise InputError("NGX_TRAFFIC_RESTRICTED", f"is true but NGX_LOAD_BALANCER_IPS has no IPv{self.family} "
                              f"address for {self.dest}: nobody could reach the container",
@@ -354,13 +409,26 @@ class Container:
         """ipset names (at most 31 characters): hostprep-<hash>-lb4 / -ex6 ..."""
         return f"{SET_PREFIX}{self.key}-{kind}{self.family}"
 
+    @property
+    def source_prefix(self) -> int:
+        """The prefix length that is one "source" for connlimit and hashlimit: /32 for IPv4,
+        ``ipv6_source_prefix`` (default /64) for IPv6."""
+        return 32 if self.family == 4 else self.ipv6_source_prefix
+
+    @property
+    def limiter(self) -> "LimiterBounds":
+        return LimiterBounds.for_limits(self.limits)
+
     def hashlimit_name(self, port: int) -> str:
         # hashlimit table names have at most 15 characters and are global per netns.
-        # The kernel keeps an existing table's rate and burst when a rule with the
-        # same name is loaded again, so the name changes with them: a new limit
-        # gets a new table (and is enforced), the old one goes with the old rule.
-        lim = self.limits
-        return f"HP_{port}_{_short_hash(f'{self.name}|{self.dest}|{lim.hash_upto}|{lim.hash_burst}', 6)}"
+        # The kernel keeps an existing table's whole configuration (rate, burst, source
+        # mask, size, max, expiry) when a rule with the same name is loaded again, so
+        # the name changes with every one of them: a new option set gets a new table
+        # (and is enforced), the old one goes with the old rule.
+        lim, b = self.limits, self.limiter
+        key = (f"{self.name}|{self.dest}|{lim.hash_upto}|{lim.hash_burst}|/{self.source_prefix}"
+               f"|{b.htable_size}|{b.htable_max}|{b.htable_expire_ms}")
+        return f"HP_{port}_{_short_hash(key, 6)}"
 
     def networks(self, which: str) -> tuple[Network, ...]:
         nets = self.load_balancers if which == "lb" else self.exempt
@@ -379,7 +447,7 @@ class Container:
                 "dest": str(self.dest), "limits": self.limits.as_dict(), "hardening": self.hardening,
                 "restricted": self.restricted, "load_balancers": [str(n) for n in self.load_balancers],
                 "exempt": [str(n) for n in self.exempt],
-                "files": [f.as_dict() for f in self.files]}
+                "files": [f.as_dict() for f in self.files], "ipv6_source_prefix": self.ipv6_source_prefix}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Container":
@@ -387,7 +455,9 @@ class Container:
                    Limits(**d["limits"]), bool(d["hardening"]), bool(d["restricted"]),
                    tuple(ipaddress.ip_network(n) for n in d["load_balancers"]),
                    tuple(ipaddress.ip_network(n) for n in d["exempt"]),
-                   tuple(EnvFile.from_dict(f, i) for i, f in enumerate(d.get("files", []))))
+                   tuple(EnvFile.from_dict(f, i) for i, f in enumerate(d.get("files", []))),
+                   # records before issue 12 have no prefix: the default (/64) applies to them too
+                   int(d.get("ipv6_source_prefix", IPV6_SOURCE_PREFIX_DEFAULT)))
 
     def file(self, role: str) -> "EnvFile | None":
         """The recorded env file of ``role`` (env, core, installer), if any."""

@@ -133,10 +133,20 @@ def container_state(r: dict) -> list[Text]:
         state = state_text("live" if r["present"] else "MISSING")
     else:
         state = Text("hardening off (ports closed)", YELLOW)
-    return [Text.assemble(f"container {r['name']} ({r['template']}): ", state),
-            Text(f"  packets: {r['accepted_within_rate']} accepted, dropped {r['dropped_connlimit']} (conn "
-                 f"limit), {r['dropped_rate']} (rate)"
-                 + (f", {r['dropped_restricted']} (not an LB)" if r["restricted"] else ""))]
+    lines = [Text.assemble(f"container {r['name']} ({r['template']}): ", state),
+             Text(f"  packets: {r['accepted_within_rate']} accepted, dropped {r['dropped_connlimit']} (conn "
+                  f"limit), {r['dropped_rate']} (rate)"
+                  + (f", {r['dropped_restricted']} (not an LB)" if r["restricted"] else ""))]
+    if r["hardening"] and r.get("limiter"):
+        lines.append(Text(limiter_text(r["limiter"], r["source_prefix"])))
+    return lines
+
+
+def limiter_text(b: dict, prefix: int) -> str:
+    """``  limiter: max 131072 sources/port, 16384 buckets, idle 2 s, source /32`` (the hashlimit
+    table's bounds: beyond the max, SYNs from new sources are dropped)."""
+    return (f"  limiter: max {b['htable_max']} sources/port, {b['htable_size']} buckets, "
+            f"idle {b['htable_expire_ms'] / 1000:g} s, source /{prefix}")
 
 
 def container_lines(rows: list[dict]) -> list[Text]:
@@ -154,7 +164,8 @@ def container_opening(c: dict) -> str:
         extra.append(f"{c['exempt']} exempt from limits")
     if c["load_balancers"] and not c["restricted"]:
         extra.append(plural(c["load_balancers"], "load balancer"))
-    return (f"tcp {ports} to {c['dest']}, {who}; per source {limits_text(c['limits'])}"
+    per = "per source" if c.get("source_prefix", 32) in (32, 128) else f"per /{c['source_prefix']} source"
+    return (f"tcp {ports} to {c['dest']}, {who}; {per} {limits_text(c['limits'])}"
             + (f"; {', '.join(extra)}" if extra else ""))
 
 

@@ -301,7 +301,7 @@ def container_widening(before, after) -> list[str]:
     ``before``/``after``: model.Container (the record, the new one).  Widening:
     hardening switched on (ports opened) or off (the container's limits removed),
     restricted mode off, load-balancer or exempt entries added, connection or rate
-    limits raised, ports added, another destination.  Narrowing changes are not listed.
+    limits raised, a longer IPv6 source prefix, ports added, another destination.  Narrowing changes are not listed.
     """
     def show(nets) -> str:
         items = [str(n) for n in nets]
@@ -335,4 +335,8 @@ def container_widening(before, after) -> list[str]:
                                 ("IPTABLES_HASH_LIMIT_BURST", b.hash_burst, a.hash_burst)):
         if new_v > old_v:
             out.append(f"{label} raised {old_v} -> {new_v}")
+    # A longer IPv6 source prefix splits one client's prefix into more sources, each with the limits.
+    if after.family == 6 and after.source_prefix > (before.source_prefix if before.family == 6 else 128):
+        out.append(f"HOSTPREP_IPV6_SOURCE_PREFIX raised {before.source_prefix} -> {after.source_prefix}: "
+                   f"each /{after.source_prefix} gets the limits, not each /{before.source_prefix}")
     return out

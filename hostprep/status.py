@@ -67,6 +67,8 @@ def _container_report(c, observed: planmod.Observed | None, desired_rs) -> dict:
     return {
         "name": c.name, "template": c.template, "ports": list(c.ports), "dest": str(c.dest),
         "hardening": c.hardening, "restricted": c.restricted, "limits": c.limits.as_dict(),
+        # what one "source" of the limits is (a /32, an IPv6 /64...) and the hashlimit table's bounds
+        "source_prefix": c.source_prefix, "limiter": c.limiter.as_dict(),
         "load_balancers": len(c.networks("lb")), "exempt": len(c.networks("ex")),
         "present": (want is not None and live == want.specs) if c.hardening else None,
         "accepted_within_rate": packets("within rate"),

@@ -707,7 +707,7 @@ def test_ipv6_container_open_with_limits(host, tmp_path):
     assert chain("fin6") in host.observed(6).chains and chain("fin6") not in host.observed(4).chains
     assert dispatch_rules(host, "fin6", 6) == [f"-m conntrack --ctorigdst {HOST_EXT6} -j {chain('fin6')}"]
     specs = host.observed(6).chain_specs(chain("fin6"))
-    assert len([s for s in specs if "--connlimit-mask 128 " in s]) == 2
+    assert len([s for s in specs if "--connlimit-mask 64 " in s]) == 2     # one source: a /64
     # open on IPv6 ...
     first = host.probe1(host.box.inet, **tcp(HOST_EXT6, 8445, ANSWER, src=SRC6_A))
     assert first["reply"] == "RA"
@@ -724,6 +724,83 @@ def test_ipv6_container_open_with_limits(host, tmp_path):
     assert ccount(host, "fin6", "rate drop", 6) == b.count("timeout")
     assert ccount(host, "fin6", "connlimit drop", 6) == 0
     assert deny_count(host, 6) == 0
+
+
+# --------------------------------------------------------------------------- issue 12 item 4: IPv6 sources by /64
+
+OTHER64 = "2001:db8:f:1::7"     # another /64 than SRC6_A and SRC6_B (2001:db8:f::/64)
+
+
+def test_ipv6_sources_in_one_64_share_the_rate_limit_another_64_does_not(host, tmp_path):
+    """Two addresses of 2001:db8:f::/64 draw on one bucket (burst 3); 2001:db8:f:1::7 has its own."""
+    host.run(host.box.inet, ["ip", "addr", "add", f"{OTHER64}/128", "dev", "eth0", "nodad"])
+    host.apply()
+    burst_size, rate, sent = 3, 1, 5
+    installer = env_file(tmp_path, "installer.env", PROXY_BINDING_IP=HOST_EXT6)
+    up(host, "fin6", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=BIG, IPTABLES_HASH_LIMIT_UPTO=rate,
+                                 IPTABLES_HASH_LIMIT_BURST=burst_size), installer=installer)
+    res = burst(host, HOST_EXT6, 8445, [SRC6_A, SRC6_B], sent)
+    a, b = res["outcomes"][SRC6_A], res["outcomes"][SRC6_B]
+    lo, hi = accepted_bounds(burst_size, rate, res["elapsed"])
+    shared = a.count("refused") + b.count("refused")
+    assert set(a) | set(b) <= {"refused", "timeout"} and lo <= shared <= hi, res    # /128 keys: 6 of 10
+    other = burst(host, HOST_EXT6, 8445, [OTHER64], sent)
+    c = other["outcomes"][OTHER64]
+    lo_c, hi_c = accepted_bounds(burst_size, rate, other["elapsed"])
+    assert set(c) <= {"refused", "timeout"} and lo_c <= c.count("refused") <= hi_c, other
+    assert ccount(host, "fin6", "within rate", 6) == shared + c.count("refused")
+    assert ccount(host, "fin6", "rate drop", 6) == 3 * sent - shared - c.count("refused")
+    # HOSTPREP_IPV6_SOURCE_PREFIX=128: every address its own source again (a new hashlimit table)
+    up(host, "fin6", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=BIG, IPTABLES_HASH_LIMIT_UPTO=rate,
+                                 IPTABLES_HASH_LIMIT_BURST=burst_size, HOSTPREP_IPV6_SOURCE_PREFIX=128),
+       None, installer, "-y")
+    res = burst(host, HOST_EXT6, 8445, [SRC6_A, SRC6_B], sent)
+    lo, hi = accepted_bounds(burst_size, rate, res["elapsed"])
+    assert [lo <= res["outcomes"][s].count("refused") <= hi for s in (SRC6_A, SRC6_B)] == [True, True], res
+    assert host.hostprep("status", "--json", check=False).returncode == 0
+
+
+def test_ipv6_sources_in_one_64_share_the_connection_limit(host, tmp_path):
+    """Connection limit 2 per /64: A holds 2, B (same /64) gets no answer, 2001:db8:f:1::7 connects."""
+    host.run(host.box.inet, ["ip", "addr", "add", f"{OTHER64}/128", "dev", "eth0", "nodad"])
+    host.apply()
+    limit = 2
+    installer = env_file(tmp_path, "installer.env", PROXY_BINDING_IP=HOST_EXT6)
+    up(host, "fin6", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=limit, IPTABLES_HASH_LIMIT_UPTO=100,
+                                 IPTABLES_HASH_LIMIT_BURST=100), installer=installer)
+    listener = holder = None
+    try:
+        listener = Bg(host.box.host, LISTENER, HOST_EXT6, "8445")
+        assert listener.readline() == "listening", listener.stderr()
+        holder = Bg(host.box.inet, HOLDER, HOST_EXT6, "8445", SRC6_A, str(limit))
+        assert json.loads(holder.readline()) == ["connected"] * limit
+        same64 = host.probe1(host.box.inet, kind="connect", dst=HOST_EXT6, port=8445, src=SRC6_B, timeout=QUIET)
+        other = host.probe1(host.box.inet, kind="connect", dst=HOST_EXT6, port=8445, src=OTHER64, timeout=ANSWER)
+        assert (same64["answered"], other) == (False, {"answered": True, "reply": "connected"})
+        assert ccount(host, "fin6", "connlimit drop", 6) == 1
+        listener.send("stop")
+        assert listener.readline() == str(limit + 1)
+    finally:
+        kill_all(holder, listener)
+
+
+def test_container_rules_with_limiter_bounds_read_back_exactly(host, tmp_path):
+    """The hashlimit table options and the IPv6 source masks are written as iptables-save prints them:
+    status finds the containers live, a second up changes nothing, and the kernel has the bounds."""
+    host.apply()
+    up(host, "fin", finesse_env(tmp_path))
+    installer = env_file(tmp_path, "installer.env", PROXY_BINDING_IP=HOST_EXT6)
+    up(host, "fin6", finesse_env(tmp_path, "fin6.env"), None, installer)
+    report = json.loads(host.hostprep("status", "--json", check=False).stdout)
+    assert [(c["name"], c["present"], c["source_prefix"], c["limiter"]) for c in report["containers"]] == [
+        (n, True, p, {"htable_size": 16384, "htable_max": 131072, "htable_expire_ms": 2000})
+        for n, p in (("fin", 32), ("fin6", 64))]
+    assert report["problems"] == []
+    again = up(host, "fin6", finesse_env(tmp_path, "fin6.env"), None, installer)
+    assert "0 rules added, 0 removed" in again.stdout
+    (rule6,) = [s for s in host.observed(6).chain_specs(chain("fin6")) if "--hashlimit-name" in s]
+    assert "--hashlimit-htable-size 16384 --hashlimit-htable-max 131072 --hashlimit-htable-expire 2000 " \
+        "--hashlimit-srcmask 64 -m comment" in rule6
 
 
 # --------------------------------------------------------------------------- issue 10 item 7: re-up

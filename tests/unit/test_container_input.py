@@ -142,6 +142,14 @@ def test_each_kind_of_widening_is_listed():
         "IPTABLES_HASH_LIMIT_BURST raised 8 -> 9"]
 
 
+def test_longer_ipv6_source_prefix_is_a_widening_shorter_is_not():
+    six = dict(dest=ipaddress.ip_address("2001:db8::10"), load_balancers=(), restricted=False)
+    assert (widening(make(**six), make(ipv6_source_prefix=128, **six)),
+            widening(make(ipv6_source_prefix=128, **six), make(ipv6_source_prefix=56, **six)),
+            widening(make(), make(ipv6_source_prefix=128))) == (
+        ["HOSTPREP_IPV6_SOURCE_PREFIX raised 64 -> 128: each /128 gets the limits, not each /64"], [], [])
+
+
 def test_hardening_switched_either_way_is_listed():
     assert widening(make(), make(hardening=False)) == [
         "NGX_IPTABLES_HARDENING 1 -> 0: the container's limits, exemptions and load-balancer restriction are "

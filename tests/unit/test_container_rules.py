@@ -120,6 +120,7 @@ def test_hashlimit_accept(three):
     assert specs(three, FIN)[4] == (
         f"-p tcp -m conntrack --ctorigdstport 8445 {SYN} -m hashlimit --hashlimit-upto 6/sec "
         f"--hashlimit-burst 8 --hashlimit-mode srcip,dstport --hashlimit-name {FIN.hashlimit_name(8445)} "
+        "--hashlimit-htable-size 16384 --hashlimit-htable-max 131072 --hashlimit-htable-expire 2000 "
         '-m comment --comment "hostprep containers: finesse within rate" -j ACCEPT')
 
 
@@ -145,8 +146,70 @@ def test_limits_reach_the_rules():
         (None, None, None, "5/min", "3"), (None, None, None, None, None)]
 
 
-def test_ipv6_connlimit_mask_is_128(three):
-    assert [option(s, "--connlimit-mask") for s in specs(three, IDS6) if "connlimit" in s] == ["128", "128"]
+def test_ipv6_connlimit_mask_is_64_by_default(three):
+    assert [option(s, "--connlimit-mask") for s in specs(three, IDS6) if "connlimit" in s] == ["64", "64"]
+
+
+def test_ipv6_hashlimit_srcmask_is_64_ipv4_writes_none(three):
+    """iptables-save omits --hashlimit-srcmask 32 for IPv4 (its default) and prints 64 for IPv6 after
+    the table options: written the same way."""
+    assert ([option(s, "--hashlimit-srcmask") for s in specs(three, IDS6) if "--hashlimit-name" in s],
+            [option(s, "--hashlimit-srcmask") for s in specs(three, FIN) if "--hashlimit-name" in s],
+            [option(s, "--connlimit-mask") for s in specs(three, FIN) if "connlimit" in s]) == (
+        ["64"], [None], ["32", "32"])
+    assert specs(three, IDS6)[-3].split(" -m comment")[0].endswith(
+        "--hashlimit-htable-size 16384 --hashlimit-htable-max 131072 --hashlimit-htable-expire 2000 "
+        "--hashlimit-srcmask 64")
+
+
+def test_ipv6_source_prefix_property_reaches_both_limits():
+    c = make("ids", "ids", (8553,), "2001:db8::10", ipv6_source_prefix=128)
+    s = specs(render.desired(POLICY, (c,)), c)
+    assert ([option(x, "--connlimit-mask") for x in s if "connlimit" in x],
+            [option(x, "--hashlimit-srcmask") for x in s if "--hashlimit-name" in x]) == (["128", "128"], ["128"])
+
+
+@pytest.mark.parametrize("value", [47, 129, 0, True, "64"])
+def test_ipv6_source_prefix_outside_48_128_refused(value):
+    with pytest.raises(InputError) as err:
+        make("ids", "ids", (8553,), "2001:db8::10", ipv6_source_prefix=value)
+    assert (err.value.field, err.value.problem) == ("HOSTPREP_IPV6_SOURCE_PREFIX", f"{value!r} is outside 48..128")
+
+
+def test_ipv6_source_prefix_from_the_component_env(tmp_path):
+    inst = tmp_path / "installer.env"
+    inst.write_text("PROXY_BINDING_IP=2001:db8::10\n")
+    env = tmp_path / "finesse.env"
+    got = []
+    for line in ("", "HOSTPREP_IPV6_SOURCE_PREFIX=56\n", "HOSTPREP_IPV6_SOURCE_PREFIX=128\n"):
+        env.write_text("TEMPLATE_TYPE=finesse\n" + line)
+        got.append(envfiles.load_container("fin6", env, None, inst, "eth1", ["2001:db8::10/64"]).ipv6_source_prefix)
+    assert got == [64, 56, 128]
+    for bad in ("47", "129", "/64", "64x"):
+        env.write_text(f"TEMPLATE_TYPE=finesse\nHOSTPREP_IPV6_SOURCE_PREFIX={bad}\n")
+        with pytest.raises(InputError) as err:
+            envfiles.load_container("fin6", env, None, inst, "eth1", ["2001:db8::10/64"])
+        assert (err.value.field, err.value.problem, err.value.fix) == (
+            f"HOSTPREP_IPV6_SOURCE_PREFIX in {env}", f"is not in expected format. Input Provided= {bad!r}",
+            "Expected Format <Integer> from 48 to 128 (a prefix length). Eg. 64")
+
+
+def test_limiter_bounds_explicit_and_expiry_follows_the_refill_time():
+    """Expiry: ceil(burst / rate) seconds, the time an idle source's bucket takes to be full again."""
+    assert [make(limits=Limits(10, upto, burst, 1, 1)).limiter.as_dict() for upto, burst in
+            ((6, 8), (2, 4), (20, 25), (1, 10000), (1000, 1))] == [
+        {"htable_size": 16384, "htable_max": 131072, "htable_expire_ms": ms}
+        for ms in (2000, 2000, 2000, 10_000_000, 1000)]
+
+
+def test_hashlimit_name_changes_with_every_table_option():
+    """The kernel keeps a table's options under its name: a new option set needs a new name."""
+    base = make(dest="2001:db8::10")
+    names = {base.hashlimit_name(443), make(dest="2001:db8::10", ipv6_source_prefix=128).hashlimit_name(443),
+             make(dest="2001:db8::10", limits=Limits(10, 6, 9, 1, 1)).hashlimit_name(443),
+             make(dest="2001:db8::10", limits=Limits(10, 7, 8, 1, 1)).hashlimit_name(443)}
+    assert (len(names), make(dest="2001:db8::10", limits=Limits(99, 6, 8, 5, 5)).hashlimit_name(443)) == (
+        4, base.hashlimit_name(443))
 
 
 def test_restricted_accepts_load_balancers_then_drops(three):
@@ -497,7 +560,14 @@ def test_container_as_dict():
         "limits": {"connlimit_above": 10, "hash_upto": 6, "hash_burst": 8, "log_limit": 1, "log_burst": 1},
         "hardening": True, "restricted": False, "load_balancers": ["198.51.100.0/24"],
         "exempt": ["203.0.113.7/32"], "files": [{"path": "/opt/proxy/finesse.env", "role": "env", "size": 120,
-                                                 "mtime": 1700000000.5, "hmac": "ab" * 32, "sha256": ""}]}
+                                                 "mtime": 1700000000.5, "hmac": "ab" * 32, "sha256": ""}],
+        "ipv6_source_prefix": 64}
+
+
+def test_container_record_before_the_prefix_key_reads_as_64():
+    d = make(dest="2001:db8::10", ipv6_source_prefix=128).as_dict()
+    del d["ipv6_source_prefix"]
+    assert (Container.from_dict(d).ipv6_source_prefix, Container.from_dict(d).source_prefix) == (64, 64)
 
 
 def test_legacy_record_files_get_roles_and_lose_the_plain_hash():
