@@ -290,7 +290,10 @@ class LimiterBounds:
       (burst / rate), rounded up to whole seconds: an entry that expired earlier
       would give its source a fresh burst before the limit allows one, one that
       lives longer holds room a flood needs.  The kernel's 10 s kept a spoofed
-      source 7.5 times longer than needed with Finesse's limits (6/s burst 8: 2 s).
+      source 5 times longer than needed with Finesse's limits (6/s burst 8: 2 s).
+      At least 2 s: iptables-save leaves out an expiry of exactly 1000 ms (measured,
+      both variants), so a 1 s rule could not be compared line by line; the kernel's
+      garbage collection runs once a second, so 1 s would not be kept exactly anyway.
     """
 
     htable_size: int
@@ -300,7 +303,7 @@ class LimiterBounds:
     @classmethod
     def for_limits(cls, limits: "Limits") -> "LimiterBounds":
         refill_s = -(-limits.hash_burst // limits.hash_upto)      # ceil(burst / rate)
-        return cls(HASHLIMIT_HTABLE_SIZE, HASHLIMIT_HTABLE_MAX, 1000 * refill_s)
+        return cls(HASHLIMIT_HTABLE_SIZE, HASHLIMIT_HTABLE_MAX, 1000 * max(2, refill_s))
 
     def as_dict(self) -> dict:
         return {"htable_size": self.htable_size, "htable_max": self.htable_max,

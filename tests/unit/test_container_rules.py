@@ -195,11 +195,12 @@ def test_ipv6_source_prefix_from_the_component_env(tmp_path):
 
 
 def test_limiter_bounds_explicit_and_expiry_follows_the_refill_time():
-    """Expiry: ceil(burst / rate) seconds, the time an idle source's bucket takes to be full again."""
+    """Expiry: ceil(burst / rate) seconds, the time an idle source's bucket takes to be full again, at
+    least 2 s (iptables-save omits an expiry of 1000 ms); then 3 s (rate 1, burst 3)."""
     assert [make(limits=Limits(10, upto, burst, 1, 1)).limiter.as_dict() for upto, burst in
-            ((6, 8), (2, 4), (20, 25), (1, 10000), (1000, 1))] == [
+            ((6, 8), (2, 4), (20, 25), (1, 10000), (1000, 1), (1, 3))] == [
         {"htable_size": 16384, "htable_max": 131072, "htable_expire_ms": ms}
-        for ms in (2000, 2000, 2000, 10_000_000, 1000)]
+        for ms in (2000, 2000, 2000, 10_000_000, 2000, 3000)]
 
 
 def test_hashlimit_name_changes_with_every_table_option():
