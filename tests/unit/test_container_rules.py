@@ -163,10 +163,14 @@ def test_ipv6_hashlimit_srcmask_is_64_ipv4_writes_none(three):
 
 
 def test_ipv6_source_prefix_property_reaches_both_limits():
+    """/128 is hashlimit's IPv6 default, which iptables-save leaves out: not written; /56 is."""
+    c56 = make("ids", "ids", (8553,), "2001:db8::10", ipv6_source_prefix=56)
+    assert [option(x, "--hashlimit-srcmask") for x in specs(render.desired(POLICY, (c56,)), c56)
+            if "--hashlimit-name" in x] == ["56"]
     c = make("ids", "ids", (8553,), "2001:db8::10", ipv6_source_prefix=128)
     s = specs(render.desired(POLICY, (c,)), c)
     assert ([option(x, "--connlimit-mask") for x in s if "connlimit" in x],
-            [option(x, "--hashlimit-srcmask") for x in s if "--hashlimit-name" in x]) == (["128", "128"], ["128"])
+            [option(x, "--hashlimit-srcmask") for x in s if "--hashlimit-name" in x]) == (["128", "128"], [None])
 
 
 @pytest.mark.parametrize("value", [47, 129, 0, True, "64"])
