@@ -87,7 +87,11 @@ CONNLIMIT_BUDGET = 12.0  # seconds the connection-limit probe of one container m
 # The extra addresses selftest gives the sandbox (documentation ranges only).
 # Fresh probe sources, added to the inet peer as they are needed (two ranges each, in case
 # a -p network or a container's exempt list covers one of them).
-POOLS = {4: ("203.0.113.32/27", "198.51.100.128/26"), 6: ("2001:db8:f::100/120", "2001:db8:e::100/120")}
+# Probe sources of the container probes.  IPv6: one address (::100) in each /48 of
+# 2001:db8:100::/40, so that no two probes are one source of a container's limits
+# whatever its HOSTPREP_IPV6_SOURCE_PREFIX (48..128; the default /64 groups by /64).
+POOLS = {4: ("203.0.113.32/27", "198.51.100.128/26"), 6: ("2001:db8:100::/40",)}
+POOL6_PREFIX = 48
 BIND4 = [f"198.51.100.{n}" for n in range(10, 20)]    # binding IPs on the sandbox host's eth1
 BIND6 = [f"2001:db8:e::{n}" for n in range(10, 20)]
 INTERNAL = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64"))
@@ -381,12 +385,14 @@ def other_ping_source(s: Settings, family: int) -> str | None:
 
 
 class Sources:
-    """Fresh probe source addresses for the container probes (each limit gets a source of its own)."""
+    """Fresh probe source addresses for the container probes (each limit gets a source of its own;
+    an IPv6 one in a /48 of its own: see POOLS)."""
 
     def __init__(self, avoid: tuple[Network, ...]) -> None:
         self.avoid = avoid
-        self._iters = {fam: (a for net in nets for a in ipaddress.ip_network(net).hosts())
-                       for fam, nets in POOLS.items()}
+        self._iters = {4: (a for net in POOLS[4] for a in ipaddress.ip_network(net).hosts()),
+                       6: (sub[0x100] for net in POOLS[6]
+                           for sub in ipaddress.ip_network(net).subnets(new_prefix=POOL6_PREFIX))}
 
     def maybe(self, family: int) -> str | None:
         for addr in self._iters[family]:

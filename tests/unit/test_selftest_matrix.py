@@ -554,3 +554,11 @@ def test_cli_refuses_a_bad_interface_name_in_one_line(monkeypatch):
     assert res.exit_code == 2
     assert len(res.output.strip().splitlines()) == 1
     assert res.output.startswith("error: -i/--interface: 'eth1;reboot' is not a valid interface name")
+
+
+def test_ipv6_probe_sources_each_in_a_48_of_its_own():
+    """A container's IPv6 limits key on a prefix (48..128, /64 by default): two probes from one
+    /64 would share a bucket and a connection count."""
+    src = st.Sources(())
+    got = [ipaddress.ip_network(f"{src.fresh(6)}/48", strict=False) for _ in range(20)]
+    assert (len(set(got)), all(n.subnet_of(ipaddress.ip_network("2001:db8::/32")) for n in got)) == (20, True)
