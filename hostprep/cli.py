@@ -401,12 +401,8 @@ def apply_cmd(
     # Every guard runs before any change, and for a dry run too: a dry run refuses
     # (same line, same exit code) where the real run would.
     selinux_warnings: list[str] = []
-    try:
+    with unreadable_in_dry_run(dry_run, "the SELinux state cannot be read; the real run checks it"):
         selinux_warnings = selinux_gate(store, ignore_selinux, core)
-    except StateError:
-        if not dry_run or applymod.is_root():
-            raise
-        out.print("(not root: the SELinux state cannot be read; the real run checks it)")
     if do_kernel:
         # -i ... -k must not load the firewall and then refuse the kernel part.
         rp_filter_guard(Runner(), force)
@@ -504,15 +500,23 @@ def report_firewall(info, desired, outcome) -> None:
               f"IPv6 {desired.v6.rule_count} rules, fragments {'dropped' if desired.nft else 'not handled (-e)'})")
 
 
-def pending_guard(store: Store, dry_run: bool) -> None:
-    """A change waiting for 'hostprep confirm' blocks the next one (a dry run says so the same way)."""
-    from hostprep import txn
+@contextlib.contextmanager
+def unreadable_in_dry_run(dry_run: bool, what: str):
+    """A state file root alone can read: an error for a real run (or as root), a note for a
+    dry run without root (which changes nothing and shows what it can)."""
     try:
-        txn.refuse_if_pending(store)
+        yield
     except StateError:
         if not dry_run or applymod.is_root():
             raise
-        out.print("(not root: whether a change waits for confirmation cannot be read)")
+        out.print(f"(not root: {what})")
+
+
+def pending_guard(store: Store, dry_run: bool) -> None:
+    """A change waiting for 'hostprep confirm' blocks the next one (a dry run says so the same way)."""
+    from hostprep import txn
+    with unreadable_in_dry_run(dry_run, "whether a change waits for confirmation cannot be read"):
+        txn.refuse_if_pending(store)
 
 
 def nic_switch_guard(store: Store, info: nicmod.NicInfo, containers: tuple, *, yes: bool,
@@ -560,13 +564,10 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
         say(err, "yellow", "warning:", f"conntrack is not tracking this namespace yet: {at_risk} established "
                   f"TCP connection(s) on {info.name} will be classified NEW without SYN and dropped")
     be = applymod.default_backend(runner, backend)
-    try:
+    containers: tuple = ()
+    with unreadable_in_dry_run(dry_run, "the containers that are up cannot be read; showing the base hardening "
+                               "only"):
         containers = tuple(store.containers().values())
-    except StateError:
-        if not dry_run or applymod.is_root():
-            raise
-        out.print("(not root: the containers that are up cannot be read; showing the base hardening only)")
-        containers = ()
     moving_from = nic_switch_guard(store, info, containers, yes=yes, switch_nic=switch_nic)
     desired = applymod.build_desired(policy, containers)
     if dry_run:

@@ -25,13 +25,8 @@ PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 def python_module(module: str) -> list[str]:
     """argv of a child interpreter running ``module``: ``-P`` keeps the caller's current
     directory off sys.path (a ``hostprep/`` planted there by another user never runs as
-    root); run it with ``cwd="/"`` and ``PYTHONPATH=PACKAGE_PARENT`` (see child_env)."""
+    root); run it with ``cwd="/"`` and ``PYTHONPATH=PACKAGE_PARENT``."""
     return [sys.executable, "-P", "-m", module]
-
-
-def child_env() -> dict[str, str]:
-    """The PYTHONPATH a child interpreter needs to import the hostprep that is running."""
-    return {"PYTHONPATH": PACKAGE_PARENT}
 
 
 @dataclass(frozen=True)

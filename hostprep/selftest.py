@@ -789,10 +789,6 @@ class InSandbox:
         return self.runner.run(prefix + argv, input=input, check=check, mutates=True, cwd="/")
 
 
-def package_parent() -> str:
-    return PACKAGE_PARENT
-
-
 def read_counters(sb: InSandbox, variant: str, families: tuple[int, ...]) -> Counters:
     from hostprep.backend import Backend, parse_nft_listing
     be = Backend(sb.runner, variant)
@@ -808,7 +804,7 @@ def send(sb: InSandbox, role: str, probes: list[Probe]) -> dict[str, list[dict]]
     batch = [p.probe for p in probes for _ in range(p.repeat)]
     if not batch:
         return {}
-    res = sb.run(role, python_module("hostprep.probe"), env={"PYTHONPATH": package_parent()},
+    res = sb.run(role, python_module("hostprep.probe"), env={"PYTHONPATH": PACKAGE_PARENT},
                  input=json.dumps(batch), check=False)
     if res.returncode != 0:
         lines = (res.stderr or res.stdout).strip().splitlines()
@@ -827,7 +823,7 @@ def send(sb: InSandbox, role: str, probes: list[Probe]) -> dict[str, list[dict]]
 def hostprep_in_sandbox(sb: InSandbox, root: Path, variant: str, args: list[str]):
     """``python -m hostprep ARGS`` in the sandbox host with the temporary state root."""
     res = sb.run("host", [*python_module("hostprep"), *args],
-                 env={"HOSTPREP_ROOT": str(root), "HOSTPREP_BACKEND": variant, "PYTHONPATH": package_parent()},
+                 env={"HOSTPREP_ROOT": str(root), "HOSTPREP_BACKEND": variant, "PYTHONPATH": PACKAGE_PARENT},
                  unset=("HOSTPREP_SELINUXFS",), check=False)
     if res.returncode != 0:
         lines = [ln for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()]

@@ -40,7 +40,7 @@ from hostprep import plan as planmod
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError, StateError
 from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset
 from hostprep.netns import same_netns_as_init
-from hostprep.runner import Runner, child_env, python_module
+from hostprep.runner import PACKAGE_PARENT, Runner, python_module
 from hostprep.state import Store, now, read_json, write_atomic
 
 SNAPSHOT_VERSION = 1
@@ -409,7 +409,7 @@ def _env_for_child() -> dict[str, str]:
     keep = ("HOSTPREP_ROOT", "HOSTPREP_BACKEND", "HOSTPREP_PROC_SYS", "HOSTPREP_PROC_SYS_NONNET",
             "HOSTPREP_SELINUXFS", "HOSTPREP_LOCK_TIMEOUT", "PYTHONPATH", "PATH")
     env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.setdefault("PYTHONPATH", child_env()["PYTHONPATH"])
+    env.setdefault("PYTHONPATH", PACKAGE_PARENT)
     return env
 
 
