@@ -68,7 +68,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hostprep import render  # noqa: E402
-from hostprep.backend import normalise_nft  # noqa: E402
+from hostprep.observed import normalise_nft  # noqa: E402
 from hostprep.model import PREFIX, Desired, PingSource, Policy, Ruleset  # noqa: E402
 from hostprep.runner import Runner  # noqa: E402
 from hostprep.sandbox import EXT, Sandbox  # noqa: E402

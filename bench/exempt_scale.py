@@ -111,7 +111,8 @@ if str(REPO) not in sys.path:
 
 from hostprep import envfiles  # noqa: E402
 from hostprep.model import Container, IpSet, Limits  # noqa: E402
-from hostprep.plan import TEMP_SUFFIX, ipset_fill_script, ipset_swap_script, parse_save  # noqa: E402
+from hostprep.plan import TEMP_SUFFIX, ipset_fill_script, ipset_swap_script  # noqa: E402
+from hostprep.observed import parse_save  # noqa: E402
 from hostprep.runner import Runner  # noqa: E402
 from hostprep.sandbox import EXT, HOST_EXT4, INET_EXTRA4, Sandbox  # noqa: E402
 

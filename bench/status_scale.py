@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from hostprep import apply as applymod  # noqa: E402
+from hostprep import records  # noqa: E402
+from hostprep.observed import LiveState  # noqa: E402
 from hostprep import plan as planmod  # noqa: E402
 from hostprep import render, status  # noqa: E402
 from hostprep.backend import Backend  # noqa: E402
@@ -83,7 +84,7 @@ def one(n: int) -> tuple[float, dict]:
                       Limits(10, 6, 8, 1, 1), exempt=exempt)
         desired = render.desired(Policy("eth1"), (c,))
         store.save_container(c)
-        store.save_applied(applymod.record_dict(desired, applymod.Snapshot({}, None), "nft"))
+        store.save_applied(records.record_dict(desired, LiveState({}, None), "nft"))
         runner = Canned({"4": save_text(desired, 4), "6": save_text(desired, 6),
                          "ipset": planmod.ipset_fill_script(desired.sets)})
         be = Backend(runner, "nft", proc=root / "proc")

@@ -10,13 +10,11 @@ filter table when asked for one, so /proc/net/ip*_tables_names is read first.
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from hostprep.errors import CommandFailed, InputError
 from hostprep.model import SET_PREFIX
-from hostprep.plan import Counter, Observed, parse_ipset_save, parse_save
+from hostprep.observed import NftObserved, Observed, parse_ipset_save, parse_nft_listing, parse_save
 from hostprep.runner import Runner
 
 VARIANTS = ("nft", "legacy")
@@ -36,33 +34,6 @@ def detect_variant(runner: Runner, override: str | None = None) -> str:
         return "legacy"
     raise CommandFailed("iptables -V", f"cannot tell the variant from {out.strip()!r}",
                         "pass --backend nft or --backend legacy")
-
-
-@dataclass(frozen=True)
-class NftObserved:
-    device: str
-    text: str                       # normalised listing: no counters, no handles
-    counters: dict[str, Counter]    # rule comment -> counter
-
-
-_COUNTER = re.compile(r"counter packets (\d+) bytes (\d+)")
-_COMMENT = re.compile(r'comment "([^"]*)"')
-_DEVICE = re.compile(r'device "?([^";\s]+)"?')
-
-
-def normalise_nft(text: str) -> str:
-    lines = [_COUNTER.sub("counter", ln.rstrip()) for ln in text.splitlines()]
-    return "\n".join(ln for ln in lines if ln.strip()) + "\n"
-
-
-def parse_nft_listing(text: str) -> NftObserved:
-    counters: dict[str, Counter] = {}
-    for line in text.splitlines():
-        c, m = _COUNTER.search(line), _COMMENT.search(line)
-        if c and m:
-            counters[m.group(1)] = Counter(int(c.group(1)), int(c.group(2)))
-    dev = _DEVICE.search(text)
-    return NftObserved(dev.group(1) if dev else "", normalise_nft(text), counters)
 
 
 class Backend:
@@ -159,3 +130,8 @@ class Backend:
 
     def nft_delete(self) -> None:
         self.runner.run(["nft", "delete", "table", *NFT_TABLE], mutates=True)
+
+
+def for_host(runner: Runner, variant: str | None = None) -> Backend:
+    """The backend of this host: ``variant`` (--backend), else HOSTPREP_BACKEND, else ``iptables -V``."""
+    return Backend(runner, detect_variant(runner, variant))

@@ -7,33 +7,41 @@ unexpected exception becomes one line too (never a traceback).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import json
 import os
 import re
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 import typer.core
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from hostprep import __version__
-from hostprep.entry import EXIT_SIGINT, broken_pipe
-from hostprep import apply as applymod
+from hostprep.exits import EXIT_SIGINT, broken_pipe
+from hostprep import engine
 from hostprep import nic as nicmod
-from hostprep import output
-from hostprep import persist
+from hostprep import envfiles, ops, output, persist, records, render, selftest, selinux, sysctl, txn
+from hostprep import plan as planmod
 from hostprep import status as statusmod
+from hostprep.backend import VARIANTS, Backend, for_host
 from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
-from hostprep.model import GROUPS, Policy
+from hostprep.model import Desired, Policy, container_name
+from hostprep.observed import LiveState, Observed
+from hostprep.plan import ApplyPlan
 from hostprep.paths import Paths, open_nofollow, trusted_dir, untrusted_reason
 from hostprep.runner import PACKAGE_PARENT, DryRunner, Runner, python_module
 from hostprep.sandbox import EXT, SANDBOX_MARKER, Sandbox
-from hostprep.state import Store
+from hostprep.state import Store, now, who
+from hostprep.validate import _IFNAME, interface_name
 
 # The end of --help: two or three examples (\\b keeps click from re-wrapping them).
 EXAMPLES = {
@@ -128,7 +136,6 @@ def main_cb(version: bool = typer.Option(False, "--version", callback=version_cb
 
 def backend_cb(value: Optional[str]) -> Optional[str]:
     """--backend is checked before anything is shown or asked."""
-    from hostprep.backend import VARIANTS
     if value is not None and value not in VARIANTS:
         fail(InputError("--backend", f"{value!r} is not a backend", "use nft or legacy").line(), 2)
     return value
@@ -140,7 +147,7 @@ BackendOpt = typer.Option(None, "--backend", metavar="nft|legacy", callback=back
 
 
 def need_root(what: str) -> None:
-    if not applymod.is_root():
+    if not ops.is_root():
         raise PermissionNeeded(what, "needs root (CAP_NET_ADMIN) to change or read the firewall",
                                f"run it with sudo: sudo hostprep {what}")
 
@@ -173,7 +180,7 @@ def confirm(prompt: str, yes: bool) -> None:
         raise typer.Exit(1)
 
 
-def print_plan(plan: applymod.ApplyPlan) -> None:
+def print_plan(plan: ApplyPlan) -> None:
     if plan.empty:
         out.print("plan: nothing to change")
         return
@@ -228,7 +235,6 @@ def what_to_apply(interface: Optional[str], skip_ddos: bool, allow_private: bool
 def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> list[str]:
     """Refuse unless SELinux is enforcing, --ignore-selinux, or NGX_IGNORE_SELINUX=true in --core;
     returns the warnings, which the caller prints once, after its work."""
-    from hostprep import selinux
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)
     return selinux.check_enforcing(state, ignore_flag, selinux.ignore_from_core(core))
@@ -279,7 +285,6 @@ def rp_filter_guard(runner: Runner, force: bool) -> None:
 
 
 def print_kernel_dry_run(store: Store) -> None:
-    from hostprep import sysctl
     kernel = sysctl.Kernel()
     settings = sysctl.profile()
     missing, machine = kernel.skipped(settings)
@@ -299,20 +304,8 @@ def print_kernel_dry_run(store: Store) -> None:
             out.print(f"  {key}: {sysctl.MACHINE_WIDE_DETAIL}", markup=False)
 
 
-def run_kernel_part(store: Store, argv: str):
-    """Write, load and read back the kernel profile (inside the caller's change); prints nothing."""
-    from hostprep import sysctl
-    report, notes = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
-    bad = [r for r in report if r.state in ("drift", "overridden")]
-    store.save_settings({"kernel": True})
-    ok = sum(1 for r in report if r.state == "ok")
-    store.journal(argv, f"kernel profile: {ok} keys live",
-                  "ok" if not bad else f"{len(bad)} keys overridden or drifting")
-    return report, notes, bad
-
-
-def print_kernel_part(store: Store, report, notes, bad) -> None:
-    from hostprep import sysctl
+def print_kernel_part(store: Store, result: ops.KernelResult) -> None:
+    report, notes, bad = result.report, result.notes, result.bad
     for n in notes:
         say(err, "yellow", "note:", f"{n}")
     for r in bad:
@@ -381,7 +374,6 @@ def apply_cmd(
     After a successful firewall apply the boot units are installed and enabled.
     """
     if extra:
-        from hostprep.validate import _IFNAME
         raise InputError("apply", f"unexpected argument {extra[0]!r}",
                          f"the external NIC is given with -i: hostprep apply -i {extra[0]}"
                          if _IFNAME.fullmatch(extra[0]) else "see 'hostprep apply --help'")
@@ -421,64 +413,40 @@ def apply_cmd(
             out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
         say_warnings(selinux_warnings)
         return
-    from hostprep import txn
     prepared = prepare_firewall(policy, store, yes=yes, dry_run=False, force=force, backend=backend,
                                 switch_nic=switch_nic) if policy is not None else None
-    be = prepared[1] if prepared else None
     argv = "hostprep " + " ".join(sys.argv[1:])
     if do_kernel and store.applied() is None and prepared is None:
         say(err, "bold yellow", "WARNING:", "the profile turns on ip_forward (containers need it) but hostprep's "
                   "firewall is not applied: nothing filters what is forwarded from the external NIC; run "
                   "'hostprep apply -i <external NIC>'")
-    kernel_result = None
     # Nothing prints inside the change: a terminal gone with the SSH session must
     # not turn a finished load into a failure.
-    with txn.change(be, store, argv, firewall=prepared is not None, kernel=do_kernel, confirm=confirm_secs) as ch:
-        outcome = None
-        if prepared is not None:
-            info, _, desired = prepared
-            outcome = applymod.apply(be, store, desired, argv)
-        if do_kernel:
-            kernel_result = run_kernel_part(store, argv)
-        ch.changed = do_kernel or bool(outcome and outcome.changed)
-        # The boot units belong to the change: a hang-up right after it must not
-        # leave the new hardening live without them.  (-k alone installs them too:
-        # the boot unit rolls back an unconfirmed -k at the next boot.)
-        persistence = persistence_part(store, policy.interface if policy is not None else
-                                       ((store.applied() or {}).get("settings") or {}).get("interface"))
-    for note in ch.recovered:
+    res = ops.apply(store, argv, backend=prepared.backend if prepared else None,
+                    desired=prepared.desired if prepared else None, kernel=do_kernel, confirm=confirm_secs)
+    for note in res.change.recovered:
         say(err, "yellow", "recovered:", f"{note}")
     if prepared is not None:
-        report_firewall(info, desired, outcome)
-    if kernel_result is not None:
-        print_kernel_part(store, *kernel_result)
-    persistence()
+        report_firewall(prepared.info, prepared.desired, res.outcome)
+    if res.kernel is not None:
+        print_kernel_part(store, res.kernel)
+    print_persistence(store, res.persistence)
     say_warnings(selinux_warnings)
-    say_pending(ch)
-    if kernel_result is not None and kernel_result[2]:
+    say_pending(res.change)
+    if res.kernel is not None and res.kernel.bad:
         raise typer.Exit(1)
 
 
-def persistence_part(store: Store, interface: Optional[str]):
-    """Install the boot units now (silently); returns what prints the outcome later."""
-    from hostprep import persist
-    try:
-        changed = persist.install(store.paths, interface, Runner())
-    except HostprepError as exc:
-        problem = exc.line()
-
-        def warn() -> None:
-            say(err, "bold red", "WARNING:", f"boot persistence not installed: {problem}; the hardening is live "
-                      "now but will be gone after a reboot")
-        return warn
-
-    def report_units() -> None:
-        if changed:
-            out.print(f"boot persistence: {persist.UNIT}"
-                      + (f" and {persist.nic_instance(interface)}" if interface else "")
-                      + f" enabled ({len(changed)} files written under " + " and ".join(written_under(store, changed))
-                      + ")")
-    return report_units
+def print_persistence(store: Store, result: ops.PersistResult) -> None:
+    """What the boot units' part of a change did (the units were written inside the change)."""
+    if result.error is not None:
+        say(err, "bold red", "WARNING:", f"boot persistence not installed: {result.error}; the hardening is live "
+                  "now but will be gone after a reboot")
+    elif result.changed:
+        out.print(f"boot persistence: {persist.UNIT}"
+                  + (f" and {persist.nic_instance(result.interface)}" if result.interface else "")
+                  + f" enabled ({len(result.changed)} files written under "
+                  + " and ".join(written_under(store, result.changed)) + ")")
 
 
 def written_under(store: Store, files: list[str]) -> list[str]:
@@ -507,14 +475,13 @@ def unreadable_in_dry_run(dry_run: bool, what: str):
     try:
         yield
     except StateError:
-        if not dry_run or applymod.is_root():
+        if not dry_run or ops.is_root():
             raise
         out.print(f"(not root: {what})")
 
 
 def pending_guard(store: Store, dry_run: bool) -> None:
     """A change waiting for 'hostprep confirm' blocks the next one (a dry run says so the same way)."""
-    from hostprep import txn
     with unreadable_in_dry_run(dry_run, "whether a change waits for confirmation cannot be read"):
         txn.refuse_if_pending(store)
 
@@ -546,9 +513,18 @@ def nic_switch_guard(store: Store, info: nicmod.NicInfo, containers: tuple, *, y
     return current
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The firewall part of an apply once every guard passed and the admin said yes."""
+
+    info: nicmod.NicInfo
+    backend: Backend
+    desired: Desired
+
+
 def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, force: bool,
-                     backend: Optional[str], switch_nic: bool = False):
-    """Guards, the NIC shown, the admin's yes; returns (NIC info, backend, desired) or None after a dry run."""
+                     backend: Optional[str], switch_nic: bool = False) -> Prepared | None:
+    """Guards, the NIC shown, the admin's yes; returns what to apply, or None after a dry run."""
     info = nicmod.nic_info(policy.interface)
     if info.loopback:
         raise InputError("-i/--interface", f"{info.name} is the loopback interface",
@@ -559,33 +535,31 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
     runner: Runner = DryRunner() if dry_run else Runner()
     ssh_guard(runner, info, force)
     show_nic(info)
-    at_risk = applymod.untracked_connections(list(info.ipv4 + info.ipv6))
+    at_risk = nicmod.untracked_connections(list(info.ipv4 + info.ipv6))
     if at_risk:
         say(err, "yellow", "warning:", f"conntrack is not tracking this namespace yet: {at_risk} established "
                   f"TCP connection(s) on {info.name} will be classified NEW without SYN and dropped")
-    be = applymod.default_backend(runner, backend)
+    be = for_host(runner, backend)
     containers: tuple = ()
     with unreadable_in_dry_run(dry_run, "the containers that are up cannot be read; showing the base hardening "
                                "only"):
         containers = tuple(store.containers().values())
     moving_from = nic_switch_guard(store, info, containers, yes=yes, switch_nic=switch_nic)
-    desired = applymod.build_desired(policy, containers)
+    desired = render.desired(policy, containers)
     if dry_run:
         try:
-            plan = applymod.make_plan(be, desired, store.applied() if applymod.is_root() else None)
+            plan = engine.make_plan(be, desired, store.applied() if ops.is_root() else None)
         except HostprepError:
-            if applymod.is_root():
+            if ops.is_root():
                 raise
             out.print("(not root: the live ruleset cannot be read; showing everything hostprep would load)")
-            from hostprep.apply import Snapshot
-            from hostprep.plan import Observed
-            plan = applymod.make_plan(be, desired, None, Snapshot({4: Observed(4), 6: Observed(6)}, None))
+            plan = engine.make_plan(be, desired, None, LiveState({4: Observed(4), 6: Observed(6)}, None))
         print_plan(plan)
         out.print("dry run: nothing was changed")
         return None
     confirm(f"Move the hardening from {moving_from} to {info.name} (backend {be.variant})?" if moving_from else
             f"Apply the hardening on {info.name} (backend {be.variant})?", yes)
-    return info, be, desired
+    return Prepared(info, be, desired)
 
 
 @app.command("flush")
@@ -605,29 +579,24 @@ def flush_cmd(
                          "with the firewall flush", "run 'hostprep flush --kernel' and 'hostprep flush --persistent'")
     need_root("flush")
     store = Store(Paths.from_env())
-    from hostprep import txn
     pending_guard(store, dry_run)           # a dry run refuses where the real flush would
     argv = "hostprep " + " ".join(sys.argv[1:])
     if kernel:
-        from hostprep import sysctl
         if dry_run:
             out.print("dry run: would restore the recorded kernel values and remove the drop-in")
             return
-        with txn.change(None, store, argv, firewall=False, kernel=True):
-            restored = sysctl.flush_kernel(sysctl.Kernel(), store.paths)
-            store.save_settings({"kernel": False})
-        store.journal(argv, f"kernel: {len(restored)} keys restored", "ok")
+        restored = ops.flush_kernel(store, argv)
         out.print(f"kernel: {len(restored)} keys restored to their values before hostprep; drop-in removed")
         for line in restored:
             out.print(f"  {line}")
         return
     runner: Runner = DryRunner() if dry_run else Runner()
-    be = applymod.default_backend(runner, backend)
+    be = for_host(runner, backend)
     if dry_run:
-        print_plan(applymod.make_plan(be, None, store.applied()))
+        print_plan(engine.make_plan(be, None, store.applied()))
         out.print("dry run: nothing was changed")
         return
-    outcome = applymod.flush(be, store, argv)
+    outcome = ops.flush(be, store, argv)
     if outcome.changed:
         for action in outcome.notes:
             out.print(f"  - {action}")
@@ -635,7 +604,6 @@ def flush_cmd(
     else:
         out.print("nothing to remove: no hostprep rules are loaded")
     if persistent:
-        from hostprep import persist
         gone = persist.remove(store.paths, runner)
         store.journal(argv, f"boot persistence removed ({len(gone)} files)", "ok")
         out.print(f"boot persistence removed: {len(gone)} files" if gone else "boot persistence: nothing installed")
@@ -665,7 +633,7 @@ def status_cmd(
     """
     need_root("status")
     runner = Runner()
-    be = applymod.default_backend(runner, backend)
+    be = for_host(runner, backend)
     report = statusmod.collect(runner, be, Store(Paths.from_env()))
     if as_json:
         print(json.dumps(report, indent=2))
@@ -678,7 +646,6 @@ def status_cmd(
 @handle_errors
 def confirm_cmd() -> None:
     """Keep the change applied with --confirm: the armed rollback is cancelled."""
-    from hostprep import txn
     need_root("confirm")
     p = txn.confirm(Store(Paths.from_env()), Runner())
     out.print(f"confirmed: change {p['id']} ({p['command']}) stays"
@@ -699,7 +666,6 @@ def rollback_cmd(
     -k the sysctls and the drop-in, and the recorded settings and containers
     come back exactly as they were; the journal records it.
     """
-    from hostprep import txn
     need_root("rollback")
     store = Store(Paths.from_env())
     runner = Runner()
@@ -707,7 +673,7 @@ def rollback_cmd(
         txn.ignore_hangup()
         if not txn.wait_until_due(store, due):
             return
-    be = applymod.default_backend(runner, backend)
+    be = for_host(runner, backend)
     what = "hostprep rollback" + (f" (deadline of change {due})" if due else "")
     while True:
         try:
@@ -753,12 +719,12 @@ def boot_cmd(backend: Optional[str] = BackendOpt) -> None:
     need_root("boot")
     runner = Runner()
     store = Store(Paths.from_env())
-    be = applymod.default_backend(runner, backend)
-    notes, failures = applymod.boot(be, store, runner)
-    for note in notes:
+    be = for_host(runner, backend)
+    res = ops.boot(be, store, runner)
+    for note in res.notes:
         out.print(f"hostprep boot: {note}", markup=False)
-    if failures:
-        for f in failures:
+    if res.failures:
+        for f in res.failures:
             err.print(f"hostprep boot: FAILED: {f}", markup=False, style="bold red")
         raise typer.Exit(1)
 
@@ -777,7 +743,6 @@ def print_containers(rows: list[dict], title: str) -> None:
 
 def container_log_file_line(f) -> str:
     """One env file in the log: never a plain hash of it (core.env holds secrets)."""
-    import datetime as dt
     when = dt.datetime.fromtimestamp(f.mtime, dt.timezone.utc).isoformat(timespec="seconds")
     return (f"# file {f.path} ({f.role or 'env file'}): {f.size} bytes, modified {when}"
             + (f", hmac-sha256 {f.digest} (host key)" if f.digest else ""))
@@ -786,7 +751,6 @@ def container_log_file_line(f) -> str:
 def container_log_text(name: str, c, added: list[str], removed: list[str], event: str,
                        unchanged: list[str] = ()) -> str:
     """The iptables_logs/NAME.log text: when, which files (size, mtime, keyed HMAC), each rule added or removed."""
-    from hostprep.state import now, who
     lines = [f"# hostprep container {event}: {name} at {now()} by {who()}"]
     if c is not None:
         lines.append(f"# template {c.template}, destination {c.dest}, ports {','.join(map(str, c.ports))}, "
@@ -849,9 +813,6 @@ def container_up_cmd(
     entries added, limits raised, ports added, hardening switched) are listed first
     and need -y or a y at a terminal.
     """
-    from hostprep import envfiles, txn
-    from hostprep import plan as planmod
-    from hostprep.model import container_name
     container_name(name)
     need_root("container up")
     store = Store(Paths.from_env())
@@ -859,7 +820,7 @@ def container_up_cmd(
     previous = store.containers().get(name)
     files = envfiles.choose_files(name, previous, env=env, core=core, installer=installer, no_core=no_core,
                                   no_installer=no_installer)
-    policy = applymod.applied_policy(store)
+    policy = records.applied_policy(store)
     info = nicmod.nic_info(policy.interface)
     with working(f"container {name}: reading and checking the env files"):
         c = envfiles.load_container(name, files.env, files.core, files.installer, info.name,
@@ -879,13 +840,14 @@ def container_up_cmd(
     for w in widening:
         err.print(f"WIDENS ACCESS: {name}: {w}", markup=False, style="bold yellow")
     if dry_run:
-        be = applymod.default_backend(DryRunner(), backend)
-        plan, added, removed = applymod.container_up_plan(be, store, c)
-        print_plan(plan)
-        out.print(f"container {name}: {len(added)} rules would be added, {len(removed)} removed", markup=False)
-        for ln in removed:
+        be = for_host(DryRunner(), backend)
+        preview = ops.container_up_plan(be, store, c)
+        print_plan(preview.plan)
+        out.print(f"container {name}: {len(preview.added)} rules would be added, {len(preview.removed)} removed",
+                  markup=False)
+        for ln in preview.removed:
             out.print(f"  removed: {ln}", markup=False)
-        for ln in added:
+        for ln in preview.added:
             out.print(f"  added: {ln}", markup=False)
         if confirm_secs is not None:
             out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
@@ -895,21 +857,20 @@ def container_up_cmd(
         confirm_widening(name, widening, yes or sys.stdin.isatty())
         return
     confirm_widening(name, widening, yes)
-    be = applymod.default_backend(Runner(), backend)
+    be = for_host(Runner(), backend)
     argv = "hostprep " + " ".join(sys.argv[1:])
-    with txn.change(be, store, argv, confirm=confirm_secs) as ch:
-        outcome, added, removed, kept = applymod.container_up(be, store, c, argv)
-        ch.changed = outcome.changed
-    for note in ch.recovered:
+    res = ops.container_up(be, store, c, argv, confirm=confirm_secs)
+    outcome, added, removed = res.outcome, res.added, res.removed
+    for note in res.change.recovered:
         say(err, "yellow", "recovered:", f"{note}")
-    store.write_container_log(name, container_log_text(name, c, added, removed, "up", kept), append=False)
+    store.write_container_log(name, container_log_text(name, c, added, removed, "up", res.kept), append=False)
     for w in outcome.warnings:
         say(err, "yellow", "warning:", f"{w}")
     what = "rules unchanged" if not outcome.changed else \
         f"{output.plural(len(added), 'rule')} added, {len(removed)} removed"
     out.print(f"container {name}: {what}; ports {','.join(map(str, c.ports))} on {c.dest} "
               f"({'open with limits' if c.hardening else 'closed'}); log {store.container_log(name)}")
-    say_pending(ch)
+    say_pending(res.change)
 
 
 @container_app.command("down", cls=PlainCommand)
@@ -920,21 +881,18 @@ def container_down_cmd(
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
     """Remove exactly NAME's rules (and its sets); other containers and the base stay."""
-    from hostprep.model import container_name
     container_name(name)
     need_root("container down")
     store = Store(Paths.from_env())
-    be = applymod.default_backend(Runner(), backend)
-    from hostprep import txn
+    be = for_host(Runner(), backend)
     argv = "hostprep " + " ".join(sys.argv[1:])
-    with txn.change(be, store, argv, confirm=confirm_secs) as ch:
-        outcome, removed = applymod.container_down(be, store, name, argv)
-        ch.changed = outcome.changed
-    for note in ch.recovered:
+    res = ops.container_down(be, store, name, argv, confirm=confirm_secs)
+    removed = res.removed
+    for note in res.change.recovered:
         say(err, "yellow", "recovered:", f"{note}")
     store.write_container_log(name, container_log_text(name, None, [], removed, "down"), append=True)
     out.print(f"container {name}: {output.plural(len(removed), 'rule')} removed; log {store.container_log(name)}")
-    say_pending(ch)
+    say_pending(res.change)
 
 
 @container_app.command("list")
@@ -946,7 +904,7 @@ def container_list_cmd(
     """The containers whose rules are up: ports, destination, limits, exempt counts, drop counters."""
     need_root("container list")
     runner = Runner()
-    be = applymod.default_backend(runner, backend)
+    be = for_host(runner, backend)
     report = statusmod.collect(runner, be, Store(Paths.from_env()))
     if as_json:
         print(json.dumps(report["containers"], indent=2))
@@ -962,7 +920,6 @@ app.add_typer(selinux_app, name="selinux")
 
 
 def _selinux_run(action: str, working_dir: Path, dry_run: bool) -> None:
-    from hostprep import selinux
     need_root(f"selinux {action}")
     store = Store(Paths.from_env())
     fs, cfg = selinux.default_paths(store.paths.root)
@@ -1099,7 +1056,6 @@ def sandbox_down(
     need_root("sandbox down")
     sandbox_name(name)
     gone = Sandbox(name).destroy(Runner())
-    import shutil
     # Only a state root that `sandbox up` made is removed: directly under /tmp or
     # /var/tmp, no symlink, root's alone, and carrying its marker file.
     real = Path(os.path.abspath(root))
@@ -1112,7 +1068,6 @@ def sandbox_down(
 
 
 def print_selftest(report: dict) -> None:
-    from hostprep import selftest
     s = report["settings"]
     out.print(f"selftest: sandbox {', '.join(report['sandbox']['namespaces'])} (backend {report['backend']}); "
               f"settings from {s['source']}: -i {report['sandbox']['external_nic']}"
@@ -1151,7 +1106,6 @@ def working(what: str):
 def run_with_progress(work):
     """Run ``work(progress)`` under a live progress line (a terminal only): one step per
     probe group, as the engine reports them."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=out, transient=True) as bar:
         task = bar.add_task("selftest: starting", total=None)
@@ -1164,7 +1118,6 @@ def run_with_progress(work):
 
 def print_selftest_compact(report: dict) -> None:
     """On a terminal: one line per probe group (passed/failed), the failures in full."""
-    from hostprep import selftest
     s = report["settings"]
     out.print(f"selftest: sandbox {report['sandbox']['name']} (backend {report['backend']}); settings from "
               f"{s['source']}: -i {report['sandbox']['external_nic']}" + (" -e" if s["skip_ddos"] else "")
@@ -1208,8 +1161,6 @@ def selftest_cmd(
     backend: Optional[str] = BackendOpt,
 ) -> None:
     """Prove the settings on real packets in a throwaway sandbox of network namespaces; exit 1 on a mismatch."""
-    from hostprep import selftest
-    from hostprep.validate import interface_name
     if interface is not None:
         interface_name(interface)
     need_root("selftest")

@@ -15,26 +15,14 @@ import _signal  # first, and without 'signal' (its enums take a while to import)
 
 _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
-import os  # noqa: E402
 import signal  # noqa: E402
-import sys  # noqa: E402
 
-EXIT_SIGPIPE = 128 + signal.SIGPIPE
-EXIT_SIGINT = 128 + signal.SIGINT
-
-
-def broken_pipe() -> None:
-    """The reader of stdout went away: stop writing, exit 141, print nothing more."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-    raise SystemExit(EXIT_SIGPIPE)
-
+from hostprep.exits import EXIT_SIGINT, broken_pipe  # noqa: E402
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)      # (when imported earlier by someone else)
+    # Imported here, not above: Typer and Rich take a moment, and SIGINT keeps its
+    # default action until they are loaded (the one deliberate late import).
     from hostprep import cli
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

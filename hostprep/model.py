@@ -5,6 +5,7 @@ Nothing here runs a command or touches the host.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import shlex
 from dataclasses import dataclass, field
@@ -225,7 +226,6 @@ def container_name(value: str, field: str = "NAME") -> str:
 
 
 def _short_hash(text: str, n: int = 8) -> str:
-    import hashlib
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 

@@ -6,6 +6,7 @@ get``); changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -187,7 +188,6 @@ class NicCheck:
 
 def check_identity(name: str, recorded: NicIdentity | None, links: dict[str, NicIdentity | None]) -> NicCheck:
     """Pure: is ``name`` in ``links`` (this namespace's devices) the device ``recorded`` at apply?"""
-    import dataclasses
     return dataclasses.replace(_check_identity(name, recorded, links), recorded=recorded)
 
 
@@ -379,3 +379,39 @@ def resolve_ping_sources(values: list[str], *, allow_private: bool) -> tuple[Pin
                              "external NIC", "give the monitoring host's name or address")
         out.append(PingSource(given, tuple(nets)))
     return tuple(out)
+
+
+def check_recorded(runner: Runner, interface: str, record: dict | None, sys_net: Path = Path("/sys/class/net"), *,
+                   settle: bool = True) -> NicCheck:
+    """The external NIC against the identity recorded at apply.
+
+    Anything but a match is checked again once udev has settled (at boot the
+    kernel's names may not be the final ones yet); status (``settle=False``) does not wait.
+    """
+    rec = record or {}
+    same = (rec.get("settings") or {}).get("interface") == interface
+    recorded = NicIdentity.from_record(rec.get("nic")) if same else None
+    check = check_identity(interface, recorded, link_identities(runner, sys_net))
+    if settle and check.state not in ("ok", "unrecorded") and settle_udev(runner):
+        check = check_identity(interface, recorded, link_identities(runner, sys_net))
+    return check
+
+
+def untracked_connections(nic_addrs: list[str], proc: Path = Path("/proc")) -> int:
+    """Established TCP connections to the NIC's addresses that conntrack is not tracking.
+
+    A namespace where nothing used conntrack yet classifies the first packet of
+    an old connection as NEW (mid-stream pickup), and "NEW without SYN" then cuts
+    it.  Returns how many connections are at risk (0 when conntrack tracks).
+    """
+    try:
+        count = int((proc / "sys/net/netfilter/nf_conntrack_count").read_text())
+    except (OSError, ValueError):
+        count = 0
+    addrs = {a.split("/")[0] for a in nic_addrs}
+    try:
+        conns = [c for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.ip in addrs]
+    except (psutil.Error, OSError):
+        return 0
+    return len(conns) if count == 0 else 0

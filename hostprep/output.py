@@ -9,20 +9,18 @@ the colours when the output is not a terminal or NO_COLOR is set.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from hostprep.model import GROUPS
+from hostprep.plan import plural
 
 GREEN, RED, YELLOW = "green", "red", "yellow"
 VERDICT_STYLE = {"protected": "bold green", "NOT protected": "bold red",
                  "changes pending confirmation": "bold yellow"}
-
-
-def plural(n: int, word: str, words: str | None = None) -> str:
-    """``1 rule``, ``2 rules`` (``words``: an irregular plural)."""
-    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 def limits_text(lim: dict) -> str:
@@ -32,7 +30,6 @@ def limits_text(lim: dict) -> str:
 
 def short_time(stamp: str | None) -> str:
     """``2026-12-05T19:39:53+01:00`` -> ``2026-12-05 18:39 UTC``."""
-    from datetime import datetime, timezone
     if not stamp:
         return "never"
     try:

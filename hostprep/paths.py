@@ -20,21 +20,6 @@ from pathlib import Path
 
 from hostprep.errors import RefusedError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def data_dir(name: str) -> Path:
-    """Locate a shipped data directory (``rules`` or ``sysctl.d``).
-
-    Installed wheels carry them as ``hostprep/rules`` and ``hostprep/sysctl_d``;
-    a source checkout has them at the top level beside the package.
-    """
-    installed = PACKAGE_DIR / name.replace(".", "_")
-    if installed.is_dir():
-        return installed
-    return PACKAGE_DIR.parent / name
-
-
 def _trusted_owners() -> tuple[int, ...]:
     # As root only root's own directories are trusted; a user running a dry run
     # or a unit test may also use directories of their own.

@@ -31,8 +31,12 @@ from pathlib import Path
 
 import jinja2
 
+from hostprep import render
+from hostprep.backend import VARIANTS, detect_variant
 from hostprep.errors import StateError
-from hostprep.paths import Paths, data_dir
+from hostprep.netns import same_netns_as_init
+from hostprep.data import data_dir
+from hostprep.paths import Paths
 from hostprep.runner import Runner
 from hostprep.state import read_json, write_atomic
 
@@ -119,7 +123,6 @@ def failsafe_tool(variant: str, family: int) -> str:
 def failsafe_variant(paths: Paths, invocation: tuple[str, list[tuple[str, str]]] | None = None) -> str:
     """The iptables variant the fail-safe is loaded with: the last apply's, else the units' or this
     environment's HOSTPREP_BACKEND, else what ``iptables -V`` says."""
-    from hostprep.backend import VARIANTS, detect_variant
     try:
         record = read_json(paths.state_file) or {}
     except StateError:
@@ -177,7 +180,6 @@ def wanted_files(paths: Paths, interface: str | None,
     failsafe: list[tuple[int, str, str]] = []
     files: list[HostFile] = []
     if interface:
-        from hostprep import render
         variant = failsafe_variant(paths, invocation)
         for fam in (4, 6):
             failsafe.append((fam, failsafe_tool(variant, fam), str(failsafe_file(paths, fam))))
@@ -217,7 +219,6 @@ def systemd_running() -> bool:
 
 
 def _reload(paths: Paths, runner: Runner) -> None:
-    from hostprep.netns import same_netns_as_init
     if str(paths.root) == "/" and systemd_running() and same_netns_as_init() and runner.which("systemctl"):
         runner.run(["systemctl", "daemon-reload"], check=False, mutates=True)
 

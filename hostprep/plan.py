@@ -11,103 +11,10 @@ the restore cannot touch them.
 
 from __future__ import annotations
 
-import re
-import shlex
 from dataclasses import dataclass, field
 
-from hostprep.model import BUILTIN_CHAINS, MAX_LIST_ENTRIES, PREFIX, Rule, Ruleset
-
-
-def target_of(spec: str) -> str | None:
-    """The ``-j``/``-g`` target of a live rule, None for rules without one (accounting rules)."""
-    try:
-        tokens = shlex.split(spec)
-    except ValueError:
-        return None
-    for flag in ("-j", "-g", "--jump", "--goto"):
-        if flag in tokens and tokens.index(flag) + 1 < len(tokens):
-            return tokens[tokens.index(flag) + 1]
-    return None
-
-
-def jumps_into_hostprep(spec: str) -> bool:
-    target = target_of(spec)
-    return target is not None and target.startswith(PREFIX)
-
-
-@dataclass(frozen=True)
-class Counter:
-    packets: int = 0
-    bytes: int = 0
-
-    def __add__(self, other: "Counter") -> "Counter":
-        return Counter(self.packets + other.packets, self.bytes + other.bytes)
-
-
-@dataclass(frozen=True)
-class LiveRule:
-    chain: str
-    spec: str
-    counter: Counter = Counter()
-
-
-@dataclass(frozen=True)
-class Observed:
-    """The filter table of one family as iptables-save -c printed it."""
-
-    family: int
-    chains: tuple[str, ...] = ()          # every chain, built-in and user, in save order
-    rules: tuple[LiveRule, ...] = ()      # every rule, in save order
-
-    def chain_specs(self, chain: str) -> tuple[str, ...]:
-        return tuple(r.spec for r in self.rules if r.chain == chain)
-
-    def chain_rules(self, chain: str) -> tuple[LiveRule, ...]:
-        return tuple(r for r in self.rules if r.chain == chain)
-
-    @property
-    def our_chains(self) -> tuple[str, ...]:
-        return tuple(c for c in self.chains if c.startswith(PREFIX))
-
-    @property
-    def our_jumps(self) -> tuple[LiveRule, ...]:
-        """Rules outside hostprep's chains that jump into one of them."""
-        return tuple(r for r in self.rules if not r.chain.startswith(PREFIX) and jumps_into_hostprep(r.spec))
-
-    def foreign(self) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-        """Foreign chains and rules (for the tests that prove they stay identical)."""
-        chains = tuple(c for c in self.chains if not c.startswith(PREFIX))
-        jumps = set((r.chain, r.spec) for r in self.our_jumps)
-        rules = tuple((r.chain, r.spec) for r in self.rules
-                      if not r.chain.startswith(PREFIX) and (r.chain, r.spec) not in jumps)
-        return chains, rules
-
-
-def parse_save(text: str, family: int) -> Observed:
-    """Parse ``iptables-save -c -t filter`` output (counters optional)."""
-    chains: list[str] = []
-    rules: list[LiveRule] = []
-    in_filter = False
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("*"):
-            in_filter = line == "*filter"
-            continue
-        if not in_filter or not line or line.startswith("#") or line == "COMMIT":
-            continue
-        if line.startswith(":"):
-            chains.append(line[1:].split()[0])
-            continue
-        counter = Counter()
-        if line.startswith("["):
-            close = line.index("]")
-            pkts, byts = line[1:close].split(":")
-            counter = Counter(int(pkts), int(byts))
-            line = line[close + 1:].strip()
-        if line.startswith("-A "):
-            _, chain, spec = line.split(" ", 2)
-            rules.append(LiveRule(chain, spec, counter))
-    return Observed(family, tuple(chains), tuple(rules))
+from hostprep.model import BUILTIN_CHAINS, MAX_LIST_ENTRIES, Chain, Desired, Rule, Ruleset
+from hostprep.observed import LiveRule, LiveState, NftObserved, Observed, jumps_into_hostprep
 
 
 @dataclass(frozen=True)
@@ -188,8 +95,6 @@ def restore_text(plan: FamilyPlan, desired: Ruleset | None) -> str:
 
 def ruleset_from_observed(observed: Observed) -> Ruleset:
     """hostprep's live part as a Ruleset (the snapshot a failed apply rolls back to)."""
-    from hostprep.model import Chain  # local: keeps the import list of this module short
-
     chains = tuple(Chain(c, tuple(Rule(c, s) for s in observed.chain_specs(c)))
                    for c in observed.our_chains)
     jumps = tuple(Rule(r.chain, r.spec) for r in observed.our_jumps if r.chain in BUILTIN_CHAINS)
@@ -197,37 +102,6 @@ def ruleset_from_observed(observed: Observed) -> Ruleset:
 
 
 # -- ipsets (exempt lists of the containers) -----------------------------------
-
-_IPSET_V4 = re.compile(r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|"
-                       r"[1-9]?[0-9])){3}")
-
-
-def normalise_member(text: str) -> str:
-    """ipset prints /32 and /128 members without a prefix; compare as networks.
-
-    An IPv4 member as ipset prints it is already canonical (dotted quad without
-    leading zeros; hash:net keeps the network with its host bits cleared), so it
-    is not parsed again: only "/32" is added to a bare address.  That is the
-    common case of a large exempt list (issue 10 item 14: status re-parsed every
-    member of every loaded set).  IPv6 text forms vary, so they are parsed.
-    """
-    addr, slash, plen = text.partition("/")
-    if _IPSET_V4.fullmatch(addr) and (not slash or (plen.isdigit() and int(plen) <= 32 and plen == str(int(plen)))):
-        if not slash:
-            return addr + "/32"
-        net = f"{addr}/{plen}"
-        if plen == "32" or _v4_is_network(addr, int(plen)):
-            return net
-    import ipaddress
-    return str(ipaddress.ip_network(text, strict=False))
-
-
-def _v4_is_network(addr: str, plen: int) -> bool:
-    value = 0
-    for part in addr.split("."):
-        value = value << 8 | int(part)
-    return value & ((1 << (32 - plen)) - 1) == 0
-
 
 @dataclass(frozen=True)
 class SetPlan:
@@ -284,15 +158,174 @@ def ipset_swap_script(sets: tuple) -> str:
     return "".join(f"swap {s.name}{TEMP_SUFFIX} {s.name}\n" for s in sets)
 
 
-def parse_ipset_save(text: str, prefix: str) -> dict[str, frozenset[str]]:
-    members: dict[str, set[str]] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "create" and parts[1].startswith(prefix):
-            members.setdefault(parts[1], set())
-        elif len(parts) >= 3 and parts[0] == "add" and parts[1].startswith(prefix):
-            members.setdefault(parts[1], set()).add(normalise_member(parts[2]))
-    return {k: frozenset(v) for k, v in members.items()}
+# -- one change: every family, the sets and the nft table ------------------------------
+
+@dataclass(frozen=True)
+class NftPlan:
+    action: str          # "none", "load" or "delete"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    desired: Desired | None            # None: flush
+    families: dict[int, FamilyPlan]
+    texts: dict[int, str]
+    nft: NftPlan
+    live: LiveState
+    sets: SetPlan = SetPlan()
+
+    @property
+    def empty(self) -> bool:
+        return all(p.empty for p in self.families.values()) and self.nft.action == "none" and self.sets.empty
+
+    def notes(self) -> list[str]:
+        """The differences this plan removes (what --dry-run's "plan:" and status list)."""
+        out = self.sets.notes()
+        out += [f"IPv{fam}: {n}" for fam, p in self.families.items() for n in p.notes]
+        if self.nft.action != "none":
+            out.append(f"nft netdev hostprep: {self.nft.action} ({self.nft.reason})")
+        return out
+
+    def actions(self) -> list[str]:
+        """What carrying out this plan does, one item each, as done ("added chain HOSTPREP-IN
+        (3 rules)", "removed 43 rules in 11 chains"): the words of apply, flush and the journal."""
+        out: list[str] = []
+        for fam, p in self.families.items():
+            out += [f"IPv{fam}: {a}" for a in _family_actions(p, self.desired.ruleset(fam) if self.desired else None,
+                                                            self.live.observed.get(fam))]
+        out += [f"created ipset {s.name} ({plural(len(s.members), 'member')})" for s in self.sets.create]
+        out += [f"replaced the members of ipset {s.name} ({plural(len(s.members), 'member')})"
+                for s in self.sets.replace]
+        out += [f"destroyed ipset {n}" for n in self.sets.destroy]
+        if self.nft.action == "load":
+            dev = self.desired.nft.device if self.desired and self.desired.nft else "?"
+            out.append(f"loaded the nft ingress table on {dev}" + ("" if self.nft.reason == "table missing"
+                                                                   else f" ({self.nft.reason})"))
+        elif self.nft.action == "delete":
+            dev = self.live.nft.device if self.live.nft else "?"
+            out.append(f"removed the nft ingress table on {dev}")
+        return out
+
+    def summary(self) -> str:
+        """All of ``actions()`` in one line: "removed 90 rules in 22 chains, 6 jumps, 2 ipsets, ..."."""
+        added = removed = chains_added = chains_removed = 0
+        for fam, p in self.families.items():
+            want = self.desired.ruleset(fam) if self.desired else None
+            live = self.live.observed.get(fam)
+            for c in p.reload_chains:
+                added += len(want.chain(c).rules) if want and want.chain(c) else 0
+                if live is not None and c in live.our_chains:
+                    removed += len(live.chain_specs(c))
+                else:
+                    chains_added += 1
+            for c in p.delete_chains:
+                removed += len(live.chain_specs(c)) if live is not None else 0
+                chains_removed += 1
+        jumps_added = sum(len(p.insert_jumps) for p in self.families.values())
+        jumps_removed = sum(len(p.delete_jumps) for p in self.families.values())
+        plus, minus = [], []
+        if added or chains_added:
+            plus.append(plural(added, "rule") + (f" in {plural(chains_added, 'new chain')}" if chains_added else ""))
+        if removed or chains_removed:
+            minus.append(plural(removed, "rule") + (f" in {plural(chains_removed, 'chain')}" if chains_removed else ""))
+        if jumps_added:
+            plus.append(plural(jumps_added, "jump"))
+        if jumps_removed:
+            minus.append(plural(jumps_removed, "jump"))
+        if self.sets.create:
+            plus.append(plural(len(self.sets.create), "ipset"))
+        if self.sets.destroy:
+            minus.append(plural(len(self.sets.destroy), "ipset"))
+        if self.nft.action == "load":
+            plus.append("the nft ingress table")
+        elif self.nft.action == "delete":
+            minus.append("the nft ingress table")
+        parts = ([f"added {_and(plus)}"] if plus else []) + ([f"removed {_and(minus)}"] if minus else []) \
+            + ([f"replaced the members of {plural(len(self.sets.replace), 'ipset')}"] if self.sets.replace else [])
+        return "; ".join(parts) or "nothing changed"
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 rule``, ``2 rules`` (``words``: an irregular plural)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+# More chains than this added (or replaced) at once are reported in one line.
+_LIST_CHAINS = 3
+
+
+def _family_actions(p: FamilyPlan, want, live: Observed | None) -> list[str]:
+    """One family's part of ApplyPlan.actions()."""
+    out: list[str] = []
+    ours = set(live.our_chains) if live is not None else set()
+
+    def rules(name: str) -> int:
+        chain = want.chain(name) if want is not None else None
+        return len(chain.rules) if chain is not None else 0
+
+    for verb, names in (("added", [c for c in p.reload_chains if c not in ours]),
+                        ("replaced", [c for c in p.reload_chains if c in ours])):
+        if len(names) > _LIST_CHAINS:
+            out.append(f"{verb} {plural(len(names), 'chain')} ({plural(sum(rules(c) for c in names), 'rule')})")
+        else:
+            out += [f"{verb} chain {c} ({plural(rules(c), 'rule')})" for c in names]
+    if p.delete_chains:
+        gone = sum(len(live.chain_specs(c)) for c in p.delete_chains) if live is not None else 0
+        if len(p.delete_chains) == 1:
+            out.append(f"removed chain {p.delete_chains[0]} ({plural(gone, 'rule')})")
+        else:
+            out.append(f"removed {plural(gone, 'rule')} in {plural(len(p.delete_chains), 'chain')}")
+    inserted = list(dict.fromkeys(j.chain for j in p.insert_jumps))
+    deleted = list(dict.fromkeys(r.chain for r in p.delete_jumps))
+    again = [c for c in inserted if c in deleted]
+    if again:
+        out.append(f"put the jumps from {', '.join(again)} first again")
+    if [c for c in inserted if c not in again]:
+        out.append(f"added the jumps from {', '.join(c for c in inserted if c not in again)}")
+    if [c for c in deleted if c not in again]:
+        out.append(f"removed the jumps from {', '.join(c for c in deleted if c not in again)}")
+    return out
+
+
+def plan_nft(desired: Desired | None, live: NftObserved | None, record: dict | None, *,
+             keep: bool = False) -> NftPlan:
+    """``keep``: the live table stays whatever it is (boot, while the external NIC is absent or
+    another device: the table may be hooked on the renamed NIC, which still exists)."""
+    if keep:
+        return NftPlan("none")
+    want = desired.nft if desired else None
+    if want is None:
+        return NftPlan("delete", "not wanted") if live is not None else NftPlan("none")
+    if live is None:
+        return NftPlan("load", "table missing")
+    rec = (record or {}).get("nft") or {}
+    if live.device != want.device:
+        return NftPlan("load", f"hooked on {live.device}, wanted on {want.device}")
+    if rec.get("script") != want.script:
+        return NftPlan("load", "rules changed")
+    if rec.get("live") != live.text:
+        return NftPlan("load", "live table differs from the recorded one")
+    return NftPlan("none")
+
+
+def plan_change(desired: Desired | None, live: LiveState, record: dict | None, *,
+                keep_nft: bool = False) -> ApplyPlan:
+    """Everything that brings ``live`` to ``desired`` (None: nothing of hostprep), per family,
+    the sets and the nft table; ``record``: the last apply's (its nft script and listing)."""
+    families: dict[int, FamilyPlan] = {}
+    texts: dict[int, str] = {}
+    for fam in live.observed:
+        want = desired.ruleset(fam) if desired else None
+        families[fam] = plan_family(want, live.observed[fam])
+        texts[fam] = restore_text(families[fam], want)
+    sets = plan_sets(desired.sets if desired else (), live.sets)
+    return ApplyPlan(desired, families, texts, plan_nft(desired, live.nft, record, keep=keep_nft), live, sets)
+
 
 
 def container_widening(before, after) -> list[str]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import jinja2
 
-from hostprep.model import (BUILTIN_CHAINS, PREFIX, SPOOF_SOURCES, Chain, Container, Desired, NftIngress,
-                            Policy, Rule, Ruleset)
-from hostprep.paths import data_dir
+from hostprep import validate
+from hostprep.data import data_dir
+from hostprep.model import (BUILTIN_CHAINS, SPOOF_SOURCES, Chain, Container, Desired, NftIngress, Policy, Rule,
+                            Ruleset)
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(data_dir("rules"))),
@@ -72,7 +73,6 @@ FAILSAFE_CHAIN = "HOSTPREP-FAILSAFE"
 
 def failsafe_text(interface: str, family: int) -> str:
     """The fail-safe of one family (an iptables-restore --noflush file; see rules/failsafe.rules.j2)."""
-    from hostprep import validate
     validate.interface_name(interface)
     return _ENV.get_template("failsafe.rules.j2").render(family=family, iface=interface)
 
@@ -95,11 +95,3 @@ def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
     nft = None if policy.skip_ddos else NftIngress(policy.interface, nft_text(policy))
     sets = tuple(s for c in containers for s in c.sets())
     return Desired(policy, v4, v6, nft, tuple(containers), sets)
-
-
-def restore_header() -> str:
-    return "*filter\n"
-
-
-def is_ours(chain: str) -> bool:
-    return chain.startswith(PREFIX)

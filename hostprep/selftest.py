@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import ipaddress
 import json
 import os
@@ -51,9 +52,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from rich.table import Table
+
+from hostprep import nic as nicmod
+from hostprep import render, validate
+from hostprep.backend import Backend, detect_variant
+from hostprep.envfiles import PORTS, load_container
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError
 from hostprep.model import Container, Network, Policy
-from hostprep.plan import Observed, parse_save
+from hostprep.observed import Observed, parse_nft_listing, parse_save
 from hostprep.probe import KINDS
 from hostprep.runner import PACKAGE_PARENT, Runner, python_module
 from hostprep.sandbox import (ADMIN4, ADMIN6, EXT, SANDBOX_MARKER, HOST_EXT4, HOST_EXT6, HOST_INT4, HOST_INT6, INET4, INET6,
@@ -250,7 +257,6 @@ def deny(family: int, lo: int = 1, hi: int | None = 1) -> CounterCheck:
 @functools.lru_cache(maxsize=None)
 def spoof_networks(family: int) -> tuple[Network, ...]:
     """The sources the spoof group drops, read from the rendered rules (not a second copy of the list)."""
-    from hostprep import render
     ruleset = render.desired(Policy(EXT)).ruleset(family)
     chain = ruleset.chain("HOSTPREP-SPOOF")
     return tuple(ipaddress.ip_network(spec.split()[1]) for spec in chain.specs) if chain else ()
@@ -672,7 +678,6 @@ def sandbox_dests(containers: list[Container]) -> dict[str, str]:
 def env_texts(c: Container, dest: str) -> dict[str, str]:
     """The component .env, core.env and installer.env that make ``container up`` rebuild ``c``
     (ports, limits, hardening switch, load balancers, exempt sources, restriction) bound to ``dest``."""
-    from hostprep.envfiles import PORTS
 
     def line(k: str, v) -> str:
         return f"{k}='{v}'\n"
@@ -790,7 +795,6 @@ class InSandbox:
 
 
 def read_counters(sb: InSandbox, variant: str, families: tuple[int, ...]) -> Counters:
-    from hostprep.backend import Backend, parse_nft_listing
     be = Backend(sb.runner, variant)
     obs = {fam: parse_save(sb.run("host", [be.tool(fam, "save"), "-c", "-t", "filter"]).stdout, fam)
            for fam in families}
@@ -866,7 +870,6 @@ def uninterrupted() -> Iterator[None]:
 
 def prepare_containers(options: Options) -> list[tuple[str, Container, dict | None]]:
     """(name, container as given or recorded, user files or None) for every container to bring up."""
-    from hostprep.envfiles import load_container
     out = []
     for pair in options.env_files:
         c = load_container(pair.name, pair.env, pair.core, None, EXT, [f"{HOST_EXT4}/24", f"{HOST_EXT6}/64"])
@@ -920,11 +923,6 @@ def run_selftest(options: Options, runner: Runner | None = None,
         if progress is not None:
             progress(step[0], step[1], what)
         step[0] += 1
-
-    import importlib.util
-    from hostprep import nic as nicmod
-    from hostprep import validate
-    from hostprep.backend import detect_variant
 
     started = time.monotonic()
     runner = runner or Runner(timeout=120)
@@ -1044,7 +1042,6 @@ def group_results(report: dict) -> list[tuple[str, int, int]]:
 
 def report_table(report: dict, only_failed: bool = False):
     """The report as a rich Table (the CLI prints it)."""
-    from rich.table import Table
     t = Table(title=f"hostprep selftest in sandbox {report['sandbox']['name']} (backend {report['backend']})",
               caption="packets: what the counter counted during the probe's phase; \"(phase)\": several probes "
                       "of the phase share the counter, \"here\" is this probe's part")

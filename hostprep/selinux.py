@@ -30,7 +30,7 @@ from pathlib import Path
 
 from hostprep.envfiles import read_env
 from hostprep.errors import CommandFailed, HostprepError, InputError, MissingBinary, RefusedError, StateError
-from hostprep.paths import PACKAGE_DIR
+from hostprep.data import PACKAGE_DIR
 from hostprep.runner import Runner
 
 MODES = ("enforcing", "permissive", "disabled")
@@ -60,7 +60,7 @@ CONTEXTS: tuple[tuple[str, str], ...] = (
 def _module_dir() -> Path:
     """Locate the policy sources: ``hostprep/selinux_module`` in an installed
     wheel, ``selinux/`` beside the package in a source checkout (like
-    ``paths.data_dir``; the wheel name differs because ``hostprep.selinux`` is
+    ``data.data_dir``; the wheel name differs because ``hostprep.selinux`` is
     this module)."""
     installed = PACKAGE_DIR / "selinux_module"
     if installed.is_dir():
@@ -245,7 +245,6 @@ def ignore_from_core(core: Path | None) -> bool:
 
 def install_hint() -> str:
     """The packages that bring SELinux to this host (by its package manager)."""
-    import shutil
     if shutil.which("dnf") or shutil.which("yum"):
         return "dnf install selinux-policy-targeted, set SELINUX=enforcing in /etc/selinux/config, reboot"
     if shutil.which("apt-get"):

@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from hostprep import faults
 from hostprep.errors import StateError
+from hostprep.model import Container
 from hostprep.paths import Paths, make_dirs, open_nofollow, untrusted_reason
 
 
@@ -42,7 +44,6 @@ def write_atomic(path: Path, text: str, mode: int = 0o600, fault: str | None = N
     """Write ``path`` through a temporary file, fsync and rename: a crash leaves old or new."""
     try:
         if fault:
-            from hostprep import faults
             faults.hit(fault)
         make_dirs(path.parent)
         _check_parent(path)
@@ -91,6 +92,8 @@ class Store:
         self.paths = paths
         self._lock_fd: int | None = None
         self._lock_depth = 0
+        # the command of the change open on this store (txn.change), None: none is open
+        self.open_change: str | None = None
         # container records parsed in this process, by file: (device, inode, size, mtime_ns) -> Container.
         # A record is replaced by rename (write_atomic), so a changed one has another inode.
         self._parsed: dict[Path, tuple[tuple[int, int, int, int], object]] = {}
@@ -192,8 +195,6 @@ class Store:
         return out, [err.line() for err in bad]
 
     def _read_containers(self) -> tuple[dict, list[StateError]]:
-        from hostprep.model import Container  # state stays free of model imports at load time
-
         try:
             files = sorted(self.containers_dir.glob("*.json")) if self.containers_dir.is_dir() else []
         except OSError as err:

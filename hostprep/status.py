@@ -7,14 +7,13 @@ missing or different (``problems`` says what), 2 on error (raised, not returned)
 
 from __future__ import annotations
 
-from hostprep import apply as applymod
+from hostprep import engine, persist, records, render, selinux, sysctl, txn
 from hostprep import plan as planmod
-from hostprep import render
 from hostprep.backend import Backend
 from hostprep.errors import HostprepError
 from hostprep.model import DISPATCH_CHAIN, GROUPS
-from hostprep.nic import nic_info
-from hostprep.plan import Counter
+from hostprep.nic import check_recorded, nic_info
+from hostprep.observed import Counter, Observed, jumps_into_hostprep
 from hostprep.runner import Runner
 from hostprep.state import Store
 
@@ -34,7 +33,7 @@ def service_warnings(runner: Runner) -> list[str]:
     return out
 
 
-def _group_report(group: str, fam: int, desired, observed: planmod.Observed,
+def _group_report(group: str, fam: int, desired, observed: Observed,
                   fplan: planmod.FamilyPlan) -> dict:
     chains = GROUPS[group]
     want = [c for c in desired.chains if c.name in chains] if desired else []
@@ -43,7 +42,7 @@ def _group_report(group: str, fam: int, desired, observed: planmod.Observed,
         for r in observed.chain_rules(chain):
             # A jump into another hostprep chain (icmp -> spoof, ddos -> rst) only passes the
             # packet on: the target's own rules count it, in their group.
-            if not planmod.jumps_into_hostprep(r.spec):
+            if not jumps_into_hostprep(r.spec):
                 counter = counter + r.counter
     if not want:
         return {"wanted": False, "present": False, "packets": counter.packets, "bytes": counter.bytes}
@@ -55,7 +54,7 @@ def _group_report(group: str, fam: int, desired, observed: planmod.Observed,
             "packets": counter.packets, "bytes": counter.bytes}
 
 
-def _container_report(c, observed: planmod.Observed | None, desired_rs) -> dict:
+def _container_report(c, observed: Observed | None, desired_rs) -> dict:
     def packets(comment_tail: str) -> int:
         if observed is None:
             return 0
@@ -91,7 +90,7 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     if record:
         report["last_apply"] = {"time": record.get("time"), "settings": record.get("settings"),
                                 "backend": record.get("backend")}
-        desired = applymod.build_desired(applymod.policy_from_record(record), tuple(store.containers().values()))
+        desired = render.desired(records.policy_from_record(record), tuple(store.containers().values()))
         if record.get("backend") != backend.variant:
             problems.append(f"last apply used the {record.get('backend')} backend, this host now uses "
                             f"{backend.variant}: run 'hostprep apply'")
@@ -101,7 +100,7 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
         problems.append("nothing applied yet: run 'hostprep apply -i <external NIC>'")
     iface = ((record or {}).get("settings") or {}).get("interface") or (settings or {}).get("interface")
     if iface:
-        check = applymod.nic_check(runner, iface, record, settle=False) if record else None
+        check = check_recorded(runner, iface, record, settle=False) if record else None
         try:
             report["nic"] = nic_info(iface).as_dict()
             if not report["nic"]["up"]:
@@ -117,7 +116,7 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
                 problems.append(check.line())
             elif check.state != "ok":
                 warnings.append(check.line())
-    snap = applymod.observe(backend)
+    snap = engine.observe(backend)
     failsafe = [fam for fam, obs in snap.observed.items() if render.FAILSAFE_CHAIN in obs.our_chains]
     report["failsafe"] = {"live": failsafe, "installed": [
         fam for fam in (4, 6) if (store.paths.state_dir / f"failsafe.v{fam}.rules").is_file()]}
@@ -157,10 +156,9 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     problems.extend(kernel_problems)
     report["selinux"], selinux_warnings = selinux_section(store)
     warnings.extend(selinux_warnings)
-    nplan = applymod.plan_nft(desired, snap.nft, record)
+    nplan = planmod.plan_nft(desired, snap.nft, record)
     if desired is not None and nplan.action != "none":
         problems.append(f"nft ingress table: {nplan.reason}")
-    from hostprep import persist, txn
     try:
         report["transaction"], tx_problems = txn.status_section(backend, store, runner)
     except HostprepError as err:
@@ -212,7 +210,6 @@ def verdict(report: dict) -> dict:
 
 def kernel_section(store: Store) -> tuple[dict, list[str]]:
     """Each profile key: desired, live, source file; drift is a problem (exit 1)."""
-    from hostprep import sysctl
 
     state = sysctl.KernelState(store.paths).load()
     if not state or not state.get("applied"):
@@ -227,7 +224,6 @@ def kernel_section(store: Store) -> tuple[dict, list[str]]:
 
 
 def selinux_section(store: Store) -> tuple[dict, list[str]]:
-    from hostprep import selinux
 
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)

@@ -18,7 +18,8 @@ import jinja2
 
 from hostprep.errors import CommandFailed, RefusedError, StateError
 from hostprep.netns import same_netns_as_init
-from hostprep.paths import Paths, data_dir
+from hostprep.data import data_dir
+from hostprep.paths import Paths
 from hostprep.state import read_json, write_atomic
 
 DROPIN_NAME = "90-hostprep.conf"

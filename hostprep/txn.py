@@ -26,19 +26,24 @@ the next command that takes the lock (or the boot unit) restores that state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
+import ipaddress
 import json
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostprep import faults
+from hostprep import engine, faults, persist, sysctl
 from hostprep import plan as planmod
+from hostprep.backend import Backend
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError, StateError
-from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset
+from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset, container_name
 from hostprep.netns import same_netns_as_init
 from hostprep.runner import PACKAGE_PARENT, Runner, python_module
 from hostprep.state import Store, now, read_json, write_atomic
@@ -93,7 +98,6 @@ def confirm_seconds(value: int | None) -> int | None:
 # -- the state files a change may rewrite --------------------------------------
 
 def state_files(store: Store) -> list[Path]:
-    from hostprep import sysctl
     p = store.paths
     files = [p.settings_file, p.state_file, p.state_dir / "kernel.json", p.root / "etc/sysctl.d" / sysctl.DROPIN_NAME]
     cdir = store.containers_dir
@@ -103,7 +107,6 @@ def state_files(store: Store) -> list[Path]:
 
 
 def _container_record_name(filename: str) -> bool:
-    from hostprep.model import container_name
     if not filename.endswith(".json"):
         return False
     try:
@@ -120,7 +123,6 @@ def owned_file(store: Store, rel: object) -> Path | None:
     the sysctl drop-in and the container records (by a valid container name),
     never an absolute path, a '..' or anything else a tampered snapshot names.
     """
-    from hostprep import sysctl
     if not isinstance(rel, str) or not rel or rel.startswith("/") or "\0" in rel:
         return None
     p = store.paths
@@ -136,7 +138,6 @@ def owned_file(store: Store, rel: object) -> Path | None:
 
 def check_snapshot(store: Store, snap: dict) -> str | None:
     """What makes ``snap`` unsafe to restore (a file or a sysctl hostprep does not own), or None."""
-    from hostprep import sysctl
     files = snap.get("files")
     if not isinstance(files, dict):
         return "no list of state files"
@@ -178,11 +179,10 @@ def set_family(name: str, members) -> int:
 
 def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = "") -> dict:
     """hostprep's part of the host as it is now (the parts this change may touch)."""
-    from hostprep import apply as applymod
     snap: dict = {"version": SNAPSHOT_VERSION, "time": now(), "command": command, "pid": os.getpid(),
                   "backend": backend.variant if backend is not None else None}
     if firewall:
-        live = applymod.observe(backend)
+        live = engine.observe(backend)
         record = store.applied() or {}
         fw = {}
         for fam, obs in live.observed.items():
@@ -200,7 +200,6 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
                 "table netdev hostprep\ndelete table netdev hostprep\n" + live.nft.text
             snap["nft"] = {"device": live.nft.device, "text": live.nft.text, "script": script}
     if kernel:
-        from hostprep import sysctl
         k = sysctl.Kernel()
         snap["sysctl"] = {s.key: k.read(s.key) for s in sysctl.profile() if not k.machine_wide(s.key)}
     root = store.paths.root
@@ -221,8 +220,8 @@ class Target:
         return self.v4 if family == 4 else self.v6
 
 
-def target_of(snap: dict) -> Target:
-    import ipaddress
+def snapshot_target(snap: dict) -> Target:
+    """The firewall state ``snap`` describes."""
     rulesets = {}
     for fam in (4, 6):
         part = snap["firewall"].get(str(fam)) or {"chains": [], "jumps": []}
@@ -258,7 +257,7 @@ def load_snapshot(store: Store, cid: str) -> dict:
                          "nothing was restored; remove the file and run 'hostprep apply' to converge")
     if not bad and "firewall" in snap:
         try:
-            target_of(snap)
+            snapshot_target(snap)
         except Exception:  # noqa: BLE001 - any malformed part: the snapshot is unusable
             bad = True
     if bad:
@@ -272,57 +271,51 @@ def load_snapshot(store: Store, cid: str) -> dict:
 def _backend_for(snap: dict, backend):
     if backend is not None and (snap.get("backend") in (None, backend.variant)):
         return backend
-    from hostprep.backend import Backend
     runner = backend.runner if backend is not None else Runner()
     return Backend(runner, snap["backend"])
 
 
 def firewall_differs(backend, snap: dict) -> list[str]:
     """What of the live firewall differs from the snapshot (empty: it holds the snapshot)."""
-    from hostprep import apply as applymod
     if "firewall" not in snap:
         return []
-    target = target_of(snap)
+    target = snapshot_target(snap)
     rec = {"nft": {"script": target.nft.script, "live": snap["nft"]["text"]}} if target.nft else None
-    plan = applymod.make_plan(backend, target, rec)
+    plan = engine.make_plan(backend, target, rec)
     return plan.notes()
 
 
 def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/net")) -> list[str]:
     """Bring hostprep's part of the host back to ``snap``; returns what was changed."""
-    from hostprep import apply as applymod
     unsafe = check_snapshot(store, snap)
     if unsafe:
         raise StateError("snapshot", f"refused: {unsafe}", "nothing was restored; run 'hostprep apply' to converge")
     notes: list[str] = []
     if "firewall" in snap:
         be = _backend_for(snap, backend)
-        target = target_of(snap)
+        target = snapshot_target(snap)
         rec = {"nft": {"script": target.nft.script, "live": snap["nft"]["text"]}} if target.nft else None
         if target.nft is not None and not (sys_net / target.nft.device).exists():
             # Kernels before 6.x refuse an ingress hook on a missing device; the
             # iptables part (matching the NIC by name) is restored all the same and
             # hostprep-nic@ adds the table when the NIC appears.
-            import dataclasses
             target = dataclasses.replace(target, nft=None)
             live_nft = be.nft_observe()
             if live_nft is not None:
                 target = dataclasses.replace(target, nft=NftIngress(live_nft.device, ""))
                 rec = {"nft": {"script": "", "live": live_nft.text}}
             notes.append(f"nft table: {snap['nft']['device']} is not present, left to hostprep-nic@")
-        plan = applymod.make_plan(be, target, rec)
+        plan = engine.make_plan(be, target, rec)
         if not plan.empty:
-            ex = applymod.execute(be, plan)
-            _, problems = applymod.verify(be, target)
-            if problems:
-                failed = applymod.undo(be, plan, ex)
+            done = engine.load_verified(be, plan, target)
+            if done.problems:
+                failed = done.undo_failed
                 raise CommandFailed("rollback", "the kernel does not hold the snapshot after loading it: "
-                                    + "; ".join(problems) + ("; undo failed: " + "; ".join(failed) if failed else ""),
+                                    + "; ".join(done.problems)
+                                    + ("; undo failed: " + "; ".join(failed) if failed else ""),
                                     "run 'hostprep status' and report this")
-            applymod.finish(be, plan, ex)
             notes += plan.notes()
     if "sysctl" in snap:
-        from hostprep import sysctl
         k = sysctl.Kernel()
         errors = []
         for key, value in snap["sysctl"].items():
@@ -358,7 +351,6 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
 
 def _units_follow(store: Store) -> list[str]:
     """Installed boot units follow the restored record (its external NIC), never this process's env."""
-    from hostprep import persist
     invocation = persist.installed_invocation(store.paths)
     record = read_json(store.paths.state_file)
     iface = ((record or {}).get("settings") or {}).get("interface")
@@ -506,7 +498,6 @@ class Change:
 
 def owner_alive(store: Store) -> bool:
     """Is some process holding the lock right now?  Never blocks."""
-    import fcntl
     path = store.paths.state_dir / "lock"
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -572,9 +563,6 @@ def _note_rolled_back(store: Store, cid: str, command: str | None, why: str) -> 
                      json.dumps({"id": cid, "command": command, "why": why, "time": now()}) + "\n")
 
 
-_depth: dict[int, int] = {}
-
-
 @contextlib.contextmanager
 def _signals_deferred():
     """SIGHUP (the SSH session gone), SIGINT and SIGTERM wait until the change is whole.
@@ -582,7 +570,6 @@ def _signals_deferred():
     Delivered again, with their default effect, once the change has been
     recorded or undone: a hang-up never leaves one family loaded and the other not.
     """
-    import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -601,18 +588,17 @@ def _signals_deferred():
 @contextlib.contextmanager
 def change(backend, store: Store, command: str, *, firewall: bool = True, kernel: bool = False,
            confirm: int | None = None, runner: Runner | None = None):
-    """One change of the host, as described in this module's docstring.  Re-entrant (nested: no-op)."""
-    key = id(store)
-    if _depth.get(key):
-        _depth[key] += 1
-        try:
-            yield None
-        finally:
-            _depth[key] -= 1
-        return
+    """One change of the host, as described in this module's docstring.
+
+    Never nested: the code that runs inside a change is handed it (or needs none);
+    opening a second one on the same store while one is open is a programming
+    error, refused before the lock or any snapshot.
+    """
+    if store.open_change is not None:
+        raise RuntimeError(f"a change ({store.open_change}) is open already; run inside it instead")
     runner = runner or Runner()
     with store.lock(), _signals_deferred():
-        _depth[key] = 1
+        store.open_change = command
         try:
             faults.hit("locked")
             recovered = recover(backend, store, command)
@@ -634,7 +620,7 @@ def change(backend, store: Store, command: str, *, firewall: bool = True, kernel
                 raise
             _close(store, runner, ch, command)
         finally:
-            _depth.pop(key, None)
+            store.open_change = None
 
 
 def _fail(backend, store: Store, ch: Change, exc: BaseException, command: str) -> None:

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from hostprep import render
-from hostprep.plan import Observed, parse_save, plan_family, restore_text
+from hostprep.plan import plan_family, restore_text
+from hostprep.observed import Observed, parse_save
 from hostprep.runner import Runner
 from hostprep.sandbox import Sandbox
 
@@ -118,7 +119,7 @@ class Host:
                    if contains in r.spec)
 
     def nft_counter(self, comment: str) -> int:
-        from hostprep.backend import parse_nft_listing
+        from hostprep.observed import parse_nft_listing
         res = self.run(self.box.host, ["nft", "list", "table", "netdev", "hostprep"], check=False)
         if res.returncode != 0:
             return 0

@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hostprep.plan import target_of
+from hostprep.observed import target_of
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6
 
 from bgproc import Bg

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from hostprep.backend import normalise_nft
+from hostprep.observed import normalise_nft
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6
 
 REPO = str(Path(__file__).resolve().parents[2])

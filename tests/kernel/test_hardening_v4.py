@@ -18,7 +18,7 @@ import time
 import pytest
 
 from hostprep.model import PingSource, Policy
-from hostprep.plan import target_of
+from hostprep.observed import target_of
 from hostprep.sandbox import ADMIN4, HOST_EXT4, HOST_INT4, INET4, INET_EXTRA4
 
 from bgproc import Bg

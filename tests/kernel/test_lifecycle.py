@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hostprep.backend import normalise_nft
+from hostprep.observed import normalise_nft
 from hostprep.model import BUILTIN_CHAINS, GROUPS, PREFIX, Rule
 
 JUMPS = {"INPUT": "-i eth1 -j HOSTPREP-IN", "FORWARD": "-i eth1 -j HOSTPREP-IN",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hostprep.backend import Backend, NftObserved, detect_variant, normalise_nft, parse_nft_listing
+from hostprep.backend import Backend, detect_variant
 from hostprep.errors import CommandFailed, InputError
-from hostprep.plan import Counter, LiveRule, Observed
+from hostprep.observed import Counter, LiveRule, NftObserved, Observed, normalise_nft, parse_nft_listing
 
 SAVE = """*filter
 :INPUT ACCEPT [0:0]

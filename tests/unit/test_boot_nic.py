@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hostprep import apply as applymod
-from hostprep import render
-from hostprep.backend import NftObserved
+from hostprep import engine, ops, records, render
+from hostprep.observed import LiveState, NftObserved
 from hostprep.model import Policy
 from hostprep.paths import Paths
 from hostprep.state import Store
@@ -48,7 +47,7 @@ def sys_net(tmp_path: Path, devices: dict[str, str]) -> Path:
 def store(tmp_path) -> Store:
     s = Store(Paths(tmp_path / "root"))
     desired = render.desired(Policy("eth1"))
-    s.save_applied(applymod.record_dict(desired, applymod.Snapshot({}, None), "nft",
+    s.save_applied(records.record_dict(desired, LiveState({}, None), "nft",
                                         {"mac": RECORDED, "permanent": True}))
     return s
 
@@ -60,9 +59,14 @@ def calls(monkeypatch):
 
     def converge(backend, store, desired, command, record=None, *, keep_nft=False):
         seen.append((desired.nft.device if desired and desired.nft else None, keep_nft))
-        return applymod.Outcome(False)
-    monkeypatch.setattr(applymod, "converge", converge)
+        return engine.Outcome(False)
+    monkeypatch.setattr(engine, "converge", converge)
     return seen
+
+
+def boot(*args):
+    res = ops.boot(*args)
+    return res.notes, res.failures
 
 
 def journal(store: Store) -> list[list[str]]:
@@ -70,12 +74,12 @@ def journal(store: Store) -> list[list[str]]:
 
 
 def test_same_nic_loads_the_table_on_it(store, calls, tmp_path, fake_runner):
-    notes, failures = applymod.boot(Backend("eth1"), store, fake_runner(), sys_net(tmp_path, {"eth1": RECORDED}))
+    notes, failures = boot(Backend("eth1"), store, fake_runner(), sys_net(tmp_path, {"eth1": RECORDED}))
     assert (failures, calls) == ([], [("eth1", False)])
 
 
 def test_renamed_nic_fails_and_keeps_the_table(store, calls, tmp_path, fake_runner):
-    notes, failures = applymod.boot(Backend("ext9"), store, fake_runner(), sys_net(tmp_path, {"ext9": RECORDED}))
+    notes, failures = boot(Backend("ext9"), store, fake_runner(), sys_net(tmp_path, {"ext9": RECORDED}))
     assert [f.split(";")[0] for f in failures] == [
         f"external NIC eth1 is gone: the device hardened at apply (permanent MAC {RECORDED}) is now named ext9"]
     assert calls == [(None, True)]          # the iptables rules for eth1 are loaded; the table stays
@@ -85,7 +89,7 @@ def test_renamed_nic_fails_and_keeps_the_table(store, calls, tmp_path, fake_runn
 def test_swapped_nic_fails_and_leaves_the_table_on_the_device_it_is_hooked_on(store, calls, tmp_path, fake_runner):
     """Kernels before 6.x keep a netdev hook on the device across a rename (the listing names ext9)."""
     net = sys_net(tmp_path, {"eth1": "52:54:00:00:00:99", "ext9": RECORDED})
-    notes, failures = applymod.boot(Backend("ext9"), store, fake_runner(), net)
+    notes, failures = boot(Backend("ext9"), store, fake_runner(), net)
     assert [f.split(":")[0] for f in failures] == ["external NIC eth1 is another device now"]
     assert calls == [(None, True)]
     assert "the fragment table stays on ext9, where it is hooked; it is not moved to eth1, which is another " \
@@ -94,14 +98,14 @@ def test_swapped_nic_fails_and_leaves_the_table_on_the_device_it_is_hooked_on(st
 
 def test_swapped_nic_without_a_live_table_gets_the_hardening(store, calls, tmp_path, fake_runner):
     """A permanent MAC that differs and the old NIC gone: fail loudly, harden the name (fail closed)."""
-    notes, failures = applymod.boot(Backend(None), store, fake_runner(),
+    notes, failures = boot(Backend(None), store, fake_runner(),
                                     sys_net(tmp_path, {"eth1": "52:54:00:00:00:99"}))
     assert [f.split(":")[0] for f in failures] == ["external NIC eth1 is another device now"]
     assert calls == [("eth1", False)]
 
 
 def test_missing_nic_fails_and_keeps_a_live_table(store, calls, tmp_path, fake_runner):
-    notes, failures = applymod.boot(Backend("eth1"), store, fake_runner(), sys_net(tmp_path, {}))
+    notes, failures = boot(Backend("eth1"), store, fake_runner(), sys_net(tmp_path, {}))
     assert [f.split(";")[0] for f in failures] == [
         f"external NIC eth1 is not present (no device has its permanent MAC {RECORDED})"]
     assert calls == [(None, True)]
@@ -111,7 +115,7 @@ def test_a_record_without_identity_is_a_note_not_a_failure(store, calls, tmp_pat
     rec = json.loads(store.paths.state_file.read_text())
     del rec["nic"]
     store.paths.state_file.write_text(json.dumps(rec))
-    notes, failures = applymod.boot(Backend("eth1"), store, fake_runner(), sys_net(tmp_path, {"eth1": RECORDED}))
+    notes, failures = boot(Backend("eth1"), store, fake_runner(), sys_net(tmp_path, {"eth1": RECORDED}))
     assert (failures, calls) == ([], [("eth1", False)])
     assert [n for n in notes if n.startswith("warning: ")] == [
         "warning: the identity (MAC) of external NIC eth1 is not recorded (applied by an older hostprep): a renamed "
@@ -123,18 +127,18 @@ def test_apply_records_the_identity_and_container_changes_keep_it(store, monkeyp
 
     now = {"ident": nicmod.NicIdentity("52:54:00:00:00:99", True)}
     monkeypatch.setattr(nicmod, "identity_of", lambda name, runner, sys_net=None: now["ident"])
-    monkeypatch.setattr(applymod, "converge", lambda *a, **kw: applymod.Outcome(False, before=applymod.Snapshot(
-        {}, None), after=applymod.Snapshot({}, None)))
+    monkeypatch.setattr(engine, "converge", lambda *a, **kw: engine.Outcome(False, before=LiveState(
+        {}, None), after=LiveState({}, None)))
 
     class Bk:
         variant = "nft"
         runner = None
     desired = render.desired(Policy("eth1"))
     # container up/down: the NIC may have been swapped meanwhile; they must not bless it
-    applymod._apply_locked(Bk(), store, desired, "hostprep container up x", record_nic=False)
+    ops.converge_and_record(Bk(), store, desired, "hostprep container up x", record_nic=False)
     assert store.applied()["nic"] == {"mac": RECORDED, "permanent": True}
-    applymod._apply_locked(Bk(), store, desired, "hostprep apply -i eth1")
+    ops.converge_and_record(Bk(), store, desired, "hostprep apply -i eth1")
     assert store.applied()["nic"] == {"mac": "52:54:00:00:00:99", "permanent": True}
     now["ident"] = None                     # the NIC cannot be read: recorded as unknown
-    applymod._apply_locked(Bk(), store, desired, "hostprep apply -i eth1")
+    ops.converge_and_record(Bk(), store, desired, "hostprep apply -i eth1")
     assert store.applied()["nic"] is None

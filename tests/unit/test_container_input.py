@@ -204,7 +204,7 @@ def test_files_of_a_new_container_and_errors(tmp_path):
 # -- item 14: status does not re-parse what is already loaded or already read ---------------
 
 def test_ipset_save_ipv4_members_not_parsed_again(monkeypatch):
-    from hostprep import plan as planmod
+    from hostprep.observed import parse_ipset_save
     text = ("create hostprep-0123abcd-ex4 hash:net family inet hashsize 1024 maxelem 65536\n"
             + "".join(f"add hostprep-0123abcd-ex4 198.18.{i // 256}.{i % 256}\n" for i in range(1000))
             + "add hostprep-0123abcd-ex4 203.0.113.0/24\nadd hostprep-0123abcd-ex4 10.0.0.0/8\n"
@@ -213,7 +213,7 @@ def test_ipset_save_ipv4_members_not_parsed_again(monkeypatch):
     calls = []
     real = ipaddress.ip_network
     monkeypatch.setattr(ipaddress, "ip_network", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    got = planmod.parse_ipset_save(text, "hostprep-")
+    got = parse_ipset_save(text, "hostprep-")
     assert calls == ["2001:db8::/64"]          # only the IPv6 member, whose text forms vary
     assert got["hostprep-0123abcd-ex4"] == frozenset(
         [f"198.18.{i // 256}.{i % 256}/32" for i in range(1000)] + ["203.0.113.0/24", "10.0.0.0/8"])
@@ -223,7 +223,7 @@ def test_ipset_save_ipv4_members_not_parsed_again(monkeypatch):
 @pytest.mark.parametrize("text", ["192.0.2.7", "192.0.2.0/24", "192.0.2.7/24", "0.0.0.0/1", "255.255.255.255/32",
                                   "192.0.2.0/024", "2001:db8::7", "2001:DB8::/32"])
 def test_ipset_member_normalised_as_ipaddress_does(text):
-    from hostprep.plan import normalise_member
+    from hostprep.observed import normalise_member
     assert normalise_member(text) == str(ipaddress.ip_network(text, strict=False))
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from hostprep import envfiles, render
-from hostprep.apply import Snapshot, check_conflicts, container_lines
+from hostprep.observed import LiveState
+from hostprep.ops import check_conflicts, container_lines
 from hostprep.errors import InputError
 from hostprep.model import (CONTAINER_DISPATCH, Container, Desired, EnvFile, IpSet, Limits, Policy,
                             Ruleset)
-from hostprep.plan import (TEMP_SUFFIX, SetPlan, ipset_fill_script, ipset_swap_script, parse_ipset_save,
-                           parse_save, plan_sets)
+from hostprep.plan import TEMP_SUFFIX, SetPlan, ipset_fill_script, ipset_swap_script, plan_sets
+from hostprep.observed import parse_ipset_save, parse_save
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "env"
 POLICY = Policy("eth1")
@@ -510,7 +511,7 @@ def test_container_lines_of_a_container_with_hardening_off_are_empty():
 def test_container_lines_from_a_snapshot_equal_those_from_desired(three):
     text = "*filter\n" + "".join(f":{ch.name} - [0:0]\n" for ch in three.v4.chains) + "".join(
         f"[3:180] {r.line()}\n" for ch in three.v4.chains for r in ch.rules) + "COMMIT\n"
-    snap = Snapshot({4: parse_save(text, 4)}, None)
+    snap = LiveState({4: parse_save(text, 4)}, None)
     assert (container_lines(snap, FIN), container_lines(snap, IDS6)) == (container_lines(three, FIN), [])
 
 

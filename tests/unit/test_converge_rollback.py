@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from hostprep import apply as applymod
-from hostprep import render
+from hostprep import ops, render
 from hostprep.errors import CommandFailed
 from hostprep.model import Policy
 from hostprep.paths import Paths
-from hostprep.plan import Observed
+from hostprep.observed import Observed
 from hostprep.state import Store
 
 
@@ -64,7 +63,7 @@ def test_verify_failure_is_undone_and_nothing_recorded(tmp_path: Path):
     store = Store(Paths(tmp_path))
     desired = render.desired(Policy("eth1"))
     with pytest.raises(CommandFailed) as err:
-        applymod.apply(backend, store, desired, "hostprep apply -i eth1")
+        ops.apply(store, "hostprep apply -i eth1", backend=backend, desired=desired, kernel=False)
     assert err.value.field == "verify"
     assert "the previous rules are back" in err.value.problem
     # Both families were loaded once each; the rollback found nothing of hostprep
@@ -82,7 +81,8 @@ def test_the_journal_says_what_the_load_did(tmp_path: Path):
     backend = LyingKernelBackend()
     store = Store(Paths(tmp_path))
     with pytest.raises(CommandFailed):
-        applymod.apply(backend, store, render.desired(Policy("eth1")), "hostprep apply -i eth1")
+        ops.apply(store, "hostprep apply -i eth1", backend=backend, desired=render.desired(Policy("eth1")),
+                  kernel=False)
     fields = (tmp_path / "var/log/hostprep/journal.log").read_text().splitlines()[0].split("\t")
     assert fields[3] == ("IPv4: added 11 chains (44 rules); IPv4: added the jumps from INPUT, FORWARD, OUTPUT; "
                          "IPv6: added 11 chains (48 rules); IPv6: added the jumps from INPUT, FORWARD, OUTPUT; "

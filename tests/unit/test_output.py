@@ -7,14 +7,13 @@ import io
 
 from rich.console import Console
 
-from hostprep import apply as applymod
 from hostprep import output, render
 from hostprep import status as statusmod
-from hostprep.apply import NftPlan, Snapshot
 from hostprep.model import BUILTIN_CHAINS, Policy
-from hostprep.plan import LiveRule, Observed, plan_family
+from hostprep.observed import LiveRule, LiveState, NftObserved, Observed
+from hostprep.plan import ApplyPlan, NftPlan, plan_change, plan_family
 
-DESIRED = applymod.build_desired(Policy("eth1"))
+DESIRED = render.desired(Policy("eth1"))
 
 
 def live_of(ruleset) -> Observed:
@@ -24,12 +23,12 @@ def live_of(ruleset) -> Observed:
     return Observed(ruleset.family, tuple(BUILTIN_CHAINS) + tuple(c.name for c in ruleset.chains), tuple(rules))
 
 
-def empty() -> Snapshot:
-    return Snapshot({4: Observed(4, tuple(BUILTIN_CHAINS)), 6: Observed(6, tuple(BUILTIN_CHAINS))}, None)
+def empty() -> LiveState:
+    return LiveState({4: Observed(4, tuple(BUILTIN_CHAINS)), 6: Observed(6, tuple(BUILTIN_CHAINS))}, None)
 
 
 def test_first_apply_reads_as_actions():
-    plan = applymod.make_plan(None, DESIRED, None, empty())
+    plan = plan_change(DESIRED, empty(), None)
     v4 = sum(len(c.rules) for c in DESIRED.v4.chains)
     v6 = sum(len(c.rules) for c in DESIRED.v6.chains)
     assert plan.actions() == [
@@ -42,10 +41,9 @@ def test_first_apply_reads_as_actions():
 
 
 def test_flush_reads_as_actions_one_per_line():
-    from hostprep.backend import NftObserved
-    snap = Snapshot({4: live_of(DESIRED.v4), 6: live_of(DESIRED.v6)},
+    snap = LiveState({4: live_of(DESIRED.v4), 6: live_of(DESIRED.v6)},
                     NftObserved("eth1", "table netdev hostprep {}", {}))
-    plan = applymod.make_plan(None, None, None, snap)
+    plan = plan_change(None, snap, None)
     v4 = sum(len(c.rules) for c in DESIRED.v4.chains)
     v6 = sum(len(c.rules) for c in DESIRED.v6.chains)
     assert plan.actions() == [
@@ -61,7 +59,7 @@ def test_one_chain_changed_by_hand_is_named():
     live = Observed(4, live.chains, tuple(r for r in live.rules if (r.chain, r.spec) != ("HOSTPREP-SPOOF",
                                                                                           spoof.rules[0].spec)))
     fplan = plan_family(DESIRED.v4, live)
-    plan = applymod.ApplyPlan(DESIRED, {4: fplan}, {}, NftPlan("none"), Snapshot({4: live}, None))
+    plan = ApplyPlan(DESIRED, {4: fplan}, {}, NftPlan("none"), LiveState({4: live}, None))
     assert plan.actions() == ["IPv4: replaced chain HOSTPREP-SPOOF (9 rules)"]
     assert fplan.notes == ("chain HOSTPREP-SPOOF differs",)
     assert plan.summary() == "added 9 rules; removed 8 rules"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from hostprep import render
 from hostprep.model import Chain, Policy, Rule, Ruleset
-from hostprep.plan import (Counter, FamilyPlan, LiveRule, Observed, parse_save, plan_family,
-                           restore_text, ruleset_from_observed)
+from hostprep.plan import FamilyPlan, plan_family, restore_text, ruleset_from_observed
+from hostprep.observed import Counter, LiveRule, Observed, parse_save
 
 BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
 DESIRED = render.desired(Policy("eth1")).v4

@@ -24,7 +24,7 @@ import pytest
 
 from hostprep import render
 from hostprep.model import GROUPS, Desired, Policy, PingSource, Ruleset, group_of_chain
-from hostprep.paths import data_dir
+from hostprep.data import data_dir
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("HOSTPREP_REGEN_GOLDEN") == "1"

@@ -13,7 +13,7 @@ from hostprep import selftest as st
 from hostprep.envfiles import load_container
 from hostprep.errors import CommandFailed, InputError, RefusedError
 from hostprep.model import Container, Limits
-from hostprep.plan import parse_save
+from hostprep.observed import parse_save
 from hostprep.probe import KINDS
 from hostprep.runner import Result, Runner
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6
@@ -538,9 +538,9 @@ def test_a_failure_inside_the_sandbox_removes_it_and_every_command_targets_the_s
 
 
 def test_cli_refuses_without_root(monkeypatch):
-    from hostprep import apply as applymod
+    from hostprep import ops
     from hostprep.cli import app
-    monkeypatch.setattr(applymod, "is_root", lambda: False)
+    monkeypatch.setattr(ops, "is_root", lambda: False)
     res = CliRunner().invoke(app, ["selftest", "--json"])
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == [

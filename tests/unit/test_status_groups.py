@@ -6,7 +6,8 @@ import ipaddress
 
 from hostprep import render, status
 from hostprep.model import PingSource, Policy
-from hostprep.plan import parse_save, plan_family
+from hostprep.plan import plan_family
+from hostprep.observed import parse_save
 
 
 def test_icmp_group_does_not_count_its_jump_into_the_spoof_group():

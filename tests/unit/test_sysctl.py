@@ -16,7 +16,8 @@ import pytest
 
 from hostprep import sysctl
 from hostprep.errors import CommandFailed, RefusedError
-from hostprep.paths import Paths, data_dir
+from hostprep.data import data_dir
+from hostprep.paths import Paths
 from hostprep.sysctl import DROPIN_NAME, Kernel, Setting
 
 BASELINE_LETTERS = "CSDBLX"

@@ -20,7 +20,7 @@ from hostprep import render, txn
 from hostprep.errors import InputError, RefusedError, StateError
 from hostprep.model import Policy
 from hostprep.paths import Paths
-from hostprep.plan import Observed
+from hostprep.observed import Observed, parse_save
 from hostprep.state import Store
 
 
@@ -83,7 +83,7 @@ class SnapBackend:
             lines = [ln for ln in text.splitlines() if not ln.startswith(("-F", "-X"))]
             save = "\n".join(ln.replace("-I INPUT 1 ", "-A INPUT ").replace("-I FORWARD 1 ", "-A FORWARD ")
                              .replace("-I OUTPUT 1 ", "-A OUTPUT ") for ln in lines) + "\n"
-            self.obs[fam] = planmod.parse_save(save.replace("*filter\n", "*filter\n:INPUT ACCEPT [0:0]\n"
+            self.obs[fam] = parse_save(save.replace("*filter\n", "*filter\n:INPUT ACCEPT [0:0]\n"
                                                             ":FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n", 1),
                                                fam)
 
@@ -104,7 +104,7 @@ def test_snapshot_of_the_firewall_round_trips_to_the_same_rulesets(store):
     desired = render.desired(Policy("eth1"))
     be = SnapBackend(desired)
     snap = txn.take(be, store, firewall=True, kernel=False, command="hostprep apply -i eth1")
-    target = txn.target_of(json.loads(json.dumps(snap)))
+    target = txn.snapshot_target(json.loads(json.dumps(snap)))
     for fam in (4, 6):
         assert target.ruleset(fam) == planmod.ruleset_from_observed(be.obs[fam])
         assert target.ruleset(fam).rule_count == desired.ruleset(fam).rule_count
@@ -177,11 +177,14 @@ def test_an_unchanged_change_keeps_the_earlier_snapshot(store):
     assert [p.stem for p in txn.rollback_dir(store).glob("*.json")] == [first.id]
 
 
-def test_changes_nest_without_a_second_snapshot(store):
+def test_a_change_inside_a_change_is_refused_without_a_second_snapshot(store):
+    """Changes do not nest (the code inside one is handed it): a second one is a programming
+    error, refused before any lock or snapshot; the outer change goes on."""
     seed(store)
     with txn.change(None, store, "outer", firewall=False) as outer:
-        with txn.change(None, store, "inner", firewall=False) as inner:
-            assert inner is None
+        with pytest.raises(RuntimeError, match=r"a change \(outer\) is open already"):
+            with txn.change(None, store, "inner", firewall=False):
+                pass
         assert outer is not None
     assert len(list(txn.rollback_dir(store).glob("*.json"))) == 1
 
