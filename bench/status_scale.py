@@ -33,7 +33,7 @@ from hostprep import records  # noqa: E402
 from hostprep.observed import LiveState  # noqa: E402
 from hostprep import plan as planmod  # noqa: E402
 from hostprep import render, status  # noqa: E402
-from hostprep.backend import Backend  # noqa: E402
+from hostprep.backend import IptablesBackend  # noqa: E402
 from hostprep.model import Container, Limits, Policy  # noqa: E402
 from hostprep.paths import Paths  # noqa: E402
 from hostprep.runner import Result, Runner  # noqa: E402
@@ -87,7 +87,7 @@ def one(n: int) -> tuple[float, dict]:
         store.save_applied(records.record_dict(desired, LiveState({}, None), "nft"))
         runner = Canned({"4": save_text(desired, 4), "6": save_text(desired, 6),
                          "ipset": planmod.ipset_fill_script(desired.sets)})
-        be = Backend(runner, "nft", proc=root / "proc")
+        be = IptablesBackend(runner, "nft", proc=root / "proc")
         fresh = Store(Paths(root))                              # a new process: nothing parsed yet
         start = time.perf_counter()
         report = status.collect(runner, be, fresh)

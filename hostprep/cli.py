@@ -32,7 +32,7 @@ from hostprep import nic as nicmod
 from hostprep import envfiles, ops, output, persist, records, render, selftest, selinux, sysctl, txn
 from hostprep import plan as planmod
 from hostprep import status as statusmod
-from hostprep.backend import VARIANTS, Backend, for_host
+from hostprep.backend import VARIANTS, FirewallBackend, for_host
 from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
 from hostprep.model import Desired, Policy, container_name
 from hostprep.observed import LiveState, Observed
@@ -518,7 +518,7 @@ class Prepared:
     """The firewall part of an apply once every guard passed and the admin said yes."""
 
     info: nicmod.NicInfo
-    backend: Backend
+    backend: FirewallBackend
     desired: Desired
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from hostprep import faults
 from hostprep import plan as planmod
-from hostprep.backend import Backend
+from hostprep.backend import FirewallBackend, Staged
 from hostprep.errors import CommandFailed, HostprepError
 from hostprep.model import Desired
 from hostprep.observed import LiveState
@@ -30,129 +30,26 @@ from hostprep.plan import ApplyPlan
 from hostprep.state import Store
 
 
-def observe(backend: Backend) -> LiveState:
-    """The live state of every family the kernel has (IPv6 may be disabled at boot)."""
-    return LiveState({fam: backend.observe(fam) for fam in backend.families()}, backend.nft_observe(),
-                     backend.ipset_observe())
-
-
-def make_plan(backend: Backend, desired: Desired | None, record: dict | None,
+def make_plan(backend: FirewallBackend, desired: Desired | None, record: dict | None,
               live: LiveState | None = None, *, keep_nft: bool = False) -> ApplyPlan:
     """The plan from ``live`` (observed now when not given) to ``desired``."""
-    return planmod.plan_change(desired, live or observe(backend), record, keep_nft=keep_nft)
+    return planmod.plan_change(desired, live or backend.observe(), record, keep_nft=keep_nft)
 
 
-def _rollback(backend: Backend, snap: LiveState, families: list[int], nft_touched: bool) -> list[str]:
-    """Put back what was loaded before a later step failed. Returns what failed to roll back."""
-    failed: list[str] = []
-    for fam in families:
-        try:
-            before = planmod.ruleset_from_observed(snap.observed[fam])
-            back = planmod.plan_family(before, backend.observe(fam))
-            if not back.empty:
-                backend.load(fam, planmod.restore_text(back, before))
-        except HostprepError as err:
-            failed.append(f"IPv{fam}: {err}")
-    if nft_touched:
-        try:
-            if snap.nft is None:
-                if backend.nft_observe() is not None:
-                    backend.nft_delete()
-            # A table that existed before was replaced atomically by a script that
-            # failed as a whole, so the kernel still holds the old one.
-        except HostprepError as err:
-            failed.append(f"nft: {err}")
-    return failed
+def execute(backend: FirewallBackend, plan: ApplyPlan) -> Staged:
+    """Test, then load: both families, the sets and the nft table, or none of them.
 
-
-@dataclass
-class Executed:
-    """What one execute() changed, so that it can be finished or undone."""
-
-    created: list[str] = field(default_factory=list)   # ipsets created
-    temps: list[str] = field(default_factory=list)     # NAME-n sets holding the other contents
-    swapped: bool = False
-    loaded: list[int] = field(default_factory=list)    # families loaded
-    nft_touched: bool = False
-
-
-def undo(backend: Backend, plan: ApplyPlan, ex: Executed) -> list[str]:
-    """Bring the kernel back to the live state the plan was made from; returns what failed."""
-    failed = _rollback(backend, plan.live, ex.loaded, ex.nft_touched)
-    if ex.swapped:
-        try:
-            backend.ipset_restore(planmod.ipset_swap_script(plan.sets.replace))
-        except HostprepError as serr:
-            failed.append(f"ipset: {serr}")
-    for name in ex.created + ex.temps:
-        backend.ipset_destroy(name)
-    return failed
-
-
-def finish(backend: Backend, plan: ApplyPlan, ex: Executed) -> list[str]:
-    """After a verified load: destroy the temporary and the stale sets. Returns warnings."""
-    warnings = []
-    for name in ex.temps + list(plan.sets.destroy):
-        if not backend.ipset_destroy(name):
-            warnings.append(f"ipset {name} could not be destroyed (still referenced?)")
-    return warnings
-
-
-def execute(backend: Backend, plan: ApplyPlan) -> Executed:
-    """Test, then load family by family; both families (and nft, and the sets) or none.
-
-    ipsets come first (the rules refer to them): missing sets are created, sets
-    whose members changed are filled into NAME-n; then every iptables transaction
-    is tested; then the changed sets are swapped in and the families loaded.  On
-    failure everything done so far is undone.  The caller verifies, then calls
-    finish() (stale sets destroyed) or undo().
+    A failed test changes nothing; a failed load is undone by the backend and
+    raises.  The caller verifies, then has the backend finish() or undo().
     """
-    sp = plan.sets
-    ex = Executed(temps=[s.name + planmod.TEMP_SUFFIX for s in sp.replace])
-    try:
-        if sp.create:
-            ex.created = [s.name for s in sp.create]
-            backend.ipset_restore(planmod.ipset_fill_script(sp.create))
-        if sp.replace:
-            backend.ipset_restore(planmod.ipset_fill_script(sp.replace, planmod.TEMP_SUFFIX))
-        for fam, fplan in plan.families.items():
-            if not fplan.empty:
-                backend.test(fam, plan.texts[fam])
-        if plan.nft.action == "load":
-            assert plan.desired is not None and plan.desired.nft is not None
-            backend.nft_check(plan.desired.nft.script)
-    except HostprepError:
-        for name in ex.created + ex.temps:
-            backend.ipset_destroy(name)
-        raise
+    staged = backend.test(plan)
     faults.hit("before-load")
-    try:
-        if sp.replace:
-            backend.ipset_restore(planmod.ipset_swap_script(sp.replace))
-            ex.swapped = True
-        for fam, fplan in plan.families.items():
-            if not fplan.empty:
-                if ex.loaded:
-                    faults.hit("between-families")
-                ex.loaded.append(fam)
-                backend.load(fam, plan.texts[fam])
-        if plan.nft.action != "none":
-            ex.nft_touched = True
-            if plan.nft.action == "load":
-                assert plan.desired is not None and plan.desired.nft is not None
-                backend.nft_load(plan.desired.nft.script)
-            else:
-                backend.nft_delete()
-    except HostprepError as err:
-        failed = undo(backend, plan, ex)
-        state = "the previous rules are back" if not failed else "ROLLBACK FAILED: " + "; ".join(failed)
-        raise CommandFailed(err.field, f"{err.problem}; {state}", err.fix or
-                            "nothing of this apply stayed loaded; fix the cause and run again") from None
-    return ex
+    backend.load(plan, staged)
+    return staged
 
 
-def verify(backend: Backend, desired: Desired | None, *, keep_nft: bool = False) -> tuple[LiveState, list[str]]:
-    snap = observe(backend)
+def verify(backend: FirewallBackend, desired: Desired | None, *, keep_nft: bool = False) -> tuple[LiveState, list[str]]:
+    snap = backend.observe()
     leftover = make_plan(backend, desired, None, snap, keep_nft=keep_nft)
     # Sets no rule wants any more (and the NAME-n temporaries) are destroyed by
     # finish() after this check; only missing or differing wanted sets count.
@@ -173,7 +70,7 @@ class Verified:
     """What ``load_verified`` did: the state read back, and what differed (empty: the kernel holds it)."""
 
     plan: ApplyPlan
-    executed: Executed
+    staged: Staged
     after: LiveState
     problems: list[str]
     undo_failed: list[str] = field(default_factory=list)
@@ -185,7 +82,7 @@ class Verified:
             "ROLLBACK FAILED: " + "; ".join(self.undo_failed)
 
 
-def load_verified(backend: Backend, plan: ApplyPlan, desired: Desired | None, *,
+def load_verified(backend: FirewallBackend, plan: ApplyPlan, desired: Desired | None, *,
                   keep_nft: bool = False) -> Verified:
     """execute(), read back; what differs is undone at once, else the stale sets are destroyed.
 
@@ -197,8 +94,8 @@ def load_verified(backend: Backend, plan: ApplyPlan, desired: Desired | None, *,
     if problems:
         # The kernel did not take what was loaded: put the previous state back
         # rather than leave an unrecorded half of it.
-        return Verified(plan, ex, after, problems, undo_failed=undo(backend, plan, ex))
-    return Verified(plan, ex, after, [], warnings=finish(backend, plan, ex))
+        return Verified(plan, ex, after, problems, undo_failed=backend.undo(plan, ex))
+    return Verified(plan, ex, after, [], warnings=backend.finish(plan, ex))
 
 
 @dataclass
@@ -214,7 +111,7 @@ class Outcome:
 _READ = object()
 
 
-def converge(backend: Backend, store: Store, desired: Desired | None, command: str,
+def converge(backend: FirewallBackend, store: Store, desired: Desired | None, command: str,
              record: dict | None | object = _READ, *, keep_nft: bool = False) -> Outcome:
     """Bring hostprep's part of the kernel to ``desired`` (None: remove it all), verify, journal.
 

@@ -71,6 +71,10 @@ class MissingBinary(HostprepError):
         super().__init__(binary, problem, f"install it: dnf install {dnf}  or  apt-get install {apt}")
 
 
+class NoBackend(HostprepError):
+    """No firewall backend fits this host (backend.for_host names each one it tried)."""
+
+
 class CommandFailed(HostprepError):
     """A command hostprep ran failed; the kernel state is reported by the caller."""
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from hostprep import engine
 from hostprep import nic as nicmod
 from hostprep import persist, records, render, sysctl, txn
-from hostprep.backend import Backend
+from hostprep.backend import FirewallBackend
 from hostprep.engine import Outcome
 from hostprep.errors import HostprepError, InputError
 from hostprep.model import CONTAINER_DISPATCH, Container, Desired, Policy
@@ -71,7 +71,7 @@ class ApplyResult:
     persistence: PersistResult
 
 
-def converge_and_record(backend: Backend, store: Store, desired: Desired, command: str, *,
+def converge_and_record(backend: FirewallBackend, store: Store, desired: Desired, command: str, *,
                         record_nic: bool = True) -> Outcome:
     """Inside the caller's change: converge to ``desired`` and record it (applied.json, settings).
 
@@ -113,7 +113,7 @@ def _persistence_part(store: Store, interface: str | None) -> PersistResult:
         return PersistResult(interface, error=exc.line())
 
 
-def apply(store: Store, command: str, *, backend: Backend | None, desired: Desired | None, kernel: bool,
+def apply(store: Store, command: str, *, backend: FirewallBackend | None, desired: Desired | None, kernel: bool,
           confirm: int | None = None) -> ApplyResult:
     """One change: the firewall (``desired``; None: none), the kernel profile, the boot units.
 
@@ -134,7 +134,7 @@ def apply(store: Store, command: str, *, backend: Backend | None, desired: Desir
 
 # -- flush -----------------------------------------------------------------------------
 
-def flush(backend: Backend, store: Store, command: str) -> Outcome:
+def flush(backend: FirewallBackend, store: Store, command: str) -> Outcome:
     """Remove every hostprep rule, set and table.  Settings and the container registry stay."""
     with txn.change(backend, store, command) as ch:
         outcome = engine.converge(backend, store, None, command)
@@ -228,7 +228,7 @@ def container_diff(before: LiveState, desired: Desired, previous: Container | No
     return ContainerDiff(added, removed, kept)
 
 
-def container_up_plan(backend: Backend, store: Store, c: Container) -> ContainerPreview:
+def container_up_plan(backend: FirewallBackend, store: Store, c: Container) -> ContainerPreview:
     """What ``container up`` would do (for --dry-run): the plan, and the lines added and removed."""
     desired, previous = container_desired(store, c)
     plan = engine.make_plan(backend, desired, store.applied())
@@ -236,7 +236,7 @@ def container_up_plan(backend: Backend, store: Store, c: Container) -> Container
     return ContainerPreview(plan, diff.added, diff.removed)
 
 
-def container_up(backend: Backend, store: Store, c: Container, command: str, *,
+def container_up(backend: FirewallBackend, store: Store, c: Container, command: str, *,
                  confirm: int | None = None) -> ContainerResult:
     """Open (or replace) one container's rules in one change; its record is saved."""
     with txn.change(backend, store, command, confirm=confirm) as ch:
@@ -248,7 +248,7 @@ def container_up(backend: Backend, store: Store, c: Container, command: str, *,
     return ContainerResult(ch, outcome, diff.added, diff.removed, diff.kept)
 
 
-def container_down(backend: Backend, store: Store, name: str, command: str, *,
+def container_down(backend: FirewallBackend, store: Store, name: str, command: str, *,
                    confirm: int | None = None) -> ContainerResult:
     """Remove exactly one container's rules (and sets) in one change; its record goes."""
     with txn.change(backend, store, command, confirm=confirm) as ch:
@@ -272,7 +272,7 @@ class BootResult:
     failures: list[str]
 
 
-def boot(backend: Backend, store: Store, runner: Runner,
+def boot(backend: FirewallBackend, store: Store, runner: Runner,
          sys_net: Path = Path("/sys/class/net")) -> BootResult:
     """What hostprep.service (and hostprep-nic@, and the iptables drop-ins) run.
 
@@ -386,7 +386,7 @@ def boot(backend: Backend, store: Store, runner: Runner,
                              f"(hostprep-nic@{policy.interface})")
             elif desired.nft is not None and check.failed:
                 try:
-                    live_nft = backend.nft_observe()
+                    live_nft = backend.observe().nft
                 except HostprepError:
                     live_nft = None
                 if live_nft is not None and live_nft.device != policy.interface \

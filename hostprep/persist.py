@@ -113,7 +113,7 @@ SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def failsafe_tool(variant: str, family: int) -> str:
-    """The restore tool of ``variant`` (as Backend.tool picks it), as an absolute path for the unit."""
+    """The restore tool of ``variant`` (as IptablesBackend.tool picks it), as an absolute path for the unit."""
     base = "iptables" if family == 4 else "ip6tables"
     specific = f"{base}-{variant}-restore"
     return (shutil.which(specific, path=SERVICE_PATH) or shutil.which(f"{base}-restore", path=SERVICE_PATH)

@@ -56,7 +56,7 @@ from rich.table import Table
 
 from hostprep import nic as nicmod
 from hostprep import render, validate
-from hostprep.backend import Backend, detect_variant
+from hostprep.backend import IptablesBackend, detect_variant
 from hostprep.envfiles import PORTS, load_container
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError
 from hostprep.model import Container, Network, Policy
@@ -795,7 +795,7 @@ class InSandbox:
 
 
 def read_counters(sb: InSandbox, variant: str, families: tuple[int, ...]) -> Counters:
-    be = Backend(sb.runner, variant)
+    be = IptablesBackend(sb.runner, variant)
     obs = {fam: parse_save(sb.run("host", [be.tool(fam, "save"), "-c", "-t", "filter"]).stdout, fam)
            for fam in families}
     res = sb.run("host", ["nft", "list", "table", "netdev", "hostprep"], check=False)

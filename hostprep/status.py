@@ -7,9 +7,9 @@ missing or different (``problems`` says what), 2 on error (raised, not returned)
 
 from __future__ import annotations
 
-from hostprep import engine, persist, records, render, selinux, sysctl, txn
+from hostprep import persist, records, render, selinux, sysctl, txn
 from hostprep import plan as planmod
-from hostprep.backend import Backend
+from hostprep.backend import FirewallBackend
 from hostprep.errors import HostprepError
 from hostprep.model import DISPATCH_CHAIN, GROUPS
 from hostprep.nic import check_recorded, nic_info
@@ -78,8 +78,8 @@ def _container_report(c, observed: Observed | None, desired_rs) -> dict:
     }
 
 
-def collect(runner: Runner, backend: Backend, store: Store) -> dict:
-    warnings = service_warnings(runner) + backend.other_variant_present()
+def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
+    warnings = service_warnings(runner) + backend.other_firewalls()
     settings = store.settings()
     record = store.applied()
     report: dict = {"schema": SCHEMA_VERSION, "backend": backend.variant, "warnings": warnings,
@@ -116,7 +116,7 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
                 problems.append(check.line())
             elif check.state != "ok":
                 warnings.append(check.line())
-    snap = engine.observe(backend)
+    snap = backend.observe()
     failsafe = [fam for fam, obs in snap.observed.items() if render.FAILSAFE_CHAIN in obs.our_chains]
     report["failsafe"] = {"live": failsafe, "installed": [
         fam for fam in (4, 6) if (store.paths.state_dir / f"failsafe.v{fam}.rules").is_file()]}

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from hostprep import engine, faults, persist, sysctl
 from hostprep import plan as planmod
-from hostprep.backend import Backend
+from hostprep.backend import IptablesBackend
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError, StateError
 from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset, container_name
 from hostprep.netns import same_netns_as_init
@@ -182,7 +182,7 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
     snap: dict = {"version": SNAPSHOT_VERSION, "time": now(), "command": command, "pid": os.getpid(),
                   "backend": backend.variant if backend is not None else None}
     if firewall:
-        live = engine.observe(backend)
+        live = backend.observe()
         record = store.applied() or {}
         fw = {}
         for fam, obs in live.observed.items():
@@ -272,7 +272,7 @@ def _backend_for(snap: dict, backend):
     if backend is not None and (snap.get("backend") in (None, backend.variant)):
         return backend
     runner = backend.runner if backend is not None else Runner()
-    return Backend(runner, snap["backend"])
+    return IptablesBackend(runner, snap["backend"])
 
 
 def firewall_differs(backend, snap: dict) -> list[str]:
@@ -300,7 +300,7 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
             # iptables part (matching the NIC by name) is restored all the same and
             # hostprep-nic@ adds the table when the NIC appears.
             target = dataclasses.replace(target, nft=None)
-            live_nft = be.nft_observe()
+            live_nft = be.observe().nft
             if live_nft is not None:
                 target = dataclasses.replace(target, nft=NftIngress(live_nft.device, ""))
                 rec = {"nft": {"script": "", "live": live_nft.text}}

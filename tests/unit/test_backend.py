@@ -1,12 +1,14 @@
-"""backend: variant detection, tool names, reads that create nothing, nft listing parse."""
+"""backend: variant detection, tool names, reads that create nothing, nft listing parse; the
+written contract (FirewallBackend) and for_host."""
 
 from __future__ import annotations
 
 import pytest
 
-from hostprep.backend import Backend, detect_variant
-from hostprep.errors import CommandFailed, InputError
+from hostprep.backend import FirewallBackend, IptablesBackend, detect_variant, for_host
+from hostprep.errors import CommandFailed, InputError, NoBackend
 from hostprep.observed import Counter, LiveRule, NftObserved, Observed, normalise_nft, parse_nft_listing
+from tests.helpers import FakeKernel
 
 SAVE = """*filter
 :INPUT ACCEPT [0:0]
@@ -70,27 +72,27 @@ def test_detect_variant_bad_override(fake_runner):
     (set(), 6, "ip6tables-nft-save"),
 ])
 def test_tool_prefers_the_variant_specific_name(fake_runner, installed, family, expected):
-    assert Backend(fake_runner(installed=installed), "nft").tool(family, "save") == expected
+    assert IptablesBackend(fake_runner(installed=installed), "nft").tool(family, "save") == expected
 
 
 def test_legacy_observe_without_filter_table_runs_nothing(fake_runner, tmp_path):
     (tmp_path / "net").mkdir()
     (tmp_path / "net" / "ip_tables_names").write_text("nat\nmangle\n")
     runner = fake_runner()
-    backend = Backend(runner, "legacy", proc=tmp_path)
-    assert (backend.observe(4), runner.calls) == (Observed(4), [])
+    backend = IptablesBackend(runner, "legacy", proc=tmp_path)
+    assert (backend.observe_family(4), runner.calls) == (Observed(4), [])
 
 
 def test_legacy_observe_without_proc_file_runs_nothing(fake_runner, tmp_path):
     runner = fake_runner()
-    assert (Backend(runner, "legacy", proc=tmp_path).observe(6), runner.calls) == (Observed(6), [])
+    assert (IptablesBackend(runner, "legacy", proc=tmp_path).observe_family(6), runner.calls) == (Observed(6), [])
 
 
 def test_legacy_observe_with_filter_table_runs_save(fake_runner, tmp_path):
     (tmp_path / "net").mkdir()
     (tmp_path / "net" / "ip_tables_names").write_text("filter\nnat\n")
     runner = fake_runner({("iptables-legacy-save", "-c", "-t", "filter"): (0, SAVE, "")})
-    obs = Backend(runner, "legacy", proc=tmp_path).observe(4)
+    obs = IptablesBackend(runner, "legacy", proc=tmp_path).observe_family(4)
     assert (obs.rules, runner.calls) == (
         (LiveRule("INPUT", "-i eth1 -j ACCEPT", Counter(4, 240)),),
         [(["iptables-legacy-save", "-c", "-t", "filter"], None, False)])
@@ -98,16 +100,16 @@ def test_legacy_observe_with_filter_table_runs_save(fake_runner, tmp_path):
 
 def test_nft_observe_runs_save_without_reading_proc(fake_runner, tmp_path):
     runner = fake_runner({("ip6tables-nft-save", "-c", "-t", "filter"): (0, SAVE, "")})
-    obs = Backend(runner, "nft", proc=tmp_path).observe(6)
+    obs = IptablesBackend(runner, "nft", proc=tmp_path).observe_family(6)
     assert (obs.family, len(obs.rules), runner.calls[0][0]) == (
         6, 1, ["ip6tables-nft-save", "-c", "-t", "filter"])
 
 
 def test_test_is_read_only_and_load_mutates(fake_runner):
     runner = fake_runner()
-    backend = Backend(runner, "nft")
-    backend.test(4, "*filter\nCOMMIT\n")
-    backend.load(6, "*filter\nCOMMIT\n")
+    backend = IptablesBackend(runner, "nft")
+    backend.restore_test(4, "*filter\nCOMMIT\n")
+    backend.restore(6, "*filter\nCOMMIT\n")
     assert runner.calls == [
         (["iptables-nft-restore", "--noflush", "--test"], "*filter\nCOMMIT\n", False),
         (["ip6tables-nft-restore", "--noflush"], "*filter\nCOMMIT\n", True),
@@ -116,7 +118,7 @@ def test_test_is_read_only_and_load_mutates(fake_runner):
 
 def test_nft_load_and_delete_mutate(fake_runner):
     runner = fake_runner()
-    backend = Backend(runner, "nft")
+    backend = IptablesBackend(runner, "nft")
     backend.nft_check("S")
     backend.nft_load("S")
     backend.nft_delete()
@@ -129,7 +131,7 @@ def test_nft_load_and_delete_mutate(fake_runner):
 
 def test_families_without_ipv6(fake_runner, tmp_path):
     (tmp_path / "sys/net/ipv4").mkdir(parents=True)
-    backend = Backend(fake_runner(), "nft", proc=tmp_path)
+    backend = IptablesBackend(fake_runner(), "nft", proc=tmp_path)
     before = backend.families()
     (tmp_path / "sys/net/ipv6").mkdir()
     assert (before, backend.families()) == ((4,), (4, 6))
@@ -138,14 +140,14 @@ def test_families_without_ipv6(fake_runner, tmp_path):
 def test_nft_observe_missing_table_is_none(fake_runner):
     runner = fake_runner({("nft", "list", "table", "netdev", "hostprep"): (
         1, "", "Error: No such file or directory\nlist table netdev hostprep\n")})
-    assert Backend(runner, "nft").nft_observe() is None
+    assert IptablesBackend(runner, "nft").nft_observe() is None
 
 
 def test_nft_observe_other_error_raises(fake_runner):
     runner = fake_runner({("nft", "list", "table", "netdev", "hostprep"): (
         1, "", "Error: Operation not permitted\n")})
     with pytest.raises(CommandFailed):
-        Backend(runner, "nft").nft_observe()
+        IptablesBackend(runner, "nft").nft_observe()
 
 
 def test_parse_nft_listing():
@@ -168,7 +170,7 @@ def test_normalise_nft_equal_for_different_counters():
 
 def test_nft_observe_parses_listing(fake_runner):
     runner = fake_runner({("nft", "list", "table", "netdev", "hostprep"): (0, NFT_LISTING, "")})
-    obs = Backend(runner, "nft").nft_observe()
+    obs = IptablesBackend(runner, "nft").nft_observe()
     assert obs == NftObserved("eth1", normalise_nft(NFT_LISTING), parse_nft_listing(NFT_LISTING).counters)
 
 
@@ -176,5 +178,61 @@ def test_other_variant_present_nft_reads_legacy_names(fake_runner, tmp_path):
     (tmp_path / "net").mkdir()
     (tmp_path / "net" / "ip_tables_names").write_text("nat\nfilter\n")
     runner = fake_runner()
-    warnings = Backend(runner, "nft", proc=tmp_path).other_variant_present()
+    warnings = IptablesBackend(runner, "nft", proc=tmp_path).other_firewalls()
     assert (len(warnings), "filter, nat" in warnings[0], runner.calls) == (1, True, [])
+
+
+# -- the contract (FirewallBackend) and for_host ------------------------------------------
+
+CONTRACT = [name for name, value in vars(FirewallBackend).items()
+            if callable(value) and not name.startswith("_")]
+
+
+def test_the_contract_is_written_one_line_each():
+    assert CONTRACT == ["describe", "is_supported", "families", "observe", "test", "load", "undo", "finish",
+                        "other_firewalls"]
+    for name in CONTRACT:
+        doc = getattr(FirewallBackend, name).__doc__
+        assert doc is not None and "\n" not in doc.strip(), name
+
+
+@pytest.mark.parametrize("cls", [IptablesBackend, FakeKernel])
+def test_each_backend_implements_the_whole_contract(cls):
+    missing = [n for n in CONTRACT if getattr(cls, n, None) is getattr(FirewallBackend, n, None)
+               or not callable(getattr(cls, n, None))]
+    assert missing == []
+
+
+def test_for_host_names_every_backend_it_tried(fake_runner, monkeypatch):
+    monkeypatch.delenv("HOSTPREP_BACKEND", raising=False)
+    runner = fake_runner(installed={"iptables-legacy-restore"})       # no iptables, no save tool, no nft
+    with pytest.raises(NoBackend) as err:
+        for_host(runner)
+    assert err.value.line() == (
+        "firewall backend: no backend fits this host: tried iptables (nft variant), iptables (legacy variant) "
+        "(the restore/save tools or nft are not installed) (install them: dnf install iptables-nft nftables  or  "
+        "apt-get install iptables nftables)")
+    assert runner.calls == []                   # trying changes nothing, runs nothing
+
+
+def test_for_host_takes_the_variant_iptables_names(fake_runner, monkeypatch):
+    monkeypatch.delenv("HOSTPREP_BACKEND", raising=False)
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (legacy)\n", "")})
+    backend = for_host(runner)
+    assert (type(backend), backend.variant, backend.describe()) == (IptablesBackend, "legacy",
+                                                                    "iptables (legacy variant)")
+
+
+def test_for_host_without_iptables_takes_the_first_variant_installed(fake_runner, monkeypatch):
+    monkeypatch.delenv("HOSTPREP_BACKEND", raising=False)
+    runner = fake_runner(installed={"iptables-legacy-restore", "iptables-legacy-save", "nft"})
+    assert for_host(runner).variant == "legacy"
+
+
+def test_for_host_with_a_variant_asked_for_tries_it_alone(fake_runner, monkeypatch):
+    monkeypatch.delenv("HOSTPREP_BACKEND", raising=False)
+    runner = fake_runner(installed={"iptables", "iptables-legacy-restore", "iptables-legacy-save", "nft"})
+    with pytest.raises(NoBackend) as err:
+        for_host(runner, "nft")
+    assert "tried iptables (nft variant) (" in err.value.problem
+    assert for_host(runner, "legacy").variant == "legacy"

@@ -18,18 +18,14 @@ from hostprep.observed import LiveState, NftObserved
 from hostprep.model import Policy
 from hostprep.paths import Paths
 from hostprep.state import Store
+from tests.helpers import FakeKernel
 
 RECORDED = "52:54:00:12:34:56"
 
 
-class Backend:
-    variant = "nft"
-
-    def __init__(self, nft_device: str | None) -> None:
-        self.nft = NftObserved(nft_device, "table netdev hostprep {}\n", {}) if nft_device else None
-
-    def nft_observe(self):
-        return self.nft
+def kernel(nft_device: str | None) -> FakeKernel:
+    """A kernel whose nft ingress table is hooked on ``nft_device`` (None: no table)."""
+    return FakeKernel(nft=NftObserved(nft_device, "table netdev hostprep {}\n", {}) if nft_device else None)
 
 
 def sys_net(tmp_path: Path, devices: dict[str, str]) -> Path:
@@ -74,12 +70,12 @@ def journal(store: Store) -> list[list[str]]:
 
 
 def test_same_nic_loads_the_table_on_it(store, calls, tmp_path, fake_runner):
-    notes, failures = boot(Backend("eth1"), store, fake_runner(), sys_net(tmp_path, {"eth1": RECORDED}))
+    notes, failures = boot(kernel("eth1"), store, fake_runner(), sys_net(tmp_path, {"eth1": RECORDED}))
     assert (failures, calls) == ([], [("eth1", False)])
 
 
 def test_renamed_nic_fails_and_keeps_the_table(store, calls, tmp_path, fake_runner):
-    notes, failures = boot(Backend("ext9"), store, fake_runner(), sys_net(tmp_path, {"ext9": RECORDED}))
+    notes, failures = boot(kernel("ext9"), store, fake_runner(), sys_net(tmp_path, {"ext9": RECORDED}))
     assert [f.split(";")[0] for f in failures] == [
         f"external NIC eth1 is gone: the device hardened at apply (permanent MAC {RECORDED}) is now named ext9"]
     assert calls == [(None, True)]          # the iptables rules for eth1 are loaded; the table stays
@@ -89,7 +85,7 @@ def test_renamed_nic_fails_and_keeps_the_table(store, calls, tmp_path, fake_runn
 def test_swapped_nic_fails_and_leaves_the_table_on_the_device_it_is_hooked_on(store, calls, tmp_path, fake_runner):
     """Kernels before 6.x keep a netdev hook on the device across a rename (the listing names ext9)."""
     net = sys_net(tmp_path, {"eth1": "52:54:00:00:00:99", "ext9": RECORDED})
-    notes, failures = boot(Backend("ext9"), store, fake_runner(), net)
+    notes, failures = boot(kernel("ext9"), store, fake_runner(), net)
     assert [f.split(":")[0] for f in failures] == ["external NIC eth1 is another device now"]
     assert calls == [(None, True)]
     assert "the fragment table stays on ext9, where it is hooked; it is not moved to eth1, which is another " \
@@ -98,14 +94,14 @@ def test_swapped_nic_fails_and_leaves_the_table_on_the_device_it_is_hooked_on(st
 
 def test_swapped_nic_without_a_live_table_gets_the_hardening(store, calls, tmp_path, fake_runner):
     """A permanent MAC that differs and the old NIC gone: fail loudly, harden the name (fail closed)."""
-    notes, failures = boot(Backend(None), store, fake_runner(),
+    notes, failures = boot(kernel(None), store, fake_runner(),
                                     sys_net(tmp_path, {"eth1": "52:54:00:00:00:99"}))
     assert [f.split(":")[0] for f in failures] == ["external NIC eth1 is another device now"]
     assert calls == [("eth1", False)]
 
 
 def test_missing_nic_fails_and_keeps_a_live_table(store, calls, tmp_path, fake_runner):
-    notes, failures = boot(Backend("eth1"), store, fake_runner(), sys_net(tmp_path, {}))
+    notes, failures = boot(kernel("eth1"), store, fake_runner(), sys_net(tmp_path, {}))
     assert [f.split(";")[0] for f in failures] == [
         f"external NIC eth1 is not present (no device has its permanent MAC {RECORDED})"]
     assert calls == [(None, True)]
@@ -115,7 +111,7 @@ def test_a_record_without_identity_is_a_note_not_a_failure(store, calls, tmp_pat
     rec = json.loads(store.paths.state_file.read_text())
     del rec["nic"]
     store.paths.state_file.write_text(json.dumps(rec))
-    notes, failures = boot(Backend("eth1"), store, fake_runner(), sys_net(tmp_path, {"eth1": RECORDED}))
+    notes, failures = boot(kernel("eth1"), store, fake_runner(), sys_net(tmp_path, {"eth1": RECORDED}))
     assert (failures, calls) == ([], [("eth1", False)])
     assert [n for n in notes if n.startswith("warning: ")] == [
         "warning: the identity (MAC) of external NIC eth1 is not recorded (applied by an older hostprep): a renamed "

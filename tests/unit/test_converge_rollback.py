@@ -10,56 +10,12 @@ from hostprep import ops, render
 from hostprep.errors import CommandFailed
 from hostprep.model import Policy
 from hostprep.paths import Paths
-from hostprep.observed import Observed
 from hostprep.state import Store
-
-
-class LyingKernelBackend:
-    """Accepts every load but reads back nothing of it until the rollback restores the start."""
-
-    variant = "nft"
-
-    def __init__(self) -> None:
-        self.loads: list[tuple[int, str]] = []
-        self.nft_loads = 0
-        self.nft_deleted = 0
-
-    def families(self):
-        return (4, 6)
-
-    def observe(self, family: int) -> Observed:
-        return Observed(family, ("INPUT", "FORWARD", "OUTPUT"))
-
-    def test(self, family: int, text: str) -> None:
-        pass
-
-    def load(self, family: int, text: str) -> None:
-        self.loads.append((family, text))
-
-    def nft_observe(self):
-        return None
-
-    def nft_check(self, script: str) -> None:
-        pass
-
-    def nft_load(self, script: str) -> None:
-        self.nft_loads += 1
-
-    def nft_delete(self) -> None:
-        self.nft_deleted += 1
-
-    def ipset_observe(self):
-        return {}
-
-    def ipset_restore(self, script: str) -> None:
-        pass
-
-    def ipset_destroy(self, name: str) -> bool:
-        return True
+from tests.helpers import FakeKernel
 
 
 def test_verify_failure_is_undone_and_nothing_recorded(tmp_path: Path):
-    backend = LyingKernelBackend()
+    backend = FakeKernel()   # accepts every load, reads back none of it
     store = Store(Paths(tmp_path))
     desired = render.desired(Policy("eth1"))
     with pytest.raises(CommandFailed) as err:
@@ -78,7 +34,7 @@ def test_verify_failure_is_undone_and_nothing_recorded(tmp_path: Path):
 
 def test_the_journal_says_what_the_load_did(tmp_path: Path):
     """issue 15, item 4: the journal has apply's action wording, not the differences."""
-    backend = LyingKernelBackend()
+    backend = FakeKernel()   # accepts every load, reads back none of it
     store = Store(Paths(tmp_path))
     with pytest.raises(CommandFailed):
         ops.apply(store, "hostprep apply -i eth1", backend=backend, desired=render.desired(Policy("eth1")),

@@ -20,8 +20,8 @@ from hostprep import render, txn
 from hostprep.errors import InputError, RefusedError, StateError
 from hostprep.model import Policy
 from hostprep.paths import Paths
-from hostprep.observed import Observed, parse_save
 from hostprep.state import Store
+from tests.helpers import FakeKernel
 
 
 
@@ -69,44 +69,15 @@ def test_set_family_from_name_or_members(name, members, family):
     assert txn.set_family(name, members) == family
 
 
-class SnapBackend:
-    """observe() answers with what the renderer would load (as iptables-save prints it)."""
-
-    variant = "nft"
-
-    def __init__(self, desired) -> None:
-        self.obs = {}
-        for fam in (4, 6):
-            plan = planmod.plan_family(desired.ruleset(fam), Observed(fam, ("INPUT", "FORWARD", "OUTPUT")))
-            text = planmod.restore_text(plan, desired.ruleset(fam))
-            # A restore text of a fresh table is an iptables-save text without counters.
-            lines = [ln for ln in text.splitlines() if not ln.startswith(("-F", "-X"))]
-            save = "\n".join(ln.replace("-I INPUT 1 ", "-A INPUT ").replace("-I FORWARD 1 ", "-A FORWARD ")
-                             .replace("-I OUTPUT 1 ", "-A OUTPUT ") for ln in lines) + "\n"
-            self.obs[fam] = parse_save(save.replace("*filter\n", "*filter\n:INPUT ACCEPT [0:0]\n"
-                                                            ":FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n", 1),
-                                               fam)
-
-    def families(self):
-        return (4, 6)
-
-    def observe(self, fam):
-        return self.obs[fam]
-
-    def nft_observe(self):
-        return None
-
-    def ipset_observe(self):
-        return {"hostprep-abcd1234-lb4": frozenset({"192.0.2.0/24"}), "hostprep-abcd1234-lb4-n": frozenset()}
-
-
 def test_snapshot_of_the_firewall_round_trips_to_the_same_rulesets(store):
     desired = render.desired(Policy("eth1"))
-    be = SnapBackend(desired)
+    # the temporary NAME-n set of an interrupted swap is in the kernel too
+    be = FakeKernel.holding(desired, sets={"hostprep-abcd1234-lb4": frozenset({"192.0.2.0/24"}),
+                                           "hostprep-abcd1234-lb4-n": frozenset()})
     snap = txn.take(be, store, firewall=True, kernel=False, command="hostprep apply -i eth1")
     target = txn.snapshot_target(json.loads(json.dumps(snap)))
     for fam in (4, 6):
-        assert target.ruleset(fam) == planmod.ruleset_from_observed(be.obs[fam])
+        assert target.ruleset(fam) == planmod.ruleset_from_observed(be.observed[fam])
         assert target.ruleset(fam).rule_count == desired.ruleset(fam).rule_count
     # the temporary NAME-n set of an interrupted swap is not part of the state
     assert [(s.name, s.family, [str(m) for m in s.members]) for s in target.sets] == \
