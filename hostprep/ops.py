@@ -238,19 +238,21 @@ def container_up_plan(backend: FirewallBackend, store: Store, c: Container) -> C
 
 def container_up(backend: FirewallBackend, store: Store, c: Container, command: str, *,
                  confirm: int | None = None) -> ContainerResult:
-    """Open (or replace) one container's rules in one change; its record is saved."""
+    """Open (or replace) one container's rules in one change; its record is saved, its log rewritten."""
     with txn.change(backend, store, command, confirm=confirm) as ch:
         desired, previous = container_desired(store, c)
         outcome = converge_and_record(backend, store, desired, command, record_nic=False)
         store.save_container(c)
         diff = container_diff(outcome.before, desired, previous, c)
         ch.changed = outcome.changed
+    store.write_container_log(c.name, records.container_log_text(c.name, c, diff.added, diff.removed, "up",
+                                                                 diff.kept), append=False)
     return ContainerResult(ch, outcome, diff.added, diff.removed, diff.kept)
 
 
 def container_down(backend: FirewallBackend, store: Store, name: str, command: str, *,
                    confirm: int | None = None) -> ContainerResult:
-    """Remove exactly one container's rules (and sets) in one change; its record goes."""
+    """Remove exactly one container's rules (and sets) in one change; its record goes, its log says so."""
     with txn.change(backend, store, command, confirm=confirm) as ch:
         registry = store.containers()
         if name not in registry:
@@ -261,7 +263,9 @@ def container_down(backend: FirewallBackend, store: Store, name: str, command: s
         outcome = converge_and_record(backend, store, desired, command, record_nic=False)
         store.remove_container(name)
         ch.changed = outcome.changed
-    return ContainerResult(ch, outcome, [], container_lines(outcome.before, c))
+    removed = container_lines(outcome.before, c)
+    store.write_container_log(name, records.container_log_text(name, None, [], removed, "down"), append=True)
+    return ContainerResult(ch, outcome, [], removed)
 
 
 # -- boot ----------------------------------------------------------------------------------

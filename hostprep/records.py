@@ -1,13 +1,15 @@
-"""The records hostprep keeps of what it applied (applied.json), read and written in one place."""
+"""The records hostprep keeps: what it applied (applied.json), and each container's log of the
+rules a change added and removed (iptables_logs/NAME.log); read and written in one place."""
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 
 from hostprep.errors import InputError, StateError
 from hostprep.model import Desired, PingSource, Policy
 from hostprep.observed import LiveState
-from hostprep.state import Store, now
+from hostprep.state import Store, now, who
 
 
 def record_dict(desired: Desired, live: LiveState, variant: str, nic: dict | None = None) -> dict:
@@ -43,3 +45,30 @@ def applied_policy(store: Store) -> Policy:
         raise InputError("external NIC", "External Interface is empty: the base hardening is not applied",
                          "run 'hostprep apply -i <external NIC>' first")
     return policy_from_record(record)
+
+
+def container_log_file_line(f) -> str:
+    """One env file in the log: never a plain hash of it (core.env holds secrets)."""
+    when = dt.datetime.fromtimestamp(f.mtime, dt.timezone.utc).isoformat(timespec="seconds")
+    return (f"# file {f.path} ({f.role or 'env file'}): {f.size} bytes, modified {when}"
+            + (f", hmac-sha256 {f.digest} (host key)" if f.digest else ""))
+
+
+def container_log_text(name: str, c, added: list[str], removed: list[str], event: str,
+                       unchanged: list[str] = ()) -> str:
+    """The iptables_logs/NAME.log text: when, which files (size, mtime, keyed HMAC), each rule added or removed."""
+    lines = [f"# hostprep container {event}: {name} at {now()} by {who()}"]
+    if c is not None:
+        lines.append(f"# template {c.template}, destination {c.dest}, ports {','.join(map(str, c.ports))}, "
+                     f"hardening {'on' if c.hardening else 'OFF'}")
+        lines += [container_log_file_line(f) for f in c.files]
+        lines += [f"# ipset {s.name}: {len(s.members)} members" for s in c.sets()]
+    lines.append(f"# rules removed: {len(removed)}")
+    lines += [f"removed: {ln}" for ln in removed]
+    if event == "up":
+        lines.append(f"# rules added: {len(added)}")
+        lines += [f"added: {ln}" for ln in added]
+        if unchanged:
+            lines.append(f"# rules kept as they were: {len(unchanged)}")
+            lines += [f"kept: {ln}" for ln in unchanged]
+    return "\n".join(lines) + "\n"

@@ -21,6 +21,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hostprep import cli
+from hostprep.cli import common, output
+from hostprep.cli import status as status_cli
 from hostprep.errors import CommandFailed
 
 REPO = str(Path(__file__).resolve().parents[2])
@@ -45,7 +47,7 @@ def test_markup_in_an_error_text_is_printed_as_given(monkeypatch):
     def boom(*a, **kw):
         raise CommandFailed("hostprep.probe", "exit 1: [/] no module named scapy",
                             "is scapy installed? pip install 'hostprep[probe]'")
-    monkeypatch.setattr(cli, "need_root", boom)
+    monkeypatch.setattr(status_cli, "need_root", boom)
     code, text = run("status")
     assert code == 2
     assert text == ("error: hostprep.probe: exit 1: [/] no module named scapy (is scapy installed? "
@@ -54,8 +56,8 @@ def test_markup_in_an_error_text_is_printed_as_given(monkeypatch):
 
 def test_emoji_codes_in_values_are_printed_as_given(capsys):
     # a MAC such as 62:ab:9d:... holds ":ab:", which Rich turns into an emoji by default
-    cli.say(cli.err, "red", "error:", "MAC 62:ab:9d:94:78:46, :smile:")
-    cli.out.print("MAC 62:ab:9d:94:78:46")
+    output.say(output.err, "red", "error:", "MAC 62:ab:9d:94:78:46, :smile:")
+    output.out.print("MAC 62:ab:9d:94:78:46")
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("MAC 62:ab:9d:94:78:46\n", "error: MAC 62:ab:9d:94:78:46, :smile:\n")
 
@@ -63,7 +65,7 @@ def test_emoji_codes_in_values_are_printed_as_given(capsys):
 def test_labels_keep_their_style_and_the_text_stays_literal():
     from rich.console import Console
     console = Console(record=True, width=200, markup=False, force_terminal=True, file=open(os.devnull, "w"))
-    cli.say(console, "bold red", "error:", "[bold]x[/] and [probe]")
+    output.say(console, "bold red", "error:", "[bold]x[/] and [probe]")
     assert console.export_text(clear=False) == "error: [bold]x[/] and [probe]\n"
     spans = console.export_text(styles=True)
     assert "\x1b[1;31merror:\x1b[0m" in spans
@@ -167,7 +169,7 @@ def test_a_slow_step_shows_a_spinner_on_a_terminal_only(monkeypatch):
     from rich.console import Console
     for terminal in (True, False):
         buf = io.StringIO()
-        monkeypatch.setattr(cli, "err", Console(file=buf, force_terminal=terminal, markup=False, emoji=False))
-        with cli.working("container finesse: reading and checking the env files [1/2]"):
+        monkeypatch.setattr(common, "err", Console(file=buf, force_terminal=terminal, markup=False, emoji=False))
+        with common.working("container finesse: reading and checking the env files [1/2]"):
             time.sleep(0.3)
         assert ("container finesse: reading and checking the env files [1/2]" in buf.getvalue()) == terminal

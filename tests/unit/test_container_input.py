@@ -83,7 +83,7 @@ def test_file_key_of_the_wrong_size_refused(store):
 
 def test_log_text_names_files_without_their_sha256(store):
     from hostprep import envfiles
-    from hostprep.cli import container_log_text
+    from hostprep.records import container_log_text
     c = envfiles.load_container("fin", FIX / "finesse.env", FIX / "core.env", FIX / "installer.env", "eth1",
                                 ["192.0.2.10/24"], key=store.file_key())
     text = container_log_text("fin", c, [], [], "up")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hostprep import txn
-from hostprep.cli import sandbox_root
+from hostprep.cli.sandbox import sandbox_root
 from hostprep.errors import InputError, RefusedError, StateError
 from hostprep.paths import Paths, untrusted_reason
 from hostprep.sandbox import SANDBOX_MARKER

@@ -7,7 +7,8 @@ import io
 
 from rich.console import Console
 
-from hostprep import output, render
+from hostprep import render
+from hostprep.cli import output
 from hostprep import status as statusmod
 from hostprep.model import BUILTIN_CHAINS, Policy
 from hostprep.observed import LiveRule, LiveState, NftObserved, Observed
@@ -167,12 +168,12 @@ def test_kernel_keys_in_one_line_unless_verbose_or_drifting():
 
 
 def test_a_long_address_is_folded_not_cut_at_80_columns(monkeypatch):
-    from hostprep import cli, nic
+    from hostprep import nic
     buf = io.StringIO()
-    monkeypatch.setattr(cli, "out", Console(file=buf, width=40, markup=False))
-    monkeypatch.setattr(cli, "err", Console(file=io.StringIO(), width=40, markup=False))
+    monkeypatch.setattr(output, "out", Console(file=buf, width=40, markup=False))
+    monkeypatch.setattr(output, "err", Console(file=io.StringIO(), width=40, markup=False))
     long6 = "2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff/64"
-    cli.show_nic(nic.NicInfo("eth1", True, "up", "02:00:00:00:00:01", 1500, 1000, ("198.51.100.10/24",),
-                             (long6,), False))
+    output.show_nic(nic.NicInfo("eth1", True, "up", "02:00:00:00:00:01", 1500, 1000, ("198.51.100.10/24",),
+                                (long6,), False))
     assert ("…" in buf.getvalue(), "".join(ln.strip("│ ") for ln in buf.getvalue().splitlines()
                                            if "2001" in ln or "ffff" in ln or "eeee" in ln).count("ffff/64")) == (False, 1)

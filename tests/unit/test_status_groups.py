@@ -25,7 +25,7 @@ def test_icmp_group_does_not_count_its_jump_into_the_spoof_group():
 
 
 def test_container_report_shows_source_prefix_and_limiter_bounds():
-    from hostprep import output
+    from hostprep.cli import output
     from hostprep.model import Container, Limits
     c6 = Container("ids", "ids", (8553,), ipaddress.ip_address("2001:db8::10"), Limits(6, 2, 4, 1, 1))
     c4 = Container("fin", "finesse", (8445,), ipaddress.ip_address("192.0.2.10"), Limits(10, 6, 8, 1, 1),

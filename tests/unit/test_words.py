@@ -4,6 +4,7 @@ the fix in one line, before anything is shown or asked."""
 from __future__ import annotations
 
 import io
+import sys
 
 import pytest
 import typer
@@ -11,6 +12,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from hostprep import cli, envfiles, nic, selinux
+from hostprep.cli import common
+from hostprep.cli.sandbox import try_it
 from hostprep.errors import InputError
 
 
@@ -80,11 +83,11 @@ def test_help_shows_metavars_not_types():
 
 def test_declining_the_prompt_says_nothing_changed_not_in_red(monkeypatch):
     buf = io.StringIO()
-    monkeypatch.setattr(cli, "err", Console(file=buf, force_terminal=True, markup=False, highlight=False))
-    monkeypatch.setattr(cli.sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(common, "err", Console(file=buf, force_terminal=True, markup=False, highlight=False))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
     monkeypatch.setattr(typer, "prompt", lambda *a, **kw: "n")
     with pytest.raises(typer.Exit) as ex:
-        cli.confirm("Apply the hardening on eth1 (backend nft)?", yes=False)
+        common.confirm("Apply the hardening on eth1 (backend nft)?", yes=False)
     assert (ex.value.exit_code, buf.getvalue()) == (1, "not confirmed: nothing changed\n")
 
 
@@ -110,7 +113,7 @@ def test_help_ends_with_examples_within_80_columns(cmd, monkeypatch):
 
 
 def test_sandbox_hint_needs_no_ping():
-    text = cli.try_it("hps-inet", "hps-admin")
+    text = try_it("hps-inet", "hps-admin")
     assert ("ping" in text, text.splitlines()[1:4:2]) == (False, [
         "Try it: ip netns exec hps-inet timeout 3 bash -c 'echo > /dev/tcp/198.51.100.10/22'",
         "        ip netns exec hps-admin bash -c 'echo > /dev/tcp/192.0.2.10/22'"])

@@ -1,7 +1,9 @@
-"""How the CLI words and lays out what it prints (part of the CLI: no other module prints).
+"""How the CLI words and lays out what it prints: the one output module (no other module prints).
 
-The functions here build Rich ``Text`` lines and tables from the JSON-able
-reports of ``status`` (and friends); ``cli`` hands them its consoles.  Values are
+The consoles (``out``, ``err``) and every table and line the commands print.  The
+status layout builds Rich ``Text`` lines and tables from the JSON-able reports of
+``status`` (and friends).  A little over 500 lines: every printed word of hostprep
+is here, on purpose in one place.  Values are
 never parsed as markup: every line is assembled from (text, style) pieces.
 State words are styled (green live, red missing, yellow pending); Rich drops
 the colours when the output is not a terminal or NO_COLOR is set.
@@ -9,14 +11,23 @@ the colours when the output is not a terminal or NO_COLOR is set.
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from hostprep import nic as nicmod
+from hostprep import ops, persist, selftest, sysctl
+from hostprep.exits import broken_pipe
 from hostprep.model import GROUPS
-from hostprep.plan import plural
+from hostprep.plan import ApplyPlan, plural
+from hostprep.state import Store
+
 
 GREEN, RED, YELLOW = "green", "red", "yellow"
 VERDICT_STYLE = {"protected": "bold green", "NOT protected": "bold red",
@@ -325,3 +336,210 @@ def print_status(out: Console, err: Console, report: dict, *, verbose: bool = Fa
             err.print(Text.assemble(("difference:", RED), " ", p))
     else:
         out.print("everything desired is live")
+
+
+# -- the consoles, and what the commands print -----------------------------------------
+
+# Tables keep their columns when the output is a pipe or a file (rich would assume 80),
+# unless COLUMNS says how wide the reader is.
+_width = None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
+# markup=False, emoji=False: nothing printed is read as Rich markup or an emoji code,
+# so a value from a flag, a file or a subprocess ('[/]', '[bold]', 'hostprep[probe]',
+# a MAC such as 62:ab:9d...) is printed as it is; styled labels go through say(),
+# which builds a Text instead.
+class _Console(Console):
+    def on_broken_pipe(self) -> None:      # the reader went away: 141, as for SIGPIPE
+        self.quiet = True
+        broken_pipe()
+
+
+out = _Console(highlight=False, soft_wrap=True, width=_width, markup=False, emoji=False)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+def say(console: Console, style: str, label: str, text: str) -> None:
+    """``label`` in ``style``, then ``text`` exactly as given (never parsed as markup)."""
+    console.print(Text.assemble((label, style), " ", text))
+
+
+def say_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        say(err, "yellow", "warning:", f"{w}")
+
+
+def say_pending(ch) -> None:
+    if ch is None or ch.pending is None:
+        return
+    p = ch.pending
+    how = f"systemd timer {p['unit']}" if p["mechanism"] == "systemd" else \
+        f"watcher process {p['watcher_pid']} (no systemd in this namespace)"
+    say(err, "bold yellow", f"confirm within {p['seconds']} s:", f"run 'hostprep confirm' before "
+        f"{p['deadline_text']}, or the state before this change is restored ({how}); "
+        "'hostprep rollback' restores it now")
+
+
+def show_nic(info: nicmod.NicInfo) -> None:
+    t = Table(title=f"External NIC {info.name}", show_header=False)
+    t.add_column(overflow="fold")
+    t.add_column(overflow="fold")           # a long address is folded, never cut with an ellipsis
+    t.add_row("state", ("UP" if info.up else "DOWN") + f" (operstate {info.operstate})")
+    t.add_row("IPv4", ", ".join(info.ipv4) or "-")
+    t.add_row("IPv6", ", ".join(info.ipv6) or "-")
+    t.add_row("MAC", info.mac or "-")
+    t.add_row("speed", f"{info.speed_mbps} Mb/s" if info.speed_mbps else "not reported by the driver")
+    t.add_row("MTU", str(info.mtu))
+    out.print(t)
+    if info.slow:
+        say(err, "yellow", "warning:", f"{info.name} runs at {info.speed_mbps} Mb/s; the reverse-proxy "
+                  "launcher refuses NICs slower than 1000 Mb/s")
+
+
+def print_plan(plan: ApplyPlan) -> None:
+    if plan.empty:
+        out.print("plan: nothing to change")
+        return
+    out.print("plan:")
+    for note in plan.notes():
+        out.print(f"  - {note}")
+    for fam, text in plan.texts.items():
+        if not plan.families[fam].empty:
+            tool = "iptables-restore" if fam == 4 else "ip6tables-restore"
+            out.print(f"\n# {tool} --noflush <<EOF", markup=False)
+            out.print(text.rstrip(), markup=False)
+            out.print("EOF", markup=False)
+    if plan.nft.action == "load" and plan.desired and plan.desired.nft:
+        out.print("\n# nft -f - <<EOF", markup=False)
+        out.print(plan.desired.nft.script.rstrip(), markup=False)
+        out.print("EOF", markup=False)
+    elif plan.nft.action == "delete":
+        out.print("\n# nft delete table netdev hostprep", markup=False)
+
+
+def print_kernel_dry_run(store: Store) -> None:
+    kernel = sysctl.Kernel()
+    settings = sysctl.profile()
+    missing, machine = kernel.skipped(settings)
+    changes = [f"  {s.key}: {kernel.read(s.key)} -> {s.value}" for s in settings
+               if s.key not in missing and s.key not in machine and kernel.read(s.key) != s.value]
+    out.print(f"\n# kernel: {store.paths.root / 'etc/sysctl.d' / sysctl.DROPIN_NAME} would be:", markup=False)
+    out.print(sysctl.render(missing, machine).rstrip(), markup=False)
+    out.print(f"kernel keys that would change ({len(changes)}):", markup=False)
+    for line in changes:
+        out.print(line, markup=False)
+    for key in sorted(missing):
+        out.print(f"  {key}: not in this kernel, would be skipped", markup=False)
+    if machine:
+        out.print(f"machine-wide keys left alone ({len(machine)}; this is not the machine's own network "
+                  "namespace):", markup=False)
+        for key in sorted(machine):
+            out.print(f"  {key}: {sysctl.MACHINE_WIDE_DETAIL}", markup=False)
+
+
+def print_kernel_part(store: Store, result: ops.KernelResult) -> None:
+    report, notes, bad = result.report, result.notes, result.bad
+    for n in notes:
+        say(err, "yellow", "note:", f"{n}")
+    for r in bad:
+        say(err, "red", "kernel drift:", f"{r.key}: wanted {r.desired}, {r.detail}")
+    ok = sum(1 for r in report if r.state == "ok")
+    out.print(f"kernel: {ok} of {len(report)} keys live and verified"
+              + (f", {len(bad)} overridden or drifting (see above)" if bad else "")
+              + f"; drop-in {store.paths.root / 'etc/sysctl.d' / sysctl.DROPIN_NAME}")
+
+
+def print_persistence(store: Store, result: ops.PersistResult) -> None:
+    """What the boot units' part of a change did (the units were written inside the change)."""
+    if result.error is not None:
+        say(err, "bold red", "WARNING:", f"boot persistence not installed: {result.error}; the hardening is live "
+                  "now but will be gone after a reboot")
+    elif result.changed:
+        out.print(f"boot persistence: {persist.UNIT}"
+                  + (f" and {persist.nic_instance(result.interface)}" if result.interface else "")
+                  + f" enabled ({len(result.changed)} files written under "
+                  + " and ".join(written_under(store, result.changed)) + ")")
+
+
+def written_under(store: Store, files: list[str]) -> list[str]:
+    """Where the files of the boot persistence went: <root>/etc, and the state directory (fail-safe)."""
+    places = {str(store.paths.state_dir) if Path(f.removeprefix("removed ")).is_relative_to(store.paths.state_dir)
+              else str(store.paths.root / "etc") for f in files}
+    return sorted(places)
+
+
+def report_firewall(info, desired, outcome) -> None:
+    for w in outcome.warnings:
+        say(err, "yellow", "warning:", f"{w}")
+    if not outcome.changed:
+        out.print(f"nothing changed: the hardening on {info.name} is already live")
+        return
+    for action in outcome.notes:
+        out.print(f"  - {action}")
+    out.print(f"applied: {', '.join(desired.v4.groups)} on {info.name} (IPv4 {desired.v4.rule_count} rules, "
+              f"IPv6 {desired.v6.rule_count} rules, fragments {'dropped' if desired.nft else 'not handled (-e)'})")
+
+
+def print_containers(rows: list[dict], title: str) -> None:
+    out.print(f"{title}:")
+    for line in containers_listing(rows):
+        out.print(line)
+
+
+def run_with_progress(work):
+    """Run ``work(progress)`` under a live progress line (a terminal only): one step per
+    probe group, as the engine reports them."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=out, transient=True) as bar:
+        task = bar.add_task("selftest: starting", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"selftest: {what}")
+            bar.refresh()       # every step is drawn, even one shorter than the refresh period
+        return work(progress)
+
+
+def print_selftest(report: dict) -> None:
+    s = report["settings"]
+    out.print(f"selftest: sandbox {', '.join(report['sandbox']['namespaces'])} (backend {report['backend']}); "
+              f"settings from {s['source']}: -i {report['sandbox']['external_nic']}"
+              + (" -e" if s["skip_ddos"] else "") + (" -a" if s["allow_private"] else "")
+              + "".join(f" -p {p}" for p in s["ping_from_in_sandbox"]))
+    for c in report["containers"]:
+        lim = c["limits"]
+        out.print(f"container {c['name']} ({c['template']}, {c['from']}): ports {','.join(map(str, c['ports']))} "
+                  f"on {c['dest']} -> {c['dest_in_sandbox']} in the sandbox, limits {lim['connlimit_above']}/"
+                  f"{lim['hash_upto']}/s/{lim['hash_burst']}")
+    for note in report["notes"]:
+        out.print(f"note: {note}", markup=False)
+    out.print(selftest.report_table(report))
+    if report["sandbox"]["kept"]:
+        out.print(f"kept (--keep): remove with: hostprep sandbox down --name {report['sandbox']['name']} "
+                  f"--root {report['sandbox']['root']}", markup=False)
+    n = len(report["probes"])
+    if report["ok"]:
+        out.print(f"selftest: all {n} probes as expected ({report['seconds']} s)")
+    else:
+        say(err, "bold red", "selftest:", f"{report['mismatches']} of {n} probes not as expected "
+                  f"({report['seconds']} s)")
+
+
+def print_selftest_compact(report: dict) -> None:
+    """On a terminal: one line per probe group (passed/failed), the failures in full."""
+    s = report["settings"]
+    out.print(f"selftest: sandbox {report['sandbox']['name']} (backend {report['backend']}); settings from "
+              f"{s['source']}: -i {report['sandbox']['external_nic']}" + (" -e" if s["skip_ddos"] else "")
+              + (" -a" if s["allow_private"] else "") + "".join(f" -p {p}" for p in s["ping_from_in_sandbox"])
+              + (f"; {plural(len(report['containers']), 'container')}" if report["containers"] else ""))
+    for group, passed, failed in selftest.group_results(report):
+        out.print(Text.assemble(f"  {group}: ", (f"{passed} passed", "green"),
+                                *((", ", (f"{failed} FAILED", "bold red")) if failed else ())))
+    if report["mismatches"]:
+        out.print(selftest.report_table(report, only_failed=True))
+    if report["sandbox"]["kept"]:
+        out.print(f"kept (--keep): remove with: hostprep sandbox down --name {report['sandbox']['name']} "
+                  f"--root {report['sandbox']['root']}")
+    n = len(report["probes"])
+    if report["ok"]:
+        out.print(f"selftest: all {n} probes as expected ({report['seconds']} s); --json or a pipe shows each probe")
+    else:
+        say(err, "bold red", "selftest:", f"{report['mismatches']} of {n} probes not as expected "
+                  f"({report['seconds']} s)")

@@ -1,0 +1,170 @@
+"""container up, down and list: one container's port rules (ops.container_up/down)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import typer.core
+
+from hostprep import nic as nicmod
+from hostprep import envfiles, ops, records, txn
+from hostprep.plan import plural
+from hostprep import plan as planmod
+from hostprep import status as statusmod
+from hostprep.backend import for_host
+from hostprep.errors import RefusedError
+from hostprep.model import container_name
+from hostprep.paths import Paths
+from hostprep.runner import DryRunner, Runner
+from hostprep.state import Store
+from hostprep.cli.common import (EXAMPLES, BackendOpt, ConfirmOpt, PlainCommand, container_app, handle_errors,
+                                 need_root, working)
+from hostprep.cli.output import err, out, print_containers, print_plan, say, say_pending
+
+
+def confirm_widening(name: str, widening: list[str], yes: bool) -> None:
+    """A re-up that widens access goes ahead with -y, or after a y at a terminal; else refused."""
+    if not widening or yes:
+        return
+    if not sys.stdin.isatty():
+        raise RefusedError("-y/--yes", f"this up of {name} widens access ({len(widening)} change"
+                           f"{'s' if len(widening) > 1 else ''} listed above) and there is no terminal to confirm; "
+                           "nothing was changed", "check the files; pass -y to go ahead, --dry-run to see the rules")
+    answer = typer.prompt(f"Widen access to {name} as listed above? [y/N]", default="N", show_default=False)
+    if answer.strip().lower() not in ("y", "yes"):
+        raise RefusedError("confirmation", "not confirmed; nothing was changed")
+
+
+@container_app.command("up", cls=PlainCommand, epilog=EXAMPLES["container up"])
+@handle_errors
+def container_up_cmd(
+    name: str = typer.Argument(..., metavar="NAME", help="Container name (e.g. finesse); a safe identifier."),
+    env: Optional[Path] = typer.Option(None, "--env", metavar="FILE", help="The component .env file (finesse.env, ids.env, ...). "
+                                       "Without it, the one of NAME's last up is read again."),
+    core: Optional[Path] = typer.Option(None, "--core", metavar="FILE", help="core.env (hardening switch, load balancers, "
+                                        "rate-limit-disable IPs, traffic restriction). Without it, the one of "
+                                        "NAME's last up is read again."),
+    no_core: bool = typer.Option(False, "--no-core", help="Forget the remembered core.env: its defaults apply "
+                                 "(no load balancers, no restriction, the installer's exempt defaults)."),
+    installer: Optional[Path] = typer.Option(None, "--installer", metavar="FILE", help="installer.env (PROXY_BINDING_IP). "
+                                             "Without it, the one of NAME's last up is read again."),
+    no_installer: bool = typer.Option(False, "--no-installer", help="Forget the remembered installer.env "
+                                      "(the NIC's only IPv4 address is the destination)."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Go ahead when this up widens NAME's access (listed "
+                             "first); without it such an up asks at a terminal and is refused without one."),
+    allow_wide_exempt: bool = typer.Option(False, "--allow-wide-exempt", help="Accept exempt and load-balancer "
+                                           "networks wider than /8 (IPv4) or /32 (IPv6); /0 is never accepted."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would change (the plan and the rules), "
+                                 "run every check, change nothing; exit as the real run would."),
+    backend: Optional[str] = BackendOpt,
+    confirm_secs: Optional[int] = ConfirmOpt,
+) -> None:
+    """Open NAME's ports on the external NIC with its limits; replaces its rules atomically.
+
+    The env files are remembered in NAME's record: 'container up NAME' alone reads
+    them again; a file given replaces the remembered one (--no-core/--no-installer
+    drop one).  Changes that widen access (restriction off, exempt or load-balancer
+    entries added, limits raised, ports added, hardening switched) are listed first
+    and need -y or a y at a terminal.
+    """
+    container_name(name)
+    need_root("container up")
+    store = Store(Paths.from_env())
+    txn.refuse_if_pending(store)
+    previous = store.containers().get(name)
+    files = envfiles.choose_files(name, previous, env=env, core=core, installer=installer, no_core=no_core,
+                                  no_installer=no_installer)
+    policy = records.applied_policy(store)
+    info = nicmod.nic_info(policy.interface)
+    with working(f"container {name}: reading and checking the env files"):
+        c = envfiles.load_container(name, files.env, files.core, files.installer, info.name,
+                                    list(info.ipv4 + info.ipv6), key=store.file_key(create=not dry_run),
+                                    allow_wide=allow_wide_exempt)
+    if set(files.sources.values()) - {"given", "none"}:
+        out.print(f"container {name}: files: {files.describe()}", markup=False)
+    for w in envfiles.permission_warnings([p for p in (files.env, files.core, files.installer) if p]):
+        err.print(f"warning: {w}", markup=False, style="yellow")
+    if not c.hardening:
+        say(err, "bold yellow", "WARNING:", f"NGX_IPTABLES_HARDENING=0: no port is opened for {name}; the base "
+                  f"hardening keeps {', '.join(map(str, c.ports))} on {info.name} CLOSED (clients time out)")
+    if c.template == "cloudconnect" and c.exempt:
+        out.print(f"exempt from limits: {len(c.exempt)} addresses (NGX_RATELIMIT_DISABLE_IPS, "
+                  "NGX_CLOUDCONNECT_CLIENT_IPS)")
+    widening = planmod.container_widening(previous, c) if previous is not None else []
+    for w in widening:
+        err.print(f"WIDENS ACCESS: {name}: {w}", markup=False, style="bold yellow")
+    if dry_run:
+        be = for_host(DryRunner(), backend)
+        preview = ops.container_up_plan(be, store, c)
+        print_plan(preview.plan)
+        out.print(f"container {name}: {len(preview.added)} rules would be added, {len(preview.removed)} removed",
+                  markup=False)
+        for ln in preview.removed:
+            out.print(f"  removed: {ln}", markup=False)
+        for ln in preview.added:
+            out.print(f"  added: {ln}", markup=False)
+        if confirm_secs is not None:
+            out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
+        out.print("dry run: nothing was changed")
+        if widening and not yes and sys.stdin.isatty():
+            out.print("(the real run would ask before widening access)")
+        confirm_widening(name, widening, yes or sys.stdin.isatty())
+        return
+    confirm_widening(name, widening, yes)
+    be = for_host(Runner(), backend)
+    argv = "hostprep " + " ".join(sys.argv[1:])
+    res = ops.container_up(be, store, c, argv, confirm=confirm_secs)
+    outcome, added, removed = res.outcome, res.added, res.removed
+    for note in res.change.recovered:
+        say(err, "yellow", "recovered:", f"{note}")
+    for w in outcome.warnings:
+        say(err, "yellow", "warning:", f"{w}")
+    what = "rules unchanged" if not outcome.changed else \
+        f"{plural(len(added), 'rule')} added, {len(removed)} removed"
+    out.print(f"container {name}: {what}; ports {','.join(map(str, c.ports))} on {c.dest} "
+              f"({'open with limits' if c.hardening else 'closed'}); log {store.container_log(name)}")
+    say_pending(res.change)
+
+
+@container_app.command("down", cls=PlainCommand)
+@handle_errors
+def container_down_cmd(
+    name: str = typer.Argument(..., metavar="NAME", help="Container name given to 'container up'."),
+    backend: Optional[str] = BackendOpt,
+    confirm_secs: Optional[int] = ConfirmOpt,
+) -> None:
+    """Remove exactly NAME's rules (and its sets); other containers and the base stay."""
+    container_name(name)
+    need_root("container down")
+    store = Store(Paths.from_env())
+    be = for_host(Runner(), backend)
+    argv = "hostprep " + " ".join(sys.argv[1:])
+    res = ops.container_down(be, store, name, argv, confirm=confirm_secs)
+    removed = res.removed
+    for note in res.change.recovered:
+        say(err, "yellow", "recovered:", f"{note}")
+    out.print(f"container {name}: {plural(len(removed), 'rule')} removed; log {store.container_log(name)}")
+    say_pending(res.change)
+
+
+@container_app.command("list")
+@handle_errors
+def container_list_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (the containers part of status --json)."),
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """The containers whose rules are up: ports, destination, limits, exempt counts, drop counters."""
+    need_root("container list")
+    runner = Runner()
+    be = for_host(runner, backend)
+    report = statusmod.collect(runner, be, Store(Paths.from_env()))
+    if as_json:
+        print(json.dumps(report["containers"], indent=2))
+    elif report["containers"]:
+        print_containers(report["containers"], title="containers")
+    else:
+        out.print("no container is up")
