@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hostprep import engine
 from hostprep import nic as nicmod
-from hostprep import persist, records, render, sysctl, txn
+from hostprep import persist, records, render, sysctl, timers, txn
 from hostprep.backend import FirewallBackend
 from hostprep.engine import Outcome
 from hostprep.errors import HostprepError, InputError
@@ -316,12 +316,12 @@ def boot(backend: FirewallBackend, store: Store, runner: Runner,
         except Exception as err:  # noqa: BLE001
             failures.append(f"recovering an interrupted change failed: {_line(err)}")
         try:
-            p = txn.pending(store)
+            p = timers.pending(store)
         except Exception as err:  # noqa: BLE001
             failures.append(_line(err))
             p = None
         if p:
-            if p.get("boot_id") != txn.boot_id():
+            if p.get("boot_id") != timers.boot_id():
                 why = "was not confirmed before the reboot"
             elif time.time() >= p["deadline"]:
                 why = "passed its deadline without 'hostprep confirm' (its timer did not run)"

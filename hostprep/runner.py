@@ -71,6 +71,16 @@ class Runner:
                                 + (detail[-1] if detail else "no output"))
         return res
 
+    def spawn(self, argv: list[str], *, env: dict[str, str]) -> int:
+        """Start ``argv`` detached (its own session, no terminal, no inherited files, in /); its PID.
+
+        What outlives hostprep on purpose (the --confirm watcher): a hang-up of the
+        admin's session does not reach it.
+        """
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, cwd="/")
+        return proc.pid
+
 
 @dataclass
 class DryRunner(Runner):
@@ -88,3 +98,7 @@ class DryRunner(Runner):
             self.recorded.append((list(argv), input))
             return Result(tuple(argv), 0, "", "")
         return self.inner.run(argv, input=input, check=check, mutates=False, cwd=cwd)
+
+    def spawn(self, argv: list[str], *, env: dict[str, str]) -> int:
+        self.recorded.append((list(argv), None))
+        return 0

@@ -75,6 +75,24 @@ def _check_parent(path: Path) -> None:
                          "make it a directory of root's that no one else can write, with no symlink")
 
 
+def read_text(path: Path) -> str | None:
+    """The text of ``path``; None when it does not exist."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise StateError(str(path), f"cannot read ({err.strerror})", "run as root") from None
+
+
+def discard(path: Path) -> None:
+    """Remove ``path`` if it exists."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())

@@ -7,7 +7,9 @@ missing or different (``problems`` says what), 2 on error (raised, not returned)
 
 from __future__ import annotations
 
-from hostprep import persist, records, render, selinux, sysctl, txn
+import time
+
+from hostprep import persist, records, render, selinux, snapshot, sysctl, timers, txn
 from hostprep import plan as planmod
 from hostprep.backend import FirewallBackend
 from hostprep.errors import HostprepError
@@ -15,7 +17,7 @@ from hostprep.model import DISPATCH_CHAIN, GROUPS
 from hostprep.nic import check_recorded, nic_info
 from hostprep.observed import Counter, Observed, jumps_into_hostprep
 from hostprep.runner import Runner
-from hostprep.state import Store
+from hostprep.state import Store, read_json, read_text
 
 SCHEMA_VERSION = 1
 
@@ -160,7 +162,7 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
     if desired is not None and nplan.action != "none":
         problems.append(f"nft ingress table: {nplan.reason}")
     try:
-        report["transaction"], tx_problems = txn.status_section(backend, store, runner)
+        report["transaction"], tx_problems = transaction_section(backend, store, runner)
     except HostprepError as err:
         report["transaction"], tx_problems = {"error": err.line()}, [f"transaction state: {err.line()}"]
     problems.extend(tx_problems)
@@ -235,3 +237,51 @@ def selinux_section(store: Store) -> tuple[dict, list[str]]:
 
 def exit_code(report: dict) -> int:
     return 1 if report["problems"] else 0
+
+
+def transaction_section(backend, store: Store, runner: Runner) -> tuple[dict, list[str]]:
+    """A change waiting for confirmation, an interrupted one, the change 'rollback' undoes."""
+    out: dict = {"pending": None, "interrupted": None, "rollback_available": None}
+    problems: list[str] = []
+    p = timers.pending(store)
+    if p:
+        left = p["deadline"] - time.time()
+        alive = timers.timer_alive(runner, p)
+        out["pending"] = {"id": p["id"], "command": p["command"], "deadline": p["deadline_text"],
+                          "seconds_left": max(0, int(left)), "mechanism": p["mechanism"],
+                          "timer_alive": alive, "watcher_pid": p.get("watcher_pid"), "unit": p.get("unit")}
+        problems.append(f"change {p['id']} ({p['command']}) waits for 'hostprep confirm' until "
+                        f"{p['deadline_text']} ({max(0, int(left))} s left); then it is rolled back")
+        if alive is False:
+            problems.append(f"the rollback timer of change {p['id']} is not running ({p['mechanism']}): "
+                            "run 'hostprep confirm' or 'hostprep rollback'")
+    marker = read_json(txn.inflight_file(store))
+    if marker:
+        running = txn.owner_alive(store)
+        entry = {"id": marker.get("id"), "kind": marker.get("kind", "change"), "command": marker.get("command"),
+                 "pid": marker.get("pid"), "running": running, "kernel": None}
+        if not running:
+            try:
+                snap = snapshot.load_snapshot(store, marker["id"])
+                differs = snapshot.firewall_differs(snapshot.backend_for(snap, backend), snap)
+                entry["kernel"] = "old" if not differs else "changed"
+                entry["differences"] = differs
+            except HostprepError as err:
+                entry["kernel"] = f"unknown ({err.problem})"
+            if entry["kind"] == "rollback":
+                problems.append(f"the rollback of change {marker.get('id')} ({marker.get('command')}) by PID "
+                                f"{marker.get('pid')} was interrupted; the firewall "
+                                + ("holds the state before that change again" if entry["kernel"] == "old" else
+                                   "is partly rolled back" if entry["kernel"] == "changed" else entry["kernel"])
+                                + "; the next hostprep command finishes the rollback")
+            else:
+                problems.append(f"change {marker.get('id')} ({marker.get('command')}, PID {marker.get('pid')}) was "
+                                "interrupted; the firewall "
+                                + ("still holds the state before it" if entry["kernel"] == "old" else
+                                   "holds part or all of it" if entry["kernel"] == "changed" else entry["kernel"])
+                                + "; the next hostprep change (or 'hostprep rollback') restores the state before it")
+        out["interrupted"] = entry
+    last = read_text(snapshot.last_file(store))
+    if last and snapshot.snapshot_file(store, last.strip()).is_file() and not marker:
+        out["rollback_available"] = last.strip()
+    return out, problems

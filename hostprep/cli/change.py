@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 import typer.core
 
-from hostprep import ops, txn
+from hostprep import ops, timers, txn
 from hostprep.backend import for_host
 from hostprep.errors import StateError
 from hostprep.paths import Paths
@@ -45,8 +45,8 @@ def rollback_cmd(
     store = Store(Paths.from_env())
     runner = Runner()
     if due is not None and wait:
-        txn.ignore_hangup()
-        if not txn.wait_until_due(store, due):
+        timers.ignore_hangup()
+        if not timers.wait_until_due(store, due):
             return
     be = for_host(runner, backend)
     what = "hostprep rollback" + (f" (deadline of change {due})" if due else "")
@@ -60,7 +60,7 @@ def rollback_cmd(
             # longer pending.
             if due is None or exc.field != "lock":
                 raise
-            p = txn.pending(store)
+            p = timers.pending(store)
             if p is None or p.get("id") != due:
                 return
     for note in res["recovered"]:

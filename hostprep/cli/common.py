@@ -15,7 +15,7 @@ from rich.text import Text
 
 from hostprep import __version__
 from hostprep.exits import EXIT_SIGINT, broken_pipe
-from hostprep import ops, txn
+from hostprep import ops, timers
 from hostprep.backend import VARIANTS
 from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
 from hostprep.state import Store
@@ -147,7 +147,7 @@ def unreadable_in_dry_run(dry_run: bool, what: str):
 def pending_guard(store: Store, dry_run: bool) -> None:
     """A change waiting for 'hostprep confirm' blocks the next one (a dry run says so the same way)."""
     with unreadable_in_dry_run(dry_run, "whether a change waits for confirmation cannot be read"):
-        txn.refuse_if_pending(store)
+        timers.refuse_if_pending(store)
 
 
 @contextlib.contextmanager

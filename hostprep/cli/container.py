@@ -11,7 +11,7 @@ import typer
 import typer.core
 
 from hostprep import nic as nicmod
-from hostprep import envfiles, ops, records, txn
+from hostprep import envfiles, ops, records, timers
 from hostprep.plan import plural
 from hostprep import plan as planmod
 from hostprep import status as statusmod
@@ -74,7 +74,7 @@ def container_up_cmd(
     container_name(name)
     need_root("container up")
     store = Store(Paths.from_env())
-    txn.refuse_if_pending(store)
+    timers.refuse_if_pending(store)
     previous = store.containers().get(name)
     files = envfiles.choose_files(name, previous, env=env, core=core, installer=installer, no_core=no_core,
                                   no_installer=no_installer)

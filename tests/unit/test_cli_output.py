@@ -145,7 +145,7 @@ def test_a_dry_run_refuses_when_selinux_is_not_enforcing(rhel_root):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the pending change is root's")
 def test_a_dry_run_refuses_while_a_change_waits_for_confirmation(rhel_root):
-    from hostprep import txn
+    from hostprep import timers
     from hostprep.paths import Paths
     from hostprep.state import Store
     root, _ = rhel_root
@@ -153,8 +153,8 @@ def test_a_dry_run_refuses_while_a_change_waits_for_confirmation(rhel_root):
     pending = {"id": "20261205T120000-1-abc", "command": "hostprep apply -i eth1 --confirm 120",
                "deadline": time.time() + 100, "deadline_text": "2026-12-05 12:02:00 UTC", "mechanism": "process",
                "watcher_pid": None, "unit": None, "boot_id": "", "seconds": 120, "armed": "t"}
-    txn.pending_file(store).parent.mkdir(parents=True)
-    txn.pending_file(store).write_text(json.dumps(pending))
+    timers.pending_file(store).parent.mkdir(parents=True)
+    timers.pending_file(store).write_text(json.dumps(pending))
     line = ("error: confirmation: change 20261205T120000-1-abc (hostprep apply -i eth1 --confirm 120) waits for "
             "'hostprep confirm' until 2026-12-05 12:02:00 UTC (run 'hostprep confirm' to keep it or 'hostprep "
             "rollback' to undo it first)\n")

@@ -4,7 +4,7 @@ makes root write where that user chose.
 The attacker here is uid 65534 (nobody): the directories and files are chowned to it
 (as root; the tests that need chown skip otherwise).  Every test goes through the
 interfaces hostprep uses (Paths.from_env, write_atomic, Store.journal,
-txn.load_snapshot/restore/recover, the sandbox root of 'sandbox up').
+snapmod.load_snapshot/restore/recover, the sandbox root of 'sandbox up').
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hostprep import snapshot as snapmod
 from hostprep import txn
 from hostprep.cli.sandbox import sandbox_root
 from hostprep.errors import InputError, RefusedError, StateError
@@ -156,10 +157,10 @@ def test_the_journal_is_created_0640_and_an_older_wider_one_is_narrowed(safe):
 
 
 def snapshot(store: Store, cid: str, **extra) -> None:
-    snap = {"version": txn.SNAPSHOT_VERSION, "time": "t", "command": "hostprep apply", "pid": 1,
+    snap = {"version": snapmod.SNAPSHOT_VERSION, "time": "t", "command": "hostprep apply", "pid": 1,
             "backend": None, "files": {"etc/hostprep/settings.json": '{"interface": "eth1"}\n'}}
     snap.update(extra)
-    path = txn.snapshot_file(store, cid)
+    path = snapmod.snapshot_file(store, cid)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(snap))
 
@@ -171,10 +172,10 @@ def test_a_snapshot_naming_a_file_hostprep_does_not_own_is_refused(safe, rel):
     store = Store(Paths(safe / "root"))
     snapshot(store, "20260101T000000-1-abcdef", files={rel: "* * * * * root sh -c id\n"})
     with pytest.raises(StateError) as exc:
-        txn.load_snapshot(store, "20260101T000000-1-abcdef")
+        snapmod.load_snapshot(store, "20260101T000000-1-abcdef")
     assert f"it names a file hostprep does not own ({rel!r})" in exc.value.line()
     with pytest.raises(StateError):
-        txn.restore(None, store, {"version": 1, "files": {rel: "x\n"}})
+        snapmod.restore(None, store, {"version": 1, "files": {rel: "x\n"}})
     assert sorted(p.name for p in safe.rglob("*") if p.is_file()) == ["20260101T000000-1-abcdef.json"]
 
 
@@ -182,7 +183,7 @@ def test_a_snapshot_naming_a_kernel_key_outside_the_profile_is_refused(safe):
     store = Store(Paths(safe))
     snapshot(store, "20260101T000000-1-abcdef", sysctl={"kernel.core_pattern": "|/tmp/evil"})
     with pytest.raises(StateError) as exc:
-        txn.load_snapshot(store, "20260101T000000-1-abcdef")
+        snapmod.load_snapshot(store, "20260101T000000-1-abcdef")
     assert "outside hostprep's profile ('kernel.core_pattern')" in exc.value.line()
 
 
@@ -205,7 +206,7 @@ def test_a_change_id_that_is_not_one_is_refused(safe, cid):
     store = Store(Paths(safe))
     (safe / "x.json").write_text("{}")          # ../../x.json seen from rollback/ would resolve near here
     with pytest.raises(StateError) as exc:
-        txn.load_snapshot(store, cid)
+        snapmod.load_snapshot(store, cid)
     assert f"{cid!r} is not a change id hostprep makes" in exc.value.line()
 
 

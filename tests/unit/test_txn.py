@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hostprep import plan as planmod
-from hostprep import render, txn
+from hostprep import render, snapshot, status, timers, txn
 from hostprep.errors import InputError, RefusedError, StateError
 from hostprep.model import Policy
 from hostprep.paths import Paths
@@ -50,11 +50,11 @@ def seed(store: Store) -> dict[Path, str]:
 
 
 def test_confirm_seconds_bounds():
-    assert txn.confirm_seconds(None) is None
-    assert txn.confirm_seconds(120) == 120
+    assert timers.confirm_seconds(None) is None
+    assert timers.confirm_seconds(120) == 120
     for bad in (0, -5, 86401):
         with pytest.raises(InputError) as exc:
-            txn.confirm_seconds(bad)
+            timers.confirm_seconds(bad)
         assert exc.value.field == "--confirm"
 
 
@@ -66,7 +66,7 @@ def test_confirm_seconds_bounds():
     ("hostprep-abcd1234-ex6-n", [], 6),
 ])
 def test_set_family_from_name_or_members(name, members, family):
-    assert txn.set_family(name, members) == family
+    assert snapshot.set_family(name, members) == family
 
 
 def test_snapshot_of_the_firewall_round_trips_to_the_same_rulesets(store):
@@ -74,8 +74,8 @@ def test_snapshot_of_the_firewall_round_trips_to_the_same_rulesets(store):
     # the temporary NAME-n set of an interrupted swap is in the kernel too
     be = FakeKernel.holding(desired, sets={"hostprep-abcd1234-lb4": frozenset({"192.0.2.0/24"}),
                                            "hostprep-abcd1234-lb4-n": frozenset()})
-    snap = txn.take(be, store, firewall=True, kernel=False, command="hostprep apply -i eth1")
-    target = txn.snapshot_target(json.loads(json.dumps(snap)))
+    snap = snapshot.take(be, store, firewall=True, kernel=False, command="hostprep apply -i eth1")
+    target = snapshot.snapshot_target(json.loads(json.dumps(snap)))
     for fam in (4, 6):
         assert target.ruleset(fam) == planmod.ruleset_from_observed(be.observed[fam])
         assert target.ruleset(fam).rule_count == desired.ruleset(fam).rule_count
@@ -87,16 +87,16 @@ def test_snapshot_of_the_firewall_round_trips_to_the_same_rulesets(store):
 
 def test_restore_puts_back_the_state_files_and_drops_added_container_records(store):
     before = seed(store)
-    snap = txn.take(None, store, firewall=False, kernel=False)
+    snap = snapshot.take(None, store, firewall=False, kernel=False)
     write(store.paths.settings_file, '{"interface": "eth9"}\n')
     store.paths.state_file.unlink()
     write(store.containers_dir / "ids.json", '{"name": "ids"}\n')
-    notes = txn.restore(None, store, snap)
+    notes = snapshot.restore(None, store, snap)
     assert {p: p.read_text() for p in before} == before
     assert not (store.containers_dir / "ids.json").exists()
     assert sorted(notes) == sorted(["etc/hostprep/settings.json restored", "var/lib/hostprep/applied.json restored",
                                     "var/lib/hostprep/containers/ids.json restored"])
-    assert txn.restore(None, store, snap) == []          # idempotent
+    assert snapshot.restore(None, store, snap) == []          # idempotent
 
 
 def test_a_failing_change_restores_the_files_and_leaves_no_marker(store):
@@ -104,12 +104,12 @@ def test_a_failing_change_restores_the_files_and_leaves_no_marker(store):
     with pytest.raises(StateError):
         with txn.change(None, store, "hostprep test", firewall=False) as ch:
             assert txn.inflight_file(store).is_file()
-            assert txn.snapshot_file(store, ch.id).is_file()
+            assert snapshot.snapshot_file(store, ch.id).is_file()
             write(store.paths.settings_file, '{"interface": "eth9"}\n')
             raise StateError("applied.json", "cannot write (No space left on device)")
     assert {p: p.read_text() for p in before} == before
     assert not txn.inflight_file(store).exists()
-    assert list(txn.rollback_dir(store).glob("*.json")) == []
+    assert list(snapshot.rollback_dir(store).glob("*.json")) == []
     journal = store.paths.journal.read_text().splitlines()
     assert len(journal) == 1 and "the state before it is restored" in journal[0]
 
@@ -128,7 +128,7 @@ def test_a_successful_change_is_what_rollback_restores(store, FakeRunner):
     before = seed(store)
     with txn.change(None, store, "hostprep first", firewall=False) as ch:
         write(store.paths.settings_file, '{"interface": "eth2"}\n')
-    assert txn.last_file(store).read_text() == ch.id + "\n"
+    assert snapshot.last_file(store).read_text() == ch.id + "\n"
     assert not txn.inflight_file(store).exists()
     res = txn.rollback(None, store, FakeRunner(), "hostprep rollback")
     assert res["id"] == ch.id and res["notes"] == ["etc/hostprep/settings.json restored"]
@@ -144,8 +144,8 @@ def test_an_unchanged_change_keeps_the_earlier_snapshot(store):
         write(store.paths.settings_file, '{"interface": "eth2"}\n')
     with txn.change(None, store, "hostprep again", firewall=False) as second:
         second.changed = False
-    assert txn.last_file(store).read_text() == first.id + "\n"
-    assert [p.stem for p in txn.rollback_dir(store).glob("*.json")] == [first.id]
+    assert snapshot.last_file(store).read_text() == first.id + "\n"
+    assert [p.stem for p in snapshot.rollback_dir(store).glob("*.json")] == [first.id]
 
 
 def test_a_change_inside_a_change_is_refused_without_a_second_snapshot(store):
@@ -157,16 +157,16 @@ def test_a_change_inside_a_change_is_refused_without_a_second_snapshot(store):
             with txn.change(None, store, "inner", firewall=False):
                 pass
         assert outer is not None
-    assert len(list(txn.rollback_dir(store).glob("*.json"))) == 1
+    assert len(list(snapshot.rollback_dir(store).glob("*.json"))) == 1
 
 
 def test_an_interrupted_change_is_recovered_by_the_next_one(store, FakeRunner):
     before = seed(store)
-    snap = txn.take(None, store, firewall=False, kernel=False, command="hostprep killed")
+    snap = snapshot.take(None, store, firewall=False, kernel=False, command="hostprep killed")
     txn.save_snapshot(store, "20260101T000000-1", snap)
     write(txn.inflight_file(store), json.dumps({"id": "20260101T000000-1", "pid": 1, "command": "hostprep killed"}))
     write(store.paths.settings_file, '{"interface": "half"}\n')
-    report, problems = txn.status_section(None, store, FakeRunner())
+    report, problems = status.transaction_section(None, store, FakeRunner())
     assert report["interrupted"]["running"] is False and report["interrupted"]["id"] == "20260101T000000-1"
     assert len(problems) == 1 and "was interrupted" in problems[0]
     with txn.change(None, store, "hostprep next", firewall=False) as ch:
@@ -186,20 +186,20 @@ def test_a_missing_snapshot_of_an_interrupted_change_is_reported_not_fatal(store
 
 def test_timer_mechanism_override_and_sandbox(store, monkeypatch):
     monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "systemd")
-    assert txn.timer_mechanism(store) == "systemd"
+    assert timers.timer_mechanism(store) == "systemd"
     monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "cron")
     with pytest.raises(InputError):
-        txn.timer_mechanism(store)
+        timers.timer_mechanism(store)
     monkeypatch.delenv("HOSTPREP_CONFIRM_TIMER")
     # under a test root (not "/") the rollback must stay in this namespace: never systemd-run
-    assert txn.timer_mechanism(store) == "process"
+    assert timers.timer_mechanism(store) == "process"
 
 
 def test_arming_with_systemd_runs_a_transient_timer_and_confirm_stops_it(store, monkeypatch, FakeRunner):
     monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "systemd")
     monkeypatch.setenv("HOSTPREP_ROOT", str(store.paths.root))
     runner = FakeRunner(replies={("systemctl", "is-active", "hostprep-rollback-ID1.timer"): (0, "active\n", "")})
-    p = txn.arm(store, runner, "ID1", 120, "hostprep apply -i eth1 --confirm 120")
+    p = timers.arm(store, runner, "ID1", 120, "hostprep apply -i eth1 --confirm 120")
     argv = runner.calls[0][0]
     assert argv[:6] == ["systemd-run", "--unit=hostprep-rollback-ID1",
                         "--description=hostprep: roll back unconfirmed change ID1", "--on-active=120s",
@@ -208,20 +208,20 @@ def test_arming_with_systemd_runs_a_transient_timer_and_confirm_stops_it(store, 
     # -P: the rollback never imports a hostprep/ from the directory apply ran in (issue 10, item 2)
     assert argv[-7:] == [sys.executable, "-P", "-m", "hostprep", "rollback", "--due", "ID1"]
     assert runner.calls[0][2] is True                      # a mutating call (not run by --dry-run)
-    assert json.loads(txn.pending_file(store).read_text()) == p
+    assert json.loads(timers.pending_file(store).read_text()) == p
     assert p["unit"] == "hostprep-rollback-ID1.timer" and p["mechanism"] == "systemd"
     assert 119 <= p["deadline"] - time.time() <= 120
-    assert txn.timer_alive(runner, p) is True
+    assert timers.timer_alive(runner, p) is True
     res = txn.confirm(store, runner)
     assert res["id"] == "ID1" and res["late"] is False
     assert runner.calls[-1][0] == ["systemctl", "stop", "hostprep-rollback-ID1.timer"]
-    assert not txn.pending_file(store).exists()
+    assert not timers.pending_file(store).exists()
     assert "change ID1 (hostprep apply -i eth1 --confirm 120) confirmed" in store.paths.journal.read_text()
 
 
 def test_a_pending_change_refuses_the_next_one(store, monkeypatch):
     seed(store)
-    write(txn.pending_file(store), json.dumps({"id": "P1", "command": "hostprep apply --confirm 60",
+    write(timers.pending_file(store), json.dumps({"id": "P1", "command": "hostprep apply --confirm 60",
                                                "deadline": time.time() + 60, "deadline_text": "soon",
                                                "mechanism": "process", "watcher_pid": None}))
     with pytest.raises(RefusedError) as exc:
@@ -239,14 +239,14 @@ def test_confirm_without_a_pending_change_is_one_clear_error(store, FakeRunner):
 
 def test_the_watcher_sleeps_until_the_deadline_and_stops_when_confirmed(store):
     def armed(cid, seconds):
-        write(txn.pending_file(store), json.dumps({"id": cid, "command": "c", "deadline": time.time() + seconds,
+        write(timers.pending_file(store), json.dumps({"id": cid, "command": "c", "deadline": time.time() + seconds,
                                                    "deadline_text": "t"}))
     armed("W1", 0.4)
     t0 = time.monotonic()
-    assert txn.wait_until_due(store, "W1") is True
+    assert timers.wait_until_due(store, "W1") is True
     assert time.monotonic() - t0 >= 0.35
     armed("W2", 30)
-    assert txn.wait_until_due(store, "W1") is False       # another change is pending: not ours
+    assert timers.wait_until_due(store, "W1") is False       # another change is pending: not ours
 
 
 def test_the_watcher_process_outlives_its_parent_session_and_exits_on_confirm(store, monkeypatch, FakeRunner):
@@ -254,19 +254,19 @@ def test_the_watcher_process_outlives_its_parent_session_and_exits_on_confirm(st
     monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "process")
     monkeypatch.setenv("HOSTPREP_ROOT", str(store.paths.root))
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
-    p = txn.arm(store, FakeRunner(), "W3", 600, "hostprep test")
+    p = timers.arm(store, FakeRunner(), "W3", 600, "hostprep test")
     pid = p["watcher_pid"]
     try:
         assert os.getsid(pid) == pid                      # a session leader: SIGHUP of ours never reaches it
         deadline = time.time() + 10
-        while not txn._watcher_alive(pid, "W3") and time.time() < deadline:
+        while not timers._watcher_alive(pid, "W3") and time.time() < deadline:
             time.sleep(0.05)
-        assert txn.timer_alive(FakeRunner(), p) is True
-        txn.disarm(store, FakeRunner(), p)
+        assert timers.timer_alive(FakeRunner(), p) is True
+        timers.disarm(store, FakeRunner(), p)
         deadline = time.time() + 10
-        while txn._watcher_alive(pid, "W3") and time.time() < deadline:
+        while timers._watcher_alive(pid, "W3") and time.time() < deadline:
             time.sleep(0.05)
-        assert txn._watcher_alive(pid, "W3") is False
+        assert timers._watcher_alive(pid, "W3") is False
     finally:
         try:
             os.kill(pid, 9)
@@ -279,10 +279,10 @@ def test_the_watcher_process_outlives_its_parent_session_and_exits_on_confirm(st
 
 
 def test_status_section_shows_the_pending_deadline(store, FakeRunner):
-    write(txn.pending_file(store), json.dumps({"id": "S1", "command": "hostprep apply --confirm 60",
+    write(timers.pending_file(store), json.dumps({"id": "S1", "command": "hostprep apply --confirm 60",
                                                "deadline": time.time() + 59.5, "deadline_text": "12:00:00",
                                                "mechanism": "process", "watcher_pid": 999999999}))
-    report, problems = txn.status_section(None, store, FakeRunner())
+    report, problems = status.transaction_section(None, store, FakeRunner())
     assert report["pending"]["seconds_left"] in (58, 59)
     assert report["pending"]["timer_alive"] is False
     assert problems[0].startswith("change S1 (hostprep apply --confirm 60) waits for 'hostprep confirm' until 12:00:00")
@@ -317,7 +317,7 @@ def test_a_rollback_killed_half_way_is_finished_and_confirm_refuses(store, FakeR
     before = seed(store)
     with txn.change(None, store, "hostprep apply --confirm 60", firewall=False) as ch:
         write(store.paths.settings_file, '{"interface": "eth2"}\n')
-    write(txn.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 60",
+    write(timers.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 60",
                                                "deadline": time.time() + 60, "deadline_text": "soon",
                                                "mechanism": "process", "watcher_pid": None}))
     # what rollback() writes before it restores; the process then died
@@ -328,7 +328,7 @@ def test_a_rollback_killed_half_way_is_finished_and_confirm_refuses(store, FakeR
     assert exc.value.problem == (f"change {ch.id} (hostprep apply --confirm 60) was being rolled back (PID 1) when "
                                  "that was interrupted; the rollback is finished (1 items); nothing is left to confirm")
     assert {p: p.read_text() for p in before} == before
-    assert (txn.pending_file(store).exists(), txn.inflight_file(store).exists(), txn.last_file(store).exists()) \
+    assert (timers.pending_file(store).exists(), txn.inflight_file(store).exists(), snapshot.last_file(store).exists()) \
         == (False, False, False)
 
 
@@ -336,7 +336,7 @@ def test_confirm_after_the_rollback_says_when_and_why(store, FakeRunner):
     seed(store)
     with txn.change(None, store, "hostprep apply --confirm 1", firewall=False) as ch:
         write(store.paths.settings_file, '{"interface": "eth2"}\n')
-    write(txn.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 1",
+    write(timers.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 1",
                                                "deadline": time.time() - 1, "deadline_text": "then",
                                                "mechanism": "process", "watcher_pid": None}))
     txn.rollback(None, store, FakeRunner(), "hostprep rollback (deadline)", due=ch.id)
@@ -353,21 +353,21 @@ def test_a_failed_arming_leaves_no_pending_change_behind(store, monkeypatch):
 
     def no_fork(*a, **k):
         raise OSError(11, "Resource temporarily unavailable")
-    monkeypatch.setattr(txn.subprocess, "Popen", no_fork)
+    monkeypatch.setattr(subprocess, "Popen", no_fork)
     with pytest.raises(OSError):
         with txn.change(None, store, "hostprep apply --confirm 60", firewall=False, confirm=60):
             pytest.fail("the change must not run without its rollback armed")
-    assert (txn.pending_file(store).exists(), txn.inflight_file(store).exists()) == (False, False)
+    assert (timers.pending_file(store).exists(), txn.inflight_file(store).exists()) == (False, False)
     with txn.change(None, store, "hostprep apply", firewall=False):   # the next change is not refused
         pass
     assert "nothing had changed" in store.paths.journal.read_text()
 
 
 def test_a_malformed_pending_record_is_one_clear_line(store):
-    write(txn.pending_file(store), '{"id": "x"}')
+    write(timers.pending_file(store), '{"id": "x"}')
     with pytest.raises(StateError) as exc:
-        txn.pending(store)
-    assert exc.value.line() == (f"{txn.pending_file(store)}: malformed record of a change waiting for confirmation "
+        timers.pending(store)
+    assert exc.value.line() == (f"{timers.pending_file(store)}: malformed record of a change waiting for confirmation "
                                 "(run 'hostprep rollback' if its snapshot exists, else remove the file)")
 
 
