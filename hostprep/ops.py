@@ -321,20 +321,20 @@ def boot(backend: FirewallBackend, store: Store, runner: Runner,
             failures.append(_line(err))
             p = None
         if p:
-            if p.get("boot_id") != timers.boot_id():
+            if p.boot_id != timers.boot_id():
                 why = "was not confirmed before the reboot"
-            elif time.time() >= p["deadline"]:
+            elif time.time() >= p.deadline:
                 why = "passed its deadline without 'hostprep confirm' (its timer did not run)"
             else:
                 why = None
-                notes.append(f"change {p['id']} ({p['command']}) waits for 'hostprep confirm' until "
-                             f"{p['deadline_text']}: kept, its timer is armed")
+                notes.append(f"change {p.id} ({p.command}) waits for 'hostprep confirm' until "
+                             f"{p.deadline_text}: kept, its timer is armed")
             if why:
                 try:
                     txn.rollback(backend, store, runner, "hostprep boot", reason=f"it {why}")
-                    notes.append(f"change {p['id']} ({p['command']}) {why}: rolled back")
+                    notes.append(f"change {p.id} ({p.command}) {why}: rolled back")
                 except Exception as err:  # noqa: BLE001
-                    failures.append(f"rolling back change {p['id']} failed: {_line(err)}")
+                    failures.append(f"rolling back change {p.id} failed: {_line(err)}")
 
         policy: Policy | None = None
         record_missing = False

@@ -17,7 +17,7 @@ from hostprep.model import DISPATCH_CHAIN, GROUPS
 from hostprep.nic import check_recorded, nic_info
 from hostprep.observed import Counter, Observed, jumps_into_hostprep
 from hostprep.runner import Runner
-from hostprep.state import Store, read_json, read_text
+from hostprep.state import Store, read_text
 
 SCHEMA_VERSION = 1
 
@@ -245,37 +245,37 @@ def transaction_section(backend, store: Store, runner: Runner) -> tuple[dict, li
     problems: list[str] = []
     p = timers.pending(store)
     if p:
-        left = p["deadline"] - time.time()
+        left = p.deadline - time.time()
         alive = timers.timer_alive(runner, p)
-        out["pending"] = {"id": p["id"], "command": p["command"], "deadline": p["deadline_text"],
-                          "seconds_left": max(0, int(left)), "mechanism": p["mechanism"],
-                          "timer_alive": alive, "watcher_pid": p.get("watcher_pid"), "unit": p.get("unit")}
-        problems.append(f"change {p['id']} ({p['command']}) waits for 'hostprep confirm' until "
-                        f"{p['deadline_text']} ({max(0, int(left))} s left); then it is rolled back")
+        out["pending"] = {"id": p.id, "command": p.command, "deadline": p.deadline_text,
+                          "seconds_left": max(0, int(left)), "mechanism": p.mechanism,
+                          "timer_alive": alive, "watcher_pid": p.watcher_pid, "unit": p.unit}
+        problems.append(f"change {p.id} ({p.command}) waits for 'hostprep confirm' until "
+                        f"{p.deadline_text} ({max(0, int(left))} s left); then it is rolled back")
         if alive is False:
-            problems.append(f"the rollback timer of change {p['id']} is not running ({p['mechanism']}): "
+            problems.append(f"the rollback timer of change {p.id} is not running ({p.mechanism}): "
                             "run 'hostprep confirm' or 'hostprep rollback'")
-    marker = read_json(txn.inflight_file(store))
+    marker = txn.read_inflight(store)
     if marker:
         running = txn.owner_alive(store)
-        entry = {"id": marker.get("id"), "kind": marker.get("kind", "change"), "command": marker.get("command"),
-                 "pid": marker.get("pid"), "running": running, "kernel": None}
+        entry = {"id": marker.id, "kind": marker.kind, "command": marker.command,
+                 "pid": marker.pid, "running": running, "kernel": None}
         if not running:
             try:
-                snap = snapshot.load_snapshot(store, marker["id"])
+                snap = snapshot.load_snapshot(store, marker.id)
                 differs = snapshot.firewall_differs(snapshot.backend_for(snap, backend), snap)
                 entry["kernel"] = "old" if not differs else "changed"
                 entry["differences"] = differs
             except HostprepError as err:
                 entry["kernel"] = f"unknown ({err.problem})"
             if entry["kind"] == "rollback":
-                problems.append(f"the rollback of change {marker.get('id')} ({marker.get('command')}) by PID "
-                                f"{marker.get('pid')} was interrupted; the firewall "
+                problems.append(f"the rollback of change {marker.id} ({marker.command}) by PID "
+                                f"{marker.pid} was interrupted; the firewall "
                                 + ("holds the state before that change again" if entry["kernel"] == "old" else
                                    "is partly rolled back" if entry["kernel"] == "changed" else entry["kernel"])
                                 + "; the next hostprep command finishes the rollback")
             else:
-                problems.append(f"change {marker.get('id')} ({marker.get('command')}, PID {marker.get('pid')}) was "
+                problems.append(f"change {marker.id} ({marker.command}, PID {marker.pid}) was "
                                 "interrupted; the firewall "
                                 + ("still holds the state before it" if entry["kernel"] == "old" else
                                    "holds part or all of it" if entry["kernel"] == "changed" else entry["kernel"])

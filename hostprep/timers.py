@@ -10,10 +10,12 @@ keeps the next change out while one waits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from hostprep.errors import InputError, RefusedError, StateError
@@ -42,8 +44,8 @@ def refuse_if_pending(store: Store) -> None:
     """Before any prompt or guard: a change waiting for confirmation blocks the next one."""
     p = pending(store)
     if p:
-        raise RefusedError("confirmation", f"change {p['id']} ({p['command']}) waits for 'hostprep "
-                           f"confirm' until {p['deadline_text']}",
+        raise RefusedError("confirmation", f"change {p.id} ({p.command}) waits for 'hostprep "
+                           f"confirm' until {p.deadline_text}",
                            "run 'hostprep confirm' to keep it or 'hostprep rollback' to undo it first")
 
 
@@ -91,38 +93,70 @@ def boot_id() -> str:
         return ""
 
 
-def arm(store: Store, runner: Runner, cid: str, seconds: int, command: str) -> dict:
+@dataclass(frozen=True)
+class Pending:
+    """pending.json: a change waiting for 'hostprep confirm', and what rolls it back at its deadline."""
+
+    id: str
+    command: str
+    deadline: float
+    deadline_text: str
+    armed: str = ""
+    boot_id: str = ""               # the boot it was armed in (a reboot outlives its timer)
+    seconds: int = 0
+    mechanism: str = "process"      # "systemd" (unit) or "process" (watcher_pid)
+    watcher_pid: int | None = None
+    unit: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Pending":
+        ok = (isinstance(d.get("id"), str) and isinstance(d.get("command"), str)
+              and isinstance(d.get("deadline"), (int, float)) and isinstance(d.get("deadline_text"), str)
+              and d.get("mechanism", "process") in ("systemd", "process")
+              and isinstance(d.get("watcher_pid"), (int, type(None))) and isinstance(d.get("unit"), (str, type(None)))
+              and isinstance(d.get("seconds", 0), int) and isinstance(d.get("boot_id", ""), str))
+        if not ok:
+            raise StateError(where, "malformed record of a change waiting for confirmation",
+                             "run 'hostprep rollback' if its snapshot exists, else remove the file")
+        return cls(d["id"], d["command"], float(d["deadline"]), d["deadline_text"], str(d.get("armed", "")),
+                   d.get("boot_id", ""), d.get("seconds", 0), d.get("mechanism", "process"), d.get("watcher_pid"),
+                   d.get("unit"))
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "command": self.command, "armed": self.armed, "boot_id": self.boot_id,
+                "seconds": self.seconds, "deadline": self.deadline, "deadline_text": self.deadline_text,
+                "mechanism": self.mechanism, "watcher_pid": self.watcher_pid, "unit": self.unit}
+
+
+def _save(store: Store, p: Pending) -> None:
+    write_atomic(pending_file(store), json.dumps(p.to_dict(), indent=2) + "\n")
+
+
+def arm(store: Store, runner: Runner, cid: str, seconds: int, command: str) -> Pending:
+    """Write pending.json, then start the timer (or the watcher) that rolls ``cid`` back at its deadline."""
     mech = timer_mechanism(store)
     deadline = time.time() + seconds
-    pending = {"id": cid, "command": command, "armed": now(), "boot_id": boot_id(), "seconds": seconds,
-               "deadline": deadline,
-               "deadline_text": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(deadline)),
-               "mechanism": mech, "watcher_pid": None, "unit": None}
-    write_atomic(pending_file(store), json.dumps(pending, indent=2) + "\n")
+    p = Pending(cid, command, deadline, time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(deadline)),
+                now(), boot_id(), seconds, mech)
+    _save(store, p)
     if mech == "systemd":
         unit = unit_name(cid)
         env = [f"--setenv={k}={v}" for k, v in _env_for_child().items()]
         runner.run(["systemd-run", f"--unit={unit}", "--description=hostprep: roll back unconfirmed change "
                     + cid, f"--on-active={seconds}s", "--timer-property=AccuracySec=1s", "--collect",
                     *env, *_hostprep_argv(), "rollback", "--due", cid], mutates=True)
-        pending["unit"] = unit + ".timer"
+        p = dataclasses.replace(p, unit=unit + ".timer")
     else:
-        pending["watcher_pid"] = runner.spawn([*_hostprep_argv(), "rollback", "--due", cid, "--wait"],
-                                              env=dict(_env_for_child()))
-    write_atomic(pending_file(store), json.dumps(pending, indent=2) + "\n")
-    return pending
-
-
-def pending(store: Store) -> dict | None:
-    p = read_json(pending_file(store))
-    if p is None:
-        return None
-    ok = (isinstance(p.get("id"), str) and isinstance(p.get("command"), str)
-          and isinstance(p.get("deadline"), (int, float)) and isinstance(p.get("deadline_text"), str))
-    if not ok:
-        raise StateError(str(pending_file(store)), "malformed record of a change waiting for confirmation",
-                         "run 'hostprep rollback' if its snapshot exists, else remove the file")
+        p = dataclasses.replace(p, watcher_pid=runner.spawn([*_hostprep_argv(), "rollback", "--due", cid, "--wait"],
+                                                            env=dict(_env_for_child())))
+    _save(store, p)
     return p
+
+
+def pending(store: Store) -> Pending | None:
+    """The change waiting for confirmation, if any (a malformed record is one clear error)."""
+    d = read_json(pending_file(store))
+    return None if d is None else Pending.from_dict(d, str(pending_file(store)))
 
 
 def _watcher_alive(pid: int | None, cid: str) -> bool:
@@ -136,22 +170,23 @@ def _watcher_alive(pid: int | None, cid: str) -> bool:
     return b"--due" in argv and cid.encode() in argv
 
 
-def timer_alive(runner: Runner, p: dict) -> bool | None:
+def timer_alive(runner: Runner, p: Pending) -> bool | None:
     """Is the armed rollback still going to fire?  None: cannot tell."""
-    if p.get("mechanism") == "systemd":
+    if p.mechanism == "systemd":
         if runner.which("systemctl") is None:
             return None
-        res = runner.run(["systemctl", "is-active", p.get("unit") or ""], check=False)
+        res = runner.run(["systemctl", "is-active", p.unit or ""], check=False)
         return res.stdout.strip() == "active"
-    return _watcher_alive(p.get("watcher_pid"), p["id"])
+    return _watcher_alive(p.watcher_pid, p.id)
 
 
-def disarm(store: Store, runner: Runner, p: dict) -> None:
+def disarm(store: Store, runner: Runner, p: Pending) -> None:
+    """pending.json removed, the timer stopped or the watcher ended."""
     discard(pending_file(store))
-    if p.get("mechanism") == "systemd" and p.get("unit") and runner.which("systemctl"):
-        runner.run(["systemctl", "stop", p["unit"]], check=False, mutates=True)
-    pid = p.get("watcher_pid")
-    if pid and pid != os.getpid() and _watcher_alive(pid, p["id"]):
+    if p.mechanism == "systemd" and p.unit and runner.which("systemctl"):
+        runner.run(["systemctl", "stop", p.unit], check=False, mutates=True)
+    pid = p.watcher_pid
+    if pid and pid != os.getpid() and _watcher_alive(pid, p.id):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
 
@@ -171,9 +206,9 @@ def wait_until_due(store: Store, cid: str) -> bool:
             p = pending(store)
         except StateError:
             p = None
-        if p is None or p.get("id") != cid:
+        if p is None or p.id != cid:
             return False
-        left = p["deadline"] - time.time()
+        left = p.deadline - time.time()
         if left <= 0:
             return True
         time.sleep(min(left, 0.5))

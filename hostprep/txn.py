@@ -40,20 +40,78 @@ from hostprep.errors import HostprepError, InputError, RefusedError, StateError
 from hostprep.runner import Runner
 from hostprep.snapshot import last_file, load_snapshot, new_id, restore, rollback_dir, save_snapshot, snapshot_file, take
 from hostprep.state import Store, discard, now, read_json, read_text, write_atomic
-from hostprep.timers import arm, disarm, pending, refuse_if_pending
+from hostprep.timers import Pending, arm, disarm, pending, refuse_if_pending
 
 
 def inflight_file(store: Store) -> Path:
     return store.paths.state_dir / "inflight.json"
 
 
+@dataclass(frozen=True)
+class Inflight:
+    """inflight.json: the marker of a change (or a rollback) in progress; left behind by a crash.
+
+    Read leniently on purpose: whatever a dying process left is recovered; an id that
+    names no usable snapshot restores nothing and the marker is removed.
+    """
+
+    id: str
+    pid: int | None = None
+    command: str | None = None
+    time: str | None = None
+    kind: str = "change"            # or "rollback"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Inflight":
+        def text(key: str) -> str | None:
+            return d[key] if isinstance(d.get(key), str) else None
+        return cls(text("id") or "?", d["pid"] if isinstance(d.get("pid"), int) else None, text("command"),
+                   text("time"), "rollback" if d.get("kind") == "rollback" else "change")
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, **({"kind": self.kind} if self.kind != "change" else {}), "pid": self.pid,
+                "command": self.command, "time": self.time}
+
+
+def read_inflight(store: Store) -> Inflight | None:
+    d = read_json(inflight_file(store))
+    return None if d is None else Inflight.from_dict(d)
+
+
+def _mark(store: Store, marker: Inflight) -> None:
+    write_atomic(inflight_file(store), json.dumps(marker.to_dict()) + "\n")
+
+
 @dataclass
 class Change:
+    """One open change, handed to the code that runs inside it."""
+
     id: str
     snapshot: dict
-    pending: dict | None = None
+    pending: Pending | None = None
     changed: bool = True
     recovered: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Confirmed:
+    """What 'hostprep confirm' kept."""
+
+    id: str
+    command: str
+    late: bool          # after its deadline (the rollback had not run yet)
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """What 'hostprep rollback' (or the timer) did."""
+
+    id: str | None                  # None: nothing but the recovery of an interrupted change
+    skipped: bool                   # the timer's change no longer waited for confirmation
+    recovered: list[str]
+    notes: list[str]
+    command: str | None = None
+    why: str | None = None
 
 
 def owner_alive(store: Store) -> bool:
@@ -74,19 +132,19 @@ def owner_alive(store: Store) -> bool:
 
 def recover(backend, store: Store, by: str = "hostprep") -> list[str]:
     """Under the lock: undo a change whose process died.  Returns journal-worthy notes."""
-    marker = read_json(inflight_file(store))
+    marker = read_inflight(store)
     if marker is None:
         return []
-    cid = marker.get("id", "?")
+    cid = marker.id
     try:
         snap = load_snapshot(store, cid)
     except StateError as err:
         discard(inflight_file(store))
         if not snapshot_file(store, cid).exists():
-            store.journal(f"recover (by {by})", f"interrupted change {cid} ({marker.get('command')}) had no "
+            store.journal(f"recover (by {by})", f"interrupted change {cid} ({marker.command}) had no "
                           "snapshot", "marker removed; run 'hostprep apply' to converge")
             return [f"interrupted change {cid}: no snapshot; marker removed"]
-        store.journal(f"recover (by {by})", f"interrupted change {cid} ({marker.get('command')}): "
+        store.journal(f"recover (by {by})", f"interrupted change {cid} ({marker.command}): "
                       f"snapshot not usable ({err.problem})", "nothing restored, marker removed; "
                       "run 'hostprep apply' to converge")
         return [f"interrupted change {cid}: snapshot not usable ({err.problem}); nothing restored, marker removed"]
@@ -95,24 +153,24 @@ def recover(backend, store: Store, by: str = "hostprep") -> list[str]:
         p = pending(store)
     except StateError:
         p = None
-    if p and p.get("id") == cid:
+    if p and p.id == cid:
         disarm(store, Runner(), p)
-        _note_rolled_back(store, cid, marker.get("command"), "it was interrupted before it was confirmed")
+        _note_rolled_back(store, cid, marker.command, "it was interrupted before it was confirmed")
     last = read_text(last_file(store))
     if last and last.strip() == cid:
         discard(last_file(store))
     discard(inflight_file(store))
     discard(snapshot_file(store, cid))
-    if marker.get("kind") == "rollback":
-        what = f"was being rolled back (PID {marker.get('pid')}) when that was interrupted; the rollback is finished"
-        _note_rolled_back(store, cid, marker.get("command"), "its interrupted rollback was finished")
-        logged = f"change {cid} ({marker.get('command')}) {what}"
+    if marker.kind == "rollback":
+        what = f"was being rolled back (PID {marker.pid}) when that was interrupted; the rollback is finished"
+        _note_rolled_back(store, cid, marker.command, "its interrupted rollback was finished")
+        logged = f"change {cid} ({marker.command}) {what}"
     else:
-        what = f"was interrupted (PID {marker.get('pid')}); the state before it is restored"
-        logged = (f"change {cid} ({marker.get('command')}, PID {marker.get('pid')}) was interrupted; "
+        what = f"was interrupted (PID {marker.pid}); the state before it is restored"
+        logged = (f"change {cid} ({marker.command}, PID {marker.pid}) was interrupted; "
                   "the state before it is restored")
     store.journal(f"recover (by {by})", f"{logged}: {'; '.join(notes) or 'nothing had changed'}", "ok")
-    return [f"change {cid} ({marker.get('command')}) {what}"
+    return [f"change {cid} ({marker.command}) {what}"
             + (f" ({len(notes)} items)" if notes else " (nothing had changed)")]
 
 
@@ -167,8 +225,7 @@ def change(backend, store: Store, command: str, *, firewall: bool = True, kernel
             cid = new_id()
             snap = take(backend, store, firewall=firewall, kernel=kernel, command=command)
             save_snapshot(store, cid, snap)
-            write_atomic(inflight_file(store), json.dumps({"id": cid, "pid": os.getpid(), "command": command,
-                                                           "time": now()}) + "\n")
+            _mark(store, Inflight(cid, os.getpid(), command, now()))
             ch = Change(cid, snap, recovered=recovered)
             try:
                 if confirm is not None:
@@ -199,7 +256,7 @@ def _fail(backend, store: Store, ch: Change, exc: BaseException, command: str) -
         p = ch.pending or pending(store)
     except StateError:
         p = None
-    if p and p.get("id") == ch.id:
+    if p and p.id == ch.id:
         disarm(store, Runner(), p)
     with contextlib.suppress(OSError):
         discard(inflight_file(store))
@@ -228,7 +285,7 @@ def _close(store: Store, runner: Runner, ch: Change, command: str) -> None:
     discard(inflight_file(store))
 
 
-def confirm(store: Store, runner: Runner, backend=None) -> dict:
+def confirm(store: Store, runner: Runner, backend=None) -> Confirmed:
     with store.lock():
         # An interrupted change (or rollback) is undone first: confirming it would
         # keep a state nobody recorded.
@@ -244,15 +301,15 @@ def confirm(store: Store, runner: Runner, backend=None) -> dict:
                                  f"({gone.get('command')}) was rolled back at {gone.get('time')} "
                                  f"({gone.get('why')})", "apply it again if you want it")
             raise InputError("confirm", "no change waits for confirmation", "see 'hostprep status'")
-        late = time.time() >= p["deadline"]
+        late = time.time() >= p.deadline
         disarm(store, runner, p)
-        store.journal("hostprep confirm", f"change {p['id']} ({p['command']}) confirmed"
+        store.journal("hostprep confirm", f"change {p.id} ({p.command}) confirmed"
                       + (" after its deadline (the rollback had not run yet)" if late else ""), "ok")
-        return dict(p, late=late)
+        return Confirmed(p.id, p.command, late)
 
 
 def rollback(backend, store: Store, runner: Runner, command: str, due: str | None = None,
-             reason: str | None = None) -> dict:
+             reason: str | None = None) -> RolledBack:
     """Restore the state before the pending change, else before the last one.
 
     ``due``: called by the timer or the watcher for change ``due``; does nothing
@@ -262,12 +319,12 @@ def rollback(backend, store: Store, runner: Runner, command: str, due: str | Non
         recovered = recover(backend, store, command)
         p = pending(store)
         if due is not None:
-            if p is None or p.get("id") != due:
-                return {"id": due, "skipped": True, "recovered": recovered, "notes": []}
+            if p is None or p.id != due:
+                return RolledBack(due, True, recovered, [])
         if recovered and due is None:
-            return {"id": None, "skipped": False, "recovered": recovered, "notes": []}
+            return RolledBack(None, False, recovered, [])
         last = read_text(last_file(store))
-        cid = p["id"] if p else (last.strip() if last else None)
+        cid = p.id if p else (last.strip() if last else None)
         if cid is None:
             raise InputError("rollback", "nothing to roll back: no change is recorded since the last "
                              "rollback", "see 'hostprep status'")
@@ -277,11 +334,10 @@ def rollback(backend, store: Store, runner: Runner, command: str, due: str | Non
 
 
 def _rollback_deferred(backend, store: Store, runner: Runner, command: str, cid: str, snap: dict, why: str,
-                       p: dict | None, recovered: list[str]) -> dict:
+                       p: Pending | None, recovered: list[str]) -> RolledBack:
     """The restore of a rollback: hang-ups wait for it; a kill leaves a marker the next command finishes."""
     with _signals_deferred():
-        write_atomic(inflight_file(store), json.dumps({"id": cid, "kind": "rollback", "pid": os.getpid(),
-                                                       "command": snap.get("command"), "time": now()}) + "\n")
+        _mark(store, Inflight(cid, os.getpid(), snap.get("command"), now(), "rollback"))
         try:
             notes = restore(backend, store, snap)
         except HostprepError as err:
@@ -296,5 +352,4 @@ def _rollback_deferred(backend, store: Store, runner: Runner, command: str, cid:
         _note_rolled_back(store, cid, snap.get("command"), why)
         store.journal(command, f"rolled back change {cid} ({snap.get('command')}), {why}: "
                       + ("; ".join(notes) or "nothing differed"), "ok")
-        return {"id": cid, "skipped": False, "recovered": recovered, "notes": notes,
-                "command": snap.get("command"), "why": why}
+        return RolledBack(cid, False, recovered, notes, snap.get("command"), why)

@@ -23,8 +23,8 @@ def confirm_cmd() -> None:
     """Keep the change applied with --confirm: the armed rollback is cancelled."""
     need_root("confirm")
     p = txn.confirm(Store(Paths.from_env()), Runner())
-    out.print(f"confirmed: change {p['id']} ({p['command']}) stays"
-              + (" (its deadline had passed, but the rollback had not run yet)" if p["late"] else ""))
+    out.print(f"confirmed: change {p.id} ({p.command}) stays"
+              + (" (its deadline had passed, but the rollback had not run yet)" if p.late else ""))
 
 
 @app.command("rollback")
@@ -61,21 +61,21 @@ def rollback_cmd(
             if due is None or exc.field != "lock":
                 raise
             p = timers.pending(store)
-            if p is None or p.get("id") != due:
+            if p is None or p.id != due:
                 return
-    for note in res["recovered"]:
+    for note in res.recovered:
         out.print(note)
-    if res["skipped"]:
+    if res.skipped:
         out.print(f"change {due} no longer waits for confirmation: nothing rolled back")
         return
-    if res["id"] is None:
+    if res.id is None:
         return
-    out.print(f"rolled back change {res['id']} ({res['command']}), {res['why']}: "
-              + (f"{len(res['notes'])} items restored" if res["notes"] else "nothing differed"))
-    for note in res["notes"][:12]:
+    out.print(f"rolled back change {res.id} ({res.command}), {res.why}: "
+              + (f"{len(res.notes)} items restored" if res.notes else "nothing differed"))
+    for note in res.notes[:12]:
         out.print(f"  - {note}")
-    if len(res["notes"]) > 12:
-        out.print(f"  - ... and {len(res['notes']) - 12} more")
+    if len(res.notes) > 12:
+        out.print(f"  - ... and {len(res.notes) - 12} more")
 
 
 @app.command("boot")

@@ -371,10 +371,10 @@ def say_pending(ch) -> None:
     if ch is None or ch.pending is None:
         return
     p = ch.pending
-    how = f"systemd timer {p['unit']}" if p["mechanism"] == "systemd" else \
-        f"watcher process {p['watcher_pid']} (no systemd in this namespace)"
-    say(err, "bold yellow", f"confirm within {p['seconds']} s:", f"run 'hostprep confirm' before "
-        f"{p['deadline_text']}, or the state before this change is restored ({how}); "
+    how = f"systemd timer {p.unit}" if p.mechanism == "systemd" else \
+        f"watcher process {p.watcher_pid} (no systemd in this namespace)"
+    say(err, "bold yellow", f"confirm within {p.seconds} s:", f"run 'hostprep confirm' before "
+        f"{p.deadline_text}, or the state before this change is restored ({how}); "
         "'hostprep rollback' restores it now")
 
 

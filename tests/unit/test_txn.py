@@ -131,7 +131,7 @@ def test_a_successful_change_is_what_rollback_restores(store, FakeRunner):
     assert snapshot.last_file(store).read_text() == ch.id + "\n"
     assert not txn.inflight_file(store).exists()
     res = txn.rollback(None, store, FakeRunner(), "hostprep rollback")
-    assert res["id"] == ch.id and res["notes"] == ["etc/hostprep/settings.json restored"]
+    assert res.id == ch.id and res.notes == ["etc/hostprep/settings.json restored"]
     assert {p: p.read_text() for p in before} == before
     with pytest.raises(InputError) as exc:
         txn.rollback(None, store, FakeRunner(), "hostprep rollback")
@@ -208,12 +208,12 @@ def test_arming_with_systemd_runs_a_transient_timer_and_confirm_stops_it(store, 
     # -P: the rollback never imports a hostprep/ from the directory apply ran in (issue 10, item 2)
     assert argv[-7:] == [sys.executable, "-P", "-m", "hostprep", "rollback", "--due", "ID1"]
     assert runner.calls[0][2] is True                      # a mutating call (not run by --dry-run)
-    assert json.loads(timers.pending_file(store).read_text()) == p
-    assert p["unit"] == "hostprep-rollback-ID1.timer" and p["mechanism"] == "systemd"
-    assert 119 <= p["deadline"] - time.time() <= 120
+    assert json.loads(timers.pending_file(store).read_text()) == p.to_dict()
+    assert p.unit == "hostprep-rollback-ID1.timer" and p.mechanism == "systemd"
+    assert 119 <= p.deadline - time.time() <= 120
     assert timers.timer_alive(runner, p) is True
     res = txn.confirm(store, runner)
-    assert res["id"] == "ID1" and res["late"] is False
+    assert res.id == "ID1" and res.late is False
     assert runner.calls[-1][0] == ["systemctl", "stop", "hostprep-rollback-ID1.timer"]
     assert not timers.pending_file(store).exists()
     assert "change ID1 (hostprep apply -i eth1 --confirm 120) confirmed" in store.paths.journal.read_text()
@@ -255,7 +255,7 @@ def test_the_watcher_process_outlives_its_parent_session_and_exits_on_confirm(st
     monkeypatch.setenv("HOSTPREP_ROOT", str(store.paths.root))
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
     p = timers.arm(store, FakeRunner(), "W3", 600, "hostprep test")
-    pid = p["watcher_pid"]
+    pid = p.watcher_pid
     try:
         assert os.getsid(pid) == pid                      # a session leader: SIGHUP of ours never reaches it
         deadline = time.time() + 10
