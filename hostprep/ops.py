@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hostprep import engine
 from hostprep import nic as nicmod
-from hostprep import persist, records, render, sysctl, timers, txn
+from hostprep import persist, records, render, settings, sysctl, timers, txn
 from hostprep.backend import FirewallBackend
 from hostprep.engine import Outcome
 from hostprep.errors import HostprepError, InputError
@@ -35,6 +35,7 @@ from hostprep.model import CONTAINER_DISPATCH, Container, Desired, Policy
 from hostprep.observed import LiveState, target_of
 from hostprep.plan import ApplyPlan, plural
 from hostprep.runner import Runner
+from hostprep.settings import FirewallSettings, Settings
 from hostprep.state import Store
 from hostprep.txn import Change
 
@@ -90,7 +91,7 @@ def converge_and_record(backend: FirewallBackend, store: Store, desired: Desired
             or record.get("rules") != records.record_dict(desired, outcome.after, backend.variant)["rules"] \
             or record.get("nic") != nic:
         store.save_applied(records.record_dict(desired, outcome.after, backend.variant, nic))
-        store.save_settings(desired.policy.to_settings())
+        store.save_settings(Settings(FirewallSettings.of(desired.policy)))
     return outcome
 
 
@@ -98,7 +99,7 @@ def _kernel_part(store: Store, command: str) -> KernelResult:
     """Write, load and read back the kernel profile (inside the caller's change)."""
     report, notes = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
     bad = [r for r in report if r.state in ("drift", "overridden")]
-    store.save_settings({"kernel": True})
+    store.save_settings(Settings(kernel=True))
     ok = sum(1 for r in report if r.state == "ok")
     store.journal(command, f"kernel profile: {ok} keys live",
                   "ok" if not bad else f"{len(bad)} keys overridden or drifting")
@@ -147,7 +148,7 @@ def flush_kernel(store: Store, command: str) -> list[str]:
     """Restore the kernel values recorded before the first 'apply -k', remove the drop-in."""
     with txn.change(None, store, command, firewall=False, kernel=True):
         restored = sysctl.flush_kernel(sysctl.Kernel(), store.paths)
-        store.save_settings({"kernel": False})
+        store.save_settings(Settings(kernel=False))
     store.journal(command, f"kernel: {len(restored)} keys restored", "ok")
     return restored
 
@@ -348,9 +349,9 @@ def boot(backend: FirewallBackend, store: Store, runner: Runner,
             record = None       # converge must not read it again
             failures.append(err.line())
             try:
-                s = store.settings() or {}
-                if s.get("interface"):
-                    policy = Policy(s["interface"], bool(s.get("skip_ddos")), bool(s.get("allow_private")), ())
+                fw = settings.resolve("boot", settings.Flags(), store).firewall
+                if fw is not None:
+                    policy = Policy(fw.interface, fw.skip_ddos, fw.allow_private, ())
                     notes.append(f"loading the remembered NIC's base hardening instead ({policy.interface}, "
                                  "no -p sources: ping stays closed)")
             except (HostprepError, AttributeError, TypeError) as serr:

@@ -55,7 +55,7 @@ from typing import Callable, Iterator
 from rich.table import Table
 
 from hostprep import nic as nicmod
-from hostprep import render, validate
+from hostprep import render, settings, validate
 from hostprep.backend import IptablesBackend, detect_variant
 from hostprep.envfiles import PORTS, load_container
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError
@@ -759,19 +759,12 @@ def resolve_options(interface: str | None, skip_ddos: bool, allow_private: bool,
     """Flags when any of -i/-e/-a/-p is given, else the remembered settings of the last apply;
     the --env/--core containers, else the containers that are up."""
     pairs = env_pairs(envs, cores)
-    if interface is not None or skip_ddos or allow_private or ping_from:
-        source, flags = "command line", (skip_ddos, allow_private, tuple(ping_from))
-    else:
-        remembered = store.settings() or {}
-        if remembered.get("interface"):
-            source = "remembered settings"
-            flags = (bool(remembered.get("skip_ddos")), bool(remembered.get("allow_private")),
-                     tuple(remembered.get("ping_from") or ()))
-            interface = remembered["interface"]
-        else:
-            source, flags = "defaults (nothing remembered)", (False, False, ())
+    resolved = settings.resolve("selftest", settings.Flags(interface, skip_ddos, allow_private, tuple(ping_from)),
+                                store)
+    fw = resolved.firewall
     registry = () if pairs else tuple(store.containers().values())
-    return Options(flags[0], flags[1], flags[2], source, interface, pairs, registry, backend, keep)
+    return Options(fw.skip_ddos, fw.allow_private, fw.ping_from, resolved.source, fw.interface, pairs, registry, backend,
+                   keep)
 
 
 # --------------------------------------------------------------------------- the run (impure)

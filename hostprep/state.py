@@ -22,6 +22,7 @@ from pathlib import Path
 from hostprep import faults
 from hostprep.errors import StateError
 from hostprep.model import Container
+from hostprep.settings import Settings
 from hostprep.paths import Paths, make_dirs, open_nofollow, untrusted_reason
 
 
@@ -169,14 +170,20 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def settings(self) -> dict | None:
-        return read_json(self.paths.settings_file)
+    def settings(self) -> Settings | None:
+        """settings.json, validated (a malformed one is one clear error); None when there is none."""
+        d = read_json(self.paths.settings_file)
+        return None if d is None else Settings.from_dict(d, str(self.paths.settings_file))
 
-    def save_settings(self, settings: dict) -> None:
-        """Merge ``settings`` into the remembered ones (firewall and kernel parts are saved apart)."""
-        merged = dict(self.settings() or {})
-        merged.update(settings)
-        write_atomic(self.paths.settings_file, json.dumps(merged, indent=2) + "\n", 0o644)
+    def save_settings(self, update: Settings) -> None:
+        """Save the parts ``update`` has (firewall and kernel parts are saved apart).  A malformed
+        file is replaced: saving is how it gets repaired."""
+        try:
+            current = self.settings() or Settings()
+        except StateError:
+            current = Settings()
+        write_atomic(self.paths.settings_file, json.dumps(current.updated(update).to_dict(), indent=2) + "\n",
+                     0o644)
 
     def applied(self) -> dict | None:
         return read_json(self.paths.state_file)

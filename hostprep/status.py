@@ -82,10 +82,11 @@ def _container_report(c, observed: Observed | None, desired_rs) -> dict:
 
 def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
     warnings = service_warnings(runner) + backend.other_firewalls()
-    settings = store.settings()
+    remembered = store.settings()
     record = store.applied()
     report: dict = {"schema": SCHEMA_VERSION, "backend": backend.variant, "warnings": warnings,
-                    "settings": settings, "last_apply": None, "nic": None, "families": {},
+                    "settings": remembered.to_dict() if remembered is not None else None, "last_apply": None,
+                    "nic": None, "families": {},
                     "fragments": None, "ipv6_parity": None, "containers": [], "problems": []}
     problems: list[str] = report["problems"]
     desired = None
@@ -96,11 +97,12 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
         if record.get("backend") != backend.variant:
             problems.append(f"last apply used the {record.get('backend')} backend, this host now uses "
                             f"{backend.variant}: run 'hostprep apply'")
-    elif settings and settings.get("interface"):
+    elif remembered is not None and remembered.firewall is not None:
         problems.append("hostprep is not applied (settings remembered): run 'hostprep apply'")
-    elif not (settings or {}).get("kernel"):
+    elif not (remembered is not None and remembered.kernel):
         problems.append("nothing applied yet: run 'hostprep apply -i <external NIC>'")
-    iface = ((record or {}).get("settings") or {}).get("interface") or (settings or {}).get("interface")
+    iface = ((record or {}).get("settings") or {}).get("interface") or \
+        (remembered.firewall.interface if remembered is not None and remembered.firewall else None)
     if iface:
         check = check_recorded(runner, iface, record, settle=False) if record else None
         try:

@@ -12,13 +12,14 @@ import typer.core
 
 from hostprep import engine
 from hostprep import nic as nicmod
-from hostprep import ops, persist, render, selinux
+from hostprep import ops, persist, render, selinux, settings
 from hostprep.backend import FirewallBackend, for_host
 from hostprep.errors import HostprepError, InputError, RefusedError, StateError
 from hostprep.model import Desired, Policy
 from hostprep.observed import LiveState, Observed
 from hostprep.paths import Paths
 from hostprep.runner import DryRunner, Runner
+from hostprep.settings import FirewallSettings, Flags
 from hostprep.state import Store
 from hostprep.validate import _IFNAME
 from hostprep.cli.common import (EXAMPLES, BackendOpt, ConfirmOpt, PlainCommand, app, confirm, handle_errors,
@@ -27,35 +28,17 @@ from hostprep.cli.output import (err, out, print_kernel_dry_run, print_kernel_pa
                                  report_firewall, say, say_pending, say_warnings, show_nic)
 
 
-def settings_policy(interface: str, skip_ddos: bool, allow_private: bool,
-                    ping_from: list[str]) -> Policy:
-    sources = nicmod.resolve_ping_sources(ping_from, allow_private=allow_private)
-    return Policy(interface, skip_ddos, allow_private, sources)
+def settings_policy(fw: FirewallSettings) -> Policy:
+    """The policy of the firewall settings: -p hostnames resolved now."""
+    sources = nicmod.resolve_ping_sources(list(fw.ping_from), allow_private=fw.allow_private)
+    return Policy(fw.interface, fw.skip_ddos, fw.allow_private, sources)
 
 
-def what_to_apply(interface: Optional[str], skip_ddos: bool, allow_private: bool, ping_from: list[str],
-                  kernel: bool, store: Store) -> tuple[Optional[Policy], bool, str]:
-    """(firewall policy or None, apply the kernel profile?, where the settings came from).
-
-    -i [-e -a -p] [-k]: what the flags say; -k alone: the kernel only (as the
-    original's -k); nothing: every part remembered from the last successful apply.
-    """
-    if interface is not None:
-        return settings_policy(interface, skip_ddos, allow_private, ping_from), kernel, "command line"
-    if skip_ddos or allow_private or ping_from:
-        raise InputError("-e/-a/-p", "these need -i", "give the external NIC with -i, or "
-                         "run plain 'hostprep apply' to re-apply the remembered settings")
-    if kernel:
-        return None, True, "command line"
-    remembered = store.settings() or {}
-    if not remembered.get("interface") and not remembered.get("kernel"):
-        raise InputError("-i/--interface", "no external NIC given and none remembered",
-                         "start with: hostprep apply -i <external NIC>")
-    policy = None
-    if remembered.get("interface"):
-        policy = settings_policy(remembered["interface"], bool(remembered.get("skip_ddos")),
-                                 bool(remembered.get("allow_private")), list(remembered.get("ping_from", [])))
-    return policy, bool(remembered.get("kernel")), "remembered settings"
+def what_to_apply(flags: Flags, store: Store) -> tuple[Optional[Policy], bool, str]:
+    """(firewall policy or None, apply the kernel profile?, where the settings came from): settings.resolve."""
+    resolved = settings.resolve("apply", flags, store)
+    policy = settings_policy(resolved.firewall) if resolved.firewall is not None else None
+    return policy, resolved.kernel, resolved.source
 
 
 def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> list[str]:
@@ -236,7 +219,8 @@ def apply_cmd(
     store = Store(Paths.from_env())
     if not dry_run:
         need_root("apply")
-    policy, do_kernel, source = what_to_apply(interface, skip_ddos, allow_private, ping_from, kernel, store)
+    policy, do_kernel, source = what_to_apply(Flags(interface, skip_ddos, allow_private, tuple(ping_from), kernel),
+                                              store)
     # Every guard runs before any change, and for a dry run too: a dry run refuses
     # (same line, same exit code) where the real run would.
     selinux_warnings: list[str] = []
@@ -246,7 +230,7 @@ def apply_cmd(
         # -i ... -k must not load the firewall and then refuse the kernel part.
         rp_filter_guard(Runner(), force)
     pending_guard(store, dry_run)
-    if source == "remembered settings":
+    if source == settings.SOURCE_REMEMBERED:
         out.print("re-applying the remembered settings: "
                   + ("firewall on " + policy.interface if policy else "")
                   + (" and " if policy and do_kernel else "") + ("kernel profile" if do_kernel else ""))
@@ -329,7 +313,7 @@ def flush_cmd(
         gone = persist.remove(store.paths, runner)
         store.journal(argv, f"boot persistence removed ({len(gone)} files)", "ok")
         out.print(f"boot persistence removed: {len(gone)} files" if gone else "boot persistence: nothing installed")
-    elif store.settings():
+    elif (store.settings() or settings.Settings()).to_dict():
         out.print("the settings stay remembered: 'hostprep apply' brings the hardening back"
                   + ("; the boot unit stays installed and loads nothing while nothing is applied "
                      "(--persistent removes it)" if (store.paths.root / "etc/systemd/system/hostprep.service")

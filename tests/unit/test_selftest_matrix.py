@@ -17,6 +17,7 @@ from hostprep.observed import parse_save
 from hostprep.probe import KINDS
 from hostprep.runner import Result, Runner
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6
+from hostprep.settings import Settings
 
 net = ipaddress.ip_network
 ip = ipaddress.ip_address
@@ -423,7 +424,7 @@ class FakeStore:
         self._containers = containers or {}
 
     def settings(self):
-        return self._settings
+        return None if self._settings is None else Settings.from_dict(self._settings)
 
     def containers(self):
         return self._containers
