@@ -84,7 +84,7 @@ def one(n: int) -> tuple[float, dict]:
                       Limits(10, 6, 8, 1, 1), exempt=exempt)
         desired = render.desired(Policy("eth1"), (c,))
         store.save_container(c)
-        store.save_applied(records.record_dict(desired, LiveState({}, None), "nft"))
+        records.save_applied(store, records.AppliedRecord.of(desired, LiveState({}, None), "nft"))
         runner = Canned({"4": save_text(desired, 4), "6": save_text(desired, 6),
                          "ipset": planmod.ipset_fill_script(desired.sets)})
         be = IptablesBackend(runner, "nft", proc=root / "proc")

@@ -26,14 +26,15 @@ from hostprep.backend import FirewallBackend, Staged
 from hostprep.errors import CommandFailed, HostprepError
 from hostprep.model import Desired
 from hostprep.observed import LiveState
-from hostprep.plan import ApplyPlan
+from hostprep.plan import ApplyPlan, NftRecord
 from hostprep.state import Store
 
 
-def make_plan(backend: FirewallBackend, desired: Desired | None, record: dict | None,
+def make_plan(backend: FirewallBackend, desired: Desired | None, recorded_nft: NftRecord | None,
               live: LiveState | None = None, *, keep_nft: bool = False) -> ApplyPlan:
-    """The plan from ``live`` (observed now when not given) to ``desired``."""
-    return planmod.plan_change(desired, live or backend.observe(), record, keep_nft=keep_nft)
+    """The plan from ``live`` (observed now when not given) to ``desired``; ``recorded_nft``: the nft
+    table as the last apply recorded it."""
+    return planmod.plan_change(desired, live or backend.observe(), recorded_nft, keep_nft=keep_nft)
 
 
 def execute(backend: FirewallBackend, plan: ApplyPlan) -> Staged:
@@ -108,22 +109,17 @@ class Outcome:
     summary: str = ""            # the actions in one line
 
 
-_READ = object()
-
-
-def converge(backend: FirewallBackend, store: Store, desired: Desired | None, command: str,
-             record: dict | None | object = _READ, *, keep_nft: bool = False) -> Outcome:
+def converge(backend: FirewallBackend, store: Store, desired: Desired | None, command: str, *,
+             recorded_nft: NftRecord | None, keep_nft: bool = False) -> Outcome:
     """Bring hostprep's part of the kernel to ``desired`` (None: remove it all), verify, journal.
 
     The one path every command that changes rules goes through (apply, flush,
-    container up/down).  The caller records its own state after this returns.
-    ``record``: the last apply's record (read from the store unless given; boot
-    passes None when applied.json is unusable).  ``keep_nft``: the live nft table is left as it
-    is (boot, when the external NIC is absent or another device).
+    container up/down, boot).  The caller records its own state after this returns.
+    ``recorded_nft``: the nft table as the last apply recorded it (None: not recorded,
+    or applied.json unusable).  ``keep_nft``: the live nft table is left as it is
+    (boot, when the external NIC is absent or another device).
     """
-    if record is _READ:
-        record = store.applied()
-    plan = make_plan(backend, desired, record, keep_nft=keep_nft)
+    plan = make_plan(backend, desired, recorded_nft, keep_nft=keep_nft)
     if plan.empty:
         store.journal(command, "nothing changed", "ok")
         return Outcome(False, [], [], plan.live, plan.live)

@@ -186,15 +186,6 @@ class Policy:
                     seen.append(str(net))
         return tuple(seen)
 
-    def to_settings(self) -> dict:
-        """What is remembered for the next plain ``hostprep apply`` (the -p values as given)."""
-        return {
-            "interface": self.interface,
-            "skip_ddos": self.skip_ddos,
-            "allow_private": self.allow_private,
-            "ping_from": [s.given for s in self.ping],
-        }
-
 
 @dataclass(frozen=True)
 class Desired:

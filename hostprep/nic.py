@@ -381,16 +381,15 @@ def resolve_ping_sources(values: list[str], *, allow_private: bool) -> tuple[Pin
     return tuple(out)
 
 
-def check_recorded(runner: Runner, interface: str, record: dict | None, sys_net: Path = Path("/sys/class/net"), *,
+def check_recorded(runner: Runner, interface: str, record, sys_net: Path = Path("/sys/class/net"), *,
                    settle: bool = True) -> NicCheck:
-    """The external NIC against the identity recorded at apply.
+    """The external NIC against the identity recorded at apply (``record``: records.AppliedRecord or None).
 
     Anything but a match is checked again once udev has settled (at boot the
     kernel's names may not be the final ones yet); status (``settle=False``) does not wait.
     """
-    rec = record or {}
-    same = (rec.get("settings") or {}).get("interface") == interface
-    recorded = NicIdentity.from_record(rec.get("nic")) if same else None
+    same = record is not None and record.interface == interface
+    recorded = NicIdentity.from_record(record.nic) if same else None
     check = check_identity(interface, recorded, link_identities(runner, sys_net))
     if settle and check.state not in ("ok", "unrecorded") and settle_udev(runner):
         check = check_identity(interface, recorded, link_identities(runner, sys_net))

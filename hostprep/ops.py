@@ -79,18 +79,17 @@ def converge_and_record(backend: FirewallBackend, store: Store, desired: Desired
     ``record_nic``: record the external NIC's identity as it is now (apply); False keeps the
     recorded one (container up/down must not bless a NIC that was swapped meanwhile).
     """
-    outcome = engine.converge(backend, store, desired, command)
-    record = store.applied()
+    # A malformed record reads as none: this apply writes it again.
+    record = records.load_applied(store, tolerant=True)
+    outcome = engine.converge(backend, store, desired, command, recorded_nft=record.nft if record else None)
     if record_nic:
         ident = nicmod.identity_of(desired.policy.interface, backend.runner)
         nic = ident.as_dict() if ident else None
     else:
-        same = ((record or {}).get("settings") or {}).get("interface") == desired.policy.interface
-        nic = (record or {}).get("nic") if same else None
-    if outcome.changed or record is None or record.get("settings") != desired.policy.to_settings() \
-            or record.get("rules") != records.record_dict(desired, outcome.after, backend.variant)["rules"] \
-            or record.get("nic") != nic:
-        store.save_applied(records.record_dict(desired, outcome.after, backend.variant, nic))
+        nic = record.nic if record is not None and record.interface == desired.policy.interface else None
+    if outcome.changed or record is None or record.settings != FirewallSettings.of(desired.policy) \
+            or record.rules != records.AppliedRecord.rules_of(desired) or record.nic != nic:
+        records.save_applied(store, records.AppliedRecord.of(desired, outcome.after, backend.variant, nic))
         store.save_settings(Settings(FirewallSettings.of(desired.policy)))
     return outcome
 
@@ -127,8 +126,8 @@ def apply(store: Store, command: str, *, backend: FirewallBackend | None, desire
         outcome = converge_and_record(backend, store, desired, command) if desired is not None else None
         kernel_result = _kernel_part(store, command) if kernel else None
         ch.changed = kernel or bool(outcome and outcome.changed)
-        interface = desired.policy.interface if desired is not None else \
-            ((store.applied() or {}).get("settings") or {}).get("interface")
+        applied = records.load_applied(store, tolerant=True)
+        interface = desired.policy.interface if desired is not None else applied.interface if applied else None
         persistence = _persistence_part(store, interface)
     return ApplyResult(ch, outcome, kernel_result, persistence)
 
@@ -138,7 +137,8 @@ def apply(store: Store, command: str, *, backend: FirewallBackend | None, desire
 def flush(backend: FirewallBackend, store: Store, command: str) -> Outcome:
     """Remove every hostprep rule, set and table.  Settings and the container registry stay."""
     with txn.change(backend, store, command) as ch:
-        outcome = engine.converge(backend, store, None, command)
+        record = records.load_applied(store, tolerant=True)
+        outcome = engine.converge(backend, store, None, command, recorded_nft=record.nft if record else None)
         store.clear_applied()
         ch.changed = outcome.changed
     return outcome
@@ -232,7 +232,8 @@ def container_diff(before: LiveState, desired: Desired, previous: Container | No
 def container_up_plan(backend: FirewallBackend, store: Store, c: Container) -> ContainerPreview:
     """What ``container up`` would do (for --dry-run): the plan, and the lines added and removed."""
     desired, previous = container_desired(store, c)
-    plan = engine.make_plan(backend, desired, store.applied())
+    record = records.load_applied(store, tolerant=True)
+    plan = engine.make_plan(backend, desired, record.nft if record else None)
     diff = container_diff(plan.live, desired, previous, c)
     return ContainerPreview(plan, diff.added, diff.removed)
 
@@ -339,12 +340,12 @@ def boot(backend: FirewallBackend, store: Store, runner: Runner,
 
         policy: Policy | None = None
         record_missing = False
-        record: dict | None = None
+        record: records.AppliedRecord | None = None
         try:
-            record = store.applied()
+            record = records.load_applied(store)
             record_missing = record is None
             if record is not None:
-                policy = records.policy_from_record(record)
+                policy = record.policy()
         except HostprepError as err:
             record = None       # converge must not read it again
             failures.append(err.line())
@@ -361,7 +362,7 @@ def boot(backend: FirewallBackend, store: Store, runner: Runner,
                 # Nothing recorded as applied: none of hostprep's rules belongs in the
                 # kernel (a copy saved by iptables-services, say, is removed).
                 try:
-                    outcome = engine.converge(backend, store, None, "hostprep boot", record=None)
+                    outcome = engine.converge(backend, store, None, "hostprep boot", recorded_nft=None)
                     notes.append("nothing is recorded as applied: " + (outcome.summary
                                                                        if outcome.changed else "no rules loaded"))
                 except HostprepError as err:
@@ -412,7 +413,7 @@ def boot(backend: FirewallBackend, store: Store, runner: Runner,
                 keep = keep_nft or (want.nft is None and desired.nft is not None)
                 try:
                     outcome = engine.converge(backend, store, want, "hostprep boot" + (f" ({label})" if label else ""),
-                                       record=record, keep_nft=keep)
+                                              recorded_nft=record.nft if record else None, keep_nft=keep)
                 except HostprepError as err:
                     failures.append(f"loading {label or 'the recorded state'} failed: {err.line()}")
                     continue

@@ -123,6 +123,8 @@ def failsafe_tool(variant: str, family: int) -> str:
 def failsafe_variant(paths: Paths, invocation: tuple[str, list[tuple[str, str]]] | None = None) -> str:
     """The iptables variant the fail-safe is loaded with: the last apply's, else the units' or this
     environment's HOSTPREP_BACKEND, else what ``iptables -V`` says."""
+    # Only the variant is read, from whatever applied.json holds (a record too damaged to load
+    # still says which iptables its rules were loaded with).
     try:
         record = read_json(paths.state_file) or {}
     except StateError:

@@ -292,7 +292,15 @@ def _family_actions(p: FamilyPlan, want, live: Observed | None) -> list[str]:
     return out
 
 
-def plan_nft(desired: Desired | None, live: NftObserved | None, record: dict | None, *,
+@dataclass(frozen=True)
+class NftRecord:
+    """The nft ingress table as applied: the script loaded and the listing read back after it."""
+
+    script: str
+    live: str | None
+
+
+def plan_nft(desired: Desired | None, live: NftObserved | None, recorded: NftRecord | None, *,
              keep: bool = False) -> NftPlan:
     """``keep``: the live table stays whatever it is (boot, while the external NIC is absent or
     another device: the table may be hooked on the renamed NIC, which still exists)."""
@@ -303,20 +311,19 @@ def plan_nft(desired: Desired | None, live: NftObserved | None, record: dict | N
         return NftPlan("delete", "not wanted") if live is not None else NftPlan("none")
     if live is None:
         return NftPlan("load", "table missing")
-    rec = (record or {}).get("nft") or {}
     if live.device != want.device:
         return NftPlan("load", f"hooked on {live.device}, wanted on {want.device}")
-    if rec.get("script") != want.script:
+    if recorded is None or recorded.script != want.script:
         return NftPlan("load", "rules changed")
-    if rec.get("live") != live.text:
+    if recorded.live != live.text:
         return NftPlan("load", "live table differs from the recorded one")
     return NftPlan("none")
 
 
-def plan_change(desired: Desired | None, live: LiveState, record: dict | None, *,
+def plan_change(desired: Desired | None, live: LiveState, recorded_nft: NftRecord | None, *,
                 keep_nft: bool = False) -> ApplyPlan:
     """Everything that brings ``live`` to ``desired`` (None: nothing of hostprep), per family,
-    the sets and the nft table; ``record``: the last apply's (its nft script and listing)."""
+    the sets and the nft table; ``recorded_nft``: the table as the last apply recorded it."""
     families: dict[int, FamilyPlan] = {}
     texts: dict[int, str] = {}
     for fam in live.observed:
@@ -324,7 +331,7 @@ def plan_change(desired: Desired | None, live: LiveState, record: dict | None, *
         families[fam] = plan_family(want, live.observed[fam])
         texts[fam] = restore_text(families[fam], want)
     sets = plan_sets(desired.sets if desired else (), live.sets)
-    return ApplyPlan(desired, families, texts, plan_nft(desired, live.nft, record, keep=keep_nft), live, sets)
+    return ApplyPlan(desired, families, texts, plan_nft(desired, live.nft, recorded_nft, keep=keep_nft), live, sets)
 
 
 

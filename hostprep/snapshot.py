@@ -19,11 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostprep import engine, persist, sysctl
+from hostprep import engine, persist, records, sysctl
 from hostprep import plan as planmod
 from hostprep.backend import IptablesBackend
 from hostprep.errors import CommandFailed, InputError, StateError
 from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset, container_name
+from hostprep.plan import NftRecord
 from hostprep.runner import Runner
 from hostprep.state import Store, now, read_json, read_text, write_atomic
 
@@ -123,7 +124,7 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
                   "backend": backend.variant if backend is not None else None}
     if firewall:
         live = backend.observe()
-        record = store.applied() or {}
+        record = records.load_applied(store, tolerant=True)
         fw = {}
         for fam, obs in live.observed.items():
             rs = planmod.ruleset_from_observed(obs)
@@ -135,8 +136,8 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
         if live.nft is None:
             snap["nft"] = None
         else:
-            rec = record.get("nft") or {}
-            script = rec.get("script") if rec.get("live") == live.nft.text and rec.get("script") else \
+            rec = record.nft if record is not None else None
+            script = rec.script if rec is not None and rec.live == live.nft.text and rec.script else \
                 "table netdev hostprep\ndelete table netdev hostprep\n" + live.nft.text
             snap["nft"] = {"device": live.nft.device, "text": live.nft.text, "script": script}
     if kernel:
@@ -219,7 +220,7 @@ def firewall_differs(backend, snap: dict) -> list[str]:
     if "firewall" not in snap:
         return []
     target = snapshot_target(snap)
-    rec = {"nft": {"script": target.nft.script, "live": snap["nft"]["text"]}} if target.nft else None
+    rec = NftRecord(target.nft.script, snap["nft"]["text"]) if target.nft else None
     plan = engine.make_plan(backend, target, rec)
     return plan.notes()
 
@@ -233,7 +234,7 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
     if "firewall" in snap:
         be = backend_for(snap, backend)
         target = snapshot_target(snap)
-        rec = {"nft": {"script": target.nft.script, "live": snap["nft"]["text"]}} if target.nft else None
+        rec = NftRecord(target.nft.script, snap["nft"]["text"]) if target.nft else None
         if target.nft is not None and not (sys_net / target.nft.device).exists():
             # Kernels before 6.x refuse an ingress hook on a missing device; the
             # iptables part (matching the NIC by name) is restored all the same and
@@ -242,7 +243,7 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
             live_nft = be.observe().nft
             if live_nft is not None:
                 target = dataclasses.replace(target, nft=NftIngress(live_nft.device, ""))
-                rec = {"nft": {"script": "", "live": live_nft.text}}
+                rec = NftRecord("", live_nft.text)
             notes.append(f"nft table: {snap['nft']['device']} is not present, left to hostprep-nic@")
         plan = engine.make_plan(be, target, rec)
         if not plan.empty:
@@ -291,8 +292,8 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
 def _units_follow(store: Store) -> list[str]:
     """Installed boot units follow the restored record (its external NIC), never this process's env."""
     invocation = persist.installed_invocation(store.paths)
-    record = read_json(store.paths.state_file)
-    iface = ((record or {}).get("settings") or {}).get("interface")
+    record = records.load_applied(store, tolerant=True)
+    iface = record.interface if record is not None else None
     if invocation is None or not iface:
         return []
     changed = persist.install(store.paths, iface, Runner(), invocation)

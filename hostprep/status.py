@@ -83,7 +83,7 @@ def _container_report(c, observed: Observed | None, desired_rs) -> dict:
 def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
     warnings = service_warnings(runner) + backend.other_firewalls()
     remembered = store.settings()
-    record = store.applied()
+    record = records.load_applied(store)
     report: dict = {"schema": SCHEMA_VERSION, "backend": backend.variant, "warnings": warnings,
                     "settings": remembered.to_dict() if remembered is not None else None, "last_apply": None,
                     "nic": None, "families": {},
@@ -91,17 +91,17 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
     problems: list[str] = report["problems"]
     desired = None
     if record:
-        report["last_apply"] = {"time": record.get("time"), "settings": record.get("settings"),
-                                "backend": record.get("backend")}
-        desired = render.desired(records.policy_from_record(record), tuple(store.containers().values()))
-        if record.get("backend") != backend.variant:
-            problems.append(f"last apply used the {record.get('backend')} backend, this host now uses "
+        report["last_apply"] = {"time": record.time, "settings": record.settings.to_dict(),
+                                "backend": record.backend}
+        desired = render.desired(record.policy(), tuple(store.containers().values()))
+        if record.backend != backend.variant:
+            problems.append(f"last apply used the {record.backend} backend, this host now uses "
                             f"{backend.variant}: run 'hostprep apply'")
     elif remembered is not None and remembered.firewall is not None:
         problems.append("hostprep is not applied (settings remembered): run 'hostprep apply'")
     elif not (remembered is not None and remembered.kernel):
         problems.append("nothing applied yet: run 'hostprep apply -i <external NIC>'")
-    iface = ((record or {}).get("settings") or {}).get("interface") or \
+    iface = (record.interface if record else None) or \
         (remembered.firewall.interface if remembered is not None and remembered.firewall else None)
     if iface:
         check = check_recorded(runner, iface, record, settle=False) if record else None
@@ -160,7 +160,7 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
     problems.extend(kernel_problems)
     report["selinux"], selinux_warnings = selinux_section(store)
     warnings.extend(selinux_warnings)
-    nplan = planmod.plan_nft(desired, snap.nft, record)
+    nplan = planmod.plan_nft(desired, snap.nft, record.nft if record else None)
     if desired is not None and nplan.action != "none":
         problems.append(f"nft ingress table: {nplan.reason}")
     try:

@@ -12,7 +12,7 @@ import typer.core
 
 from hostprep import engine
 from hostprep import nic as nicmod
-from hostprep import ops, persist, render, selinux, settings
+from hostprep import ops, persist, records, render, selinux, settings
 from hostprep.backend import FirewallBackend, for_host
 from hostprep.errors import HostprepError, InputError, RefusedError, StateError
 from hostprep.model import Desired, Policy
@@ -94,10 +94,10 @@ def nic_switch_guard(store: Store, info: nicmod.NicInfo, containers: tuple, *, y
     containers are bound to an address the new NIC does not have; with -y, only with --switch-nic.
     Returns the NIC the hardening moves from (None: no switch)."""
     try:
-        record = store.applied() or {}
+        record = records.load_applied(store)
     except StateError:
         return None
-    current = (record.get("settings") or {}).get("interface") if isinstance(record, dict) else None
+    current = record.interface if record is not None else None
     if not current or current == info.name:
         return None
     addrs = {a.split("/")[0] for a in info.ipv4 + info.ipv6}
@@ -150,7 +150,8 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
     desired = render.desired(policy, containers)
     if dry_run:
         try:
-            plan = engine.make_plan(be, desired, store.applied() if ops.is_root() else None)
+            record = records.load_applied(store, tolerant=True) if ops.is_root() else None
+            plan = engine.make_plan(be, desired, record.nft if record else None)
         except HostprepError:
             if ops.is_root():
                 raise
@@ -247,7 +248,7 @@ def apply_cmd(
     prepared = prepare_firewall(policy, store, yes=yes, dry_run=False, force=force, backend=backend,
                                 switch_nic=switch_nic) if policy is not None else None
     argv = "hostprep " + " ".join(sys.argv[1:])
-    if do_kernel and store.applied() is None and prepared is None:
+    if do_kernel and records.load_applied(store, tolerant=True) is None and prepared is None:
         say(err, "bold yellow", "WARNING:", "the profile turns on ip_forward (containers need it) but hostprep's "
                   "firewall is not applied: nothing filters what is forwarded from the external NIC; run "
                   "'hostprep apply -i <external NIC>'")
@@ -299,7 +300,8 @@ def flush_cmd(
     runner: Runner = DryRunner() if dry_run else Runner()
     be = for_host(runner, backend)
     if dry_run:
-        print_plan(engine.make_plan(be, None, store.applied()))
+        record = records.load_applied(store, tolerant=True)
+        print_plan(engine.make_plan(be, None, record.nft if record else None))
         out.print("dry run: nothing was changed")
         return
     outcome = ops.flush(be, store, argv)

@@ -43,8 +43,8 @@ def sys_net(tmp_path: Path, devices: dict[str, str]) -> Path:
 def store(tmp_path) -> Store:
     s = Store(Paths(tmp_path / "root"))
     desired = render.desired(Policy("eth1"))
-    s.save_applied(records.record_dict(desired, LiveState({}, None), "nft",
-                                        {"mac": RECORDED, "permanent": True}))
+    records.save_applied(s, records.AppliedRecord.of(desired, LiveState({}, None), "nft",
+                                                     {"mac": RECORDED, "permanent": True}))
     return s
 
 
@@ -53,7 +53,7 @@ def calls(monkeypatch):
     """What boot asked converge to do: (nft device wanted or None, keep_nft)."""
     seen: list[tuple[str | None, bool]] = []
 
-    def converge(backend, store, desired, command, record=None, *, keep_nft=False):
+    def converge(backend, store, desired, command, *, recorded_nft=None, keep_nft=False):
         seen.append((desired.nft.device if desired and desired.nft else None, keep_nft))
         return engine.Outcome(False)
     monkeypatch.setattr(engine, "converge", converge)

@@ -120,10 +120,3 @@ def test_policy_ping_networks_dedup_and_family_split():
     ))
     assert (policy.ping_networks(4), policy.ping_networks(6)) == (
         ("203.0.113.7/32", "198.51.100.0/24"), ("2001:db8::7/128",))
-
-
-def test_policy_to_settings_keeps_values_as_given():
-    policy = Policy("eth1", skip_ddos=True, ping=(
-        PingSource("monitor.example.com", (net("203.0.113.7/32"),)),))
-    assert policy.to_settings() == {"interface": "eth1", "skip_ddos": True, "allow_private": False,
-                                    "ping_from": ["monitor.example.com"]}

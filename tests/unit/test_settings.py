@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from hostprep.errors import InputError, StateError
+from hostprep.model import PingSource, Policy
 from hostprep.settings import (SOURCE_DEFAULTS, SOURCE_FLAGS, SOURCE_REMEMBERED, FirewallSettings, Flags, Resolved,
                                Settings, resolve)
 
@@ -66,3 +69,10 @@ def test_selftest_takes_any_flag_else_the_remembered_firewall_else_the_defaults(
 def test_boot_falls_back_to_the_remembered_nic_without_ping_sources():
     assert resolve("boot", Flags(), Remembered(FW)).firewall == FirewallSettings("eth1", True, False, ())
     assert resolve("boot", Flags(), Remembered({"kernel": True})).firewall is None
+
+
+def test_policy_settings_keep_values_as_given():
+    policy = Policy("eth1", skip_ddos=True, ping=(
+        PingSource("monitor.example.com", (ipaddress.ip_network("203.0.113.7/32"),)),))
+    assert FirewallSettings.of(policy).to_dict() == {"interface": "eth1", "skip_ddos": True, "allow_private": False,
+                                                 "ping_from": ["monitor.example.com"]}
