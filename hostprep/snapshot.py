@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostprep import engine, persist, records, sysctl
@@ -118,7 +118,62 @@ def set_family(name: str, members) -> int:
     return 6 if base.endswith("6") else 4
 
 
-def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = "") -> dict:
+@dataclass(frozen=True)
+class SnapshotNft:
+    """The nft ingress table in a snapshot: where it was hooked, its listing, the script that loads it."""
+
+    device: str
+    text: str
+    script: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """rollback/<id>.json: hostprep's part of the host before a change (only the parts it may touch).
+
+    ``firewall``: family -> {"chains": [[name, [spec, ...]], ...], "jumps": [[chain, spec], ...]} (None:
+    the change left the firewall alone); ``sets``: name -> {"family", "members"}; ``sysctl``: key ->
+    value (None: no -k); ``files``: path under the root -> text (None: absent).
+    """
+
+    version: int
+    time: str
+    command: str | None
+    pid: int | None
+    backend: str | None
+    files: dict
+    firewall: dict | None = None
+    sets: dict = field(default_factory=dict)
+    nft: SnapshotNft | None = None
+    sysctl: dict | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Snapshot":
+        """Structure only (KeyError, TypeError, ValueError when malformed); what it may touch is
+        check_snapshot's to judge, before it is read."""
+        nft = d.get("nft")
+        snap = cls(int(d["version"]), str(d.get("time", "")), d.get("command"), d.get("pid"), d.get("backend"),
+                   dict(d["files"]), d["firewall"] if "firewall" in d else None, dict(d.get("sets") or {}),
+                   SnapshotNft(str(nft["device"]), str(nft["text"]), str(nft["script"])) if nft else None,
+                   d["sysctl"] if "sysctl" in d else None)
+        if snap.firewall is not None:
+            snapshot_target(snap)       # every rule, set and table readable
+        return snap
+
+    def to_dict(self) -> dict:
+        out: dict = {"version": self.version, "time": self.time, "command": self.command, "pid": self.pid,
+                     "backend": self.backend}
+        if self.firewall is not None:
+            out["firewall"] = self.firewall
+            out["sets"] = self.sets
+            out["nft"] = dataclasses.asdict(self.nft) if self.nft else None
+        if self.sysctl is not None:
+            out["sysctl"] = self.sysctl
+        out["files"] = self.files
+        return out
+
+
+def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = "") -> Snapshot:
     """hostprep's part of the host as it is now (the parts this change may touch)."""
     snap: dict = {"version": SNAPSHOT_VERSION, "time": now(), "command": command, "pid": os.getpid(),
                   "backend": backend.variant if backend is not None else None}
@@ -145,7 +200,7 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
         snap["sysctl"] = {s.key: k.read(s.key) for s in sysctl.profile() if not k.machine_wide(s.key)}
     root = store.paths.root
     snap["files"] = {str(p.relative_to(root)): read_text(p) for p in state_files(store)}
-    return snap
+    return Snapshot.from_dict(snap)
 
 
 @dataclass(frozen=True)
@@ -161,29 +216,31 @@ class Target:
         return self.v4 if family == 4 else self.v6
 
 
-def snapshot_target(snap: dict) -> Target:
+def snapshot_target(snap: Snapshot) -> Target:
     """The firewall state ``snap`` describes."""
     rulesets = {}
     for fam in (4, 6):
-        part = snap["firewall"].get(str(fam)) or {"chains": [], "jumps": []}
+        part = snap.firewall.get(str(fam)) or {"chains": [], "jumps": []}
         chains = tuple(Chain(name, tuple(Rule(name, s) for s in specs)) for name, specs in part["chains"])
         jumps = tuple(Rule(c, s) for c, s in part["jumps"])
         rulesets[fam] = Ruleset(fam, chains, jumps)
     sets = tuple(IpSet(name, int(s["family"]), tuple(ipaddress.ip_network(m) for m in s["members"]))
-                 for name, s in sorted(snap.get("sets", {}).items()))
-    nft = snap.get("nft")
-    return Target(rulesets[4], rulesets[6], NftIngress(nft["device"], nft["script"]) if nft else None, sets)
+                 for name, s in sorted(snap.sets.items()))
+    nft = snap.nft
+    return Target(rulesets[4], rulesets[6], NftIngress(nft.device, nft.script) if nft else None, sets)
 
 
-def save_snapshot(store: Store, cid: str, snap: dict) -> None:
-    write_atomic(snapshot_file(store, cid), json.dumps(snap) + "\n")
+def save_snapshot(store: Store, cid: str, snap: Snapshot) -> None:
+    write_atomic(snapshot_file(store, cid), json.dumps(snap.to_dict()) + "\n")
 
 
 # new_id() makes "20261205T182200-<pid>-<hex>"; anything with a '/' or '..' names another file
 CHANGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,80}")
 
 
-def load_snapshot(store: Store, cid: str) -> dict:
+def load_snapshot(store: Store, cid: str) -> Snapshot:
+    """The snapshot of change ``cid``, read once: refused when it names anything hostprep does not
+    own, unusable when malformed (one line each; nothing is restored)."""
     if not isinstance(cid, str) or not CHANGE_ID.fullmatch(cid):
         raise StateError("snapshot", f"{cid!r} is not a change id hostprep makes",
                          "nothing was restored; run 'hostprep apply' to converge")
@@ -196,45 +253,46 @@ def load_snapshot(store: Store, cid: str) -> dict:
     if unsafe:
         raise StateError(str(snapshot_file(store, cid)), f"refused: {unsafe}",
                          "nothing was restored; remove the file and run 'hostprep apply' to converge")
-    if not bad and "firewall" in snap:
+    typed = None
+    if not bad:
         try:
-            snapshot_target(snap)
+            typed = Snapshot.from_dict(snap)
         except Exception:  # noqa: BLE001 - any malformed part: the snapshot is unusable
             bad = True
-    if bad:
+    if bad or typed is None:
         raise StateError(str(snapshot_file(store, cid)), "not a snapshot this hostprep can read",
                          "remove it; run 'hostprep apply' to converge")
-    return snap
+    return typed
 
 
-def backend_for(snap: dict, backend):
+def backend_for(snap: Snapshot, backend):
     """The backend the snapshot was taken with (its variant), reusing ``backend`` when it is that one."""
-    if backend is not None and (snap.get("backend") in (None, backend.variant)):
+    if backend is not None and (snap.backend in (None, backend.variant)):
         return backend
     runner = backend.runner if backend is not None else Runner()
-    return IptablesBackend(runner, snap["backend"])
+    return IptablesBackend(runner, snap.backend)
 
 
-def firewall_differs(backend, snap: dict) -> list[str]:
+def firewall_differs(backend, snap: Snapshot) -> list[str]:
     """What of the live firewall differs from the snapshot (empty: it holds the snapshot)."""
-    if "firewall" not in snap:
+    if snap.firewall is None:
         return []
     target = snapshot_target(snap)
-    rec = NftRecord(target.nft.script, snap["nft"]["text"]) if target.nft else None
+    rec = NftRecord(target.nft.script, snap.nft.text) if target.nft else None
     plan = engine.make_plan(backend, target, rec)
     return plan.notes()
 
 
-def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/net")) -> list[str]:
+def restore(backend, store: Store, snap: Snapshot, sys_net: Path = Path("/sys/class/net")) -> list[str]:
     """Bring hostprep's part of the host back to ``snap``; returns what was changed."""
-    unsafe = check_snapshot(store, snap)
+    unsafe = check_snapshot(store, snap.to_dict())
     if unsafe:
         raise StateError("snapshot", f"refused: {unsafe}", "nothing was restored; run 'hostprep apply' to converge")
     notes: list[str] = []
-    if "firewall" in snap:
+    if snap.firewall is not None:
         be = backend_for(snap, backend)
         target = snapshot_target(snap)
-        rec = NftRecord(target.nft.script, snap["nft"]["text"]) if target.nft else None
+        rec = NftRecord(target.nft.script, snap.nft.text) if target.nft else None
         if target.nft is not None and not (sys_net / target.nft.device).exists():
             # Kernels before 6.x refuse an ingress hook on a missing device; the
             # iptables part (matching the NIC by name) is restored all the same and
@@ -244,7 +302,7 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
             if live_nft is not None:
                 target = dataclasses.replace(target, nft=NftIngress(live_nft.device, ""))
                 rec = NftRecord("", live_nft.text)
-            notes.append(f"nft table: {snap['nft']['device']} is not present, left to hostprep-nic@")
+            notes.append(f"nft table: {snap.nft.device} is not present, left to hostprep-nic@")
         plan = engine.make_plan(be, target, rec)
         if not plan.empty:
             done = engine.load_verified(be, plan, target)
@@ -255,10 +313,10 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
                                     + ("; undo failed: " + "; ".join(failed) if failed else ""),
                                     "run 'hostprep status' and report this")
             notes += plan.notes()
-    if "sysctl" in snap:
+    if snap.sysctl is not None:
         k = sysctl.Kernel()
         errors = []
-        for key, value in snap["sysctl"].items():
+        for key, value in snap.sysctl.items():
             if k.machine_wide(key):
                 continue        # never from inside a namespace, whatever the snapshot says
             if value is not None and k.read(key) != value:
@@ -270,7 +328,7 @@ def restore(backend, store: Store, snap: dict, sys_net: Path = Path("/sys/class/
         if errors:
             raise CommandFailed("rollback", "the kernel refused: " + "; ".join(errors), "run 'hostprep status'")
     root = store.paths.root
-    wanted = {owned_file(store, rel): text for rel, text in snap["files"].items()}
+    wanted = {owned_file(store, rel): text for rel, text in snap.files.items()}
     for path in state_files(store):
         if path not in wanted:
             wanted[path] = None       # a container record the change added

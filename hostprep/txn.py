@@ -38,7 +38,8 @@ from pathlib import Path
 from hostprep import faults
 from hostprep.errors import HostprepError, InputError, RefusedError, StateError
 from hostprep.runner import Runner
-from hostprep.snapshot import last_file, load_snapshot, new_id, restore, rollback_dir, save_snapshot, snapshot_file, take
+from hostprep.snapshot import (Snapshot, last_file, load_snapshot, new_id, restore, rollback_dir, save_snapshot,
+                               snapshot_file, take)
 from hostprep.state import Store, discard, now, read_json, read_text, write_atomic
 from hostprep.timers import Pending, arm, disarm, pending, refuse_if_pending
 
@@ -87,7 +88,7 @@ class Change:
     """One open change, handed to the code that runs inside it."""
 
     id: str
-    snapshot: dict
+    snapshot: Snapshot
     pending: Pending | None = None
     changed: bool = True
     recovered: list[str] = field(default_factory=list)
@@ -333,15 +334,15 @@ def rollback(backend, store: Store, runner: Runner, command: str, due: str | Non
         return _rollback_deferred(backend, store, runner, command, cid, snap, why, p, recovered)
 
 
-def _rollback_deferred(backend, store: Store, runner: Runner, command: str, cid: str, snap: dict, why: str,
+def _rollback_deferred(backend, store: Store, runner: Runner, command: str, cid: str, snap: Snapshot, why: str,
                        p: Pending | None, recovered: list[str]) -> RolledBack:
     """The restore of a rollback: hang-ups wait for it; a kill leaves a marker the next command finishes."""
     with _signals_deferred():
-        _mark(store, Inflight(cid, os.getpid(), snap.get("command"), now(), "rollback"))
+        _mark(store, Inflight(cid, os.getpid(), snap.command, now(), "rollback"))
         try:
             notes = restore(backend, store, snap)
         except HostprepError as err:
-            store.journal(command, f"rollback of change {cid} ({snap.get('command')}), {why}", f"FAILED: {err}; "
+            store.journal(command, f"rollback of change {cid} ({snap.command}), {why}", f"FAILED: {err}; "
                           "the next hostprep command retries it")
             raise
         if p:
@@ -349,7 +350,7 @@ def _rollback_deferred(backend, store: Store, runner: Runner, command: str, cid:
         discard(last_file(store))
         discard(inflight_file(store))
         discard(snapshot_file(store, cid))
-        _note_rolled_back(store, cid, snap.get("command"), why)
-        store.journal(command, f"rolled back change {cid} ({snap.get('command')}), {why}: "
+        _note_rolled_back(store, cid, snap.command, why)
+        store.journal(command, f"rolled back change {cid} ({snap.command}), {why}: "
                       + ("; ".join(notes) or "nothing differed"), "ok")
-        return RolledBack(cid, False, recovered, notes, snap.get("command"), why)
+        return RolledBack(cid, False, recovered, notes, snap.command, why)

@@ -4,7 +4,7 @@ makes root write where that user chose.
 The attacker here is uid 65534 (nobody): the directories and files are chowned to it
 (as root; the tests that need chown skip otherwise).  Every test goes through the
 interfaces hostprep uses (Paths.from_env, write_atomic, Store.journal,
-snapmod.load_snapshot/restore/recover, the sandbox root of 'sandbox up').
+snapshot.load_snapshot/restore, txn.recover, the sandbox root of 'sandbox up').
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def test_a_snapshot_naming_a_file_hostprep_does_not_own_is_refused(safe, rel):
         snapmod.load_snapshot(store, "20260101T000000-1-abcdef")
     assert f"it names a file hostprep does not own ({rel!r})" in exc.value.line()
     with pytest.raises(StateError):
-        snapmod.restore(None, store, {"version": 1, "files": {rel: "x\n"}})
+        snapmod.restore(None, store, snapmod.Snapshot.from_dict({"version": 1, "files": {rel: "x\n"}}))
     assert sorted(p.name for p in safe.rglob("*") if p.is_file()) == ["20260101T000000-1-abcdef.json"]
 
 

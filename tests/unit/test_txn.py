@@ -75,14 +75,14 @@ def test_snapshot_of_the_firewall_round_trips_to_the_same_rulesets(store):
     be = FakeKernel.holding(desired, sets={"hostprep-abcd1234-lb4": frozenset({"192.0.2.0/24"}),
                                            "hostprep-abcd1234-lb4-n": frozenset()})
     snap = snapshot.take(be, store, firewall=True, kernel=False, command="hostprep apply -i eth1")
-    target = snapshot.snapshot_target(json.loads(json.dumps(snap)))
+    target = snapshot.snapshot_target(snapshot.Snapshot.from_dict(json.loads(json.dumps(snap.to_dict()))))
     for fam in (4, 6):
         assert target.ruleset(fam) == planmod.ruleset_from_observed(be.observed[fam])
         assert target.ruleset(fam).rule_count == desired.ruleset(fam).rule_count
     # the temporary NAME-n set of an interrupted swap is not part of the state
     assert [(s.name, s.family, [str(m) for m in s.members]) for s in target.sets] == \
         [("hostprep-abcd1234-lb4", 4, ["192.0.2.0/24"])]
-    assert target.nft is None and snap["backend"] == "nft"
+    assert target.nft is None and snap.backend == "nft"
 
 
 def test_restore_puts_back_the_state_files_and_drops_added_container_records(store):
