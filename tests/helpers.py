@@ -1,5 +1,9 @@
 """Helpers shared by the test directories (import as ``from tests.helpers import ...``).
 
+Kernel tests: ``env_file`` (a .env file of KEY=value lines), ``QUIET``/``ANSWER`` (the
+timeouts of a probe that must get no answer / must be answered: a veth round trip is
+under 1 ms) and ``tcp`` (one TCP probe for hostprep.probe).
+
 ``FakeKernel``: the firewall backend over an in-memory kernel for the unit tests.
 It is an ``IptablesBackend`` whose primitives (one command each: save, restore,
 ipset, nft) answer from fields the test sets, so the contract's methods
@@ -11,11 +15,27 @@ holds what was loaded is the subject of tests/kernel).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hostprep import plan as planmod
 from hostprep.backend import IptablesBackend
 from hostprep.model import BUILTIN_CHAINS, Desired
 from hostprep.observed import NftObserved, Observed, parse_save
+
+QUIET = 0.5     # timeout of a probe that must get no answer (veth round trip is < 1 ms)
+ANSWER = 1.0    # timeout of a probe that must be answered
+
+
+def env_file(tmp_path: Path, fname: str, **values) -> Path:
+    """``tmp_path/fname`` holding one KEY=value line per keyword."""
+    path = tmp_path / fname
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
+def tcp(dst: str, dport: int, timeout: float = QUIET, **kw) -> dict:
+    """One TCP probe (hostprep.probe): a SYN to dst:dport, answered within ``timeout`` or not."""
+    return {"kind": "tcp", "dst": dst, "dport": dport, "timeout": timeout, **kw}
 
 
 @dataclass

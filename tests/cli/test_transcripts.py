@@ -5,12 +5,7 @@ golden files (HOSTPREP_REGEN=1 rewrites them; a missing one fails)."""
 from __future__ import annotations
 
 from kernel_conftest import tool      # registered by tests/cli/conftest.py
-
-
-def env_file(tmp_path, fname: str, **values):
-    path = tmp_path / fname
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
+from tests.helpers import env_file
 
 
 def test_status_after_apply(transcript, check_golden):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from test_containers import finesse_env, up
+from tests.helpers import QUIET
 
 HOST4 = "198.51.100.10"
-QUIET = 0.5
 EMPTY_FILTER = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
 
 

@@ -44,13 +44,13 @@ from test_kernel_sysctl import key_path, read_machine
 
 from hostprep import sysctl
 from hostprep.sandbox import HOST_EXT4, INET4, INET_EXTRA4
+from tests.helpers import ANSWER, QUIET, env_file
 
 PY = sys.executable
 REPO = str(Path(__file__).resolve().parents[2])
 CONFIRM = 3          # the window of the tests that wait the deadline out
 LONG = 60            # the window of the tests that end the pending change themselves
 POLL = 10.0          # how long after the deadline the rollback may take at most
-QUIET, ANSWER = 0.5, 1.0
 SRC_A, SRC_B = INET_EXTRA4          # 203.0.113.7, 203.0.113.8: internet clients in the inet namespace
 FRAG_RULE = "hostprep ddos: ipv4 fragment"
 BASE = ("apply", "-i", "eth1", "-y", "--ignore-selinux", "-p", INET4)
@@ -110,8 +110,6 @@ def pending(host) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-
-
 def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
     end = time.monotonic() + timeout
     while True:
@@ -150,12 +148,6 @@ def frag_probe(host, timeout: float) -> tuple[dict, int]:
     before = host.nft_counter(FRAG_RULE)
     res = host.probe1(host.box.inet, kind="frag", dst=HOST_EXT4, src=INET4, timeout=timeout)
     return res, host.nft_counter(FRAG_RULE) - before
-
-
-def env_file(tmp_path: Path, fname: str, **values) -> Path:
-    path = tmp_path / fname
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
 
 
 def container_lines(text: str, name: str) -> list[str]:
@@ -710,8 +702,6 @@ for d, _, files in os.walk("/proc/sys/net"):
 print(json.dumps(out))
 """
 VOLATILE = {"/proc/sys/net/netfilter/nf_conntrack_count"}
-
-
 
 
 def net_tree(host) -> dict[str, str]:

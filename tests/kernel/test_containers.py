@@ -40,9 +40,8 @@ from hostprep.observed import target_of
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6
 
 from bgproc import Bg
+from tests.helpers import ANSWER, QUIET, env_file, tcp
 
-QUIET = 0.5     # timeout of a probe that must get no answer (veth round trip is < 1 ms)
-ANSWER = 1.0    # timeout of a probe that must be answered
 WAIT = 0.5      # how long a burst waits for answers: below the 1 s SYN retransmission timeout
 SRC_A, SRC_B = INET_EXTRA4          # 203.0.113.7, 203.0.113.8: two distinct internet clients
 SRC6_A, SRC6_B = INET_EXTRA6        # 2001:db8:f::7, 2001:db8:f::8
@@ -71,12 +70,6 @@ def ccount(host, name: str, what: str, family: int = 4) -> int:
 
 def deny_count(host, family: int = 4) -> int:
     return host.counter(family, DENY, DENY_RULE)
-
-
-def env_file(tmp_path: Path, fname: str, **values) -> Path:
-    path = tmp_path / fname
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
 
 
 def finesse_env(tmp_path: Path, fname: str = "finesse.env", **values) -> Path:
@@ -140,10 +133,6 @@ def kernel_state(host) -> dict:
 def logged(text: str, kind: str) -> list[str]:
     """The rules a container log lists as ``kind`` ("added", "removed", "kept"), sorted."""
     return sorted(ln[len(kind) + 2:] for ln in text.splitlines() if ln.startswith(f"{kind}: "))
-
-
-def tcp(dst: str, dport: int, timeout: float = QUIET, **kw) -> dict:
-    return {"kind": "tcp", "dst": dst, "dport": dport, "timeout": timeout, **kw}
 
 
 # A burst of real connection attempts from the inet namespace, interleaved over

@@ -42,6 +42,7 @@ import pytest
 
 from hostprep.observed import normalise_nft
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6
+from tests.helpers import env_file
 
 REPO = str(Path(__file__).resolve().parents[2])
 STATE = "var/lib/hostprep"
@@ -196,11 +197,6 @@ def no_leftovers(host) -> None:
 
 
 # --------------------------------------------------------------------------- containers
-
-def env_file(tmp_path: Path, fname: str, **values) -> Path:
-    path = tmp_path / fname
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
 
 
 def container_list(host) -> list[dict]:

@@ -24,18 +24,14 @@ from hostprep.sandbox import ADMIN4, HOST_EXT4, HOST_INT4, INET4, INET_EXTRA4
 from bgproc import Bg
 from conftest import load_rendered
 from flows import tracked_flow
+from tests.helpers import ANSWER, QUIET, tcp
 
-QUIET = 0.5     # timeout of a probe that must get no answer (veth round trip is < 1 ms)
-ANSWER = 1.0    # timeout of a probe that must be answered
 
 DDOS_CHAINS = ("HOSTPREP-RST", "HOSTPREP-DDOS")
 SPOOF_CHAINS = ("HOSTPREP-SPOOF",)
 
 
 # --------------------------------------------------------------------------- helpers
-
-def tcp(dst: str, dport: int, timeout: float = QUIET, **kw) -> dict:
-    return {"kind": "tcp", "dst": dst, "dport": dport, "timeout": timeout, **kw}
 
 
 def counted(host, probe_ns: str, probe: dict, counters: dict) -> tuple[dict, dict]:

@@ -18,9 +18,7 @@ import json
 import re
 
 from hostprep.sandbox import HOST_EXT4
-
-QUIET = 0.5
-ANSWER = 1.0
+from tests.helpers import ANSWER
 
 
 def mac(host, dev: str) -> str:

@@ -50,9 +50,8 @@ from bgproc import watcher_alive
 
 from hostprep.runner import Runner
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET4, INET6, INET_EXTRA4, Sandbox
+from tests.helpers import ANSWER, QUIET, env_file, tcp
 
-QUIET = 0.5     # timeout of a probe that must get no answer (veth round trip is < 1 ms)
-ANSWER = 1.0    # timeout of a probe that must be answered
 SRC_A, SRC_B = INET_EXTRA4          # 203.0.113.7 (the -p host), 203.0.113.8
 # What systemd (252, Debian and RHEL 9) gives a system service as PATH; nothing else is inherited.
 SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -249,16 +248,6 @@ def kernel_state(host, ns: str) -> dict:
 EMPTY = {"v4": [], "v6": [], "ipset": {}, "nft": None}
 
 
-def env_file(tmp_path: Path, fname: str, **values) -> Path:
-    path = tmp_path / fname
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
-
-
-def tcp(dst: str, dport: int, timeout: float = QUIET, **kw) -> dict:
-    return {"kind": "tcp", "dst": dst, "dport": dport, "timeout": timeout, **kw}
-
-
 def outcomes(results: list[dict]) -> list[str | None]:
     return [r["reply"] if r["answered"] else None for r in results]
 
@@ -266,8 +255,6 @@ def outcomes(results: list[dict]) -> list[str | None]:
 def journal(host) -> list[list[str]]:
     p = host.root / "var/log/hostprep/journal.log"
     return [ln.split("\t") for ln in p.read_text().splitlines()] if p.is_file() else []
-
-
 
 
 def wait_for(predicate, timeout: float) -> bool:
