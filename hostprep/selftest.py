@@ -17,6 +17,12 @@ The module has a pure part (the matrix: ``Probe``, ``CounterCheck``,
 ``container up``) and the runner (``run_selftest``), which runs commands only
 through ``Runner`` and never prints (the CLI prints ``report_table``).
 
+Why one module of about 1,000 lines (the one module of hostprep over ~500): each
+probe's expectation, the counter that must match it and the way it is sent are
+read together when a probe fails; the sections below keep them apart (matrix,
+judging, env files, options, the run), and the pure sections import nothing that
+touches the host.
+
 Notes on the sandbox (also in the report):
 
 * The sandbox is not a proxy host: apply runs with ``--ignore-selinux`` and the
@@ -222,7 +228,7 @@ class Probe:
 
 
 @dataclass(frozen=True)
-class Settings:
+class ProbeSettings:
     """The firewall settings the sandbox gets (the user's, plus selftest's own -p sources)."""
 
     skip_ddos: bool = False
@@ -281,7 +287,7 @@ def closed_port(containers: tuple[Container, ...]) -> int:
     return port
 
 
-def base_probes(s: Settings, port: int, src: Sources, notes: list[str]) -> list[Probe]:
+def base_probes(s: ProbeSettings, port: int, src: Sources, notes: list[str]) -> list[Probe]:
     """The base hardening: default deny, SSH both ways, ICMP and its allow-list, UDP, spoofed
     sources, the ddos group (bad flags, odd MSS, bare ACK, fragments, RST flood), IPv4 and IPv6."""
     out: list[Probe] = []
@@ -382,7 +388,7 @@ def base_probes(s: Settings, port: int, src: Sources, notes: list[str]) -> list[
     return out
 
 
-def other_ping_source(s: Settings, family: int) -> str | None:
+def other_ping_source(s: ProbeSettings, family: int) -> str | None:
     """An inet address no -p network covers (the user may have allowed 203.0.113.0/24)."""
     for cand in ((PING_OTHER4,) if family == 4 else (PING_OTHER6,)):
         if not any(ipaddress.ip_address(cand) in n for n in s.ping if n.version == family):
@@ -424,7 +430,7 @@ def add_source(addr: str) -> tuple[Step, ...]:
     return (Step("inet", ("ip", "addr", "add", f"{addr}/128", "dev", "eth0", "nodad")),)
 
 
-def usable_source(nets: tuple[Network, ...], s: Settings,
+def usable_source(nets: tuple[Network, ...], s: ProbeSettings,
                   exclude: tuple[Network, ...] = ()) -> tuple[str | None, str]:
     """A source address out of ``nets`` the inet peer can send from, or (None, why not)."""
     spoof = spoof_networks(4) + spoof_networks(6) if s.spoof else ()
@@ -446,7 +452,7 @@ def usable_source(nets: tuple[Network, ...], s: Settings,
     return None, why
 
 
-def container_probes(c: Container, s: Settings, src: Sources) -> tuple[list[Probe], list[str]]:
+def container_probes(c: Container, s: ProbeSettings, src: Sources) -> tuple[list[Probe], list[str]]:
     """A container's ports open, its load balancers, restricted mode, exempt sources, rate and
     connection limits (on its first port), from the inet peer to its binding IP in the sandbox."""
     fam, dest, name, chain = c.family, str(c.dest), c.name, c.chain
@@ -542,7 +548,7 @@ def hold_connections(addr: str) -> tuple[Step, ...]:
                                  "tcp flags & rst == rst counter drop")))
 
 
-def build_matrix(s: Settings, containers: tuple[Container, ...] = ()) -> Matrix:
+def build_matrix(s: ProbeSettings, containers: tuple[Container, ...] = ()) -> Matrix:
     """Every probe of one selftest run, in the order of the table."""
     avoid = tuple(s.ping) + tuple(n for c in containers for n in c.load_balancers + c.exempt)
     src = Sources(avoid)
@@ -612,7 +618,7 @@ class Verdict:
     replies: tuple[str | None, ...]
 
 
-def observe(p: Probe, results: list[dict], counter_ok: bool) -> str:
+def observation(p: Probe, results: list[dict], counter_ok: bool) -> str:
     """What the peer saw, in the words of ``expected``."""
     errors = [r["error"] for r in results if r.get("error")]
     if errors:
@@ -652,7 +658,7 @@ def judge_phase(probes: list[Probe], results: dict[str, list[dict]], before: Cou
             own_lo, own_hi = chk.contribution(res)
             d = delta[chk.key]
             crs.append(CounterResult(chk.label, d, lo, hi, own_lo, own_hi, lo <= d and (hi is None or d <= hi)))
-        observed = observe(p, res, crs[0].ok) if res else "not sent"
+        observed = observation(p, res, crs[0].ok) if res else "not sent"
         ok = observed == p.expected and all(c.ok for c in crs)
         verdicts.append(Verdict(p, observed, ok, tuple(crs), tuple(r.get("reply") for r in res)))
     return verdicts
@@ -928,12 +934,12 @@ def run_selftest(options: Options, runner: Runner | None = None,
     sources = nicmod.resolve_ping_sources(list(options.ping_from), allow_private=options.allow_private)
     user_nets = [str(n) for src in sources for n in src.networks]
     sandbox_ping = user_nets + [a for a in (PING_ALLOWED4, PING_ALLOWED6) if a not in user_nets]
-    settings = Settings(options.skip_ddos, options.allow_private,
+    probe_settings = ProbeSettings(options.skip_ddos, options.allow_private,
                         tuple(ipaddress.ip_network(n) for n in sandbox_ping), ipv6)
     prepared = prepare_containers(options)
     dests = sandbox_dests([c for _, c, _ in prepared])
     sandboxed = tuple(rebind(c, dests[str(c.dest)]) for _, c, _ in prepared)
-    matrix = build_matrix(settings, sandboxed)
+    matrix = build_matrix(probe_settings, sandboxed)
     step[1] = 2 + len({(p.phase, p.role) for p in matrix.probes})
 
     box = Sandbox(f"hpself{os.getpid()}")

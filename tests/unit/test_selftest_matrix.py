@@ -21,7 +21,7 @@ from hostprep.settings import Settings
 
 net = ipaddress.ip_network
 ip = ipaddress.ip_address
-FULL = st.Settings(ping=(net("203.0.113.7/32"), net("2001:db8:f::7/128")))
+FULL = st.ProbeSettings(ping=(net("203.0.113.7/32"), net("2001:db8:f::7/128")))
 
 
 def finesse(**kw) -> Container:
@@ -34,9 +34,9 @@ def finesse(**kw) -> Container:
 
 SETTINGS = {
     "default": FULL,
-    "-e": st.Settings(skip_ddos=True, ping=FULL.ping),
-    "-a": st.Settings(allow_private=True, ping=FULL.ping),
-    "-e -a, no IPv6": st.Settings(True, True, FULL.ping, ipv6=False),
+    "-e": st.ProbeSettings(skip_ddos=True, ping=FULL.ping),
+    "-a": st.ProbeSettings(allow_private=True, ping=FULL.ping),
+    "-e -a, no IPv6": st.ProbeSettings(True, True, FULL.ping, ipv6=False),
 }
 CONTAINERS = (
     finesse(exempt=(net("203.0.113.99/32"),), load_balancers=(net("198.51.100.77/32"),)),
@@ -139,7 +139,7 @@ def test_spoof_networks_are_read_from_the_rules():
 
 
 def test_a_ping_network_covering_the_other_source_moves_it():
-    s = st.Settings(ping=FULL.ping + (net("203.0.113.0/24"),))
+    s = st.ProbeSettings(ping=FULL.ping + (net("203.0.113.0/24"),))
     m = st.build_matrix(s)
     echo = [p for p in m.probes if p.name.startswith("v4 echo request from") and "(not -p)" in p.name]
     assert [p.probe["src"] for p in echo] == ["198.51.100.129"]
@@ -147,7 +147,7 @@ def test_a_ping_network_covering_the_other_source_moves_it():
 
 
 def test_no_source_left_that_may_not_ping_skips_those_probes_with_a_note():
-    s = st.Settings(ping=FULL.ping + (net("203.0.113.0/24"), net("198.51.100.0/24")))
+    s = st.ProbeSettings(ping=FULL.ping + (net("203.0.113.0/24"), net("198.51.100.0/24")))
     m = st.build_matrix(s)
     assert [p.name for p in m.probes if p.name.startswith("v4 echo request") and "(not -p)" in p.name] == []
     assert "v4: every probe source is allowed to ping (-p): echo requests from a source that is not allowed " \
