@@ -24,8 +24,10 @@ from typing import Protocol
 from hostprep import faults
 from hostprep import plan as planmod
 from hostprep.errors import CommandFailed, HostprepError, InputError, NoBackend
-from hostprep.model import SET_PREFIX
-from hostprep.observed import LiveState, NftObserved, Observed, parse_ipset_save, parse_nft_listing, parse_save
+from hostprep import render
+from hostprep.model import SET_PREFIX, Desired
+from hostprep.observed import (LiveState, NftObserved, Observed, normalise_nft, parse_ipset_save,
+                               parse_nft_json, parse_nft_listing, parse_save)
 from hostprep.plan import ApplyPlan
 from hostprep.runner import Runner
 
@@ -35,18 +37,18 @@ NFT_TABLE = ("netdev", "hostprep")
 
 
 def detect_variant(runner: Runner, override: str | None = None) -> str:
-    choice = override or os.environ.get("HOSTPREP_BACKEND") or ""
-    if choice:
-        if choice not in VARIANTS:
-            raise InputError("--backend", f"{choice!r} is not a backend", "use nft or legacy")
-        return choice
+    """The iptables variant: ``override`` ("nft"/"legacy"), else what ``iptables -V`` says."""
+    if override:
+        if override not in VARIANTS:
+            raise InputError("--backend", f"{override!r} is not an iptables variant", "use nft or legacy")
+        return override
     out = runner.run(["iptables", "-V"]).stdout
     if "nf_tables" in out:
         return "nft"
     if "legacy" in out:
         return "legacy"
     raise CommandFailed("iptables -V", f"cannot tell the variant from {out.strip()!r}",
-                        "pass --backend nft or --backend legacy")
+                        "pass --backend iptables-nft or --backend iptables-legacy")
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Staged:
     swapped: bool = False
     loaded: list[int] = field(default_factory=list)    # families loaded
     nft_touched: bool = False
+    previous: str | None = None                        # nft backend: the script that puts back plan.live
 
 
 class FirewallBackend(Protocol):
@@ -77,6 +80,15 @@ class FirewallBackend(Protocol):
 
     def describe(self) -> str:
         """The backend's name as an error or status line says it ("iptables (nft variant)")."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """The name ``--backend`` and ``status`` use: nft, iptables-nft or iptables-legacy."""
+        ...
+
+    def target(self, desired: Desired | None) -> Desired | None:
+        """``desired`` (render.desired) in the form this backend loads and observes (idempotent)."""
         ...
 
     def is_supported(self) -> bool:
@@ -127,6 +139,14 @@ class IptablesBackend:
     # -- the contract (FirewallBackend) ------------------------------------------
     def describe(self) -> str:
         return f"iptables ({self.variant} variant)"
+
+    @property
+    def name(self) -> str:
+        return f"iptables-{self.variant}"
+
+    def target(self, desired: Desired | None) -> Desired | None:
+        """The model's rulesets are iptables-restore lines already."""
+        return desired
 
     def is_supported(self) -> bool:
         """The variant's restore and save tools (or the generic ones) and nft are installed."""
@@ -324,18 +344,199 @@ class IptablesBackend:
         self.runner.run(["nft", "delete", "table", *NFT_TABLE], mutates=True)
 
 
-def candidates(runner: Runner, variant: str | None = None) -> list[FirewallBackend]:
-    """The backends to try, in order: the variant asked for (--backend, HOSTPREP_BACKEND) alone;
-    else the one ``iptables -V`` names; without an ``iptables`` command, each variant."""
-    choice = variant or os.environ.get("HOSTPREP_BACKEND") or None
+NATIVE = "nftables"          # what applied.json and snapshots record for the native nft backend
+INET_TABLE = ("inet", "hostprep")
+NFT_REMOVE = "table inet hostprep\ndelete table inet hostprep\ntable netdev hostprep\ndelete table netdev hostprep\n"
+
+
+class NftBackend:
+    """FirewallBackend: native nftables, one ``inet hostprep`` table (both families, the sets) and
+    the ``netdev hostprep`` ingress table, loaded by ONE ``nft -f`` per change.
+
+    The script (rules/hostprep.nft.j2) declares, deletes and re-creates both tables, so the
+    kernel replaces them in one transaction: a change the kernel refuses leaves everything as
+    it was.  Read back with ``nft -j list table inet hostprep``; the plan and status see the
+    table per family (observed.parse_nft_json), the same groups, counters and differences as
+    on iptables.  Removing hostprep (flush) is the same transaction with the tables only deleted.
+    """
+
+    variant = NATIVE
+
+    def __init__(self, runner: Runner, proc: Path = Path("/proc")) -> None:
+        self.runner = runner
+        self.proc = proc
+
+    # -- the contract (FirewallBackend) ------------------------------------------
+    def describe(self) -> str:
+        return "nft (native nftables)"
+
+    @property
+    def name(self) -> str:
+        return "nft"
+
+    def is_supported(self) -> bool:
+        """The nft binary is installed (the kernel's features are checked by ``nft -c`` before any load)."""
+        return self.runner.which("nft") is not None
+
+    def families(self) -> tuple[int, ...]:
+        return (4, 6) if (self.proc / "sys/net/ipv6").is_dir() else (4,)
+
+    def target(self, desired: Desired | None) -> Desired | None:
+        """The one nft script (as ``nft``) and the per-family view of it (render.nft_desired)."""
+        if not isinstance(desired, Desired) or (desired.nft is not None
+                                                and desired.nft.script.startswith(render.NFT_HEADER)):
+            return desired      # already in this form (or a snapshot's target)
+        return render.nft_desired(desired)
+
+    def observe(self) -> LiveState:
+        """Both tables; a family view per family this kernel has; never creates anything."""
+        fams = self.families()
+        js = self._list(["-j", "list", "table", *INET_TABLE])
+        ingress = self._list(["list", "table", *NFT_TABLE])
+        if js is None and ingress is None:
+            return LiveState({fam: Observed(fam) for fam in fams}, None, {})
+        table = parse_nft_json(js, fams, SET_PREFIX) if js is not None else None
+        terse = self._list(["-t", "list", "table", *INET_TABLE]) or ""
+        ing = parse_nft_listing(ingress) if ingress is not None else None
+        text = normalise_nft(terse + (ingress or ""))
+        device = table.device if table is not None and table.device else (ing.device if ing else "")
+        nft = NftObserved(device, text, ing.counters if ing else {})
+        observed = table.observed if table is not None else {fam: Observed(fam) for fam in fams}
+        return LiveState(observed, nft, table.sets if table is not None else {})
+
+    def test(self, plan: ApplyPlan) -> Staged:
+        """``nft -c`` of the one script; what puts ``plan.live`` back is kept for undo."""
+        staged = Staged(previous=self.previous_script(plan.live))
+        self.runner.run(["nft", "-c", "-f", "-"], input=self.script(plan))
+        return staged
+
+    def load(self, plan: ApplyPlan, staged: Staged) -> None:
+        """ONE ``nft -f``: both families, the sets, the ingress table; the kernel takes all or nothing."""
+        staged.nft_touched = True
+        try:
+            faults.hit("between-families")      # the point a kill -9 between the families hit on iptables
+            self.runner.run(["nft", "-f", "-"], input=self.script(plan), mutates=True)
+        except HostprepError as err:
+            raise CommandFailed(err.field, f"{err.problem}; the kernel refused the whole transaction, the "
+                                "previous rules are in place", err.fix or
+                                "nothing of this change was loaded; fix the cause and run again") from None
+
+    def undo(self, plan: ApplyPlan, staged: Staged) -> list[str]:
+        """The tables as they were in ``plan.live``, in one ``nft -f`` again."""
+        if not staged.nft_touched:
+            return []
+        try:
+            self.runner.run(["nft", "-f", "-"], input=staged.previous or NFT_REMOVE, mutates=True)
+        except HostprepError as err:
+            return [f"nft: {err}"]
+        return []
+
+    def finish(self, plan: ApplyPlan, staged: Staged) -> list[str]:
+        """Nothing to clean up: the sets live in the table."""
+        return []
+
+    def other_firewalls(self) -> list[str]:
+        """Other nf_tables tables and legacy x_tables (they judge every packet as well)."""
+        warnings: list[str] = []
+        res = self.runner.run(["nft", "list", "tables"], check=False)
+        names = [ln.strip() for ln in res.stdout.splitlines() if ln.startswith("table ")
+                 and ln.strip() not in ("table netdev hostprep", "table inet hostprep")]
+        if names:
+            warnings.append(f"other nf_tables tables exist ({'; '.join(names)}): they judge every packet as "
+                            "well; hostprep's drops hold whatever they accept")
+        for fam in (4, 6):
+            name = "ip_tables_names" if fam == 4 else "ip6_tables_names"
+            try:
+                tables = set((self.proc / "net" / name).read_text().split())
+            except OSError:
+                tables = set()
+            if tables:
+                warnings.append(f"legacy {'ip' if fam == 4 else 'ip6'}tables tables are loaded too "
+                                f"({', '.join(sorted(tables))}): they judge every packet as well")
+        return warnings
+
+    # -- primitives -------------------------------------------------------------
+    def script(self, plan: ApplyPlan) -> str:
+        """The one transaction of ``plan``: the desired script, or both tables deleted."""
+        want = plan.desired.nft if plan.desired is not None else None
+        if want is None:
+            return NFT_REMOVE
+        assert want.script.startswith(render.NFT_HEADER), "plan not made through NftBackend.target"
+        return want.script
+
+    def previous_script(self, live: LiveState) -> str | None:
+        """A script that puts the live tables back as they are now (None: there are none)."""
+        if live.nft is None:
+            return None
+        inet = self._list(["-s", "list", "table", *INET_TABLE]) or ""
+        ingress = self._list(["-s", "list", "table", *NFT_TABLE]) or ""
+        return NFT_REMOVE + inet + ingress
+
+    def _list(self, args: list[str]) -> str | None:
+        res = self.runner.run(["nft", *args], check=False)
+        if res.returncode != 0:
+            if "No such file" in res.stderr or "does not exist" in res.stderr:
+                return None
+            raise CommandFailed("nft " + " ".join(args), (res.stderr.strip().splitlines() or ["failed"])[-1])
+        return res.stdout
+
+
+# --backend / HOSTPREP_BACKEND: the backend asked for.  "legacy" is the value hostprep took
+# before the native backend (the iptables legacy variant): still accepted, same meaning.
+# "nft" used to mean the iptables nft variant; it now names the native nftables backend
+# (README "Choosing a backend").  Records keep the old variant names ("nft", "legacy" for
+# iptables, "nftables" for native), so an applied.json written before still reads the same.
+CHOICES = ("nft", "iptables", "iptables-nft", "iptables-legacy")
+ALIASES = {"legacy": "iptables-legacy"}
+CHOICE_FIX = "use nft, iptables, iptables-nft or iptables-legacy"
+
+
+def resolve_choice(value: str | None, field: str = "--backend") -> str | None:
+    """The backend asked for, in its canonical name (None: not asked; the host decides)."""
+    if not value:
+        return None
+    value = ALIASES.get(value, value)
+    if value not in CHOICES:
+        raise InputError(field, f"{value!r} is not a backend", CHOICE_FIX)
+    return value
+
+
+def name_of(variant: str | None) -> str | None:
+    """A recorded variant as ``status`` names it (nft, iptables-nft, iptables-legacy)."""
+    if variant == NATIVE:
+        return "nft"
+    return f"iptables-{variant}" if variant in VARIANTS else variant
+
+
+def for_variant(runner: Runner, variant: str | None) -> FirewallBackend:
+    """The backend a record or snapshot names by its variant."""
+    if variant == NATIVE:
+        return NftBackend(runner)
+    return IptablesBackend(runner, variant or detect_variant(runner))
+
+
+def candidates(runner: Runner, variant: str | None = None, remembered: str | None = None) -> list[FirewallBackend]:
+    """The backends to try, in order: the one asked for (--backend, HOSTPREP_BACKEND) alone;
+    ``iptables``: the variant ``iptables -V`` names; nothing asked: iptables as ``iptables -V``
+    says (each variant without an ``iptables`` command).  The native nft backend is chosen
+    only when asked for, or when the last apply used it (``remembered``: applied.json's
+    "backend"); README "Choosing a backend" says why auto is iptables still."""
+    if variant is not None:
+        choice = resolve_choice(variant)
+    else:
+        choice = resolve_choice(os.environ.get("HOSTPREP_BACKEND"), "HOSTPREP_BACKEND")
+    if choice == "nft" or (choice is None and remembered == NATIVE):
+        return [NftBackend(runner)]
+    if choice in ("iptables-nft", "iptables-legacy"):
+        return [IptablesBackend(runner, choice.split("-", 1)[1])]
     if choice is None and runner.which("iptables") is None:
         return [IptablesBackend(runner, v) for v in VARIANTS]
-    return [IptablesBackend(runner, detect_variant(runner, choice))]
+    return [IptablesBackend(runner, detect_variant(runner))]
 
 
-def for_host(runner: Runner, variant: str | None = None) -> FirewallBackend:
+def for_host(runner: Runner, variant: str | None = None, remembered: str | None = None) -> FirewallBackend:
     """The first of ``candidates`` whose is_supported() holds; none: an error naming each one tried."""
-    tried = candidates(runner, variant)
+    tried = candidates(runner, variant, remembered)
     for backend in tried:
         if backend.is_supported():
             return backend

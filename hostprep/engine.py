@@ -34,7 +34,7 @@ def make_plan(backend: FirewallBackend, desired: Desired | None, recorded_nft: N
               live: LiveState | None = None, *, keep_nft: bool = False) -> ApplyPlan:
     """The plan from ``live`` (observed now when not given) to ``desired``; ``recorded_nft``: the nft
     table as the last apply recorded it."""
-    return planmod.plan_change(desired, live or backend.observe(), recorded_nft, keep_nft=keep_nft)
+    return planmod.plan_change(backend.target(desired), live or backend.observe(), recorded_nft, keep_nft=keep_nft)
 
 
 def execute(backend: FirewallBackend, plan: ApplyPlan) -> Staged:
@@ -51,6 +51,7 @@ def execute(backend: FirewallBackend, plan: ApplyPlan) -> Staged:
 
 def verify(backend: FirewallBackend, desired: Desired | None, *, keep_nft: bool = False) -> tuple[LiveState, list[str]]:
     snap = backend.observe()
+    desired = backend.target(desired)
     leftover = make_plan(backend, desired, None, snap, keep_nft=keep_nft)
     # Sets no rule wants any more (and the NAME-n temporaries) are destroyed by
     # finish() after this check; only missing or differing wanted sets count.

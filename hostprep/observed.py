@@ -9,6 +9,7 @@ a plan is made from, what verify reads back).
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -190,3 +191,108 @@ class LiveState:
     observed: dict[int, Observed]
     nft: NftObserved | None
     sets: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+# -- the native nftables backend: `nft -j list table inet hostprep` -------------------------
+
+_NFT_BASE = {"input": "INPUT", "forward": "FORWARD", "output": "OUTPUT"}
+_NFT_VERDICTS = ("accept", "drop", "return", "log")
+
+
+def _strip_family(chain: str) -> tuple[str, int | None]:
+    if chain in _NFT_BASE:
+        return _NFT_BASE[chain], None
+    for fam in (4, 6):
+        if chain.endswith(f"-v{fam}"):
+            return chain[:-3], fam
+    return chain, None
+
+
+def _elem_network(elem) -> str | None:
+    """One element of an nft interval set as JSON shows it, as a network string."""
+    if isinstance(elem, dict) and "elem" in elem:
+        elem = elem["elem"].get("val")
+    if isinstance(elem, str):
+        return str(ipaddress.ip_network(elem, strict=False))
+    if isinstance(elem, dict) and "prefix" in elem:
+        return str(ipaddress.ip_network(f"{elem['prefix']['addr']}/{elem['prefix']['len']}", strict=False))
+    if isinstance(elem, dict) and "range" in elem:
+        lo, hi = (ipaddress.ip_address(a) for a in elem["range"])
+        nets = list(ipaddress.summarize_address_range(lo, hi))
+        return ",".join(str(n) for n in nets)
+    return None
+
+
+@dataclass(frozen=True)
+class NftTable:
+    """hostprep's ``inet hostprep`` table as the nft backend reads it back: a per-family view in
+    the shape the plan and status take (chains without the family suffix, each rule shown as
+    render.nft_view_spec shows it, with its counter), the interval sets' members, the NIC the
+    base chains jump on."""
+
+    observed: dict[int, Observed]
+    sets: dict[str, frozenset[str]]
+    device: str
+    counters: dict[str, Counter]
+
+
+def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> NftTable:
+    """Parse ``nft -j list table inet hostprep``."""
+    data = json.loads(text)["nftables"]
+    chains: dict[int, list[str]] = {fam: [] for fam in families}
+    rules: dict[int, list[LiveRule]] = {fam: [] for fam in families}
+    sets: dict[str, set[str]] = {}
+    counters: dict[str, Counter] = {}
+    device = ""
+    base_rules: list[tuple[str, int | None, LiveRule]] = []
+    for obj in data:
+        if "set" in obj:
+            s = obj["set"]
+            if s["name"].startswith(set_prefix):
+                members: set[str] = set()
+                for e in s.get("elem", []):
+                    net = _elem_network(e)
+                    if net:
+                        members.update(net.split(","))
+                sets[s["name"]] = members
+        elif "chain" in obj:
+            name, fam = _strip_family(obj["chain"]["name"])
+            if fam in chains:
+                chains[fam].append(name)
+        elif "rule" in obj:
+            r = obj["rule"]
+            name, fam = _strip_family(r["chain"])
+            comment = r.get("comment")
+            counter, verdict, target = Counter(), None, None
+            for e in r.get("expr", []):
+                if "counter" in e and isinstance(e["counter"], dict):
+                    counter = Counter(int(e["counter"].get("packets", 0)), int(e["counter"].get("bytes", 0)))
+                for v in _NFT_VERDICTS:
+                    if v in e:
+                        verdict = v
+                for k in ("jump", "goto"):
+                    if k in e:
+                        target = e[k]["target"]
+                if "match" in e and name in _NFT_BASE.values():
+                    left = e["match"].get("left", {})
+                    if isinstance(left, dict) and left.get("meta", {}).get("key") in ("iifname", "oifname"):
+                        device = device or str(e["match"].get("right"))
+            if target is not None and comment is None:
+                spec = "-j " + _strip_family(target)[0]
+            elif comment is not None and verdict is not None and target is None:
+                spec = f'-m comment --comment "{comment}" -j {verdict.upper()}'
+            else:
+                # A rule hostprep does not write (added by hand): shown as it is, so the
+                # plan sees the chain differ.
+                spec = f"-m comment --comment {json.dumps(json.dumps(r.get('expr', [])))} -j FOREIGN"
+            if comment is not None and target is None:
+                counters[comment] = counters.get(comment, Counter()) + counter
+            if fam is None and name in _NFT_BASE.values():
+                base_rules.append((name, _strip_family(target)[1] if target else None, LiveRule(name, spec, counter)))
+            elif fam in rules:
+                rules[fam].append(LiveRule(name, spec, counter))
+    observed = {}
+    for fam in families:
+        base = [r for _, f, r in base_rules if f == fam]
+        observed[fam] = Observed(fam, tuple(["INPUT", "FORWARD", "OUTPUT"] + chains[fam]), tuple(base + rules[fam]))
+    return NftTable(observed, {k: frozenset(v) for k, v in sets.items()}, device, counters)

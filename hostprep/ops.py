@@ -81,6 +81,7 @@ def converge_and_record(backend: FirewallBackend, store: Store, desired: Desired
     """
     # A malformed record reads as none: this apply writes it again.
     record = records.load_applied(store, tolerant=True)
+    desired = backend.target(desired)
     outcome = engine.converge(backend, store, desired, command, recorded_nft=record.nft if record else None)
     if record_nic:
         ident = nicmod.identity_of(desired.policy.interface, backend.runner)

@@ -133,6 +133,7 @@ def failsafe_variant(paths: Paths, invocation: tuple[str, list[tuple[str, str]]]
         return record["backend"]
     env = dict(invocation[1]) if invocation else {}
     choice = env.get("HOSTPREP_BACKEND") or os.environ.get("HOSTPREP_BACKEND")
+    choice = {"iptables-nft": "nft", "iptables-legacy": "legacy"}.get(choice or "", choice)
     if choice in VARIANTS:
         return choice
     try:

@@ -7,12 +7,16 @@ so that the plan can diff it against the live ruleset.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import re
+
 import jinja2
 
 from hostprep import validate
 from hostprep.data import data_dir
-from hostprep.model import (BUILTIN_CHAINS, SPOOF_SOURCES, Chain, Container, Desired, NftIngress, Policy, Rule,
-                            Ruleset)
+from hostprep.model import (BUILTIN_CHAINS, SPOOF_SOURCES, Chain, Container, Desired, IpSet, NftIngress, Policy,
+                            Rule, Ruleset)
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(data_dir("rules"))),
@@ -95,3 +99,119 @@ def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
     nft = None if policy.skip_ddos else NftIngress(policy.interface, nft_text(policy))
     sets = tuple(s for c in containers for s in c.sets())
     return Desired(policy, v4, v6, nft, tuple(containers), sets)
+
+
+# -- the native nftables backend (rules/hostprep.nft.j2) --------------------------------
+
+NFT_HEADER = "table inet hostprep\ndelete table inet hostprep\n"
+NFT_BASE_CHAINS = {"input": "INPUT", "forward": "FORWARD", "output": "OUTPUT"}
+
+
+def _set_members(c: Container, kind: str) -> list[str]:
+    """The members of an nft interval set: overlapping and adjacent networks merged (an
+    interval set refuses overlapping elements; ipset's hash:net took them)."""
+    return [str(n) for n in ipaddress.collapse_addresses(c.networks(kind))]
+
+
+def _limiter_set(c: Container, kind: str, port: int) -> str:
+    return f"{kind}{c.family}_{c.key}_{port}"
+
+
+def _source_mask(c: Container) -> str:
+    return str(ipaddress.ip_network(f"::/{c.source_prefix}").netmask) if c.family == 6 else \
+        str(ipaddress.ip_network(f"0.0.0.0/{c.source_prefix}").netmask)
+
+
+def _nft_rate(limits) -> str:
+    return f"{limits.log_limit // 60}/second" if limits.log_limit % 60 == 0 else f"{limits.log_limit}/minute"
+
+
+def nft_backend_text(policy: Policy, containers: tuple[Container, ...] = ()) -> str:
+    """The whole of hostprep's nft ruleset (both families, sets, ingress) as one ``nft -f`` file."""
+    containers = tuple(sorted((c for c in containers if c.hardening), key=lambda c: c.name))
+    fams = [{"family": fam, "spoof_sources": SPOOF_SOURCES[fam], "ping": policy.ping_networks(fam),
+             "containers": [c for c in containers if c.family == fam]} for fam in (4, 6)]
+    return _ENV.get_template("hostprep.nft.j2").render(
+        iface=policy.interface, ddos=not policy.skip_ddos, spoof=not policy.allow_private, fams=fams,
+        set_members=_set_members, limiter_set=_limiter_set, source_mask=_source_mask, nft_rate=_nft_rate)
+
+
+_NFT_CHAIN = re.compile(r"^\s*chain (\S+) \{")
+_NFT_COMMENT = re.compile(r'comment "([^"]*)"\s*$')
+_NFT_JUMP = re.compile(r"\b(?:jump|goto) (\S+)\s*$")
+_NFT_VERDICT = re.compile(r"\b(accept|drop|return)\s+comment \"")
+_NFT_LOG = re.compile(r"\blog prefix \"[^\"]*\"\s+comment \"")
+
+
+def nft_view_spec(comment: str | None, verdict: str | None, target: str | None = None) -> str | None:
+    """How the nft backend shows one rule to the plan and status, in the iptables spec form the
+    model holds: ``-j HOSTPREP-X`` for a jump (the family suffix dropped), else its comment and
+    verdict (``accept`` -> ``-j ACCEPT``, a log rule ``-j LOG``); None for a rule hostprep does not write."""
+    if target is not None:
+        return "-j " + nft_strip_family(target)[0] if comment is None else None
+    if comment is None or verdict is None:
+        return None
+    return f'-m comment --comment "{comment}" -j {verdict.upper()}'
+
+
+def nft_strip_family(chain: str) -> tuple[str, int | None]:
+    """``HOSTPREP-IN-v4`` -> ("HOSTPREP-IN", 4); a base chain ``input`` -> ("INPUT", None)."""
+    if chain in NFT_BASE_CHAINS:
+        return NFT_BASE_CHAINS[chain], None
+    for fam in (4, 6):
+        if chain.endswith(f"-v{fam}"):
+            return chain[:-3], fam
+    return chain, None
+
+
+def nft_view(script: str) -> dict[int, Ruleset]:
+    """The per-family view of a rendered nft script: hostprep's chains without the family
+    suffix, each rule as ``nft_view_spec`` shows it; jumps from the base chains as jumps."""
+    chains: dict[int, dict[str, list[Rule]]] = {4: {}, 6: {}}
+    jumps: dict[int, list[Rule]] = {4: [], 6: []}
+    current: tuple[str, int | None] | None = None
+    table = ""
+    for raw in script.splitlines():
+        line = raw.strip()
+        if line.startswith("table ") and line.endswith("{"):
+            table = line
+            continue
+        m = _NFT_CHAIN.match(raw)
+        if m:
+            current = nft_strip_family(m.group(1)) if table.startswith("table inet ") else None
+            if current is not None and current[1] is not None:
+                chains[current[1]][current[0]] = []
+            continue
+        if line == "}":
+            if raw.startswith("}"):
+                table = ""
+            current = None
+            continue
+        if current is None or not line or line.startswith(("#", "type ")):
+            continue
+        c, j = _NFT_COMMENT.search(line), _NFT_JUMP.search(line)
+        v = _NFT_VERDICT.search(line)
+        verdict = v.group(1) if v else "log" if _NFT_LOG.search(line) else None
+        spec = nft_view_spec(c.group(1) if c else None, verdict, j.group(1) if j else None)
+        if spec is None:
+            raise ValueError(f"rule without comment or jump in rendered nft rules: {line!r}")
+        name, fam = current
+        if fam is None:                 # a base chain: the family is the jump target's
+            assert j is not None
+            fam = nft_strip_family(j.group(1))[1]
+            assert fam is not None
+            jumps[fam].append(Rule(name, spec))
+        else:
+            chains[fam][name].append(Rule(name, spec))
+    return {fam: Ruleset(fam, tuple(Chain(n, tuple(rs)) for n, rs in chains[fam].items()), tuple(jumps[fam]))
+            for fam in (4, 6)}
+
+
+def nft_desired(desired: Desired) -> Desired:
+    """``desired`` in the form the nft backend loads and observes: the one script (as ``nft``),
+    the per-family view of it (as v4/v6), the exempt and load-balancer sets with their members merged."""
+    script = nft_backend_text(desired.policy, desired.containers)
+    view = nft_view(script)
+    sets = tuple(IpSet(s.name, s.family, tuple(ipaddress.collapse_addresses(s.members))) for s in desired.sets)
+    return dataclasses.replace(desired, v4=view[4], v6=view[6], nft=NftIngress(desired.policy.interface, script),
+                               sets=sets)

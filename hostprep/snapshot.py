@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hostprep import engine, persist, records, sysctl
 from hostprep import plan as planmod
-from hostprep.backend import IptablesBackend
+from hostprep.backend import for_variant
 from hostprep.errors import CommandFailed, InputError, StateError
 from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset, container_name
 from hostprep.plan import NftRecord
@@ -270,7 +270,7 @@ def backend_for(snap: Snapshot, backend):
     if backend is not None and (snap.backend in (None, backend.variant)):
         return backend
     runner = backend.runner if backend is not None else Runner()
-    return IptablesBackend(runner, snap.backend)
+    return for_variant(runner, snap.backend)
 
 
 def firewall_differs(backend, snap: Snapshot) -> list[str]:

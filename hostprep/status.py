@@ -11,7 +11,7 @@ import time
 
 from hostprep import persist, records, render, selinux, snapshot, sysctl, timers, txn
 from hostprep import plan as planmod
-from hostprep.backend import FirewallBackend
+from hostprep.backend import FirewallBackend, name_of
 from hostprep.errors import HostprepError
 from hostprep.model import DISPATCH_CHAIN, GROUPS
 from hostprep.nic import check_recorded, nic_info
@@ -84,7 +84,7 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
     warnings = service_warnings(runner) + backend.other_firewalls()
     remembered = store.settings()
     record = records.load_applied(store)
-    report: dict = {"schema": SCHEMA_VERSION, "backend": backend.variant, "warnings": warnings,
+    report: dict = {"schema": SCHEMA_VERSION, "backend": backend.name, "warnings": warnings,
                     "settings": remembered.to_dict() if remembered is not None else None, "last_apply": None,
                     "nic": None, "families": {},
                     "fragments": None, "ipv6_parity": None, "containers": [], "problems": []}
@@ -92,11 +92,11 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
     desired = None
     if record:
         report["last_apply"] = {"time": record.time, "settings": record.settings.to_dict(),
-                                "backend": record.backend}
-        desired = render.desired(record.policy(), tuple(store.containers().values()))
+                                "backend": name_of(record.backend)}
+        desired = backend.target(render.desired(record.policy(), tuple(store.containers().values())))
         if record.backend != backend.variant:
-            problems.append(f"last apply used the {record.backend} backend, this host now uses "
-                            f"{backend.variant}: run 'hostprep apply'")
+            problems.append(f"last apply used the {name_of(record.backend)} backend, this host now uses "
+                            f"{backend.name}: run 'hostprep apply'")
     elif remembered is not None and remembered.firewall is not None:
         problems.append("hostprep is not applied (settings remembered): run 'hostprep apply'")
     elif not (remembered is not None and remembered.kernel):

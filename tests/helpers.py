@@ -111,3 +111,109 @@ def saved(desired: Desired, family: int) -> Observed:
                      .replace("-I OUTPUT 1 ", "-A OUTPUT ") for ln in lines) + "\n"
     return parse_save(save.replace("*filter\n", "*filter\n:INPUT ACCEPT [0:0]\n"
                                    ":FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n", 1), family)
+
+
+# -- a fake nft binary for the native backend's unit tests --------------------------------
+
+class FakeNft:
+    """A Runner that plays the ``nft`` binary over an in-memory ruleset: ``nft -f -`` takes the
+    script hostprep renders (both tables declared, deleted, re-created: the last table blocks
+    win, as in the kernel's transaction) or the removal script; ``nft -j list table inet
+    hostprep`` answers JSON built from it (comments, verdicts, jumps, the interfaces of the base
+    chains, the interval sets' members); ``nft -c`` checks nothing but is counted.  ``refuse``:
+    every ``nft -f`` fails as the kernel refusing the transaction (nothing changes)."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.tables: dict[str, str] = {}            # "inet hostprep" -> the table block text
+        self.calls: list[tuple[list[str], str | None, bool]] = []
+        self.refuse = refuse
+
+    def which(self, binary: str) -> str | None:
+        return f"/usr/sbin/{binary}"
+
+    def run(self, argv, *, input=None, check=True, mutates=False, cwd=None):
+        from hostprep.errors import CommandFailed
+        from hostprep.runner import Result
+        argv = list(argv)
+        self.calls.append((argv, input, mutates))
+        if argv[:3] == ["nft", "-f", "-"]:
+            if self.refuse:
+                raise CommandFailed("nft -f", "Error: Could not process rule: Operation not supported")
+            self.tables = self.apply(input or "", dict(self.tables))
+            return Result(tuple(argv), 0, "", "")
+        if argv[:3] == ["nft", "-c", "-f"]:
+            return Result(tuple(argv), 0, "", "")
+        if len(argv) >= 4 and argv[-3] == "table" and argv[-2] in ("inet", "netdev"):
+            key = f"{argv[-2]} {argv[-1]}"
+            if key not in self.tables:
+                return Result(tuple(argv), 1, "", "Error: No such file or directory")
+            if "-j" in argv:
+                return Result(tuple(argv), 0, self.json(key), "")
+            return Result(tuple(argv), 0, self.tables[key], "")
+        if argv[:3] == ["nft", "list", "tables"]:
+            return Result(tuple(argv), 0, "".join(f"table {k}\n" for k in self.tables), "")
+        return Result(tuple(argv), 0, "", "")
+
+    @staticmethod
+    def apply(script: str, tables: dict[str, str]) -> dict[str, str]:
+        block: list[str] = []
+        name = None
+        for line in script.splitlines():
+            if name is None:
+                if line.startswith("delete table "):
+                    tables.pop(line[len("delete table "):].strip(), None)
+                elif line.startswith("table ") and line.rstrip().endswith("{"):
+                    name, block = line[len("table "):-1].strip(), [line]
+            else:
+                block.append(line)
+                if line == "}":
+                    tables[name] = "\n".join(block) + "\n"
+                    name = None
+        return tables
+
+    def json(self, key: str) -> str:
+        import json
+        import re
+        fam, tname = key.split()
+        out: list[dict] = [{"table": {"family": fam, "name": tname}}]
+        chain = None
+        text = self.tables[key]
+        for m in re.finditer(r"\tset (\S+) \{(.*?)\n\t\}", text, re.S):
+            elems = re.search(r"elements = \{ (.*?) \}", m.group(2))
+            s = {"family": fam, "name": m.group(1), "table": tname}
+            if elems:
+                s["elem"] = [e if "/" not in e else {"prefix": {"addr": e.split("/")[0], "len": int(e.split("/")[1])}}
+                             for e in elems.group(1).split(", ")]
+            out.append({"set": s})
+        for line in text.splitlines():
+            m = re.match(r"^\tchain (\S+) \{", line)
+            if m:
+                chain = m.group(1)
+                out.append({"chain": {"family": fam, "table": tname, "name": chain}})
+                continue
+            if line == "\t}":
+                chain = None
+            s = line.strip()
+            if chain is None or not s or s.startswith(("#", "type ")):
+                continue
+            rule: dict = {"family": fam, "table": tname, "chain": chain, "expr": []}
+            c = re.search(r'comment "([^"]*)"\s*$', s)
+            if c:
+                rule["comment"] = c.group(1)
+            dev = re.search(r'[io]ifname "([^"]+)"', s)
+            if dev:
+                rule["expr"].append({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": dev.group(1)}})
+            rule["expr"].append({"counter": {"packets": 0, "bytes": 0}})
+            j = re.search(r"\bjump (\S+)", s)
+            if j:
+                rule["expr"].append({"jump": {"target": j.group(1)}})
+            v = re.search(r"\b(accept|drop|return)\s+comment", s)
+            if v:
+                rule["expr"].append({v.group(1): None})
+            elif re.search(r"\blog prefix", s):
+                rule["expr"].append({"log": {}})
+            out.append({"rule": rule})
+        return json.dumps({"nftables": out})
+
+    def mutating(self) -> list[list[str]]:
+        return [argv for argv, _, mut in self.calls if mut]

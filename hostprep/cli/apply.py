@@ -13,7 +13,7 @@ import typer.core
 from hostprep import engine
 from hostprep import nic as nicmod
 from hostprep import ops, persist, records, render, selinux, settings
-from hostprep.backend import FirewallBackend, for_host
+from hostprep.backend import FirewallBackend
 from hostprep.errors import HostprepError, InputError, RefusedError, StateError
 from hostprep.model import Desired, Policy
 from hostprep.observed import LiveState, Observed
@@ -22,7 +22,7 @@ from hostprep.runner import DryRunner, Runner
 from hostprep.settings import FirewallSettings, Flags
 from hostprep.state import Store
 from hostprep.validate import _IFNAME
-from hostprep.cli.common import (EXAMPLES, BackendOpt, ConfirmOpt, PlainCommand, app, confirm, handle_errors,
+from hostprep.cli.common import (EXAMPLES, BackendOpt, ConfirmOpt, PlainCommand, app, confirm, handle_errors, pick_backend,
                                  need_root, pending_guard, unreadable_in_dry_run)
 from hostprep.cli.output import (err, out, print_kernel_dry_run, print_kernel_part, print_persistence, print_plan,
                                  report_firewall, say, say_pending, say_warnings, show_nic)
@@ -141,7 +141,7 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
     if at_risk:
         say(err, "yellow", "warning:", f"conntrack is not tracking this namespace yet: {at_risk} established "
                   f"TCP connection(s) on {info.name} will be classified NEW without SYN and dropped")
-    be = for_host(runner, backend)
+    be = pick_backend(runner, backend)
     containers: tuple = ()
     with unreadable_in_dry_run(dry_run, "the containers that are up cannot be read; showing the base hardening "
                                "only"):
@@ -160,8 +160,8 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
         print_plan(plan)
         out.print("dry run: nothing was changed")
         return None
-    confirm(f"Move the hardening from {moving_from} to {info.name} (backend {be.variant})?" if moving_from else
-            f"Apply the hardening on {info.name} (backend {be.variant})?", yes)
+    confirm(f"Move the hardening from {moving_from} to {info.name} (backend {be.name})?" if moving_from else
+            f"Apply the hardening on {info.name} (backend {be.name})?", yes)
     return Prepared(info, be, desired)
 
 
@@ -298,7 +298,7 @@ def flush_cmd(
             out.print(f"  {line}")
         return
     runner: Runner = DryRunner() if dry_run else Runner()
-    be = for_host(runner, backend)
+    be = pick_backend(runner, backend)
     if dry_run:
         record = records.load_applied(store, tolerant=True)
         print_plan(engine.make_plan(be, None, record.nft if record else None))

@@ -8,12 +8,11 @@ import typer
 import typer.core
 
 from hostprep import ops, timers, txn
-from hostprep.backend import for_host
 from hostprep.errors import StateError
 from hostprep.paths import Paths
 from hostprep.runner import Runner
 from hostprep.state import Store
-from hostprep.cli.common import BackendOpt, app, handle_errors, need_root
+from hostprep.cli.common import BackendOpt, app, handle_errors, need_root, pick_backend
 from hostprep.cli.output import err, out
 
 
@@ -48,7 +47,7 @@ def rollback_cmd(
         timers.ignore_hangup()
         if not timers.wait_until_due(store, due):
             return
-    be = for_host(runner, backend)
+    be = pick_backend(runner, backend)
     what = "hostprep rollback" + (f" (deadline of change {due})" if due else "")
     while True:
         try:
@@ -94,7 +93,7 @@ def boot_cmd(backend: Optional[str] = BackendOpt) -> None:
     need_root("boot")
     runner = Runner()
     store = Store(Paths.from_env())
-    be = for_host(runner, backend)
+    be = pick_backend(runner, backend)
     res = ops.boot(be, store, runner)
     for note in res.notes:
         out.print(f"hostprep boot: {note}", markup=False)

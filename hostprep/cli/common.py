@@ -16,7 +16,7 @@ from rich.text import Text
 from hostprep import __version__
 from hostprep.exits import EXIT_SIGINT, broken_pipe
 from hostprep import ops, timers
-from hostprep.backend import VARIANTS
+from hostprep.backend import CHOICES, FirewallBackend, for_host, resolve_choice
 from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
 from hostprep.state import Store
 from hostprep.cli.output import err, out, say
@@ -97,14 +97,18 @@ def main_cb(version: bool = typer.Option(False, "--version", callback=version_cb
 
 def backend_cb(value: Optional[str]) -> Optional[str]:
     """--backend is checked before anything is shown or asked."""
-    if value is not None and value not in VARIANTS:
-        fail(InputError("--backend", f"{value!r} is not a backend", "use nft or legacy").line(), 2)
+    try:
+        return resolve_choice(value)
+    except InputError as err:
+        fail(err.line(), 2)
     return value
 
 
-BackendOpt = typer.Option(None, "--backend", metavar="nft|legacy", callback=backend_cb,
-                          help="Firewall variant: nft or legacy (default: what 'iptables -V' says; env "
-                               "HOSTPREP_BACKEND).")
+BackendOpt = typer.Option(None, "--backend", metavar="|".join(CHOICES), callback=backend_cb,
+                          help="Firewall backend: nft (native nftables, one inet table), iptables (the "
+                               "variant 'iptables -V' says), iptables-nft or iptables-legacy; 'legacy' is "
+                               "iptables-legacy. Default: iptables as 'iptables -V' says; env HOSTPREP_BACKEND. "
+                               "Before hostprep 0.x 'nft' meant iptables-nft.")
 
 
 ConfirmOpt = typer.Option(None, "--confirm", metavar="SECONDS", min=1, max=86400,
@@ -159,3 +163,16 @@ def working(what: str):
         return
     with err.status(Text(what), spinner="dots"):
         yield
+
+
+def pick_backend(runner, choice: Optional[str]) -> FirewallBackend:
+    """The backend of this command: --backend/HOSTPREP_BACKEND, else the native nft backend when the
+    last apply used it (applied.json), else iptables as 'iptables -V' says."""
+    from hostprep.paths import Paths
+    from hostprep.state import Store
+    try:
+        d = Store(Paths.from_env()).applied() or {}
+    except HostprepError:
+        d = {}
+    remembered = d.get("backend") if isinstance(d, dict) else None
+    return for_host(runner, choice, remembered=remembered if isinstance(remembered, str) else None)

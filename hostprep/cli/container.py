@@ -15,13 +15,12 @@ from hostprep import envfiles, ops, records, timers
 from hostprep.plan import plural
 from hostprep import plan as planmod
 from hostprep import status as statusmod
-from hostprep.backend import for_host
 from hostprep.errors import RefusedError
 from hostprep.model import container_name
 from hostprep.paths import Paths
 from hostprep.runner import DryRunner, Runner
 from hostprep.state import Store
-from hostprep.cli.common import (EXAMPLES, BackendOpt, ConfirmOpt, PlainCommand, container_app, handle_errors,
+from hostprep.cli.common import (EXAMPLES, BackendOpt, ConfirmOpt, PlainCommand, container_app, handle_errors, pick_backend,
                                  need_root, working)
 from hostprep.cli.output import err, out, print_containers, print_plan, say, say_pending
 
@@ -98,7 +97,7 @@ def container_up_cmd(
     for w in widening:
         err.print(f"WIDENS ACCESS: {name}: {w}", markup=False, style="bold yellow")
     if dry_run:
-        be = for_host(DryRunner(), backend)
+        be = pick_backend(DryRunner(), backend)
         preview = ops.container_up_plan(be, store, c)
         print_plan(preview.plan)
         out.print(f"container {name}: {len(preview.added)} rules would be added, {len(preview.removed)} removed",
@@ -115,7 +114,7 @@ def container_up_cmd(
         confirm_widening(name, widening, yes or sys.stdin.isatty())
         return
     confirm_widening(name, widening, yes)
-    be = for_host(Runner(), backend)
+    be = pick_backend(Runner(), backend)
     argv = "hostprep " + " ".join(sys.argv[1:])
     res = ops.container_up(be, store, c, argv, confirm=confirm_secs)
     outcome, added, removed = res.outcome, res.added, res.removed
@@ -141,7 +140,7 @@ def container_down_cmd(
     container_name(name)
     need_root("container down")
     store = Store(Paths.from_env())
-    be = for_host(Runner(), backend)
+    be = pick_backend(Runner(), backend)
     argv = "hostprep " + " ".join(sys.argv[1:])
     res = ops.container_down(be, store, name, argv, confirm=confirm_secs)
     removed = res.removed
@@ -160,7 +159,7 @@ def container_list_cmd(
     """The containers whose rules are up: ports, destination, limits, exempt counts, drop counters."""
     need_root("container list")
     runner = Runner()
-    be = for_host(runner, backend)
+    be = pick_backend(runner, backend)
     report = statusmod.collect(runner, be, Store(Paths.from_env()))
     if as_json:
         print(json.dumps(report["containers"], indent=2))

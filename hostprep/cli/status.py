@@ -9,11 +9,10 @@ import typer
 import typer.core
 
 from hostprep import status as statusmod
-from hostprep.backend import for_host
 from hostprep.paths import Paths
 from hostprep.runner import Runner
 from hostprep.state import Store
-from hostprep.cli.common import EXAMPLES, BackendOpt, app, handle_errors, need_root
+from hostprep.cli.common import EXAMPLES, BackendOpt, app, handle_errors, need_root, pick_backend
 from hostprep.cli.output import err, out, print_status
 
 
@@ -31,7 +30,7 @@ def status_cmd(
     """
     need_root("status")
     runner = Runner()
-    be = for_host(runner, backend)
+    be = pick_backend(runner, backend)
     report = statusmod.collect(runner, be, Store(Paths.from_env()))
     if as_json:
         print(json.dumps(report, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hostprep.backend import FirewallBackend, IptablesBackend, detect_variant, for_host
+from hostprep.backend import FirewallBackend, IptablesBackend, NftBackend, detect_variant, for_host
 from hostprep.errors import CommandFailed, InputError, NoBackend
 from hostprep.observed import Counter, LiveRule, NftObserved, Observed, normalise_nft, parse_nft_listing
 from tests.helpers import FakeKernel
@@ -53,10 +53,11 @@ def test_detect_variant_override_runs_nothing(fake_runner):
     assert (detect_variant(runner, "legacy"), runner.calls) == ("legacy", [])
 
 
-def test_detect_variant_env_override(fake_runner, monkeypatch):
-    monkeypatch.setenv("HOSTPREP_BACKEND", "legacy")
+@pytest.mark.parametrize("value", ["legacy", "iptables-legacy"])
+def test_env_override_of_the_variant(fake_runner, monkeypatch, value):
+    monkeypatch.setenv("HOSTPREP_BACKEND", value)
     runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (nf_tables)\n", "")})
-    assert (detect_variant(runner), runner.calls) == ("legacy", [])
+    assert (for_host(runner).variant, runner.calls) == ("legacy", [])
 
 
 def test_detect_variant_bad_override(fake_runner):
@@ -189,14 +190,14 @@ CONTRACT = [name for name, value in vars(FirewallBackend).items()
 
 
 def test_the_contract_is_written_one_line_each():
-    assert CONTRACT == ["describe", "is_supported", "families", "observe", "test", "load", "undo", "finish",
-                        "other_firewalls"]
+    assert CONTRACT == ["describe", "target", "is_supported", "families", "observe", "test", "load", "undo",
+                        "finish", "other_firewalls"]
     for name in CONTRACT:
         doc = getattr(FirewallBackend, name).__doc__
         assert doc is not None and "\n" not in doc.strip(), name
 
 
-@pytest.mark.parametrize("cls", [IptablesBackend, FakeKernel])
+@pytest.mark.parametrize("cls", [IptablesBackend, NftBackend, FakeKernel])
 def test_each_backend_implements_the_whole_contract(cls):
     missing = [n for n in CONTRACT if getattr(cls, n, None) is getattr(FirewallBackend, n, None)
                or not callable(getattr(cls, n, None))]
@@ -233,6 +234,6 @@ def test_for_host_with_a_variant_asked_for_tries_it_alone(fake_runner, monkeypat
     monkeypatch.delenv("HOSTPREP_BACKEND", raising=False)
     runner = fake_runner(installed={"iptables", "iptables-legacy-restore", "iptables-legacy-save", "nft"})
     with pytest.raises(NoBackend) as err:
-        for_host(runner, "nft")
+        for_host(runner, "iptables-nft")
     assert "tried iptables (nft variant) (" in err.value.problem
     assert for_host(runner, "legacy").variant == "legacy"

@@ -69,7 +69,7 @@ def test_an_extra_argument_suggests_dash_i():
 
 def test_a_wrong_backend_is_refused_before_the_nic_is_shown():
     assert run("apply", "--dry-run", "-i", "lo", "--backend", "nftables") == (
-        2, "error: --backend: 'nftables' is not a backend (use nft or legacy)\n")
+        2, "error: --backend: 'nftables' is not a backend (use nft, iptables, iptables-nft or iptables-legacy)\n")
 
 
 def test_help_shows_metavars_not_types():

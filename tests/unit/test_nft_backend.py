@@ -1,0 +1,204 @@
+"""The native nftables backend (issue 13): the one script, its per-family view, the choice of
+backend by name, and ONE ``nft -f`` per change (counted with a fake nft binary)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from hostprep import ops, render
+from hostprep.backend import (NATIVE, IptablesBackend, NftBackend, for_host, name_of, resolve_choice)
+from hostprep.errors import CommandFailed, InputError
+from hostprep.model import Container, Limits, PingSource, Policy
+from hostprep.observed import parse_nft_json
+from hostprep.paths import Paths
+from hostprep.state import Store
+from tests.helpers import FakeNft
+
+NET = ipaddress.ip_network
+
+
+def container(name="finesse", dest="203.0.113.10", ports=(443, 8445), **kw) -> Container:
+    return Container(name, "finesse", ports, ipaddress.ip_address(dest), Limits(10, 6, 8, 60, 5), **kw)
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> Path:
+    (tmp_path / "proc/sys/net/ipv6").mkdir(parents=True)
+    return tmp_path / "proc"
+
+
+@pytest.fixture(autouse=True)
+def no_backend_env(monkeypatch):
+    monkeypatch.delenv("HOSTPREP_BACKEND", raising=False)
+
+
+# -- the script ----------------------------------------------------------------------------
+
+def test_the_script_replaces_both_tables_in_one_file():
+    text = render.nft_backend_text(Policy("eth1"))
+    assert text.startswith("table inet hostprep\ndelete table inet hostprep\n"
+                           "table netdev hostprep\ndelete table netdev hostprep\n")
+    assert text.count("\ntable inet hostprep {") == 1 and text.count("\ntable netdev hostprep {") == 1
+    assert 'type filter hook ingress device "eth1" priority -500; policy accept;' in text
+
+
+def test_skip_ddos_leaves_the_ingress_table_out_but_still_deletes_it():
+    text = render.nft_backend_text(Policy("eth1", skip_ddos=True))
+    assert ("table netdev hostprep {" in text, "delete table netdev hostprep" in text, "HOSTPREP-DDOS" in text) == \
+        (False, True, False)
+
+
+def test_the_view_has_the_chains_of_the_iptables_rules():
+    pol = Policy("eth1", ping=(PingSource("198.51.100.0/24", (NET("198.51.100.0/24"),)),))
+    cs = (container(), container("f6", "2001:db8::10", (443,), load_balancers=(NET("2001:db8:1::/48"),)))
+    ipt, nft = render.desired(pol, cs), render.nft_desired(render.desired(pol, cs))
+    for fam in (4, 6):
+        assert [c.name for c in nft.ruleset(fam).chains] == [c.name for c in ipt.ruleset(fam).chains]
+        assert [(j.chain, j.target) for j in nft.ruleset(fam).jumps] == \
+            [(j.chain, j.target) for j in ipt.ruleset(fam).jumps]
+        # the same comments, in the same order, chain by chain (nft has one more: the SYN without MSS)
+        for chain in ipt.ruleset(fam).chains:
+            want = [s for s in chain.specs if "--comment" in s]
+            got = [s for s in nft.ruleset(fam).chain(chain.name).specs if "--comment" in s]
+            comments = [g.split('"')[1] for g in got]
+            assert [w.split('"')[1] for w in want] == [c for i, c in enumerate(comments)
+                                                      if not (c == "hostprep ddos: odd mss" and i and
+                                                              comments[i - 1] == c)], chain.name
+
+
+def test_exempt_list_is_an_interval_set_with_overlaps_merged():
+    c = container(exempt=(NET("192.0.2.0/25"), NET("192.0.2.128/25"), NET("192.0.2.7/32"), NET("198.51.100.9/32")))
+    text = render.nft_backend_text(Policy("eth1"), (c,))
+    assert (f"set {c.set_name('ex')} {{\n\t\ttype ipv4_addr\n\t\tflags interval\n"
+            f"\t\telements = {{ 192.0.2.0/24, 198.51.100.9/32 }}\n\t}}") in text
+    assert f"ip saddr @{c.set_name('ex')} counter accept" in text
+    d = render.nft_desired(render.desired(Policy("eth1"), (c,)))
+    assert [(s.name, [str(m) for m in s.members]) for s in d.sets] == \
+        [(c.set_name("ex"), ["192.0.2.0/24", "198.51.100.9/32"])]
+
+
+def test_limits_are_bounded_dynamic_sets_and_ct_count():
+    c = container(ports=(443,))
+    text = render.nft_backend_text(Policy("eth1"), (c,))
+    b = c.limiter
+    assert (f"set cl4_{c.key}_443 {{\n\t\ttype ipv4_addr\n\t\tsize {b.htable_max}\n\t\tflags dynamic\n\t}}") in text
+    assert (f"set rl4_{c.key}_443 {{\n\t\ttype ipv4_addr\n\t\tsize {b.htable_max}\n\t\tflags dynamic,timeout\n"
+            f"\t\ttimeout {b.htable_expire_ms}ms\n\t}}") in text
+    assert f"add @cl4_{c.key}_443 {{ ip saddr ct count over 10 }} counter drop" in text
+    assert f"update @rl4_{c.key}_443 {{ ip saddr limit rate 6/second burst 8 packets }} counter accept" in text
+
+
+@pytest.mark.parametrize("prefix, key", [(64, "ip6 saddr & ffff:ffff:ffff:ffff::"), (48, "ip6 saddr & ffff:ffff:ffff::"),
+                                         (128, "ip6 saddr")])
+def test_ipv6_sources_are_keyed_by_their_prefix(prefix, key):
+    c = container("f6", "2001:db8::10", (443,), ipv6_source_prefix=prefix)
+    text = render.nft_backend_text(Policy("eth1"), (c,))
+    assert f"add @cl6_{c.key}_443 {{ {key} ct count over 10 }}" in text
+    assert f"update @rl6_{c.key}_443 {{ {key} limit rate 6/second" in text
+
+
+def test_restricted_container_has_no_limiter_sets():
+    c = container(restricted=True, load_balancers=(NET("192.0.2.0/24"),))
+    text = render.nft_backend_text(Policy("eth1"), (c,))
+    assert ("set cl4_" in text, "restricted to load balancers\"" in text) == (False, True)
+
+
+# -- reading back --------------------------------------------------------------------------
+
+def test_parse_json_sets_counters_device():
+    fake = FakeNft()
+    c = container(exempt=(NET("192.0.2.0/24"), NET("198.51.100.9/32")))
+    fake.tables = FakeNft.apply(render.nft_backend_text(Policy("eth1"), (c,)), {})
+    table = parse_nft_json(fake.json("inet hostprep"), (4, 6), "hostprep-")
+    assert table.device == "eth1"
+    assert table.sets == {c.set_name("ex"): frozenset({"192.0.2.0/24", "198.51.100.9/32"})}
+    assert [r.spec for r in table.observed[4].chain_rules("INPUT")] == ["-j HOSTPREP-IN"]
+
+
+def test_parse_json_shows_a_rule_hostprep_did_not_write_as_foreign():
+    import json
+    data = {"nftables": [{"chain": {"name": "HOSTPREP-DENY-v4"}},
+                         {"rule": {"chain": "HOSTPREP-DENY-v4", "expr": [{"accept": None}]}}]}
+    table = parse_nft_json(json.dumps(data), (4,), "hostprep-")
+    assert table.observed[4].chain_rules("HOSTPREP-DENY")[0].spec.endswith("-j FOREIGN")
+
+
+# -- one transaction per change ------------------------------------------------------------
+
+def test_one_nft_f_per_change(tmp_path: Path, proc: Path):
+    fake = FakeNft()
+    be = NftBackend(fake, proc=proc)
+    store = Store(Paths(tmp_path))
+    pol = Policy("eth1")
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(pol), kernel=False)
+    assert fake.mutating() == [["nft", "-f", "-"]]
+    assert [a for a, _, _ in fake.calls if a[:2] == ["nft", "-c"]] == [["nft", "-c", "-f", "-"]]
+    fake.calls.clear()
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(pol), kernel=False)
+    assert fake.mutating() == []                    # nothing changed: nothing loaded
+    c = container(exempt=tuple(NET(f"198.51.{i // 256}.{i % 256}/32") for i in range(1000)))
+    fake.calls.clear()
+    ops.container_up(be, store, c, "hostprep container up finesse")
+    assert fake.mutating() == [["nft", "-f", "-"]]  # rules, both families and a 1,000-member set: one load
+    fake.calls.clear()
+    ops.flush(be, store, "hostprep flush")
+    assert fake.mutating() == [["nft", "-f", "-"]]
+    assert fake.tables == {}
+
+
+def test_a_refused_transaction_changes_nothing_and_says_so(tmp_path: Path, proc: Path):
+    fake = FakeNft()
+    be = NftBackend(fake, proc=proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    before = dict(fake.tables)
+    fake.refuse = True
+    fake.calls.clear()
+    with pytest.raises(CommandFailed) as err:
+        ops.apply(store, "hostprep apply -i eth1 -p 198.51.100.1", backend=be, kernel=False,
+                  desired=render.desired(Policy("eth1", ping=(PingSource("198.51.100.1",
+                                                                         (NET("198.51.100.1/32"),)),))))
+    assert "the kernel refused the whole transaction, the previous rules are in place" in err.value.problem
+    assert fake.tables == before
+    assert [a for a, _, m in fake.calls if m] == [["nft", "-f", "-"]]   # the refused one; no undo was needed
+
+
+def test_the_record_names_the_native_backend(tmp_path: Path, proc: Path):
+    be = NftBackend(FakeNft(), proc=proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    assert (store.applied()["backend"], name_of(store.applied()["backend"])) == (NATIVE, "nft")
+
+
+# -- names ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("given, canonical", [("nft", "nft"), ("iptables", "iptables"), ("legacy", "iptables-legacy"),
+                                              ("iptables-nft", "iptables-nft"), (None, None), ("", None)])
+def test_backend_names(given, canonical):
+    assert resolve_choice(given) == canonical
+
+
+def test_a_bad_backend_name_is_one_line():
+    with pytest.raises(InputError) as err:
+        resolve_choice("xtables")
+    assert err.value.line() == ("--backend: 'xtables' is not a backend (use nft, iptables, iptables-nft or "
+                                "iptables-legacy)")
+
+
+def test_choosing(fake_runner, monkeypatch):
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (nf_tables)\n", "")})
+    assert type(for_host(runner, "nft")) is NftBackend
+    assert (type(for_host(runner, "iptables")), for_host(runner, "iptables").name) == (IptablesBackend, "iptables-nft")
+    assert for_host(runner, "legacy").name == "iptables-legacy"
+    assert type(for_host(runner)) is IptablesBackend                        # auto: iptables (README says why)
+    assert type(for_host(runner, remembered=NATIVE)) is NftBackend          # the last apply's backend
+    assert type(for_host(runner, "iptables", remembered=NATIVE)) is IptablesBackend   # asked for wins
+    monkeypatch.setenv("HOSTPREP_BACKEND", "nft")
+    assert type(for_host(runner)) is NftBackend
+    monkeypatch.setenv("HOSTPREP_BACKEND", "bogus")
+    with pytest.raises(InputError) as err:
+        for_host(runner)
+    assert err.value.field == "HOSTPREP_BACKEND"
