@@ -8,6 +8,8 @@ Files (all under the HOSTPREP_ROOT prefix, rendered from systemd/ and logrotate.
   etc/systemd/system/sys-subsystem-net-devices-<NIC>.device.wants/hostprep-nic@<NIC>.service
   etc/systemd/system/iptables.service.d/hostprep.conf  (and ip6tables) put the chains back after
                                                        iptables-services flushed them
+  etc/systemd/system/nftables.service.d/hostprep.conf  the same after nftables.service's
+                                                       'nft flush ruleset' (stop, reload)
   etc/logrotate.d/hostprep                            rotation of the journal and container logs
   var/lib/hostprep/failsafe.v4.rules, failsafe.v6.rules
                                                       the fail-safe of the external NIC: loaded with
@@ -44,6 +46,8 @@ UNIT = "hostprep.service"
 NIC_TEMPLATE = "hostprep-nic@.service"
 WANTED_BY = "multi-user.target"
 IPTABLES_SERVICES = ("iptables", "ip6tables")
+# nftables.service flushes the whole ruleset on stop and reload: a drop-in puts hostprep back (both backends).
+NFTABLES_SERVICE = "nftables"
 ENV_KEYS = ("HOSTPREP_ROOT", "HOSTPREP_BACKEND", "HOSTPREP_PROC_SYS", "HOSTPREP_PROC_SYS_NONNET",
             "HOSTPREP_SELINUXFS")
 
@@ -204,6 +208,8 @@ def wanted_files(paths: Paths, interface: str | None,
                               env.get_template("iptables-dropin.conf.j2").render(
                                   dict(ctx, service=svc, failsafe=[f for f in failsafe
                                                                    if f[0] == (4 if svc == "iptables" else 6)]))))
+    files.append(HostFile(unit_dir / f"{NFTABLES_SERVICE}.service.d/hostprep.conf",
+                          env.get_template("nftables-dropin.conf.j2").render(ctx)))
     return files
 
 
@@ -213,7 +219,7 @@ def _ours(paths: Paths) -> list[Path]:
     found = [failsafe_file(paths, 4), failsafe_file(paths, 6),
              unit_dir / UNIT, unit_dir / f"{WANTED_BY}.wants" / UNIT, unit_dir / NIC_TEMPLATE]
     found += sorted(unit_dir.glob("sys-subsystem-net-devices-*.device.wants/hostprep-nic@*.service"))
-    found += [unit_dir / f"{svc}.service.d/hostprep.conf" for svc in IPTABLES_SERVICES]
+    found += [unit_dir / f"{svc}.service.d/hostprep.conf" for svc in IPTABLES_SERVICES + (NFTABLES_SERVICE,)]
     return found
 
 
@@ -315,6 +321,7 @@ def report(paths: Paths, interface: str | None) -> dict:
         out["nic_unit"] = nic_instance(interface)
     out["iptables_dropins"] = [svc for svc in IPTABLES_SERVICES
                                if (paths.root / f"etc/systemd/system/{svc}.service.d/hostprep.conf").is_file()]
+    out["nftables_dropin"] = (paths.root / f"etc/systemd/system/{NFTABLES_SERVICE}.service.d/hostprep.conf").is_file()
     out["stale"] = differs
     out["up_to_date"] = not differs
     return out

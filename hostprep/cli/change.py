@@ -93,7 +93,7 @@ def boot_cmd(backend: Optional[str] = BackendOpt) -> None:
     need_root("boot")
     runner = Runner()
     store = Store(Paths.from_env())
-    be = pick_backend(runner, backend)
+    be = pick_backend(runner, backend, unit=True)
     res = ops.boot(be, store, runner)
     for note in res.notes:
         out.print(f"hostprep boot: {note}", markup=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from typing import Optional
 
@@ -165,9 +166,15 @@ def working(what: str):
         yield
 
 
-def pick_backend(runner, choice: Optional[str]) -> FirewallBackend:
+def pick_backend(runner, choice: Optional[str], *, unit: bool = False) -> FirewallBackend:
     """The backend of this command: --backend/HOSTPREP_BACKEND, else the native nft backend when the
-    last apply used it (applied.json), else iptables as 'iptables -V' says."""
+    last apply used it (applied.json), else iptables as 'iptables -V' says.
+
+    ``unit``: run by a boot unit.  Units written before the native backend carry
+    HOSTPREP_BACKEND=nft meaning the iptables nft variant; when the record says an iptables
+    variant was applied, that is what the unit meant (an apply since would have rewritten the
+    unit with the new name, or recorded the native backend)."""
+    from hostprep.backend import VARIANTS
     from hostprep.paths import Paths
     from hostprep.state import Store
     try:
@@ -175,4 +182,7 @@ def pick_backend(runner, choice: Optional[str]) -> FirewallBackend:
     except HostprepError:
         d = {}
     remembered = d.get("backend") if isinstance(d, dict) else None
-    return for_host(runner, choice, remembered=remembered if isinstance(remembered, str) else None)
+    remembered = remembered if isinstance(remembered, str) else None
+    if unit and choice is None and os.environ.get("HOSTPREP_BACKEND") == "nft" and remembered in VARIANTS:
+        choice = f"iptables-{remembered}"
+    return for_host(runner, choice, remembered=remembered)

@@ -124,7 +124,7 @@ def test_echo_allowed_only_from_ping_source(host):
 
 # ICMP errors quoting a connection the host opened (tests/kernel/flows.py); the fast
 # path accepts RELATED only for the error types a connection needs.
-RELATED = "--ctstate RELATED"       # every fast-path rule that accepts RELATED (before the fix: one rule)
+RELATED = "hostprep fastpath: related"   # every fast-path rule that accepts RELATED (its comment, any backend)
 UNREACH = "hostprep fastpath: related icmp destination unreachable"
 OTHER_ICMP = "hostprep icmp: other icmp"
 

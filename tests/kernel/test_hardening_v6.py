@@ -24,8 +24,10 @@ from hostprep.sandbox import ADMIN6, EXT, HOST_EXT6, HOST_INT6, INET6, INET_EXTR
 ALLOWED, NOT_ALLOWED = INET_EXTRA6          # 2001:db8:f::7 (-p), 2001:db8:f::8
 SILENT = 0.6                                # timeout of a probe that must stay unanswered
 ANSWER = 3.0                                # timeout of a probe that must be answered (only paid on failure)
-ND_RULE = "--icmpv6-type 135 -m hl --hl-eq 255"   # neighbour solicitation accept rule
-NA_RULE = "--icmpv6-type 136 -m hl --hl-eq 255"   # neighbour advertisement accept rule
+ND_RULE = ("--icmpv6-type 135 -m hl --hl-eq 255",       # neighbour solicitation accept rule (iptables, nft)
+           "icmpv6 type nd-neighbor-solicit ip6 hoplimit 255")
+NA_RULE = ("--icmpv6-type 136 -m hl --hl-eq 255",       # neighbour advertisement accept rule
+           "icmpv6 type nd-neighbor-advert ip6 hoplimit 255")
 OTHER_ICMP = "hostprep icmp: other icmp"
 PING_ALLOWED = "hostprep icmp: ping allowed (-p)"
 FRAG_COMMENT = "hostprep ddos: ipv6 fragment"
@@ -59,14 +61,14 @@ def mac_of(host, ns: str, dev: str) -> str:
 
 def test_ssh_dropped_outside_answered_inside(host):
     host.apply()
-    before = host.counter(6, "HOSTPREP-SSH", "--dport 22")
+    before = host.counter(6, "HOSTPREP-SSH", "hostprep ssh: no ssh in")
     outside = host.probe1(host.box.inet, kind="tcp", dst=HOST_EXT6, dport=22, timeout=SILENT)
     inside = host.probe1(host.box.admin, kind="tcp", dst=HOST_INT6, dport=22, timeout=ANSWER)
     assert outside == {"answered": False, "reply": None}
-    assert host.counter(6, "HOSTPREP-SSH", "--dport 22") == before + 1
+    assert host.counter(6, "HOSTPREP-SSH", "hostprep ssh: no ssh in") == before + 1
     # Nothing listens on 22 in the sandbox host: the kernel answers with RST,ACK.
     assert inside == {"answered": True, "reply": "RA"}
-    assert host.counter(6, "HOSTPREP-SSH", "--dport 22") == before + 1
+    assert host.counter(6, "HOSTPREP-SSH", "hostprep ssh: no ssh in") == before + 1
 
 
 def test_udp_dropped_outside_port_unreachable_inside(host):
@@ -106,8 +108,12 @@ def test_echo_answered_only_from_ping_source(host):
     assert host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP) == other_before + 1
     assert host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED) == allowed_before + 1
     # The -p rule is exactly the one source, in the IPv6 family only.
-    assert [r.spec for r in host.observed(6).chain_rules("HOSTPREP-ICMP") if PING_ALLOWED in r.spec] == [
-        f'-s {ALLOWED}/128 -p ipv6-icmp -m icmp6 --icmpv6-type 128 -m comment --comment "{PING_ALLOWED}" -j ACCEPT']
+    if host.native:
+        rules = [ln.strip() for ln in host.nft_listing().splitlines() if PING_ALLOWED in ln]
+        assert [r.split(" counter ")[0] for r in rules] == [f"ip6 saddr {ALLOWED} icmpv6 type echo-request"]
+    else:
+        assert [r.spec for r in host.observed(6).chain_rules("HOSTPREP-ICMP") if PING_ALLOWED in r.spec] == [
+            f'-s {ALLOWED}/128 -p ipv6-icmp -m icmp6 --icmpv6-type 128 -m comment --comment "{PING_ALLOWED}" -j ACCEPT']
     assert [r.spec for r in host.observed(4).chain_rules("HOSTPREP-ICMP") if PING_ALLOWED in r.spec] == []
 
 
@@ -124,12 +130,12 @@ def test_unopened_port_dropped_by_default_deny(host):
 
 def test_neighbour_solicitation_answered(host):
     host.apply()
-    before = host.counter(6, "HOSTPREP-ICMP", ND_RULE)
+    before = host.rule_counter(6, "HOSTPREP-ICMP", *ND_RULE)
     other_before = host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP)
     res = host.probe1(host.box.inet, kind="ns", src=INET6, iface="eth0", dst=HOST_EXT6, timeout=ANSWER)
     assert res["answered"] is True          # True only when the reply is an ICMPv6 NA
     assert icmp6_type(res["reply"]) == "136"
-    assert host.counter(6, "HOSTPREP-ICMP", ND_RULE) == before + 1
+    assert host.rule_counter(6, "HOSTPREP-ICMP", *ND_RULE) == before + 1
     assert host.counter(6, "HOSTPREP-ICMP", OTHER_ICMP) == other_before
 
 
@@ -177,10 +183,10 @@ def test_ping_works_after_neighbour_cache_flush(host):
     # And the host resolving the peer by itself (its own NS out, the peer's NA in).
     host.run(host.box.host, ["ip", "-6", "neigh", "flush", "dev", EXT])
     assert INET6 not in neigh(host, host.box.host, EXT)
-    na_before = host.counter(6, "HOSTPREP-ICMP", NA_RULE)
+    na_before = host.rule_counter(6, "HOSTPREP-ICMP", *NA_RULE)
     res = host.run(host.box.host, [sys.executable, "-c", HOST_PING, INET6, str(ANSWER)], check=False)
     assert (res.returncode, res.stdout.strip()) == (0, f"reply {INET6}")
-    assert host.counter(6, "HOSTPREP-ICMP", NA_RULE) == na_before + 1
+    assert host.rule_counter(6, "HOSTPREP-ICMP", *NA_RULE) == na_before + 1
     assert neigh(host, host.box.host, EXT).get(INET6) == inet_mac
 
 
@@ -201,13 +207,13 @@ def test_fragmented_echo_dropped_at_ingress(host):
 def test_spoofed_ula_source_dropped(host):
     host.apply()
     ula = "fd00::1"
-    spoof_before = host.counter(6, "HOSTPREP-SPOOF", "-s fc00::/7")
+    spoof_before = host.counter(6, "HOSTPREP-SPOOF", "hostprep spoof: fc00::/7")
     deny_before = host.counter(6, "HOSTPREP-DENY")
     # The host would answer fd00::1 through its default route, i.e. back into the
     # inet namespace, where the probe would see it: no answer means dropped.
     outside = host.probe1(host.box.inet, kind="tcp", dst=HOST_EXT6, dport=8445, src=ula, timeout=SILENT)
     assert outside == {"answered": False, "reply": None}
-    assert host.counter(6, "HOSTPREP-SPOOF", "-s fc00::/7") == spoof_before + 1
+    assert host.counter(6, "HOSTPREP-SPOOF", "hostprep spoof: fc00::/7") == spoof_before + 1
     assert host.counter(6, "HOSTPREP-SPOOF") == spoof_before + 1
     assert host.counter(6, "HOSTPREP-DENY") == deny_before      # dropped before default deny
 
@@ -292,17 +298,17 @@ def test_spoof_group_drops_a_private_ping_source_neighbour_discovery_still_works
     host.run(host.box.inet, ["ip", "-6", "addr", "add", f"{PRIVATE_PING}/128", "dev", "eth0", "nodad"])
     ping = tuple(PingSource(v, (ipaddress.ip_network(v),)) for v in (PRIVATE_PING, ALLOWED))
     load_rendered(host, Policy("eth1", ping=ping), 6)
-    spoof0 = host.counter(6, "HOSTPREP-SPOOF", "-s fc00::/7")
+    spoof0 = host.counter(6, "HOSTPREP-SPOOF", "hostprep spoof: fc00::/7")
     allowed0 = host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED)
     dropped = host.probe1(host.box.inet, kind="icmp", dst=HOST_EXT6, src=PRIVATE_PING, timeout=SILENT)
     assert dropped == {"answered": False, "reply": None}
-    assert (host.counter(6, "HOSTPREP-SPOOF", "-s fc00::/7"), host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED)) \
+    assert (host.counter(6, "HOSTPREP-SPOOF", "hostprep spoof: fc00::/7"), host.counter(6, "HOSTPREP-ICMP", PING_ALLOWED)) \
         == (spoof0 + 1, allowed0)
 
-    nd0 = host.counter(6, "HOSTPREP-ICMP", ND_RULE)
+    nd0 = host.rule_counter(6, "HOSTPREP-ICMP", *ND_RULE)
     res = host.probe1(host.box.inet, kind="ns", src=PRIVATE_PING, iface="eth0", dst=HOST_EXT6, timeout=ANSWER)
     assert (res["answered"], icmp6_type(res["reply"])) == (True, "136")
-    assert (host.counter(6, "HOSTPREP-ICMP", ND_RULE), host.counter(6, "HOSTPREP-SPOOF")) == (nd0 + 1, spoof0 + 1)
+    assert (host.rule_counter(6, "HOSTPREP-ICMP", *ND_RULE), host.counter(6, "HOSTPREP-SPOOF")) == (nd0 + 1, spoof0 + 1)
 
     ok = host.probe1(host.box.inet, kind="icmp", dst=HOST_EXT6, src=ALLOWED, timeout=ANSWER)
     assert (ok["answered"], icmp6_type(ok["reply"])) == (True, "129")

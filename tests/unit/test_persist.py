@@ -35,6 +35,7 @@ ALL = [   # every path install() writes, in its order
     "etc/logrotate.d/hostprep",
     f"{UNIT_DIR}/iptables.service.d/hostprep.conf",
     f"{UNIT_DIR}/ip6tables.service.d/hostprep.conf",
+    f"{UNIT_DIR}/nftables.service.d/hostprep.conf",
 ]
 UNITS = [p for p in ALL if p != "etc/logrotate.d/hostprep"]     # what remove() takes away
 
@@ -356,7 +357,7 @@ def test_report_up_to_date(paths, runner):
     assert persist.report(paths, "eth1") == {"installed": True, "enabled": True,
                                              "nic_unit": "hostprep-nic@eth1.service", "up_to_date": True,
                                              "iptables_dropins": ["iptables", "ip6tables"], "logrotate": True,
-                                             "stale": []}
+                                             "stale": [], "nftables_dropin": True}
 
 
 def test_report_stale(paths, runner):
@@ -379,7 +380,8 @@ def test_report_stale(paths, runner):
     rep = persist.report(paths, None)
     assert (rep["installed"], rep["up_to_date"], rep["nic_unit"], rep["stale"]) == (
         True, False, None, [str(unit_dir / "hostprep.service"), str(unit_dir / "iptables.service.d/hostprep.conf"),
-                            str(unit_dir / "ip6tables.service.d/hostprep.conf")])
+                            str(unit_dir / "ip6tables.service.d/hostprep.conf"),
+                            str(unit_dir / "nftables.service.d/hostprep.conf")])
 
 
 def test_report_compares_with_the_installed_invocation(paths, runner, monkeypatch):
@@ -398,7 +400,7 @@ def test_report_compares_with_the_installed_invocation(paths, runner, monkeypatc
     svc.write_text(svc.read_text().replace("HOSTPREP_BACKEND=nft", "HOSTPREP_BACKEND=legacy"))
     assert persist.report(paths, "eth1")["stale"] == [
         str(svc), str(unit_dir / "hostprep-nic@.service"), str(unit_dir / "iptables.service.d/hostprep.conf"),
-        str(unit_dir / "ip6tables.service.d/hostprep.conf")]
+        str(unit_dir / "ip6tables.service.d/hostprep.conf"), str(unit_dir / "nftables.service.d/hostprep.conf")]
     # an ExecStart that is not hostprep's boot: the service itself is stale
     svc.write_text(svc.read_text().replace(" -m hostprep boot", " -m hostprep status"))
     rep = persist.report(paths, "eth1")
