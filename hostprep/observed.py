@@ -237,14 +237,13 @@ class NftTable:
 
 
 def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> NftTable:
-    """Parse ``nft -j list table inet hostprep``."""
+    """Parse ``nft -j list table inet hostprep``.  A sub-chain (``PARENT.suffix``) is shown
+    inlined in its parent at the jump to it (render.nft_splice does the same to the script)."""
     data = json.loads(text)["nftables"]
-    chains: dict[int, list[str]] = {fam: [] for fam in families}
-    rules: dict[int, list[LiveRule]] = {fam: [] for fam in families}
+    raw: dict[str, list[tuple[str, str | None, Counter]]] = {}
     sets: dict[str, set[str]] = {}
     counters: dict[str, Counter] = {}
     device = ""
-    base_rules: list[tuple[str, int | None, LiveRule]] = []
     for obj in data:
         if "set" in obj:
             s = obj["set"]
@@ -256,12 +255,9 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
                         members.update(net.split(","))
                 sets[s["name"]] = members
         elif "chain" in obj:
-            name, fam = _strip_family(obj["chain"]["name"])
-            if fam in chains:
-                chains[fam].append(name)
+            raw.setdefault(obj["chain"]["name"], [])
         elif "rule" in obj:
             r = obj["rule"]
-            name, fam = _strip_family(r["chain"])
             comment = r.get("comment")
             counter, verdict, target = Counter(), None, None
             for e in r.get("expr", []):
@@ -273,7 +269,7 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
                 for k in ("jump", "goto"):
                     if k in e:
                         target = e[k]["target"]
-                if "match" in e and name in _NFT_BASE.values():
+                if "match" in e and r["chain"] in _NFT_BASE:
                     left = e["match"].get("left", {})
                     if isinstance(left, dict) and left.get("meta", {}).get("key") in ("iifname", "oifname"):
                         device = device or str(e["match"].get("right"))
@@ -287,12 +283,38 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
                 spec = f"-m comment --comment {json.dumps(json.dumps(r.get('expr', [])))} -j FOREIGN"
             if comment is not None and target is None:
                 counters[comment] = counters.get(comment, Counter()) + counter
-            if fam is None and name in _NFT_BASE.values():
-                base_rules.append((name, _strip_family(target)[1] if target else None, LiveRule(name, spec, counter)))
-            elif fam in rules:
-                rules[fam].append(LiveRule(name, spec, counter))
-    observed = {}
-    for fam in families:
-        base = [r for _, f, r in base_rules if f == fam]
-        observed[fam] = Observed(fam, tuple(["INPUT", "FORWARD", "OUTPUT"] + chains[fam]), tuple(base + rules[fam]))
+            raw.setdefault(r["chain"], []).append((spec, target, counter))
+    chains: dict[int, list[str]] = {fam: [] for fam in families}
+    rules: dict[int, list[LiveRule]] = {fam: [] for fam in families}
+    base: dict[int, list[LiveRule]] = {fam: [] for fam in families}
+    for nftname, items in _splice(raw).items():
+        name, fam = _strip_family(nftname)
+        if fam is None and nftname in _NFT_BASE:
+            for spec, target, counter in items:
+                tfam = _strip_family(target)[1] if target else None
+                if tfam in base:
+                    base[tfam].append(LiveRule(name, spec, counter))
+        elif fam in chains:
+            chains[fam].append(name)
+            rules[fam] += [LiveRule(name, spec, counter) for spec, _, counter in items]
+    observed = {fam: Observed(fam, tuple(["INPUT", "FORWARD", "OUTPUT"] + chains[fam]),
+                              tuple(sorted(base[fam], key=lambda r: ("INPUT", "FORWARD", "OUTPUT").index(r.chain))
+                                    + rules[fam]))
+                for fam in families}
     return NftTable(observed, {k: frozenset(v) for k, v in sets.items()}, device, counters)
+
+
+def _splice(chains: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
+    out: dict[str, list[tuple]] = {}
+    for name, items in chains.items():
+        if "." in name:
+            continue
+        flat: list[tuple] = []
+        for item in items:
+            target = item[1]
+            if target is not None and "." in target:
+                flat.extend(chains.get(target, []))
+            else:
+                flat.append(item)
+        out[name] = flat
+    return out

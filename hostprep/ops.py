@@ -218,7 +218,8 @@ def container_desired(store: Store, c: Container) -> tuple[Desired, Container | 
 
 def container_diff(before: LiveState, desired: Desired, previous: Container | None,
                    c: Container) -> ContainerDiff:
-    """The iptables-save lines of one container added, removed and kept."""
+    """The lines of one container added, removed and kept (iptables-save lines; the native nft
+    backend's view of each rule: its comment and verdict)."""
     lines_before = container_lines(before, previous) if previous else []
     after = container_lines(desired, c)
     # A rule is kept only within one family: moved from IPv4 to IPv6, every rule
@@ -235,7 +236,7 @@ def container_up_plan(backend: FirewallBackend, store: Store, c: Container) -> C
     desired, previous = container_desired(store, c)
     record = records.load_applied(store, tolerant=True)
     plan = engine.make_plan(backend, desired, record.nft if record else None)
-    diff = container_diff(plan.live, desired, previous, c)
+    diff = container_diff(plan.live, backend.target(desired), previous, c)
     return ContainerPreview(plan, diff.added, diff.removed)
 
 
@@ -246,7 +247,7 @@ def container_up(backend: FirewallBackend, store: Store, c: Container, command: 
         desired, previous = container_desired(store, c)
         outcome = converge_and_record(backend, store, desired, command, record_nic=False)
         store.save_container(c)
-        diff = container_diff(outcome.before, desired, previous, c)
+        diff = container_diff(outcome.before, backend.target(desired), previous, c)
         ch.changed = outcome.changed
     store.write_container_log(c.name, records.container_log_text(c.name, c, diff.added, diff.removed, "up",
                                                                  diff.kept), append=False)

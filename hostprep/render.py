@@ -164,26 +164,42 @@ def nft_strip_family(chain: str) -> tuple[str, int | None]:
     return chain, None
 
 
+def nft_splice(chains: dict[str, list[tuple[str | None, str | None, object]]]) -> dict[str, list[tuple]]:
+    """Inline each sub-chain (``PARENT.suffix``, e.g. a port's connection-limit chain) at the jump to
+    it, so the view shows PARENT's rules as the iptables chain of the same name has them."""
+    out: dict[str, list[tuple]] = {}
+    for name, items in chains.items():
+        if "." in name:
+            continue
+        flat: list[tuple] = []
+        for spec, target, extra in items:
+            if target is not None and "." in target:
+                flat.extend(chains.get(target, []))
+            else:
+                flat.append((spec, target, extra))
+        out[name] = flat
+    return out
+
+
 def nft_view(script: str) -> dict[int, Ruleset]:
     """The per-family view of a rendered nft script: hostprep's chains without the family
     suffix, each rule as ``nft_view_spec`` shows it; jumps from the base chains as jumps."""
-    chains: dict[int, dict[str, list[Rule]]] = {4: {}, 6: {}}
-    jumps: dict[int, list[Rule]] = {4: [], 6: []}
-    current: tuple[str, int | None] | None = None
+    raw: dict[str, list[tuple[str | None, str | None, object]]] = {}
+    current: str | None = None
     table = ""
-    for raw in script.splitlines():
-        line = raw.strip()
+    for rawline in script.splitlines():
+        line = rawline.strip()
         if line.startswith("table ") and line.endswith("{"):
             table = line
             continue
-        m = _NFT_CHAIN.match(raw)
+        m = _NFT_CHAIN.match(rawline)
         if m:
-            current = nft_strip_family(m.group(1)) if table.startswith("table inet ") else None
-            if current is not None and current[1] is not None:
-                chains[current[1]][current[0]] = []
+            current = m.group(1) if table.startswith("table inet ") else None
+            if current is not None:
+                raw[current] = []
             continue
         if line == "}":
-            if raw.startswith("}"):
+            if rawline.startswith("}"):
                 table = ""
             current = None
             continue
@@ -192,17 +208,22 @@ def nft_view(script: str) -> dict[int, Ruleset]:
         c, j = _NFT_COMMENT.search(line), _NFT_JUMP.search(line)
         v = _NFT_VERDICT.search(line)
         verdict = v.group(1) if v else "log" if _NFT_LOG.search(line) else None
-        spec = nft_view_spec(c.group(1) if c else None, verdict, j.group(1) if j else None)
+        target = j.group(1) if j else None
+        spec = nft_view_spec(c.group(1) if c else None, verdict, target)
         if spec is None:
             raise ValueError(f"rule without comment or jump in rendered nft rules: {line!r}")
-        name, fam = current
-        if fam is None:                 # a base chain: the family is the jump target's
-            assert j is not None
-            fam = nft_strip_family(j.group(1))[1]
-            assert fam is not None
-            jumps[fam].append(Rule(name, spec))
-        else:
-            chains[fam][name].append(Rule(name, spec))
+        raw[current].append((spec, target, None))
+    chains: dict[int, dict[str, list[Rule]]] = {4: {}, 6: {}}
+    jumps: dict[int, list[Rule]] = {4: [], 6: []}
+    for nftname, items in nft_splice(raw).items():
+        name, fam = nft_strip_family(nftname)
+        if fam is not None:
+            chains[fam][name] = [Rule(name, spec) for spec, _, _ in items]
+            continue
+        for spec, target, _ in items:         # a base chain: the family is the jump target's
+            tfam = nft_strip_family(target)[1] if target else None
+            assert tfam is not None, f"base chain rule without a family: {spec}"
+            jumps[tfam].append(Rule(name, spec))
     return {fam: Ruleset(fam, tuple(Chain(n, tuple(rs)) for n, rs in chains[fam].items()), tuple(jumps[fam]))
             for fam in (4, 6)}
 

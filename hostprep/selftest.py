@@ -62,11 +62,11 @@ from rich.table import Table
 
 from hostprep import nic as nicmod
 from hostprep import render, settings, validate
-from hostprep.backend import IptablesBackend, detect_variant
+from hostprep.backend import IptablesBackend, detect_variant, resolve_choice
 from hostprep.envfiles import PORTS, load_container
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError
-from hostprep.model import Container, Network, Policy
-from hostprep.observed import Observed, parse_nft_listing, parse_save
+from hostprep.model import SET_PREFIX, Container, Network, Policy
+from hostprep.observed import Observed, parse_nft_json, parse_nft_listing, parse_save
 from hostprep.probe import KINDS
 from hostprep.runner import PACKAGE_PARENT, Runner, python_module
 from hostprep.sandbox import (ADMIN4, ADMIN6, EXT, SANDBOX_MARKER, HOST_EXT4, HOST_EXT6, HOST_INT4, HOST_INT6, INET4, INET6,
@@ -373,8 +373,8 @@ def base_probes(s: ProbeSettings, port: int, src: Sources, notes: list[str]) -> 
         else:
             out.append(Probe("v6 neighbour solicitation", "inet",
                              {"kind": "ns", "dst": ext, "src": inet, "iface": "eth0", "timeout": ANSWER},
-                             "answered", CounterCheck(6, "HOSTPREP-ICMP", "--icmpv6-type 135 -m hl --hl-eq 255",
-                                                      1, None)))
+                             "answered", CounterCheck(6, "HOSTPREP-ICMP", '"hostprep icmp: neighbour discovery"',
+                                                      1, None)))   # the comment: the same on every backend
     # RSTs: 2/s burst 2 go on (and are dropped as INVALID), the rest is dropped as a flood.
     flood = {"kind": "flood", "dst": HOST_EXT4, "dport": port, "flags": "R", "count": RST_FLOOD, "seconds": 1.0}
     if s.ddos:
@@ -793,10 +793,24 @@ class InSandbox:
         return self.runner.run(prefix + argv, input=input, check=check, mutates=True, cwd="/")
 
 
+def backend_name(runner, asked: str | None) -> str:
+    """The backend the sandbox runs (nft, iptables-nft, iptables-legacy): --backend, else
+    HOSTPREP_BACKEND, else iptables as ``iptables -V`` says."""
+    choice = resolve_choice(asked) or resolve_choice(os.environ.get("HOSTPREP_BACKEND"), "HOSTPREP_BACKEND")
+    if choice in ("nft", "iptables-nft", "iptables-legacy"):
+        return choice
+    return "iptables-" + detect_variant(runner)
+
+
 def read_counters(sb: InSandbox, variant: str, families: tuple[int, ...]) -> Counters:
-    be = IptablesBackend(sb.runner, variant)
-    obs = {fam: parse_save(sb.run("host", [be.tool(fam, "save"), "-c", "-t", "filter"]).stdout, fam)
-           for fam in families}
+    """hostprep's counters in the sandbox host as ``variant`` (a backend name) shows them."""
+    if variant == "nft":
+        res = sb.run("host", ["nft", "-j", "list", "table", "inet", "hostprep"], check=False)
+        obs = parse_nft_json(res.stdout, families, SET_PREFIX).observed if res.returncode == 0 else {}
+    else:
+        be = IptablesBackend(sb.runner, variant.split("-", 1)[1])
+        obs = {fam: parse_save(sb.run("host", [be.tool(fam, "save"), "-c", "-t", "filter"]).stdout, fam)
+               for fam in families}
     res = sb.run("host", ["nft", "list", "table", "netdev", "hostprep"], check=False)
     nft = {k: c.packets for k, c in parse_nft_listing(res.stdout).counters.items()} if res.returncode == 0 else {}
     return Counters(obs.get(4, Observed(4)), obs.get(6, Observed(6)), nft)
@@ -928,7 +942,7 @@ def run_selftest(options: Options, runner: Runner | None = None,
     if importlib.util.find_spec("scapy") is None:
         raise RefusedError("selftest", "scapy is not installed (the probes need it)",
                            "install the probe extra: pip install 'hostprep[probe]'")
-    variant = detect_variant(runner, options.backend)
+    variant = backend_name(runner, options.backend)
     ipv6 = Path("/proc/sys/net/ipv6").is_dir()
     families = (4, 6) if ipv6 else (4,)
     sources = nicmod.resolve_ping_sources(list(options.ping_from), allow_private=options.allow_private)

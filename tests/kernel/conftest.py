@@ -157,6 +157,21 @@ class Host:
                 total += int(m.group(1))
         return total
 
+    def nft_chain_lines(self, family: int, chain: str) -> list[str]:
+        """The native backend's rules of ``chain`` (and its sub-chains) as nft lists them, no counters."""
+        res = self.run(self.box.host, ["nft", "list", "table", "inet", "hostprep"], check=False)
+        out, inside = [], False
+        for line in res.stdout.splitlines() if res.returncode == 0 else []:
+            m = re.match(r"^\tchain (\S+) \{", line)
+            if m:
+                inside = m.group(1) == f"{chain}-v{family}" or m.group(1).startswith(f"{chain}-v{family}.")
+                continue
+            if line == "\t}":
+                inside = False
+            elif inside and line.strip():
+                out.append(re.sub(r"counter packets \d+ bytes \d+", "counter", line.strip()))
+        return out
+
     def nft_counter(self, comment: str) -> int:
         from hostprep.observed import parse_nft_listing
         res = self.run(self.box.host, ["nft", "list", "table", "netdev", "hostprep"], check=False)

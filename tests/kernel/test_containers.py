@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hostprep.observed import target_of
+from hostprep.observed import parse_nft_json, target_of
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6
 
 from bgproc import Bg
@@ -96,7 +96,13 @@ def save_lines(host, family: int = 4) -> list[str]:
 
 
 def container_save_lines(host, name: str, family: int = 4) -> list[str]:
-    """The container's lines as iptables-save prints them: its dispatch rule, then its chain."""
+    """The container's lines as iptables-save prints them: its dispatch rule, then its chain.  On the
+    native backend: as the backend shows them (each rule's comment and verdict, observed.parse_nft_json),
+    which is what its container log lists."""
+    if host.native:
+        obs = host.observed(family)
+        return [f"-A {DISPATCH} {r.spec}" for r in obs.chain_rules(DISPATCH) if target_of(r.spec) == chain(name)] + \
+            [f"-A {chain(name)} {r.spec}" for r in obs.chain_rules(chain(name))]
     lines = save_lines(host, family)
     dispatch = [ln for ln in lines if ln.startswith(f"-A {DISPATCH} ")
                 and target_of(ln.split(" ", 2)[2]) == chain(name)]
@@ -358,8 +364,29 @@ def test_port_not_up_denied_and_down_leaves_other_container(host, tmp_path):
     fin_open, ids_open, not_up = host.probe(host.box.inet, [
         tcp(HOST_EXT4, 8445, ANSWER), tcp(HOST_EXT4, 8553, ANSWER), tcp(HOST_EXT4, 12005)])
     assert (fin_open["reply"], ids_open["reply"]) == ("RA", "RA")
-    assert (not_up["answered"], deny_count(host)) == (False, 2)  # LiveData's port: nobody opened it
+    # LiveData's port: nobody opened it.  On the native backend each change replaces the table in
+    # one transaction, so the counters start again at each container up.
+    assert (not_up["answered"], deny_count(host)) == (False, 1 if host.native else 2)
     assert (ccount(host, "fin", "within rate"), ccount(host, "ids", "within rate")) == (1, 1)
+
+    if host.native:
+        # The same, read from the native table; each change replaces it, so counters start again.
+        def nft_sets() -> dict:
+            out = host.run(host.box.host, ["nft", "-j", "list", "table", "inet", "hostprep"]).stdout
+            return parse_nft_json(out, (4, 6), "hostprep-").sets
+        ids_lines, sets_before = host.nft_chain_lines(4, chain("ids")), nft_sets()
+        ids_sets = {k: v for k, v in sets_before.items() if any(k in ln for ln in ids_lines)}
+        assert (len(sets_before), len(ids_sets)) == (2, 1)
+        res = down(host, "fin")
+        assert res.stdout.startswith("container fin: 7 rules removed"), res.stdout
+        gone, = host.probe(host.box.inet, [tcp(HOST_EXT4, 8445)])
+        assert (gone["answered"], deny_count(host)) == (False, 1)
+        assert chain("fin") not in host.observed(4).chains
+        assert host.nft_chain_lines(4, chain("ids")) == ids_lines
+        assert nft_sets() == ids_sets
+        still, = host.probe(host.box.inet, [tcp(HOST_EXT4, 8553, ANSWER)])
+        assert (still["reply"], ccount(host, "ids", "within rate")) == ("RA", 1)
+        return
 
     ids_before = (container_save_lines(host, "ids"), host.observed(4).chain_specs(chain("ids")))
     sets_before = ipsets(host)
@@ -415,7 +442,7 @@ def test_published_port_forward_path(host, variant, tmp_path):
         sh("ip", "-n", ctr, "route", "add", "default", "via", CTR_HOST)
         # per-namespace key, the sandbox host's only
         host.run(host.box.host, ["sysctl", "-w", "net.ipv4.ip_forward=1"])
-        host.run(host.box.host, [f"iptables-{variant}", "-t", "nat", "-A", "PREROUTING", "-i", "eth1", "-d",
+        host.run(host.box.host, [f"iptables-{'nft' if host.native else variant}", "-t", "nat", "-A", "PREROUTING", "-i", "eth1", "-d",
                                  HOST_EXT4, "-p", "tcp", "--dport", "8445", "-j", "DNAT", "--to-destination",
                                  f"{CTR_IP}:{CTR_PORT}"])
         listener = Bg(ctr, LISTENER, CTR_IP, str(CTR_PORT))
@@ -445,7 +472,7 @@ def test_published_port_forward_path(host, variant, tmp_path):
         assert lo <= a.count("connected") <= hi, res
         assert ccount(host, "pub", "within rate") == 1 + a.count("connected")
         assert ccount(host, "pub", "rate drop") == a.count("timeout")
-        assert deny_count(host) == 1
+        assert deny_count(host) == (0 if host.native else 1)   # native: the up replaced the table, counters too
         # the container accepted exactly the burst's connections (the scapy SYN above was no
         # socket: the inet kernel answered the SYN-ACK with RST, so it never completed)
         listener.send("stop")
@@ -495,7 +522,12 @@ def test_container_log_lists_rules_and_files_and_journal(host, tmp_path):
     assert logged(text2, "added") == sorted(ln for ln in live2 if ln not in live)
     assert logged(text2, "kept") == sorted(ln for ln in live2 if ln in live)
     changed = [ln for ln in live2 if ln not in live]
-    assert len(changed) == 1 and "--hashlimit-upto 9/sec" in changed[0]
+    if host.native:
+        # The native view of a rule is its comment and verdict: a changed rate replaces the rule
+        # in the table (nft_chain_lines shows it), the log lists it as kept.
+        assert changed == [] and any("limit rate 9/second" in ln for ln in host.nft_chain_lines(4, chain("fin")))
+    else:
+        assert len(changed) == 1 and "--hashlimit-upto 9/sec" in changed[0]
     files2 = [ln for ln in text2.splitlines() if ln.startswith("# file ")]
     # the env file changed: its HMAC changed, the unchanged core's did not
     assert (files2[0] != files[0], files2[1:]) == (True, files[1:])
@@ -567,9 +599,18 @@ def test_up_again_replaces_rules_other_untouched(host, tmp_path):
     r, = host.probe(host.box.inet, [tcp(HOST_EXT4, 8553, ANSWER)])
     assert (r["reply"], ccount(host, "ids", "within rate")) == ("RA", 1)
     ids_before = container_save_lines(host, "ids")
+    ids_native = host.nft_chain_lines(4, chain("ids")) if host.native else []
     res = up(host, "fin", finesse_env(tmp_path, "finesse2.env", IPTABLES_HASH_LIMIT_UPTO=3,
                                       IPTABLES_HASH_LIMIT_BURST=5, IPTABLES_CONNECTION_LIMIT_ABOVE=7))
     assert "rules added" in res.stdout
+    if host.native:
+        lines = host.nft_chain_lines(4, chain("fin"))
+        assert len([ln for ln in lines if "limit rate 3/second" in ln and "update @" in ln]) == 1   # burst 5: nft omits the default
+        assert len([ln for ln in lines if "ct count over 7 }" in ln]) == 1            # evaluated once
+        assert [ln for ln in lines if "limit rate 6/second" in ln or "ct count over 10 " in ln] == []
+        assert host.nft_chain_lines(4, chain("ids")) == [ln for ln in ids_native]
+        assert ccount(host, "ids", "within rate") == 0   # the table was replaced: counters start again
+        return
     specs = host.observed(4).chain_specs(chain("fin"))
     assert len([s for s in specs if "--hashlimit-upto 3/sec --hashlimit-burst 5 " in s]) == 1
     assert len([s for s in specs if "--connlimit-above 7 " in s]) == 2       # log and drop
@@ -604,7 +645,11 @@ def test_up_again_new_burst_is_enforced(host, tmp_path):
     # a raised burst widens access: -y says it is meant (issue 10 item 7)
     up(host, "fin", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=BIG, IPTABLES_HASH_LIMIT_UPTO=1,
                                 IPTABLES_HASH_LIMIT_BURST=new_burst), None, None, "-y")
-    assert any(f"--hashlimit-burst {new_burst} " in s for s in host.observed(4).chain_specs(chain("fin")))
+    if host.native:
+        assert any(f"limit rate 1/second burst {new_burst} packets }}" in ln
+                   for ln in host.nft_chain_lines(4, chain("fin")))
+    else:
+        assert any(f"--hashlimit-burst {new_burst} " in s for s in host.observed(4).chain_specs(chain("fin")))
     # a source never seen before: its bucket starts full with the burst the chain shows
     res = burst(host, HOST_EXT4, 8445, [SRC_B], sent)
     lo, hi = accepted_bounds(new_burst, 1, res["elapsed"])
@@ -694,9 +739,16 @@ def test_ipv6_container_open_with_limits(host, tmp_path):
     up(host, "fin6", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=BIG, IPTABLES_HASH_LIMIT_UPTO=rate,
                                  IPTABLES_HASH_LIMIT_BURST=burst_size), installer=installer)
     assert chain("fin6") in host.observed(6).chains and chain("fin6") not in host.observed(4).chains
-    assert dispatch_rules(host, "fin6", 6) == [f"-m conntrack --ctorigdst {HOST_EXT6} -j {chain('fin6')}"]
-    specs = host.observed(6).chain_specs(chain("fin6"))
-    assert len([s for s in specs if "--connlimit-mask 64 " in s]) == 2     # one source: a /64
+    if host.native:
+        assert [ln for ln in host.nft_chain_lines(6, "HOSTPREP-CONTAINERS")] == [
+            f"ct original ip6 daddr {HOST_EXT6} counter jump {chain('fin6')}-v6"]
+        lines = host.nft_chain_lines(6, chain("fin6"))
+        assert len([ln for ln in lines if "ip6 saddr & ffff:ffff:ffff:ffff:: ct count over" in ln]) == 1  # a /64
+        assert len([ln for ln in lines if "ip6 saddr & ffff:ffff:ffff:ffff:: limit rate" in ln]) == 1
+    else:
+        assert dispatch_rules(host, "fin6", 6) == [f"-m conntrack --ctorigdst {HOST_EXT6} -j {chain('fin6')}"]
+        specs = host.observed(6).chain_specs(chain("fin6"))
+        assert len([s for s in specs if "--connlimit-mask 64 " in s]) == 2     # one source: a /64
     # open on IPv6 ...
     first = host.probe1(host.box.inet, **tcp(HOST_EXT6, 8445, ANSWER, src=SRC6_A))
     assert first["reply"] == "RA"
@@ -787,6 +839,12 @@ def test_container_rules_with_limiter_bounds_read_back_exactly(host, tmp_path):
     assert report["problems"] == []
     again = up(host, "fin6", finesse_env(tmp_path, "fin6.env"), None, installer)
     assert "container fin6: rules unchanged;" in again.stdout
+    if host.native:
+        (rule6,) = [ln for ln in host.nft_chain_lines(6, chain("fin6")) if " limit rate " in ln and "update @" in ln]
+        assert "{ ip6 saddr & ffff:ffff:ffff:ffff:: limit rate 6/second burst 8 packets }" in rule6, rule6
+        sets = host.run(host.box.host, ["nft", "-t", "list", "sets", "inet"]).stdout
+        assert sets.count("size 131072") == 4 and sets.count("timeout 2s") == 2, sets   # cl + rl, fin and fin6
+        return
     (rule6,) = [s for s in host.observed(6).chain_specs(chain("fin6")) if "--hashlimit-name" in s]
     assert "--hashlimit-htable-size 16384 --hashlimit-htable-max 131072 --hashlimit-htable-expire 2000 " \
         "--hashlimit-srcmask 64 -m comment" in rule6
@@ -888,4 +946,8 @@ def test_wide_exempt_only_with_the_flag(host, tmp_path):
     assert kernel_state(host)["ipset"] == ""
     up(host, "fin", finesse_env(tmp_path), core, None, "--allow-wide-exempt")
     name = f"hostprep-{hashlib.sha256(b'fin').hexdigest()[:8]}-ex4"
-    assert f"add {name} 0.0.0.0/1" in ipsets(host)[name]
+    if host.native:
+        listing = host.run(host.box.host, ["nft", "list", "set", "inet", "hostprep", name]).stdout
+        assert "elements = { 0.0.0.0/1 }" in listing
+    else:
+        assert f"add {name} 0.0.0.0/1" in ipsets(host)[name]

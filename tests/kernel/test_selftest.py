@@ -94,7 +94,7 @@ def leftovers_checked():
     assert namespaces() == []
 
 
-@pytest.mark.parametrize("backend", ["nft", "legacy"])
+@pytest.mark.parametrize("backend", ["iptables-nft", "iptables-legacy", "nft"])
 def test_selftest_passes_and_leaves_the_machine_as_it_was(tmp_path, capsys, backend, leftovers_checked):
     before = machine_firewall()
     res, seconds = selftest(tmp_path / "root", "--json", "--backend", backend)

@@ -87,7 +87,12 @@ def test_limits_are_bounded_dynamic_sets_and_ct_count():
     assert (f"set cl4_{c.key}_443 {{\n\t\ttype ipv4_addr\n\t\tsize {b.htable_max}\n\t\tflags dynamic\n\t}}") in text
     assert (f"set rl4_{c.key}_443 {{\n\t\ttype ipv4_addr\n\t\tsize {b.htable_max}\n\t\tflags dynamic,timeout\n"
             f"\t\ttimeout {b.htable_expire_ms}ms\n\t}}") in text
-    assert f"add @cl4_{c.key}_443 {{ ip saddr ct count over 10 }} counter drop" in text
+    # the count is evaluated once per SYN (two rules adding one connection counted it twice)
+    assert f"add @cl4_{c.key}_443 {{ ip saddr ct count over 10 }} counter jump HOSTPREP-C-finesse-v4.cl443\n" in text
+    assert text.count("ct count over") == 1
+    assert ('\tchain HOSTPREP-C-finesse-v4.cl443 {\n\t\tlimit rate 1/second burst 5 packets counter log prefix '
+            '"Exceeded 443 connlimit " comment "hostprep containers: finesse connlimit log"\n\t\tcounter drop comment '
+            '"hostprep containers: finesse connlimit drop"\n\t}') in text
     assert f"update @rl4_{c.key}_443 {{ ip saddr limit rate 6/second burst 8 packets }} counter accept" in text
 
 
