@@ -259,7 +259,7 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
         elif "rule" in obj:
             r = obj["rule"]
             comment = r.get("comment")
-            counter, verdict, target = Counter(), None, None
+            counter, verdict, target, dev = Counter(), None, None, ""
             for e in r.get("expr", []):
                 if "counter" in e and isinstance(e["counter"], dict):
                     counter = Counter(int(e["counter"].get("packets", 0)), int(e["counter"].get("bytes", 0)))
@@ -273,8 +273,9 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
                     left = e["match"].get("left", {})
                     if isinstance(left, dict) and left.get("meta", {}).get("key") in ("iifname", "oifname"):
                         device = device or str(e["match"].get("right"))
+                        dev = f"-{left['meta']['key'][0]} {e['match'].get('right')} "
             if target is not None and comment is None:
-                spec = "-j " + _strip_family(target)[0]
+                spec = dev + "-j " + _strip_family(target)[0]      # "-i eth1 -j HOSTPREP-IN", as iptables
             elif comment is not None and verdict is not None and target is None:
                 spec = f'-m comment --comment "{comment}" -j {verdict.upper()}'
             else:

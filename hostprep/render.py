@@ -140,6 +140,7 @@ _NFT_CHAIN = re.compile(r"^\s*chain (\S+) \{")
 _NFT_COMMENT = re.compile(r'comment "([^"]*)"\s*$')
 _NFT_JUMP = re.compile(r"\b(?:jump|goto) (\S+)\s*$")
 _NFT_VERDICT = re.compile(r"\b(accept|drop|return)\s+comment \"")
+_NFT_IFNAME = re.compile(r'\b([io])ifname "([^"]+)"')
 _NFT_LOG = re.compile(r"\blog prefix \"[^\"]*\"\s+comment \"")
 
 
@@ -210,6 +211,9 @@ def nft_view(script: str) -> dict[int, Ruleset]:
         verdict = v.group(1) if v else "log" if _NFT_LOG.search(line) else None
         target = j.group(1) if j else None
         spec = nft_view_spec(c.group(1) if c else None, verdict, target)
+        dev = _NFT_IFNAME.search(line)
+        if spec is not None and dev and current in NFT_BASE_CHAINS:
+            spec = f"-{dev.group(1)[0]} {dev.group(2)} {spec}"      # "-i eth1 -j HOSTPREP-IN", as iptables
         if spec is None:
             raise ValueError(f"rule without comment or jump in rendered nft rules: {line!r}")
         raw[current].append((spec, target, None))

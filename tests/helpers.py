@@ -200,9 +200,10 @@ class FakeNft:
             c = re.search(r'comment "([^"]*)"\s*$', s)
             if c:
                 rule["comment"] = c.group(1)
-            dev = re.search(r'[io]ifname "([^"]+)"', s)
+            dev = re.search(r'([io])ifname "([^"]+)"', s)
             if dev:
-                rule["expr"].append({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": dev.group(1)}})
+                rule["expr"].append({"match": {"op": "==", "left": {"meta": {"key": f"{dev.group(1)}ifname"}},
+                                               "right": dev.group(2)}})
             rule["expr"].append({"counter": {"packets": 0, "bytes": 0}})
             j = re.search(r"\bjump (\S+)", s)
             if j:

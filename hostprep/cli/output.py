@@ -63,7 +63,8 @@ def verdict_line(report: dict) -> Text:
     parts = []
     if nic.get("name"):
         parts.append(nic["name"])
-    parts.append(f"backend {report['backend']}")
+    # the backend by the name of its tool: nftables, iptables-nft, iptables-legacy
+    parts.append("nftables" if report["backend"] == "nft" else str(report["backend"]))
     if last:
         parts.append(plural(len(report.get("containers") or []), "container"))
         parts.append(f"applied {short_time(last.get('time'))}")

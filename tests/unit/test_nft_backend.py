@@ -57,8 +57,7 @@ def test_the_view_has_the_chains_of_the_iptables_rules():
     ipt, nft = render.desired(pol, cs), render.nft_desired(render.desired(pol, cs))
     for fam in (4, 6):
         assert [c.name for c in nft.ruleset(fam).chains] == [c.name for c in ipt.ruleset(fam).chains]
-        assert [(j.chain, j.target) for j in nft.ruleset(fam).jumps] == \
-            [(j.chain, j.target) for j in ipt.ruleset(fam).jumps]
+        assert nft.ruleset(fam).jumps == ipt.ruleset(fam).jumps      # "-i eth1 -j HOSTPREP-IN", as iptables
         # the same comments, in the same order, chain by chain (nft has one more: the SYN without MSS)
         for chain in ipt.ruleset(fam).chains:
             want = [s for s in chain.specs if "--comment" in s]
@@ -120,7 +119,8 @@ def test_parse_json_sets_counters_device():
     table = parse_nft_json(fake.json("inet hostprep"), (4, 6), "hostprep-")
     assert table.device == "eth1"
     assert table.sets == {c.set_name("ex"): frozenset({"192.0.2.0/24", "198.51.100.9/32"})}
-    assert [r.spec for r in table.observed[4].chain_rules("INPUT")] == ["-j HOSTPREP-IN"]
+    assert [r.spec for r in table.observed[4].chain_rules("INPUT")] == ["-i eth1 -j HOSTPREP-IN"]
+    assert [r.spec for r in table.observed[6].chain_rules("OUTPUT")] == ["-o eth1 -j HOSTPREP-OUT"]
 
 
 def test_parse_json_shows_a_rule_hostprep_did_not_write_as_foreign():

@@ -89,7 +89,7 @@ def test_verdict_from_the_problems():
 def test_verdict_line():
     r = report(problems=["kernel: net.ipv4.tcp_rfc1337 drift: wanted 1, live value 0"])
     r["verdict"] = statusmod.verdict(r)
-    assert output.verdict_line(r).plain == ("protected: eth1, backend nft, 0 containers, applied "
+    assert output.verdict_line(r).plain == ("protected: eth1, nftables, 0 containers, applied "
                                             "2026-12-05 18:39 UTC\n  1 problem below")
 
 
