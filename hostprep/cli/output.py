@@ -25,7 +25,9 @@ from hostprep import nic as nicmod
 from hostprep import ops, persist, selftest, sysctl
 from hostprep.exits import broken_pipe
 from hostprep.model import GROUPS
+from hostprep.backend import NFT_REMOVE
 from hostprep.plan import ApplyPlan, plural
+from hostprep.render import NFT_HEADER
 from hostprep.state import Store
 
 
@@ -402,8 +404,11 @@ def print_plan(plan: ApplyPlan) -> None:
     out.print("plan:")
     for note in plan.notes():
         out.print(f"  - {note}")
+    # The native nft backend loads one script (the plan's families are its view of it).
+    native = bool(plan.desired and plan.desired.nft and plan.desired.nft.script.startswith(NFT_HEADER)) or \
+        bool(plan.desired is None and plan.live.nft and "table inet hostprep" in plan.live.nft.text)
     for fam, text in plan.texts.items():
-        if not plan.families[fam].empty:
+        if not plan.families[fam].empty and not native:
             tool = "iptables-restore" if fam == 4 else "ip6tables-restore"
             out.print(f"\n# {tool} --noflush <<EOF", markup=False)
             out.print(text.rstrip(), markup=False)
@@ -411,6 +416,10 @@ def print_plan(plan: ApplyPlan) -> None:
     if plan.nft.action == "load" and plan.desired and plan.desired.nft:
         out.print("\n# nft -f - <<EOF", markup=False)
         out.print(plan.desired.nft.script.rstrip(), markup=False)
+        out.print("EOF", markup=False)
+    elif plan.nft.action == "delete" and native:
+        out.print("\n# nft -f - <<EOF", markup=False)
+        out.print(NFT_REMOVE.rstrip(), markup=False)
         out.print("EOF", markup=False)
     elif plan.nft.action == "delete":
         out.print("\n# nft delete table netdev hostprep", markup=False)

@@ -341,7 +341,7 @@ def test_dry_run_as_non_root(host):
     assert "Traceback" not in res.stdout + res.stderr
     assert ('tcp dport 22 counter drop comment "hostprep ssh: no ssh in"' if host.native else
             "-A HOSTPREP-SSH -p tcp -m tcp --dport 22") in res.stdout
-    assert "# ip6tables-restore --noflush <<EOF" in res.stdout
+    assert ("# nft -f - <<EOF" if host.native else "# ip6tables-restore --noflush <<EOF") in res.stdout
     assert "dry run: nothing was changed" in res.stdout
     assert state(host) == before
 
