@@ -407,7 +407,7 @@ class NftBackend:
     def test(self, plan: ApplyPlan) -> Staged:
         """``nft -c`` of the one script; what puts ``plan.live`` back is kept for undo."""
         staged = Staged(previous=self.previous_script(plan.live))
-        self.runner.run(["nft", "-c", "-f", "-"], input=self.script(plan))
+        self._nft_f(["nft", "-c", "-f", "-"], self.script(plan), mutates=False)
         return staged
 
     def load(self, plan: ApplyPlan, staged: Staged) -> None:
@@ -415,7 +415,7 @@ class NftBackend:
         staged.nft_touched = True
         try:
             faults.hit("between-families")      # the point a kill -9 between the families hit on iptables
-            self.runner.run(["nft", "-f", "-"], input=self.script(plan), mutates=True)
+            self._nft_f(["nft", "-f", "-"], self.script(plan), mutates=True)
         except HostprepError as err:
             raise CommandFailed(err.field, f"{err.problem}; the kernel refused the whole transaction, the "
                                 "previous rules are in place", err.fix or
@@ -471,6 +471,15 @@ class NftBackend:
         inet = self._list(["-s", "list", "table", *INET_TABLE]) or ""
         ingress = self._list(["-s", "list", "table", *NFT_TABLE]) or ""
         return NFT_REMOVE + inet + ingress
+
+    def _nft_f(self, argv: list[str], script: str, *, mutates: bool) -> None:
+        """``nft -f -`` (or ``-c``); a failure names nft's own "Error:" line (its last lines
+        point at the script with carets)."""
+        res = self.runner.run(argv, input=script, check=False, mutates=mutates)
+        if res.returncode != 0:
+            lines = res.stderr.strip().splitlines()
+            why = next((ln.strip() for ln in lines if "Error:" in ln), lines[-1] if lines else "failed")
+            raise CommandFailed(" ".join(argv[:2]), f"exit {res.returncode}: {why}")
 
     def _list(self, args: list[str]) -> str | None:
         res = self.runner.run(["nft", *args], check=False)
