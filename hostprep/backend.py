@@ -393,8 +393,9 @@ class NftBackend:
         fams = self.families()
         js = self._list(["-j", "list", "table", *INET_TABLE])
         ingress = self._list(["list", "table", *NFT_TABLE])
+        leftovers = self.iptables_leftovers()
         if js is None and ingress is None:
-            return LiveState({fam: Observed(fam) for fam in fams}, None, {})
+            return LiveState({fam: self._with_leftovers(Observed(fam), leftovers) for fam in fams}, None, {})
         table = parse_nft_json(js, fams, SET_PREFIX) if js is not None else None
         terse = self._list(["-t", "list", "table", *INET_TABLE]) or ""
         ing = parse_nft_listing(ingress) if ingress is not None else None
@@ -402,6 +403,7 @@ class NftBackend:
         device = table.device if table is not None and table.device else (ing.device if ing else "")
         nft = NftObserved(device, text, ing.counters if ing else {})
         observed = table.observed if table is not None else {fam: Observed(fam) for fam in fams}
+        observed = {fam: self._with_leftovers(obs, leftovers) for fam, obs in observed.items()}
         return LiveState(observed, nft, table.sets if table is not None else {})
 
     def test(self, plan: ApplyPlan) -> Staged:
@@ -416,6 +418,7 @@ class NftBackend:
         try:
             faults.hit("between-families")      # the point a kill -9 between the families hit on iptables
             self._nft_f(["nft", "-f", "-"], self.script(plan), mutates=True)
+            self.remove_iptables_part()      # applied or flushed: hostprep's iptables part goes too
         except HostprepError as err:
             raise CommandFailed(err.field, f"{err.problem}; the kernel refused the whole transaction, the "
                                 "previous rules are in place", err.fix or
@@ -432,7 +435,7 @@ class NftBackend:
         return []
 
     def finish(self, plan: ApplyPlan, staged: Staged) -> list[str]:
-        """Nothing to clean up: the sets live in the table."""
+        """Nothing to clean up: the sets live in the table (the iptables part went in load())."""
         return []
 
     def other_firewalls(self) -> list[str]:
@@ -454,6 +457,43 @@ class NftBackend:
                 warnings.append(f"legacy {'ip' if fam == 4 else 'ip6'}tables tables are loaded too "
                                 f"({', '.join(sorted(tables))}): they judge every packet as well")
         return warnings
+
+    # -- hostprep's iptables part (the fail-safe, an earlier iptables apply) ------------
+    def _iptables(self) -> list["IptablesBackend"]:
+        return [IptablesBackend(self.runner, v, self.proc) for v in VARIANTS
+                if self.runner.which(f"iptables-{v}-save") and self.runner.which(f"iptables-{v}-restore")]
+
+    def remove_iptables_part(self) -> None:
+        """hostprep's chains and jumps in iptables removed, once the nft tables hold the policy: the
+        fail-safe a boot unit loaded (an iptables-restore file), or what an iptables apply left.
+        New rules in before the old go; if this fails, verify finds them and the change is undone."""
+        for be in self._iptables():
+            for fam in self.families():
+                obs = be.observe_family(fam)
+                if obs.our_chains or obs.our_jumps:
+                    be.restore(fam, planmod.restore_text(planmod.plan_family(None, obs), None))
+
+    def iptables_leftovers(self) -> dict[int, tuple[str, ...]]:
+        """hostprep's chains in the iptables filter tables (either variant), per family."""
+        out: dict[int, tuple[str, ...]] = {}
+        for be in self._iptables():
+            for fam in self.families():
+                obs = be.observe_family(fam)
+                names = obs.our_chains + (("jumps",) if obs.our_jumps and not obs.our_chains else ())
+                if names:
+                    out[fam] = out.get(fam, ()) + names
+        return out
+
+    @staticmethod
+    def _with_leftovers(obs: Observed, leftovers: dict[int, tuple[str, ...]]) -> Observed:
+        """The view with hostprep's iptables chains of this family added: the fail-safe under its own
+        name (status says it is live), anything else as HOSTPREP-IPTABLES; either one makes the plan
+        load, and finish() removes them after the nft tables are in."""
+        names = leftovers.get(obs.family, ())
+        if not names:
+            return obs
+        extra = tuple(dict.fromkeys(n if n == render.FAILSAFE_CHAIN else "HOSTPREP-IPTABLES" for n in names))
+        return Observed(obs.family, obs.chains + tuple(n for n in extra if n not in obs.chains), obs.rules)
 
     # -- primitives -------------------------------------------------------------
     def script(self, plan: ApplyPlan) -> str:

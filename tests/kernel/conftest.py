@@ -172,6 +172,22 @@ class Host:
                 out.append(re.sub(r"counter packets \d+ bytes \d+", "counter", line.strip()))
         return out
 
+    def nft_state(self, ns: str | None = None) -> str | None:
+        """hostprep's nft tables in ``ns`` (the sandbox host), without counters: the netdev table,
+        and on the native backend the inet table (terse: the limiter sets' changing elements left
+        out) with the members of the exempt and load-balancer sets; None when there is neither."""
+        ns = ns or self.box.host
+        parts = []
+        for family in ("netdev", "inet"):
+            res = self.run(ns, ["nft", "-t", "list", "table", family, "hostprep"], check=False)
+            if res.returncode == 0:
+                parts.append(re.sub(r"counter packets \d+ bytes \d+", "counter", res.stdout))
+                if family == "inet":
+                    js = self.run(ns, ["nft", "-j", "list", "table", "inet", "hostprep"]).stdout
+                    sets = parse_nft_json(js, (4, 6), SET_PREFIX).sets
+                    parts += [f"set {k}: {' '.join(sorted(v))}" for k, v in sorted(sets.items())]
+        return "\n".join(parts) if parts else None
+
     def nft_counter(self, comment: str) -> int:
         from hostprep.observed import parse_nft_listing
         res = self.run(self.box.host, ["nft", "list", "table", "netdev", "hostprep"], check=False)

@@ -77,6 +77,8 @@ def zero_policy_counters(text: str) -> str:
 
 
 def nft_table(host) -> str | None:
+    if host.native:
+        return host.nft_state()
     res = host.run(host.box.host, ["nft", "list", "table", "netdev", "hostprep"], check=False)
     if res.returncode != 0:
         return None
@@ -436,7 +438,7 @@ def test_rollback_survives_the_ssh_session_dying(t):
     t.hp(*BASE)
     before = snapshot(host)
     args = (*CHANGE, "--confirm", str(CONFIRM))
-    env = {"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.variant, "PYTHONPATH": REPO,
+    env = {"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.backend, "PYTHONPATH": REPO,
            "HOSTPREP_SELINUXFS": str(host.selinuxfs)}
     res = host.run(host.box.host, [PY, "-c", SSH_SESSION, "-", *args], env=env, timeout=90)
     session = json.loads(res.stdout)
@@ -479,7 +481,7 @@ def test_rollback_when_the_ssh_session_dies_during_the_change(t, tmp_path):
     faults.mkdir()
     marker = faults / "before-record.reached"
     args = (*CHANGE, "--confirm", str(CONFIRM))
-    env = {"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.variant, "PYTHONPATH": REPO,
+    env = {"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.backend, "PYTHONPATH": REPO,
            "HOSTPREP_SELINUXFS": str(host.selinuxfs), "HOSTPREP_FAULT": "before-record:pause",
            "HOSTPREP_FAULT_DIR": str(faults)}
     res = host.run(host.box.host, [PY, "-c", SSH_SESSION, str(marker), *args], env=env, timeout=90)

@@ -61,6 +61,9 @@ def kernel_state(host) -> dict:
     filter table, hostprep's ipsets (all of ``ipset save``: the sandbox has no others; the
     random hash seed a set gets when it is created left out) and the nft ingress table
     (None when absent)."""
+    if host.native:
+        return {"v4": zero_policy_counters(host.ruleset_text(4)), "v6": zero_policy_counters(host.ruleset_text(6)),
+                "ipset": "", "nft": host.nft_state()}
     nft = host.run(host.box.host, ["nft", "list", "table", "netdev", "hostprep"], check=False)
     sets = host.run(host.box.host, ["ipset", "save"]).stdout
     return {"v4": zero_policy_counters(host.ruleset_text(4)),
@@ -130,7 +133,7 @@ class Procs:
         self.host, self.fault_dir, self.started = host, fault_dir, []
 
     def env(self, fault: str | None = None, **extra) -> dict:
-        e = {"HOSTPREP_ROOT": str(self.host.root), "HOSTPREP_BACKEND": self.host.variant,
+        e = {"HOSTPREP_ROOT": str(self.host.root), "HOSTPREP_BACKEND": self.host.backend,
              "PYTHONPATH": REPO, "HOSTPREP_SELINUXFS": str(self.host.selinuxfs),
              "HOSTPREP_FAULT_DIR": str(self.fault_dir)}
         if fault:
@@ -512,7 +515,7 @@ def test_record_write_fails_host_brought_back(host, action, strerror):
 def run_with_read_only(host, directory: Path, *args: str) -> subprocess.CompletedProcess:
     """hostprep ARGS in a private mount namespace of the sandbox host where ``directory``
     is bind-mounted read-only onto itself (gone with the process).  Exit 99: still writable."""
-    env = {"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.variant, "PYTHONPATH": REPO,
+    env = {"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.backend, "PYTHONPATH": REPO,
            "HOSTPREP_SELINUXFS": str(host.selinuxfs)}
     script = ('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && '
               'if touch "$1/.writable" 2>/dev/null; then echo "still writable" >&2; exit 99; fi; '

@@ -128,3 +128,23 @@ def test_another_table_accepting_does_not_open_hostprep_and_stays_identical(host
     assert after_flush == after_apply
     r, = host.probe(host.box.inet, [tcp(HOST_EXT4, 8445, QUIET)])
     assert r["reply"] == "RA"                      # without hostprep the other table's accept lets it in
+
+
+@pytest.mark.parametrize("variant", ["native", "nft"])
+def test_nftables_restart_then_dropin_puts_hostprep_back(host, variant):
+    """``systemctl restart nftables`` on RHEL 9: ExecStop=/sbin/nft flush ruleset removes every table
+    (the native ones and iptables-nft's alike); the drop-in's ExecStopPost/ExecStartPost then load
+    the fail-safe and run 'hostprep boot': hostprep is back as it was, on either backend."""
+    from test_persistence import UNIT_DIR, kernel_state, run_all, unit_commands
+    host.apply()
+    before = kernel_state(host, host.box.host)
+    dropin = host.root / UNIT_DIR / "nftables.service.d/hostprep.conf"
+    host.run(host.box.host, ["nft", "flush", "ruleset"])               # ExecStop
+    gone = kernel_state(host, host.box.host)
+    assert (gone["v4"], gone["nft"]) == ([], None)
+    for key in ("ExecStopPost", "ExecStartPost"):
+        for res in run_all(host.box.host, unit_commands(dropin, key)):
+            assert res.returncode == 0, res.stdout + res.stderr
+    assert kernel_state(host, host.box.host) == before
+    code = host.hostprep("status", "--json", check=False)
+    assert (code.returncode, json.loads(code.stdout)["problems"]) == (0, [])

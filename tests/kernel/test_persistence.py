@@ -164,7 +164,7 @@ def boot_unit(host) -> UnitCommand:
 def failsafe_lines(host, families=(4, 6)) -> list[str]:
     """The Exec lines that load the fail-safe, as apply writes them ('-': a failure is ignored)."""
     from hostprep.persist import failsafe_tool
-    return [f"-{failsafe_tool(host.variant, fam)} --noflush {host.root}/var/lib/hostprep/failsafe.v{fam}.rules"
+    return [f"-{failsafe_tool('nft' if host.native else host.variant, fam)} --noflush {host.root}/var/lib/hostprep/failsafe.v{fam}.rules"
             for fam in families]
 
 
@@ -188,7 +188,7 @@ def run_all(ns: str, cmds: list[UnitCommand]) -> list[subprocess.CompletedProces
 
 def unit_env(host) -> dict[str, str]:
     """What apply wrote into the units: the environment of the hostprep that ran apply."""
-    return {"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.variant,
+    return {"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.backend,
             "HOSTPREP_SELINUXFS": str(host.selinuxfs), "HOSTPREP_LOCK_TIMEOUT": "30"}
 
 
@@ -201,7 +201,7 @@ def status_as_systemd(ns: str, host) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- kernel state
 
 def tool(variant: str, family: int, kind: str) -> str:
-    return f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-{kind}"
+    return f"{'iptables' if family == 4 else 'ip6tables'}-{'nft' if variant == 'native' else variant}-{kind}"
 
 
 def save(host, ns: str, family: int) -> list[str]:
@@ -221,7 +221,10 @@ def foreign_lines(lines: list[str]) -> list[str]:
 
 
 def nft_table(host, ns: str) -> str | None:
-    """``nft list table netdev hostprep`` of ``ns`` without counters; None when there is no such table."""
+    """``nft list table netdev hostprep`` of ``ns`` without counters; None when there is no such table
+    (the native backend: both of its tables, conftest.Host.nft_state)."""
+    if host.native:
+        return host.nft_state(ns)
     res = host.run(ns, ["nft", "list", "table", "netdev", "hostprep"], check=False)
     if res.returncode != 0:
         return None

@@ -43,7 +43,7 @@ def test_the_system_install_keeps_the_hardening_after_the_source_tree_is_gone(ho
     assert cmd.resolve().parent.parent.parent == prefix
 
     applied = host.run(host.box.host, [str(cmd), "apply", "-i", "eth1", "-y"],
-                       env={"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.variant,
+                       env={"HOSTPREP_ROOT": str(host.root), "HOSTPREP_BACKEND": host.backend,
                             "HOSTPREP_SELINUXFS": str(host.selinuxfs), "SSH_CONNECTION": ""})
     assert "boot persistence: hostprep.service" in applied.stdout
     unit = boot_unit(host)
