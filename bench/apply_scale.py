@@ -18,7 +18,7 @@ How it measures (as root, inside a throwaway sandbox only):
   hardening (88 rules for IPv4+IPv6) is run with ``-e -a`` and the actual rule
   count (``render.desired(policy).v4.rule_count + v6.rule_count``) is reported
   next to the nominal size.
-* hostprep: ``ip netns exec <host ns> env HOSTPREP_ROOT=<tmp> HOSTPREP_BACKEND=<variant>
+* hostprep: ``ip netns exec <host ns> env HOSTPREP_ROOT=<tmp> HOSTPREP_BACKEND=iptables-<variant>
   python -m hostprep apply -i eth1 -y [-e -a] -p ...`` as a subprocess, timed
   with ``time.perf_counter``, after ``hostprep flush`` so every run loads
   everything.  The time includes ``ip netns exec`` and Python start-up (what
@@ -167,7 +167,7 @@ class Bench:
 
     def hostprep_argv(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.box.host, "env", f"HOSTPREP_ROOT={self.root}",
-                f"HOSTPREP_BACKEND={self.variant}", f"PYTHONPATH={REPO}", PY, "-m", "hostprep", *args]
+                f"HOSTPREP_BACKEND=iptables-{self.variant}", f"PYTHONPATH={REPO}", PY, "-m", "hostprep", *args]
 
     def hostprep(self, *args: str) -> subprocess.CompletedProcess:
         res = subprocess.run(self.hostprep_argv(*args), capture_output=True, text=True, timeout=STEP_TIMEOUT)

@@ -358,7 +358,7 @@ class Bench:
 
     def hostprep_argv(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.box.host, "env", f"HOSTPREP_ROOT={self.root}",
-                f"HOSTPREP_BACKEND={self.variant}", f"PYTHONPATH={REPO}", PY, "-m", "hostprep", *args]
+                f"HOSTPREP_BACKEND=iptables-{self.variant}", f"PYTHONPATH={REPO}", PY, "-m", "hostprep", *args]
 
     def hostprep(self, *args: str, timeout: float | None = STEP_TIMEOUT) -> tuple[float, str] | None:
         """Run hostprep in the sandbox host; (seconds, output), or None when killed at ``timeout``."""

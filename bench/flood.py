@@ -1,6 +1,6 @@
 """Flood bench: does the proxy keep serving its agents while someone floods it?
 
-For each iptables variant (nft, legacy) and each scenario, two sandbox hosts are
+For each backend (the iptables variants nft and legacy, and the native nft backend) and each scenario, two sandbox hosts are
 built one after the other, identical but for the firewall: **none** (only a
 Podman-like foreign chain, so conntrack is active as on a real host) and
 **hostprep** (``apply -i eth1`` and ``container up finesse`` with Finesse's
@@ -201,14 +201,16 @@ class Bench:
         box.create(self.runner)
         self.box = box
         for fam, tool in ((4, "iptables"), (6, "ip6tables")):
-            run(["ip", "netns", "exec", box.host, f"{tool}-{variant}-restore", "--noflush"], input=FOREIGN)
+            run(["ip", "netns", "exec", box.host, f"{tool}-{'nft' if variant == 'native' else variant}-restore",
+                 "--noflush"], input=FOREIGN)
         for i in range(self.args.clients):
             run(["ip", "-n", box.inet, "addr", "add", f"{CLIENT_BASE}{CLIENT_FIRST + i}/32", "dev", "eth0"])
         if setup == "hostprep":
             root = Path(tempfile.mkdtemp(prefix="hpflood-root-", dir=self.workdir))
             env_file = self.workdir / "finesse.env"
             env_file.write_text("TEMPLATE_TYPE=finesse\n")
-            env = {"HOSTPREP_ROOT": str(root), "HOSTPREP_BACKEND": variant, "PYTHONPATH": str(REPO),
+            backend = {"nft": "iptables-nft", "legacy": "iptables-legacy", "native": "nft"}[variant]
+            env = {"HOSTPREP_ROOT": str(root), "HOSTPREP_BACKEND": backend, "PYTHONPATH": str(REPO),
                    "SSH_CONNECTION": ""}
             hp = ["ip", "netns", "exec", box.host, sys.executable, "-P", "-m", "hostprep"]
             run(hp + ["apply", "-i", EXT, "-y", "--ignore-selinux"], env=env)
@@ -268,7 +270,8 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def report(variant: str, results: dict[tuple[str, str], Result], scenarios: list[str]) -> None:
-    print(f"\n== flood bench, iptables {variant} variant: none | hostprep (hostprep/none)")
+    name = "native nftables backend" if variant == "native" else f"iptables {variant} variant"
+    print(f"\n== flood bench, {name}: none | hostprep (hostprep/none)")
     head = (f"{'scenario':9} {'legit ok %':>15} {'p50 ms':>13} {'p99 ms':>15} {'absorbed kpps':>22} "
             f"{'conntrack':>17} {'CPU ms/Mpkt':>19}")
     print(head)
@@ -291,7 +294,8 @@ def report(variant: str, results: dict[tuple[str, str], Result], scenarios: list
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--variant", default="nft,legacy", help="iptables variants, comma-separated")
+    ap.add_argument("--variant", default="nft,legacy,native",
+                    help="nft, legacy (the iptables variants) and native (the nft backend), comma-separated")
     ap.add_argument("--rate", type=int, default=300_000, help="flood packets per second (at most 2,000,000)")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each scenario (at most 60)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"from {', '.join(SCENARIOS)}")
