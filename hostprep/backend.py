@@ -362,9 +362,10 @@ class NftBackend:
 
     variant = NATIVE
 
-    def __init__(self, runner: Runner, proc: Path = Path("/proc")) -> None:
+    def __init__(self, runner: Runner, proc: Path = Path("/proc"), sys_net: Path = Path("/sys/class/net")) -> None:
         self.runner = runner
         self.proc = proc
+        self.sys_net = sys_net
 
     # -- the contract (FirewallBackend) ------------------------------------------
     def describe(self) -> str:
@@ -416,7 +417,6 @@ class NftBackend:
         """ONE ``nft -f``: both families, the sets, the ingress table; the kernel takes all or nothing."""
         staged.nft_touched = True
         try:
-            faults.hit("between-families")      # the point a kill -9 between the families hit on iptables
             self._nft_f(["nft", "-f", "-"], self.script(plan), mutates=True)
             self.remove_iptables_part()      # applied or flushed: hostprep's iptables part goes too
         except HostprepError as err:
@@ -442,8 +442,11 @@ class NftBackend:
         """Other nf_tables tables and legacy x_tables (they judge every packet as well)."""
         warnings: list[str] = []
         res = self.runner.run(["nft", "list", "tables"], check=False)
+        # iptables-nft's own tables (what `iptables -S` shows: Podman's, fail2ban's rules) are not
+        # named: they judge packets the same way next to either backend.
+        xt = {f"table {fam} {t}" for fam in ("ip", "ip6") for t in ("filter", "nat", "mangle", "raw", "security")}
         names = [ln.strip() for ln in res.stdout.splitlines() if ln.startswith("table ")
-                 and ln.strip() not in ("table netdev hostprep", "table inet hostprep")]
+                 and ln.strip() not in ("table netdev hostprep", "table inet hostprep") and ln.strip() not in xt]
         if names:
             warnings.append(f"other nf_tables tables exist ({'; '.join(names)}): they judge every packet as "
                             "well; hostprep's drops hold whatever they accept")
@@ -502,6 +505,11 @@ class NftBackend:
         if want is None:
             return NFT_REMOVE
         assert want.script.startswith(render.NFT_HEADER), "plan not made through NftBackend.target"
+        if not (self.sys_net / want.device).exists():
+            # The external NIC is absent (boot before it appears): an ingress hook on a missing
+            # device makes kernels before 6.x refuse the whole transaction.  The inet table (it
+            # matches the NIC by name) loads without it; hostprep-nic@ adds it when the NIC comes.
+            return want.script.split(render.NFT_INGRESS_MARK)[0] + "\n"
         return want.script
 
     def previous_script(self, live: LiveState) -> str | None:

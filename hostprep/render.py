@@ -104,6 +104,9 @@ def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
 # -- the native nftables backend (rules/hostprep.nft.j2) --------------------------------
 
 NFT_HEADER = "table inet hostprep\ndelete table inet hostprep\n"
+# The line before the netdev ingress table in rules/hostprep.nft.j2 (its last block): the
+# backend loads the script without that table while the external NIC is absent.
+NFT_INGRESS_MARK = "\n# Fragments on the external NIC's ingress hook"
 NFT_BASE_CHAINS = {"input": "INPUT", "forward": "FORWARD", "output": "OUTPUT"}
 
 

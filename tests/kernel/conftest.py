@@ -144,6 +144,11 @@ class Host:
         return sum(r.counter.packets for r in self.observed(family).chain_rules(chain)
                    if contains in r.spec)
 
+    def xt_counter(self, family: int, chain: str, contains: str = "") -> int:
+        """Packets of an iptables chain (the fail-safe is an iptables-restore file on every backend)."""
+        return sum(r.counter.packets for r in parse_save(self.save(family), family).chain_rules(chain)
+                   if contains in r.spec)
+
     def rule_counter(self, family: int, chain: str, ipt: str, nft: str) -> int:
         """Packets of the rules of ``chain`` whose text contains ``ipt`` (iptables-save) or ``nft``
         (the native backend's listing of CHAIN-v<family>): for rules one comment does not tell apart."""

@@ -27,7 +27,12 @@ def container(name="finesse", dest="203.0.113.10", ports=(443, 8445), **kw) -> C
 @pytest.fixture
 def proc(tmp_path: Path) -> Path:
     (tmp_path / "proc/sys/net/ipv6").mkdir(parents=True)
+    (tmp_path / "sys/class/net/eth1").mkdir(parents=True)       # the external NIC is present
     return tmp_path / "proc"
+
+
+def backend(fake, proc: Path) -> NftBackend:
+    return NftBackend(fake, proc=proc, sys_net=proc.parent / "sys/class/net")
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +140,7 @@ def test_parse_json_shows_a_rule_hostprep_did_not_write_as_foreign():
 
 def test_one_nft_f_per_change(tmp_path: Path, proc: Path):
     fake = FakeNft()
-    be = NftBackend(fake, proc=proc)
+    be = backend(fake, proc)
     store = Store(Paths(tmp_path))
     pol = Policy("eth1")
     ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(pol), kernel=False)
@@ -156,7 +161,7 @@ def test_one_nft_f_per_change(tmp_path: Path, proc: Path):
 
 def test_a_refused_transaction_changes_nothing_and_says_so(tmp_path: Path, proc: Path):
     fake = FakeNft()
-    be = NftBackend(fake, proc=proc)
+    be = backend(fake, proc)
     store = Store(Paths(tmp_path))
     ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
     before = dict(fake.tables)
@@ -172,7 +177,7 @@ def test_a_refused_transaction_changes_nothing_and_says_so(tmp_path: Path, proc:
 
 
 def test_the_record_names_the_native_backend(tmp_path: Path, proc: Path):
-    be = NftBackend(FakeNft(), proc=proc)
+    be = backend(FakeNft(), proc)
     store = Store(Paths(tmp_path))
     ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
     assert (store.applied()["backend"], name_of(store.applied()["backend"])) == (NATIVE, "nft")
@@ -207,3 +212,15 @@ def test_choosing(fake_runner, monkeypatch):
     with pytest.raises(InputError) as err:
         for_host(runner)
     assert err.value.field == "HOSTPREP_BACKEND"
+
+
+def test_without_the_nic_the_ingress_table_waits(tmp_path: Path, proc: Path):
+    """Boot before the external NIC appears: an ingress hook on a missing device makes kernels
+    before 6.x refuse the whole transaction, so the inet table loads alone."""
+    fake = FakeNft()
+    be = NftBackend(fake, proc=proc, sys_net=tmp_path / "empty")
+    ops.apply(Store(Paths(tmp_path)), "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")),
+              kernel=False)
+    (script,) = [i for a, i, m in fake.calls if m]
+    assert ("table inet hostprep {" in script, "table netdev hostprep {" in script) == (True, False)
+    assert sorted(fake.tables) == ["inet hostprep"]
