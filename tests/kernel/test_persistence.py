@@ -621,7 +621,7 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
         path = host.root / rel
         assert (os.readlink(path) if path.is_symlink() else path.read_text()) == content
     assert [f[3] for f in journal(host) if f[2] == "hostprep flush --persistent"][-1] == \
-        "boot persistence removed (8 files)"
+        "boot persistence removed (9 files)"
     st = host.hostprep("status", check=False)
     assert "boot persistence: not installed" in st.stdout.splitlines(), st.stdout
     again = host.hostprep("flush", "--persistent")
