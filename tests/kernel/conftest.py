@@ -27,7 +27,7 @@ import pytest
 
 from hostprep import render
 from hostprep.plan import plan_family, restore_text
-from hostprep.observed import Observed, parse_save
+from hostprep.observed import Observed, parse_nft_listing, parse_save
 from hostprep.runner import Runner
 from hostprep.sandbox import Sandbox
 
@@ -119,7 +119,6 @@ class Host:
                    if contains in r.spec)
 
     def nft_counter(self, comment: str) -> int:
-        from hostprep.observed import parse_nft_listing
         res = self.run(self.box.host, ["nft", "list", "table", "netdev", "hostprep"], check=False)
         if res.returncode != 0:
             return 0
