@@ -26,7 +26,7 @@ from hostprep.cli.common import (EXAMPLES, BackendOpt, ConfirmOpt, PlainCommand,
 from hostprep.cli.output import err, out, print_containers, print_plan, say, say_pending
 
 
-def confirm_widening(name: str, widening: list[str], yes: bool) -> None:
+def confirm_widening(name: str, widening: list[str], *, yes: bool) -> None:
     """A re-up that widens access goes ahead with -y, or after a y at a terminal; else refused."""
     if not widening or yes:
         return
@@ -112,9 +112,9 @@ def container_up_cmd(
         out.print("dry run: nothing was changed")
         if widening and not yes and sys.stdin.isatty():
             out.print("(the real run would ask before widening access)")
-        confirm_widening(name, widening, yes or sys.stdin.isatty())
+        confirm_widening(name, widening, yes=yes or sys.stdin.isatty())
         return
-    confirm_widening(name, widening, yes)
+    confirm_widening(name, widening, yes=yes)
     be = for_host(Runner(), backend)
     argv = "hostprep " + " ".join(sys.argv[1:])
     res = ops.container_up(be, store, c, argv, confirm=confirm_secs)
