@@ -15,7 +15,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from hostprep.model import BUILTIN_CHAINS, MAX_LIST_ENTRIES, PREFIX, Rule, Ruleset
+from hostprep.model import BUILTIN_CHAINS, MAX_LIST_ENTRIES, PREFIX, BanSet, Rule, Ruleset
 
 
 def target_of(spec: str) -> str | None:
@@ -245,13 +245,20 @@ class SetPlan:
                 + [f"ipset {n} not wanted" for n in self.destroy])
 
 
+def wanted_sets(desired) -> tuple:
+    """The exempt/load-balancer sets and the ban sets (model.BanSet) ``desired`` wants."""
+    return tuple(desired.sets) + tuple(getattr(desired, "bans", ())) if desired is not None else ()
+
+
 def plan_sets(desired: tuple, live: dict[str, frozenset[str]]) -> SetPlan:
+    """A ban set (model.BanSet) is only created when missing: its members are fail2ban's."""
     create, replace = [], []
     for s in desired:
-        want = frozenset(str(m) for m in s.members)
         if s.name not in live:
             create.append(s)
-        elif live[s.name] != want:
+        elif isinstance(s, BanSet):
+            continue
+        elif live[s.name] != frozenset(str(m) for m in s.members):
             replace.append(s)
     names = {s.name for s in desired}
     destroy = tuple(n for n in sorted(live) if n not in names)
@@ -269,6 +276,9 @@ def ipset_fill_script(sets: tuple, suffix: str = "") -> str:
     """
     lines: list[str] = []
     for s in sets:
+        if isinstance(s, BanSet):
+            lines.append(s.create_line())
+            continue
         name = s.name + suffix
         family = "inet" if s.family == 4 else "inet6"
         maxelem = max(MAX_LIST_ENTRIES, 2 * len(s.members))
