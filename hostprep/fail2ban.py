@@ -237,6 +237,10 @@ def proxy_user(uid: int, root: Path) -> ProxyUser | None:
     return None
 
 
+def _owner(path: Path) -> int:
+    return os.stat(path).st_uid
+
+
 def _first(envs, key: str):
     for e in envs:
         if e is not None and e.get(key) is not None:
@@ -254,7 +258,7 @@ def resolve(c: Container, env_path: Path, core_path: Path | None, installer_path
     env = read_env(env_path, "--env")
     core = read_env(core_path, "--core") if core_path else None
     inst = read_env(installer_path, "--installer") if installer_path else None
-    owner = os.stat(env_path).st_uid
+    owner = _owner(env_path)
     user = proxy_user(owner, root)
     if owner == 0 or user is None:
         raise InputError(f"--env {env_path}", "is owned by " + ("root" if owner == 0 else f"uid {owner}, "
