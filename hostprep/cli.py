@@ -599,7 +599,7 @@ def flush_cmd(
                                     "hostprep-nic@, the iptables-services drop-ins), so nothing comes back "
                                     "at the next boot."),
 ) -> None:
-    """Remove hostprep's chains, jumps, sets and nft table, and nothing else. Settings stay remembered."""
+    """Remove hostprep's chains, jumps, sets, nft table and fail2ban jails, and nothing else. Settings stay remembered."""
     if kernel and persistent:
         raise InputError("--kernel/--persistent", "--kernel restores the kernel values only, --persistent goes "
                          "with the firewall flush", "run 'hostprep flush --kernel' and 'hostprep flush --persistent'")
@@ -625,6 +625,10 @@ def flush_cmd(
     be = applymod.default_backend(runner, backend)
     if dry_run:
         print_plan(applymod.make_plan(be, None, store.applied()))
+        from hostprep import fail2ban as f2b
+        files = f2b.Files(store.paths.root)
+        for p in files.jails() + [p for p in (files.filter, files.action) if p.is_file()] + files.logrotates():
+            out.print(f"fail2ban: would remove {p}", markup=False)
         out.print("dry run: nothing was changed")
         return
     fail2ban_flush(store, argv)           # the jails first: fail2ban lets go of the ban sets flush destroys
@@ -907,7 +911,9 @@ def container_up_cmd(
     them again; a file given replaces the remembered one (--no-core/--no-installer
     drop one).  Changes that widen access (restriction off, exempt or load-balancer
     entries added, limits raised, ports added, hardening switched) are listed first
-    and need -y or a y at a terminal.
+    and need -y or a y at a terminal.  --fail2ban (remembered) also writes NAME's
+    fail2ban jail and the logrotate file of its logs, and bans in the firewall what
+    the proxy logs to blocking.log.
     """
     from hostprep import envfiles, txn
     from hostprep import plan as planmod
@@ -983,7 +989,7 @@ def container_down_cmd(
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
-    """Remove exactly NAME's rules (and its sets); other containers and the base stay."""
+    """Remove exactly NAME's rules (and its sets, its fail2ban jail); other containers and the base stay."""
     from hostprep.model import container_name
     container_name(name)
     need_root("container down")

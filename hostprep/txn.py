@@ -190,7 +190,9 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
             fw[str(fam)] = {"chains": [[c.name, [r.spec for r in c.rules]] for c in rs.chains],
                             "jumps": [[j.chain, j.spec] for j in rs.jumps]}
         snap["firewall"] = fw
-        snap["sets"] = {name: {"family": set_family(name, members), "members": [] if is_ban_set(name) else sorted(members)}
+        # a ban set's members are fail2ban's (never restored): its name and family are enough
+        snap["sets"] = {name: {"family": set_family(name, members),
+                               "members": [] if is_ban_set(name) else sorted(members)}
                         for name, members in live.sets.items() if not name.endswith(planmod.TEMP_SUFFIX)}
         if live.nft is None:
             snap["nft"] = None
