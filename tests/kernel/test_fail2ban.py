@@ -14,6 +14,8 @@ firewall variants.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6
+from hostprep.runner import Runner
+from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6, Sandbox
 
 SRC_A, SRC_B = INET_EXTRA4
 SRC6_A, SRC6_B = INET_EXTRA6
@@ -304,3 +307,60 @@ def test_fail2ban_missing_is_refused_naming_the_package(host, proxy, variant):
     assert res.returncode != 0 and "fail2ban is not installed" in res.stderr
     assert "fail2ban-server" in res.stderr and "fail2ban on Debian" in res.stderr
     assert not (host.root / "var/lib/hostprep/containers/finesse.json").exists()
+
+
+_boxes = itertools.count()
+
+
+@pytest.fixture
+def rebooted():
+    """A second sandbox (same addresses, nothing loaded): the host after a reboot."""
+    made: list[Sandbox] = []
+
+    def make() -> Sandbox:
+        box = Sandbox(f"hpf{os.getpid()}x{next(_boxes)}")
+        box.create(Runner())
+        made.append(box)
+        return box
+    try:
+        yield make
+    finally:
+        for box in made:
+            box.destroy(Runner())
+
+
+@pytest.mark.parametrize("first", ["hostprep", "fail2ban"])
+def test_at_boot_fail2ban_restores_its_ban_into_hostprep_set_in_either_order(host, proxy, rebooted, first):
+    host.apply()
+    proxy.make_wd("finesse")
+    proxy.start()
+    up_f2b(host, proxy, "finesse", NGX_CLIENT_BLOCK_DURATION=600)
+    proxy.block("finesse", SRC_A)
+    proxy.until(False, HOST_EXT4, 8445, SRC_A)
+    proxy.stop()                                  # the server goes down with the host; its database stays
+    # the "rebooted" host: nothing loaded, wide open
+    hb = dataclasses.replace(host, box=rebooted())
+    assert hostprep_sets(hb) == []
+    again = Proxy(hb, proxy.home)
+    try:
+        if first == "fail2ban":
+            # fail2ban restores the ban: the action's actionstart creates the set (same parameters)
+            again.start()
+            for _ in range(50):
+                if hostprep_sets(hb):
+                    break
+                time.sleep(0.2)
+        res = hb.hostprep("boot")
+        assert res.stdout.splitlines()[-1].endswith("(1 container)"), res.stdout + res.stderr
+        ban = [n for n in hostprep_sets(hb) if n.endswith("-bn4")]
+        assert len(ban) == 1
+        if first == "hostprep":
+            assert members(hb, ban[0]) == []     # created empty by boot, then fail2ban fills it
+            again.start()
+        again.until(False, HOST_EXT4, 8445, SRC_A)
+        assert members(hb, ban[0]) == [SRC_A]
+        assert again.answered(HOST_EXT4, 8445, SRC_B, ANSWER) is True
+        st = hb.hostprep("status", check=False)
+        assert st.returncode == 0, st.stdout + st.stderr
+    finally:
+        again.stop()
