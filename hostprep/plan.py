@@ -311,7 +311,8 @@ def container_widening(before, after) -> list[str]:
     ``before``/``after``: model.Container (the record, the new one).  Widening:
     hardening switched on (ports opened) or off (the container's limits removed),
     restricted mode off, load-balancer or exempt entries added, connection or rate
-    limits raised, a longer IPv6 source prefix, ports added, another destination.  Narrowing changes are not listed.
+    limits raised, a longer IPv6 source prefix, ports added, another destination, fail2ban
+    switched off (its bans lifted).  Narrowing changes are not listed.
     """
     def show(nets) -> str:
         items = [str(n) for n in nets]
@@ -325,6 +326,8 @@ def container_widening(before, after) -> list[str]:
                    "are opened to the internet")
     if not (after.hardening and before.hardening):
         return out      # closed before (everything opens, said above) or closed now
+    if getattr(before, "fail2ban", False) and not getattr(after, "fail2ban", False):
+        out.append("fail2ban off (--no-fail2ban): the addresses banned for brute force get in again")
     if before.restricted and not after.restricted:
         out.append(f"NGX_TRAFFIC_RESTRICTED true -> false: every source may reach ports "
                    f"{','.join(map(str, after.ports))}, not only the load balancers")

@@ -227,6 +227,11 @@ def test_bans_survive_apply_reup_and_rotation_flush_removes_everything(host, pro
     proxy.block("finesse", SRC_B)
     proxy.until(False, HOST_EXT4, 8445, SRC_B, seconds=6)
     assert members(host, ban) == sorted([SRC_A, SRC_B])
+    report = json.loads(host.hostprep("status", "--json", check=False).stdout)["fail2ban"]
+    assert [(r["name"], r["bans"], r["newest"]) for r in report["containers"]] == [("finesse", 2, SRC_B)]
+    text = host.hostprep("status", check=False).stdout
+    assert "fail2ban: running, hostprep jails: hostprep-finesse\n" in text, text
+    assert f"  finesse: 2 addresses banned (newest {SRC_B})\n" in text, text
     # flush: no hostprep jail, filter, action, logrotate file or ban set; other files byte-identical
     host.hostprep("flush")
     assert sorted(p.name for p in (proxy.conf / "jail.d").iterdir()) == ["foreign.local"]
@@ -259,8 +264,12 @@ def test_down_removes_the_jail_and_its_set_other_container_keeps_its_own(host, p
     # a plain re-up remembers --fail2ban
     host.hostprep("container", "up", "finesse")
     assert (proxy.conf / "jail.d/hostprep-finesse.local").is_file()
-    # --no-fail2ban drops it: jail and set gone, ports still open
-    res = host.hostprep("container", "up", "finesse", "--no-fail2ban")
+    # --no-fail2ban drops it (lifting its bans widens access: refused without -y and a terminal) ...
+    res = host.hostprep("container", "up", "finesse", "--no-fail2ban", check=False)
+    assert res.returncode == 2 and "WIDENS ACCESS: finesse: fail2ban off" in res.stderr, res.stderr
+    assert (proxy.conf / "jail.d/hostprep-finesse.local").is_file()
+    # ... with -y: jail and set gone, ports still open
+    res = host.hostprep("container", "up", "finesse", "--no-fail2ban", "-y")
     assert "fail2ban: finesse: removed" in res.stdout
     assert not (proxy.conf / "jail.d/hostprep-finesse.local").exists()
     assert [n for n in hostprep_sets(host) if n.endswith("-bn4")] == []

@@ -275,3 +275,9 @@ def _logrotate_debug_run(base, tmp_path, monkeypatch, nobody):
         f"rotating log {logs}/{f}, log->rotateCount is 14" for f in f2b.LOGS]
     assert out.count("copying ") == 4 and out.count("truncating ") == 4, out
     assert f"switching euid from 0 to {nobody.pw_uid} and egid from 0 to {nobody.pw_gid}" in out, out
+
+
+def test_switching_fail2ban_off_widens_access_on_it_narrows():
+    assert planmod.container_widening(container(), container(fail2ban=False)) == [
+        "fail2ban off (--no-fail2ban): the addresses banned for brute force get in again"]
+    assert planmod.container_widening(container(fail2ban=False), container()) == []
