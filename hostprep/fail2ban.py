@@ -436,3 +436,12 @@ def problems(report: dict) -> list[str]:
         if report["running"] and row["jail"] and not row["jail_loaded"]:
             out.append(f"fail2ban: the jail {JAIL_PREFIX}{row['name']} is not loaded (fail2ban-client reload)")
     return out
+
+
+def warnings(report: dict) -> list[str]:
+    """fail2ban stopped or gone while containers want it: nothing new is banned (the bans stay until
+    their timeout)."""
+    if not report["containers"] or report["running"]:
+        return []
+    return ["fail2ban is " + ("not running" if report["installed"] else "not installed") + ": the addresses the "
+            "proxy blocks are not banned in the firewall (start it: systemctl start fail2ban)"]

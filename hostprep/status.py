@@ -154,6 +154,7 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     from hostprep import fail2ban as f2b
     report["fail2ban"] = f2b.collect(runner, f2b.Files(store.paths.root), store.containers().values(), snap.sets)
     problems.extend(f2b.problems(report["fail2ban"]))
+    warnings.extend(f2b.warnings(report["fail2ban"]))
     if desired is not None:
         sets = planmod.plan_sets(planmod.wanted_sets(desired), snap.sets)
         problems.extend(sets.notes())

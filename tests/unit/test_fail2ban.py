@@ -281,3 +281,45 @@ def test_switching_fail2ban_off_widens_access_on_it_narrows():
     assert planmod.container_widening(container(), container(fail2ban=False)) == [
         "fail2ban off (--no-fail2ban): the addresses banned for brute force get in again"]
     assert planmod.container_widening(container(fail2ban=False), container()) == []
+
+
+def _status_root(tmp_path: Path) -> f2b.Files:
+    files = f2b.Files(tmp_path)
+    (files.conf_dir / "jail.d").mkdir(parents=True)
+    (files.conf_dir / "jail.conf").write_text("")
+    files.jail("finesse").write_text("[hostprep-finesse]\n")
+    return files
+
+
+def test_status_counts_the_set_and_names_the_newest_ban(tmp_path, fake_runner):
+    files = _status_root(tmp_path)
+    c = container()
+    listed = "203.0.113.7 \t2026-12-05 20:00:00 + 600 = 2026-12-05 20:10:00\n" \
+             "203.0.113.8 \t2026-12-05 20:01:00 + 600 = 2026-12-05 20:11:00\n"
+    runner = fake_runner({tuple(f2b.client(files, "get", "hostprep-finesse", "banip", "--with-time")): (0, listed, "")})
+    live = {c.ban_set().name: frozenset({"203.0.113.7/32", "203.0.113.8/32"}), "hostprep-0badc0de-bn6": frozenset()}
+    report = f2b.collect(runner, files, [c, container("other", fail2ban=False)], live)
+    assert report == {"installed": True, "running": True, "jails": ["hostprep-finesse"], "stray_sets": [
+        "hostprep-0badc0de-bn6"], "containers": [{"name": "finesse", "jail": True, "jail_loaded": True,
+                                                   "set": c.ban_set().name, "set_present": True, "bans": 2,
+                                                   "newest": "203.0.113.8"}]}
+    assert (f2b.problems(report), f2b.warnings(report)) == ([], [])
+
+
+def test_status_fail2ban_stopped_is_a_warning_a_missing_jail_a_problem(tmp_path, fake_runner):
+    files = _status_root(tmp_path)
+    files.jail("finesse").unlink()
+    runner = fake_runner({tuple(f2b.client(files, "ping")): (255, "", "Failed to access socket path")})
+    report = f2b.collect(runner, files, [container()], {})
+    assert (report["running"], report["containers"][0]["bans"], report["containers"][0]["newest"]) == (False, 0, None)
+    assert f2b.problems(report) == ["fail2ban: the jail of finesse is missing (run 'hostprep container up finesse')"]
+    assert f2b.warnings(report) == ["fail2ban is not running: the addresses the proxy blocks are not banned in the "
+                                    "firewall (start it: systemctl start fail2ban)"]
+
+
+def test_status_asks_no_server_when_no_container_uses_fail2ban(tmp_path, fake_runner):
+    files = f2b.Files(tmp_path)
+    runner = fake_runner()
+    assert f2b.collect(runner, files, [container(fail2ban=False)], {}) == {
+        "installed": False, "running": None, "jails": [], "containers": [], "stray_sets": []}
+    assert runner.calls == []
