@@ -204,6 +204,8 @@ def test_bans_survive_apply_reup_and_rotation_flush_removes_everything(host, pro
     proxy.block("finesse", SRC_A)
     proxy.until(False, HOST_EXT4, 8445, SRC_A, seconds=4)
     ban = next(n for n in hostprep_sets(host) if n.endswith("-bn4"))
+    log = (host.root / "var/log/hostprep/iptables_logs/finesse.log").read_text()
+    assert f"# ipset {ban}: ban set (fail2ban's bans; kept across reloads)\n" in log
     # a reload of hostprep's rules (another setting) keeps the ban set and its member
     host.apply("-p", "198.51.100.9")
     assert members(host, ban) == [SRC_A] and proxy.answered(HOST_EXT4, 8445, SRC_A) is False
