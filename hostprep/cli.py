@@ -864,8 +864,10 @@ def fail2ban_apply(name: str, jail, store: Store, argv: str) -> None:
             return
         what = f"removed {', '.join(changed)}"
     done = f2b.reload(runner, files) if changed else "nothing to reload"
-    store.journal(argv, f"fail2ban {name}: {what}; {done}", "ok")
-    out.print(f"fail2ban: {name}: {what}; {done}", markup=False)
+    failed = "FAILED" in done
+    store.journal(argv, f"fail2ban {name}: {what}; {done}", "warning" if failed else "ok")
+    (err if failed else out).print(f"fail2ban: {name}: {what}; {done}", markup=False,
+                                   style="yellow" if failed else None)
 
 
 def fail2ban_flush(store: Store, argv: str) -> None:

@@ -185,7 +185,8 @@ def reload(runner: Runner, files: Files) -> str:
         return "fail2ban is not running: it reads the jail when it starts"
     res = runner.run(client(files, "reload"), check=False, mutates=True)
     if res.returncode != 0:
-        return f"fail2ban-client reload failed: {(res.stderr or res.stdout).strip().splitlines()[-1:] or ['?']}"
+        last = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()][-1:] or ["no message"]
+        return f"fail2ban-client reload FAILED ({last[0]}): see fail2ban's log"
     return "fail2ban reloaded"
 
 

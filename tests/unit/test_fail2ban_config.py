@@ -323,3 +323,16 @@ def test_status_asks_no_server_when_no_container_uses_fail2ban(tmp_path, fake_ru
     assert f2b.collect(runner, files, [container(fail2ban=False)], {}) == {
         "installed": False, "running": None, "jails": [], "containers": [], "stray_sets": []}
     assert runner.calls == []
+
+
+def test_reload_only_when_the_server_runs_and_a_failure_is_one_line(tmp_path, fake_runner):
+    files = f2b.Files(tmp_path)
+    down = fake_runner({tuple(f2b.client(files, "ping")): (255, "", "Failed to access socket path")})
+    assert f2b.reload(down, files) == "fail2ban is not running: it reads the jail when it starts"
+    assert [c[0] for c in down.calls] == [f2b.client(files, "ping")]
+    up = fake_runner()
+    assert f2b.reload(up, files) == "fail2ban reloaded"
+    assert up.calls[-1] == (f2b.client(files, "reload"), None, True)
+    bad = fake_runner({tuple(f2b.client(files, "reload")): (255, "", "ERROR  Found no accessible config files\n")})
+    assert f2b.reload(bad, files) == ("fail2ban-client reload FAILED (ERROR  Found no accessible config files): "
+                                      "see fail2ban's log")
