@@ -11,6 +11,7 @@ import typer
 import typer.core
 
 from hostprep import engine
+from hostprep import fail2ban as f2b
 from hostprep import nic as nicmod
 from hostprep import ops, persist, records, render, selinux, settings
 from hostprep.backend import FirewallBackend, for_host
@@ -289,7 +290,7 @@ def flush_cmd(
                                     "hostprep-nic@, the iptables-services drop-ins), so nothing comes back "
                                     "at the next boot."),
 ) -> None:
-    """Remove hostprep's chains, jumps, sets and nft table, and nothing else. Settings stay remembered."""
+    """Remove hostprep's chains, jumps, sets, nft table and fail2ban jails, and nothing else. Settings stay remembered."""
     if kernel and persistent:
         raise InputError("--kernel/--persistent", "--kernel restores the kernel values only, --persistent goes "
                          "with the firewall flush", "run 'hostprep flush --kernel' and 'hostprep flush --persistent'")
@@ -311,9 +312,15 @@ def flush_cmd(
     if dry_run:
         record = records.load_applied(store, tolerant=True)
         print_plan(engine.make_plan(be, None, record.nft if record else None))
+        files = f2b.Files(store.paths.root)
+        for p in files.jails() + [p for p in (files.filter, files.action) if p.is_file()] + files.logrotates():
+            out.print(f"fail2ban: would remove {p}", markup=False)
         out.print("dry run: nothing was changed")
         return
-    outcome = ops.flush(be, store, argv)
+    flushed = ops.flush(be, store, argv)
+    if flushed.fail2ban is not None:
+        (err if flushed.fail2ban.failed else out).print(f"fail2ban: {flushed.fail2ban.line}", markup=False)
+    outcome = flushed.outcome
     if outcome.changed:
         for action in outcome.notes:
             out.print(f"  - {action}")
