@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostprep import engine
+from hostprep import fail2ban as f2b
 from hostprep import nic as nicmod
 from hostprep import persist, records, render, settings, sysctl, timers, txn
 from hostprep.backend import FirewallBackend
@@ -135,14 +136,29 @@ def apply(store: Store, command: str, *, backend: FirewallBackend | None, desire
 
 # -- flush -----------------------------------------------------------------------------
 
-def flush(backend: FirewallBackend, store: Store, command: str) -> Outcome:
-    """Remove every hostprep rule, set and table.  Settings and the container registry stay."""
+@dataclass
+class FlushResult:
+    outcome: Outcome
+    fail2ban: Fail2banResult | None = None      # hostprep's jails removed first
+
+
+def flush(backend: FirewallBackend, store: Store, command: str) -> FlushResult:
+    """Remove every hostprep rule, set, table and fail2ban jail.  Settings and the container registry stay."""
+    # the jails first: fail2ban lets go of the ban sets the flush destroys
+    banning = None
+    files = f2b.Files(store.paths.root)
+    gone = f2b.remove_all(files)
+    if gone:
+        done = f2b.reload(Runner(), files)
+        store.journal(command, f"fail2ban: removed {', '.join(gone)}; {done}", "ok")
+        banning = Fail2banResult(f"removed {len(gone)} files (hostprep's jails, filter, action, logrotate); {done}",
+                                 "FAILED" in done)
     with txn.change(backend, store, command) as ch:
         record = records.load_applied(store, tolerant=True)
         outcome = engine.converge(backend, store, None, command, recorded_nft=record.nft if record else None)
         store.clear_applied()
         ch.changed = outcome.changed
-    return outcome
+    return FlushResult(outcome, banning)
 
 
 def flush_kernel(store: Store, command: str) -> list[str]:
@@ -174,6 +190,14 @@ class ContainerPreview:
     removed: list[str]
 
 
+@dataclass(frozen=True)
+class Fail2banResult:
+    """What a change did to fail2ban's files (a jail written or removed, fail2ban reloaded)."""
+
+    line: str           # "NAME: wrote ...; reloaded" (journalled as well)
+    failed: bool        # fail2ban refused or could not reload: the rules stay, the admin is warned
+
+
 @dataclass
 class ContainerResult:
     change: Change
@@ -181,6 +205,24 @@ class ContainerResult:
     added: list[str]
     removed: list[str]
     kept: list[str] = field(default_factory=list)
+    fail2ban: Fail2banResult | None = None
+
+
+def fail2ban_files(store: Store, name: str, jail, command: str) -> Fail2banResult | None:
+    """Write (``jail`` given) or remove (None) NAME's fail2ban files, test, reload; None: nothing to do."""
+    files, runner = f2b.Files(store.paths.root), Runner()
+    if jail is not None:
+        changed = f2b.install(jail, files, runner)
+        what = (f"wrote {', '.join(changed)}" if changed else "jail unchanged")
+    else:
+        changed = f2b.remove(name, files)
+        if not changed:
+            return None
+        what = f"removed {', '.join(changed)}"
+    done = f2b.reload(runner, files) if changed else "nothing to reload"
+    failed = "FAILED" in done
+    store.journal(command, f"fail2ban {name}: {what}; {done}", "warning" if failed else "ok")
+    return Fail2banResult(f"{name}: {what}; {done}", failed)
 
 
 def container_lines(desired: Desired | LiveState, c: Container) -> list[str]:
@@ -241,7 +283,7 @@ def container_up_plan(backend: FirewallBackend, store: Store, c: Container) -> C
 
 
 def container_up(backend: FirewallBackend, store: Store, c: Container, command: str, *,
-                 confirm: int | None = None) -> ContainerResult:
+                 confirm: int | None = None, jail=None) -> ContainerResult:
     """Open (or replace) one container's rules in one change; its record is saved, its log rewritten."""
     with txn.change(backend, store, command, confirm=confirm) as ch:
         desired, previous = container_desired(store, c)
@@ -249,9 +291,11 @@ def container_up(backend: FirewallBackend, store: Store, c: Container, command: 
         store.save_container(c)
         diff = container_diff(outcome.before, backend.target(desired), previous, c)
         ch.changed = outcome.changed
+        # inside the change: a jail fail2ban's own test refuses undoes the rules too
+        banning = fail2ban_files(store, c.name, jail, command)
     store.write_container_log(c.name, records.container_log_text(c.name, c, diff.added, diff.removed, "up",
                                                                  diff.kept), append=False)
-    return ContainerResult(ch, outcome, diff.added, diff.removed, diff.kept)
+    return ContainerResult(ch, outcome, diff.added, diff.removed, diff.kept, banning)
 
 
 def container_down(backend: FirewallBackend, store: Store, name: str, command: str, *,
@@ -269,7 +313,7 @@ def container_down(backend: FirewallBackend, store: Store, name: str, command: s
         ch.changed = outcome.changed
     removed = container_lines(outcome.before, c)
     store.write_container_log(name, records.container_log_text(name, None, [], removed, "down"), append=True)
-    return ContainerResult(ch, outcome, [], removed)
+    return ContainerResult(ch, outcome, [], removed, fail2ban=fail2ban_files(store, name, None, command))
 
 
 # -- boot ----------------------------------------------------------------------------------

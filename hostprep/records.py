@@ -127,6 +127,8 @@ def container_log_text(name: str, c, added: list[str], removed: list[str], event
                      f"hardening {'on' if c.hardening else 'OFF'}")
         lines += [container_log_file_line(f) for f in c.files]
         lines += [f"# ipset {s.name}: {len(s.members)} members" for s in c.sets()]
+        if c.ban_set() is not None:
+            lines.append(f"# ipset {c.ban_set().name}: ban set (fail2ban's bans; kept across reloads)")
     lines.append(f"# rules removed: {len(removed)}")
     lines += [f"removed: {ln}" for ln in removed]
     if event == "up":

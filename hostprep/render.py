@@ -14,6 +14,7 @@ import re
 import jinja2
 
 from hostprep import validate
+from hostprep.errors import InputError
 from hostprep.data import data_dir
 from hostprep.model import (BUILTIN_CHAINS, SPOOF_SOURCES, Chain, Container, Desired, IpSet, NftIngress, Policy,
                             Rule, Ruleset)
@@ -87,6 +88,19 @@ def container_text(containers: tuple[Container, ...], family: int) -> str:
     return _ENV.get_template("container.rules.j2").render(containers=mine)
 
 
+def ban_text(containers: tuple[Container, ...], family: int) -> str:
+    """The ban rules of one family (rules/ban.rules.j2), "" when no container of it has fail2ban on.
+
+    The nft backend (issue 13) implements the same contract with an nft set with
+    ``flags timeout`` in its own table; this function and ``Container.ban_set`` are the seam.
+    """
+    bans = [(c, c.ban_set(), c.set_name("lb") if c.networks("lb") else None)
+            for c in containers if c.family == family and c.ban_set() is not None]
+    if not bans:
+        return ""
+    return _ENV.get_template("ban.rules.j2").render(bans=bans)
+
+
 def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
     """The whole desired state: base hardening plus every container that is up.
 
@@ -94,11 +108,12 @@ def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
     chain whatever order the containers came up in.
     """
     containers = tuple(sorted(containers, key=lambda c: c.name))
-    v4 = parse_rules(filter_text(policy, 4) + container_text(containers, 4), 4)
-    v6 = parse_rules(filter_text(policy, 6) + container_text(containers, 6), 6)
+    v4 = parse_rules(ban_text(containers, 4) + filter_text(policy, 4) + container_text(containers, 4), 4)
+    v6 = parse_rules(ban_text(containers, 6) + filter_text(policy, 6) + container_text(containers, 6), 6)
     nft = None if policy.skip_ddos else NftIngress(policy.interface, nft_text(policy))
     sets = tuple(s for c in containers for s in c.sets())
-    return Desired(policy, v4, v6, nft, tuple(containers), sets)
+    bans = tuple(b for c in containers if (b := c.ban_set()) is not None)
+    return Desired(policy, v4, v6, nft, tuple(containers), sets, bans)
 
 
 # -- the native nftables backend (rules/hostprep.nft.j2) --------------------------------
@@ -238,6 +253,12 @@ def nft_view(script: str) -> dict[int, Ruleset]:
 def nft_desired(desired: Desired) -> Desired:
     """``desired`` in the form the nft backend loads and observes: the one script (as ``nft``),
     the per-family view of it (as v4/v6), the exempt and load-balancer sets with their members merged."""
+    bans = getattr(desired, "bans", ())
+    if bans:
+        names = ", ".join(c.name for c in desired.containers if c.ban_set() is not None)
+        raise InputError("--fail2ban", f"the nft backend does not carry fail2ban's ban sets yet (container "
+                         f"{names}); nothing was changed", "use --backend iptables on this host, or bring the "
+                         "container up without --fail2ban")
     script = nft_backend_text(desired.policy, desired.containers)
     view = nft_view(script)
     sets = tuple(IpSet(s.name, s.family, tuple(ipaddress.collapse_addresses(s.members))) for s in desired.sets)

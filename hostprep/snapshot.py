@@ -23,7 +23,7 @@ from hostprep import engine, persist, records, sysctl
 from hostprep import plan as planmod
 from hostprep.backend import for_variant
 from hostprep.errors import CommandFailed, InputError, StateError
-from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset, container_name
+from hostprep.model import BanSet, Chain, IpSet, NftIngress, Rule, Ruleset, container_name, is_ban_set
 from hostprep.plan import NftRecord
 from hostprep.runner import Runner
 from hostprep.state import Store, now, read_json, read_text, write_atomic
@@ -186,7 +186,9 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
             fw[str(fam)] = {"chains": [[c.name, [r.spec for r in c.rules]] for c in rs.chains],
                             "jumps": [[j.chain, j.spec] for j in rs.jumps]}
         snap["firewall"] = fw
-        snap["sets"] = {name: {"family": set_family(name, members), "members": sorted(members)}
+        # a ban set's members are fail2ban's (never restored): its name and family are enough
+        snap["sets"] = {name: {"family": set_family(name, members),
+                               "members": [] if is_ban_set(name) else sorted(members)}
                         for name, members in live.sets.items() if not name.endswith(planmod.TEMP_SUFFIX)}
         if live.nft is None:
             snap["nft"] = None
@@ -224,7 +226,10 @@ def snapshot_target(snap: Snapshot) -> Target:
         chains = tuple(Chain(name, tuple(Rule(name, s) for s in specs)) for name, specs in part["chains"])
         jumps = tuple(Rule(c, s) for c, s in part["jumps"])
         rulesets[fam] = Ruleset(fam, chains, jumps)
-    sets = tuple(IpSet(name, int(s["family"]), tuple(ipaddress.ip_network(m) for m in s["members"]))
+    # A ban set is put back (created when missing) but never refilled: its members are
+    # fail2ban's bans, which expire or are lifted by fail2ban, not by a rollback.
+    sets = tuple(BanSet(name, int(s["family"])) if is_ban_set(name) else
+                 IpSet(name, int(s["family"]), tuple(ipaddress.ip_network(m) for m in s["members"]))
                  for name, s in sorted(snap.sets.items()))
     nft = snap.nft
     return Target(rulesets[4], rulesets[6], NftIngress(nft.device, nft.script) if nft else None, sets)

@@ -265,7 +265,7 @@ class Store:
     def container_log(self, name: str) -> Path:
         return self.paths.log_dir / "iptables_logs" / f"{name}.log"
 
-    def write_container_log(self, name: str, text: str, append: bool) -> None:
+    def write_container_log(self, name: str, text: str, *, append: bool) -> None:
         """0640 from creation, as logrotate's 'create' makes it; an existing file's mode is fixed;
         a symlink in its place is refused (O_NOFOLLOW)."""
         path = self.container_log(name)

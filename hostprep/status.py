@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from hostprep import persist, records, render, selinux, snapshot, sysctl, timers, txn
+from hostprep import fail2ban as f2b
 from hostprep import plan as planmod
 from hostprep.backend import FirewallBackend, name_of
 from hostprep.errors import HostprepError
@@ -153,8 +154,12 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
         report["containers"].append(rep)
         if c.hardening and not rep["present"]:
             problems.append(f"container {c.name}: its rules are not live as recorded")
+    # fail2ban (issue 14): bans per container, the server, hostprep's jails
+    report["fail2ban"] = f2b.collect(runner, f2b.Files(store.paths.root), store.containers().values(), snap.sets)
+    problems.extend(f2b.problems(report["fail2ban"]))
+    warnings.extend(f2b.warnings(report["fail2ban"]))
     if desired is not None:
-        sets = planmod.plan_sets(desired.sets, snap.sets)
+        sets = planmod.plan_sets(planmod.wanted_sets(desired), snap.sets)
         problems.extend(sets.notes())
     report["kernel"], kernel_problems = kernel_section(store)
     problems.extend(kernel_problems)

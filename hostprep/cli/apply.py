@@ -11,6 +11,7 @@ import typer
 import typer.core
 
 from hostprep import engine
+from hostprep import fail2ban as f2b
 from hostprep import nic as nicmod
 from hostprep import ops, persist, records, render, selinux, settings
 from hostprep.backend import FirewallBackend
@@ -34,14 +35,23 @@ def settings_policy(fw: FirewallSettings) -> Policy:
     return Policy(fw.interface, fw.skip_ddos, fw.allow_private, sources)
 
 
-def what_to_apply(flags: Flags, store: Store) -> tuple[Optional[Policy], bool, str]:
-    """(firewall policy or None, apply the kernel profile?, where the settings came from): settings.resolve."""
+@dataclass(frozen=True)
+class ApplyWhat:
+    """What an apply does: the firewall policy (None: the kernel part only), the kernel profile or not,
+    and where the settings came from (settings.resolve)."""
+
+    policy: Optional[Policy]
+    kernel: bool
+    source: str
+
+
+def what_to_apply(flags: Flags, store: Store) -> ApplyWhat:
     resolved = settings.resolve("apply", flags, store)
-    policy = settings_policy(resolved.firewall) if resolved.firewall is not None else None
-    return policy, resolved.kernel, resolved.source
+    return ApplyWhat(settings_policy(resolved.firewall) if resolved.firewall is not None else None, resolved.kernel,
+                     resolved.source)
 
 
-def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> list[str]:
+def selinux_gate(store: Store, *, ignore_flag: bool, core: Optional[Path]) -> list[str]:
     """Refuse unless SELinux is enforcing, --ignore-selinux, or NGX_IGNORE_SELINUX=true in --core;
     returns the warnings, which the caller prints once, after its work."""
     fs, config = selinux.default_paths(store.paths.root)
@@ -49,7 +59,7 @@ def selinux_gate(store: Store, ignore_flag: bool, core: Optional[Path]) -> list[
     return selinux.check_enforcing(state, ignore_flag, selinux.ignore_from_core(core))
 
 
-def ssh_guard(runner: Runner, info: nicmod.NicInfo, force: bool) -> None:
+def ssh_guard(runner: Runner, info: nicmod.NicInfo, *, force: bool) -> None:
     """Refuse while the admin's own SSH session (or any sshd connection) arrives through the NIC."""
     session = nicmod.find_ssh_session()
     msg = None
@@ -70,7 +80,7 @@ def ssh_guard(runner: Runner, info: nicmod.NicInfo, force: bool) -> None:
               "and such sessions will hang")
 
 
-def rp_filter_guard(runner: Runner, force: bool) -> None:
+def rp_filter_guard(runner: Runner, *, force: bool) -> None:
     """Strict rp_filter cuts an SSH session that arrives on one NIC and is routed back by another."""
     session = nicmod.find_ssh_session()
     if session is None or not session.same_netns:
@@ -135,7 +145,7 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
         if [str(n) for n in src.networks] != [src.given]:
             out.print(f"-p {src.given} -> {', '.join(str(n) for n in src.networks)}")
     runner: Runner = DryRunner() if dry_run else Runner()
-    ssh_guard(runner, info, force)
+    ssh_guard(runner, info, force=force)
     show_nic(info)
     at_risk = nicmod.untracked_connections(list(info.ipv4 + info.ipv6))
     if at_risk:
@@ -143,8 +153,8 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
                   f"TCP connection(s) on {info.name} will be classified NEW without SYN and dropped")
     be = pick_backend(runner, backend)
     containers: tuple = ()
-    with unreadable_in_dry_run(dry_run, "the containers that are up cannot be read; showing the base hardening "
-                               "only"):
+    with unreadable_in_dry_run("the containers that are up cannot be read; showing the base hardening only",
+                               dry_run=dry_run):
         containers = tuple(store.containers().values())
     moving_from = nic_switch_guard(store, info, containers, yes=yes, switch_nic=switch_nic)
     desired = render.desired(policy, containers)
@@ -161,7 +171,7 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
         out.print("dry run: nothing was changed")
         return None
     confirm(f"Move the hardening from {moving_from} to {info.name} (backend {be.name})?" if moving_from else
-            f"Apply the hardening on {info.name} (backend {be.name})?", yes)
+            f"Apply the hardening on {info.name} (backend {be.name})?", yes=yes)
     return Prepared(info, be, desired)
 
 
@@ -220,17 +230,17 @@ def apply_cmd(
     store = Store(Paths.from_env())
     if not dry_run:
         need_root("apply")
-    policy, do_kernel, source = what_to_apply(Flags(interface, skip_ddos, allow_private, tuple(ping_from), kernel),
-                                              store)
+    what = what_to_apply(Flags(interface, skip_ddos, allow_private, tuple(ping_from), kernel), store)
+    policy, do_kernel, source = what.policy, what.kernel, what.source
     # Every guard runs before any change, and for a dry run too: a dry run refuses
     # (same line, same exit code) where the real run would.
     selinux_warnings: list[str] = []
-    with unreadable_in_dry_run(dry_run, "the SELinux state cannot be read; the real run checks it"):
-        selinux_warnings = selinux_gate(store, ignore_selinux, core)
+    with unreadable_in_dry_run("the SELinux state cannot be read; the real run checks it", dry_run=dry_run):
+        selinux_warnings = selinux_gate(store, ignore_flag=ignore_selinux, core=core)
     if do_kernel:
         # -i ... -k must not load the firewall and then refuse the kernel part.
-        rp_filter_guard(Runner(), force)
-    pending_guard(store, dry_run)
+        rp_filter_guard(Runner(), force=force)
+    pending_guard(store, dry_run=dry_run)
     if source == settings.SOURCE_REMEMBERED:
         out.print("re-applying the remembered settings: "
                   + ("firewall on " + policy.interface if policy else "")
@@ -280,13 +290,13 @@ def flush_cmd(
                                     "hostprep-nic@, the iptables-services drop-ins), so nothing comes back "
                                     "at the next boot."),
 ) -> None:
-    """Remove hostprep's chains, jumps, sets and nft table, and nothing else. Settings stay remembered."""
+    """Remove hostprep's chains, jumps, sets, nft table and fail2ban jails, and nothing else. Settings stay remembered."""
     if kernel and persistent:
         raise InputError("--kernel/--persistent", "--kernel restores the kernel values only, --persistent goes "
                          "with the firewall flush", "run 'hostprep flush --kernel' and 'hostprep flush --persistent'")
     need_root("flush")
     store = Store(Paths.from_env())
-    pending_guard(store, dry_run)           # a dry run refuses where the real flush would
+    pending_guard(store, dry_run=dry_run)   # a dry run refuses where the real flush would
     argv = "hostprep " + " ".join(sys.argv[1:])
     if kernel:
         if dry_run:
@@ -302,9 +312,15 @@ def flush_cmd(
     if dry_run:
         record = records.load_applied(store, tolerant=True)
         print_plan(engine.make_plan(be, None, record.nft if record else None))
+        files = f2b.Files(store.paths.root)
+        for p in files.jails() + [p for p in (files.filter, files.action) if p.is_file()] + files.logrotates():
+            out.print(f"fail2ban: would remove {p}", markup=False)
         out.print("dry run: nothing was changed")
         return
-    outcome = ops.flush(be, store, argv)
+    flushed = ops.flush(be, store, argv)
+    if flushed.fail2ban is not None:
+        (err if flushed.fail2ban.failed else out).print(f"fail2ban: {flushed.fail2ban.line}", markup=False)
+    outcome = flushed.outcome
     if outcome.changed:
         for action in outcome.notes:
             out.print(f"  - {action}")

@@ -125,7 +125,7 @@ def need_root(what: str) -> None:
                                f"run it with sudo: sudo hostprep {what}")
 
 
-def confirm(prompt: str, yes: bool) -> None:
+def confirm(prompt: str, *, yes: bool) -> None:
     if yes:
         return
     if not sys.stdin.isatty():
@@ -138,7 +138,7 @@ def confirm(prompt: str, yes: bool) -> None:
 
 
 @contextlib.contextmanager
-def unreadable_in_dry_run(dry_run: bool, what: str):
+def unreadable_in_dry_run(what: str, *, dry_run: bool):
     """A state file root alone can read: an error for a real run (or as root), a note for a
     dry run without root (which changes nothing and shows what it can)."""
     try:
@@ -149,9 +149,9 @@ def unreadable_in_dry_run(dry_run: bool, what: str):
         out.print(f"(not root: {what})")
 
 
-def pending_guard(store: Store, dry_run: bool) -> None:
+def pending_guard(store: Store, *, dry_run: bool) -> None:
     """A change waiting for 'hostprep confirm' blocks the next one (a dry run says so the same way)."""
-    with unreadable_in_dry_run(dry_run, "whether a change waits for confirmation cannot be read"):
+    with unreadable_in_dry_run("whether a change waits for confirmation cannot be read", dry_run=dry_run):
         timers.refuse_if_pending(store)
 
 

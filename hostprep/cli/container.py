@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer.core
 
 from hostprep import nic as nicmod
 from hostprep import envfiles, ops, records, timers
+from hostprep import fail2ban as f2b
 from hostprep.plan import plural
 from hostprep import plan as planmod
 from hostprep import status as statusmod
@@ -25,7 +27,35 @@ from hostprep.cli.common import (EXAMPLES, BackendOpt, ConfirmOpt, PlainCommand,
 from hostprep.cli.output import err, out, print_containers, print_plan, say, say_pending
 
 
-def confirm_widening(name: str, widening: list[str], yes: bool) -> None:
+def fail2ban_part(c, previous, files, store: Store, wanted: Optional[bool]):
+    """NAME with fail2ban on or off (given, else as at its last up) and its jail, validated
+    before anything changes (bad input: one line, nothing written)."""
+    on = wanted if wanted is not None else bool(previous is not None and previous.fail2ban)
+    c = dataclasses.replace(c, fail2ban=on and c.hardening)
+    if not on:
+        return c, None
+    f2b.require_installed(Runner(), f2b.Files(store.paths.root))
+    return c, f2b.resolve(c, files.env, files.core, files.installer, store.paths.root)
+
+
+def fail2ban_dry_run(name: str, jail, previous, store: Store) -> None:
+    files = f2b.Files(store.paths.root)
+    if jail is not None:
+        for path, text in f2b.wanted_files(jail, files).items():
+            same = path.is_file() and path.read_text() == text
+            out.print(f"fail2ban: {path} {'unchanged' if same else 'would be written'}", markup=False)
+        out.print(f"fail2ban: ban set {jail.ban.name}; then 'fail2ban-client reload' if fail2ban runs", markup=False)
+    elif previous is not None and previous.fail2ban:
+        out.print(f"fail2ban: {files.jail(name)} and {files.logrotate(name)} would be removed", markup=False)
+
+
+def say_fail2ban(result) -> None:
+    if result is not None:
+        (err if result.failed else out).print(f"fail2ban: {result.line}", markup=False,
+                                              style="yellow" if result.failed else None)
+
+
+def confirm_widening(name: str, widening: list[str], *, yes: bool) -> None:
     """A re-up that widens access goes ahead with -y, or after a y at a terminal; else refused."""
     if not widening or yes:
         return
@@ -59,6 +89,10 @@ def container_up_cmd(
                                            "networks wider than /8 (IPv4) or /32 (IPv6); /0 is never accepted."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would change (the plan and the rules), "
                                  "run every check, change nothing; exit as the real run would."),
+    fail2ban: Optional[bool] = typer.Option(None, "--fail2ban/--no-fail2ban", help="Ban in the firewall the "
+                                            "addresses the proxy logs to HOST_WORKING_DIR/logs/blocking.log (a "
+                                            "fail2ban jail, a ban set, logrotate for the proxy's logs); remembered "
+                                            "for NAME's next up. Needs fail2ban installed."),
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
@@ -68,7 +102,9 @@ def container_up_cmd(
     them again; a file given replaces the remembered one (--no-core/--no-installer
     drop one).  Changes that widen access (restriction off, exempt or load-balancer
     entries added, limits raised, ports added, hardening switched) are listed first
-    and need -y or a y at a terminal.
+    and need -y or a y at a terminal.  --fail2ban (remembered) also writes NAME's
+    fail2ban jail and the logrotate file of its logs, and bans in the firewall what
+    the proxy logs to blocking.log.
     """
     container_name(name)
     need_root("container up")
@@ -83,6 +119,7 @@ def container_up_cmd(
         c = envfiles.load_container(name, files.env, files.core, files.installer, info.name,
                                     list(info.ipv4 + info.ipv6), key=store.file_key(create=not dry_run),
                                     allow_wide=allow_wide_exempt)
+    c, jail = fail2ban_part(c, previous, files, store, fail2ban)
     if set(files.sources.values()) - {"given", "none"}:
         out.print(f"container {name}: files: {files.describe()}", markup=False)
     for w in envfiles.permission_warnings([p for p in (files.env, files.core, files.installer) if p]):
@@ -106,18 +143,20 @@ def container_up_cmd(
             out.print(f"  removed: {ln}", markup=False)
         for ln in preview.added:
             out.print(f"  added: {ln}", markup=False)
+        fail2ban_dry_run(name, jail, previous, store)
         if confirm_secs is not None:
             out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
         out.print("dry run: nothing was changed")
         if widening and not yes and sys.stdin.isatty():
             out.print("(the real run would ask before widening access)")
-        confirm_widening(name, widening, yes or sys.stdin.isatty())
+        confirm_widening(name, widening, yes=yes or sys.stdin.isatty())
         return
-    confirm_widening(name, widening, yes)
+    confirm_widening(name, widening, yes=yes)
     be = pick_backend(Runner(), backend)
     argv = "hostprep " + " ".join(sys.argv[1:])
-    res = ops.container_up(be, store, c, argv, confirm=confirm_secs)
+    res = ops.container_up(be, store, c, argv, confirm=confirm_secs, jail=jail)
     outcome, added, removed = res.outcome, res.added, res.removed
+    say_fail2ban(res.fail2ban)
     for note in res.change.recovered:
         say(err, "yellow", "recovered:", f"{note}")
     for w in outcome.warnings:
@@ -136,7 +175,7 @@ def container_down_cmd(
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
-    """Remove exactly NAME's rules (and its sets); other containers and the base stay."""
+    """Remove exactly NAME's rules (and its sets, its fail2ban jail); other containers and the base stay."""
     container_name(name)
     need_root("container down")
     store = Store(Paths.from_env())
@@ -146,6 +185,7 @@ def container_down_cmd(
     removed = res.removed
     for note in res.change.recovered:
         say(err, "yellow", "recovered:", f"{note}")
+    say_fail2ban(res.fail2ban)
     out.print(f"container {name}: {plural(len(removed), 'rule')} removed; log {store.container_log(name)}")
     say_pending(res.change)
 

@@ -16,7 +16,7 @@ from hostprep.cli.common import handle_errors, need_root, selinux_app, working
 from hostprep.cli.output import out
 
 
-def _selinux_run(action: str, working_dir: Path, dry_run: bool) -> None:
+def _selinux_run(action: str, working_dir: Path, *, dry_run: bool) -> None:
     need_root(f"selinux {action}")
     store = Store(Paths.from_env())
     fs, cfg = selinux.default_paths(store.paths.root)
@@ -53,7 +53,7 @@ def selinux_install_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Compile and show the commands; change nothing."),
 ) -> None:
     """Load the hostprep_proxy module (semodule -i) and label the working directory (restorecon)."""
-    _selinux_run("install", working_dir, dry_run)
+    _selinux_run("install", working_dir, dry_run=dry_run)
 
 
 @selinux_app.command("remove")
@@ -63,4 +63,4 @@ def selinux_remove_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the commands; change nothing."),
 ) -> None:
     """Undo 'selinux install': drop the file-context mappings, relabel, remove the module when unused."""
-    _selinux_run("remove", working_dir, dry_run)
+    _selinux_run("remove", working_dir, dry_run=dry_run)

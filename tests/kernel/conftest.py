@@ -34,7 +34,7 @@ import pytest
 from hostprep import render
 from hostprep.plan import plan_family, restore_text
 from hostprep.model import SET_PREFIX
-from hostprep.observed import Observed, parse_nft_json, parse_save
+from hostprep.observed import Observed, parse_nft_json, parse_nft_listing, parse_save
 from hostprep.runner import Runner
 from hostprep.sandbox import Sandbox
 
@@ -194,7 +194,6 @@ class Host:
         return "\n".join(parts) if parts else None
 
     def nft_counter(self, comment: str) -> int:
-        from hostprep.observed import parse_nft_listing
         res = self.run(self.box.host, ["nft", "list", "table", "netdev", "hostprep"], check=False)
         if res.returncode != 0:
             return 0

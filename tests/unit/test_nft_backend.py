@@ -224,3 +224,12 @@ def test_without_the_nic_the_ingress_table_waits(tmp_path: Path, proc: Path):
     (script,) = [i for a, i, m in fake.calls if m]
     assert ("table inet hostprep {" in script, "table netdev hostprep {" in script) == (True, False)
     assert sorted(fake.tables) == ["inet hostprep"]
+
+
+def test_fail2ban_ban_sets_are_refused_on_the_nft_backend():
+    c = container(fail2ban=True)
+    with pytest.raises(InputError) as err:
+        render.nft_desired(render.desired(Policy("eth1"), (c,)))
+    assert err.value.line() == ("--fail2ban: the nft backend does not carry fail2ban's ban sets yet (container "
+                                "finesse); nothing was changed (use --backend iptables on this host, or bring the "
+                                "container up without --fail2ban)")
