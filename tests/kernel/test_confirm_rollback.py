@@ -564,6 +564,36 @@ def test_rollback_on_demand_then_nothing_left(t):
     assert snapshot(host) == before
 
 
+def nft_chain_block(nft: str, chain: str) -> list[str]:
+    """The rules of ``chain`` (and its sub-chains) in a native state's nft text."""
+    out, inside = [], False
+    for line in nft.splitlines():
+        m = re.match(r"^\tchain (\S+) \{", line)
+        if m:
+            inside = m.group(1) == chain or m.group(1).startswith(chain + ".")
+        elif line == "\t}":
+            inside = False
+        elif inside and line.strip():
+            out.append(line.strip())
+    return out
+
+
+def c_lines(host, state: dict, name: str, fam: int = 4) -> list[str]:
+    """A container's rules in a state: iptables-save lines, or the native table's chain."""
+    if host.native:
+        return nft_chain_block(state["nft"] or "", f"HOSTPREP-C-{name}-v{fam}")
+    return container_lines(state[f"filter{fam}"], name)
+
+
+def c_sets(host, state: dict, each=None) -> dict:
+    """hostprep's exempt/load-balancer sets in a state: ipset blocks (``each``: members), or the native
+    table's interval sets (name -> its members line, conftest.Host.nft_state)."""
+    if host.native:
+        return {ln.split(":")[0][len("set "):]: ln for ln in (state["nft"] or "").splitlines()
+                if ln.startswith("set hostprep-")}
+    return (each or ipset_blocks)(state["ipset"])
+
+
 # --------------------------------------------------------------------------- 7. container up, unconfirmed
 
 def test_unconfirmed_container_up_is_rolled_back_other_container_untouched(t, tmp_path):
@@ -575,8 +605,8 @@ def test_unconfirmed_container_up_is_rolled_back_other_container_untouched(t, tm
     core_b = env_file(tmp_path, "core-b.env", NGX_RATELIMIT_DISABLE_IPS="192.0.2.99")
     t.hp("container", "up", "fin", "--env", str(fin_env), "--core", str(core_a))
     before = snapshot(host)
-    fin4, fin6 = container_lines(before["filter4"], "fin"), container_lines(before["filter6"], "fin")
-    fin_sets = ipset_blocks(before["ipset"])
+    fin4, fin6 = c_lines(host, before, "fin"), c_lines(host, before, "fin", 6)
+    fin_sets = c_sets(host, before)
     assert len(fin4) >= 3 and fin_sets != {}
     probes = [{"kind": "connect", "dst": HOST_EXT4, "port": 8553, "src": SRC_B, "timeout": QUIET},
               {"kind": "connect", "dst": HOST_EXT4, "port": 8445, "src": SRC_B, "timeout": ANSWER}]
@@ -592,11 +622,11 @@ def test_unconfirmed_container_up_is_rolled_back_other_container_untouched(t, tm
     assert armed_line(p) in up.stderr.splitlines()
     assert probed_in_time, "the probe of the pending state ended after the deadline"
     assert live == [{"answered": True, "reply": "refused"}]            # ids' port 8553 is open while pending
-    assert container_lines(during["filter4"], "ids") != []
-    new_sets = sorted(set(ipset_blocks(during["ipset"])) - set(fin_sets))
+    assert c_lines(host, during, "ids") != []
+    new_sets = sorted(set(c_sets(host, during)) - set(fin_sets))
     assert len(new_sets) >= 1
     assert f"{CONTAINERS_DIR}/ids.json" in during["files"]
-    assert container_lines(during["filter4"], "fin") == fin4
+    assert c_lines(host, during, "fin") == fin4
 
     line = t.wait_rolled_back(p)
 
@@ -604,13 +634,13 @@ def test_unconfirmed_container_up_is_rolled_back_other_container_untouched(t, tm
     after = snapshot(host)
     for part in ("filter4", "filter6", "ipset", "nft", "files"):
         assert after[part] == before[part], part
-    assert container_lines(after["filter4"], "ids") == container_lines(after["filter6"], "ids") == []
-    assert "HOSTPREP-C-ids" not in after["filter4"] + after["filter6"]
-    assert set(ipset_blocks(after["ipset"])) & set(new_sets) == set()
+    assert c_lines(host, after, "ids") == c_lines(host, after, "ids", 6) == []
+    assert "HOSTPREP-C-ids" not in after["filter4"] + after["filter6"] + (after["nft"] or "")
+    assert set(c_sets(host, after)) & set(new_sets) == set()
     assert not (host.root / CONTAINERS_DIR / "ids.json").exists()
     # the container that was up before: its exact rules and sets (same initval: never recreated)
-    assert (container_lines(after["filter4"], "fin"), container_lines(after["filter6"], "fin")) == (fin4, fin6)
-    assert ipset_blocks(after["ipset"]) == fin_sets
+    assert (c_lines(host, after, "fin"), c_lines(host, after, "fin", 6)) == (fin4, fin6)
+    assert c_sets(host, after) == fin_sets
     assert host.probe(host.box.inet, probes) == closed_open
 
 
@@ -636,8 +666,8 @@ def test_unconfirmed_container_replace_brings_the_old_rules_and_sets_back(t, tmp
     p = t.armed()
     during = snapshot(host)
     assert time.time() < p["deadline"], "the pending state was looked at after the deadline"
-    assert container_lines(during["filter4"], "fin") != container_lines(before["filter4"], "fin")
-    assert members(during["ipset"]) != members(before["ipset"])
+    assert c_lines(host, during, "fin") != c_lines(host, before, "fin")
+    assert c_sets(host, during, members) != c_sets(host, before, members)
     assert during["files"][f"{CONTAINERS_DIR}/fin.json"] != before["files"][f"{CONTAINERS_DIR}/fin.json"]
 
     line = t.wait_rolled_back(p)
@@ -646,7 +676,7 @@ def test_unconfirmed_container_replace_brings_the_old_rules_and_sets_back(t, tmp
     after = snapshot(host)
     for part in ("filter4", "filter6", "nft", "files"):
         assert after[part] == before[part], part
-    assert members(after["ipset"]) == members(before["ipset"])
+    assert c_sets(host, after, members) == c_sets(host, before, members)
     # the old exempt set is live again: SRC_A passes as exempt, SRC_B within the rate
     exempt = '"hostprep containers: fin exempt"'
     within = '"hostprep containers: fin within rate"'

@@ -207,7 +207,11 @@ def container_list(host) -> list[dict]:
 
 
 def container_lines(host, family: int) -> list[str]:
-    """The -A lines of the filter table that belong to container "fin" (dispatch rule and chain)."""
+    """The -A lines of the filter table that belong to container "fin" (dispatch rule and chain); on
+    the native backend the same as the backend shows them (each rule's comment and verdict)."""
+    if host.native:
+        obs = host.observed(family)
+        return [f"-A {r.chain} {r.spec}" for r in obs.rules if "HOSTPREP-C-fin" in r.chain + " " + r.spec]
     return [ln for ln in host.save(family, counters=False).splitlines()
             if ln.startswith("-A ") and "HOSTPREP-C-fin" in ln]
 
