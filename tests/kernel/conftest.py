@@ -222,6 +222,11 @@ def load_rendered(host, policy, family: int) -> None:
 
 @pytest.fixture(params=["nft", "legacy", "native"])
 def variant(request) -> str:
+    """The backend of the test.  "native" runs only in the modules that say ``NATIVE = True`` (their
+    checks read hostprep's part through Host.observed or the native table); the others stay on the
+    two iptables variants until they are adapted."""
+    if request.param == "native" and not getattr(request.module, "NATIVE", False):
+        pytest.skip("this module's checks are iptables-specific (not yet run on the native backend)")
     return request.param
 
 

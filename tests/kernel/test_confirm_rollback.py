@@ -66,6 +66,9 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 # --------------------------------------------------------------------------- helpers
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
 def command_of(args) -> str:
     """The command line hostprep records (``hostprep`` + its arguments)."""
     return "hostprep " + " ".join(args)

@@ -53,6 +53,9 @@ BIG = 1000      # a connection limit no burst of these tests reaches
 
 # --------------------------------------------------------------------------- helpers
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
 def chain(name: str) -> str:
     """The container's chain (names up to 17 characters are used as they are)."""
     return f"HOSTPREP-C-{name}"

@@ -51,6 +51,9 @@ BASE = ("-i", "eth1", "-y")            # the base hardening on the sandbox's ext
 
 # --------------------------------------------------------------------------- observing
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
 def zero_policy_counters(text: str) -> str:
     """iptables-legacy-save prints the built-in chains' policy counters even without -c."""
     return re.sub(r"^(:\S+ \S+) \[\d+:\d+\]$", r"\1 [0:0]", text, flags=re.M)

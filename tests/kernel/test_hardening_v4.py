@@ -34,6 +34,9 @@ SPOOF_CHAINS = ("HOSTPREP-SPOOF",)
 # --------------------------------------------------------------------------- helpers
 
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
 def counted(host, probe_ns: str, probe: dict, counters: dict) -> tuple[dict, dict]:
     """Send one probe; return its result and the delta of each named counter.
 

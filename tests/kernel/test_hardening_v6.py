@@ -33,6 +33,9 @@ PING_ALLOWED = "hostprep icmp: ping allowed (-p)"
 FRAG_COMMENT = "hostprep ddos: ipv6 fragment"
 
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
 def icmp6_type(reply: str | None) -> str | None:
     """The ICMPv6 type of a probe reply.
 

@@ -28,6 +28,9 @@ NOTHING_YET = "nothing applied yet: run 'hostprep apply -i <external NIC>'"
 REPO = str(Path(__file__).resolve().parents[2])
 
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
 def chain_counters_zeroed(text: str) -> str:
     """iptables-legacy-save prints the built-in chains' policy counters even without -c."""
     return re.sub(r"^(:\S+ \S+) \[\d+:\d+\]$", r"\1 [0:0]", text, flags=re.M)

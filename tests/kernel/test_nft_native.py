@@ -44,6 +44,9 @@ OTHER_TABLE = """table inet othertable {
 """
 
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
 @pytest.fixture
 def variant() -> str:
     return "native"

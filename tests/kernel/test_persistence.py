@@ -91,6 +91,9 @@ COMMIT
 
 # --------------------------------------------------------------------------- unit files
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
 @dataclasses.dataclass(frozen=True)
 class UnitCommand:
     """One Exec*= line of an installed unit, as systemd would run it."""
