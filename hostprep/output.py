@@ -139,7 +139,7 @@ def attack_lines(att: dict | None) -> list[str]:
         out.append(f"ingress ({ing['device']}) dropped: {r.get('fragments', 0):,} fragments, "
                    f"{r.get('bogus_flags', 0):,} bogus flags")
     sc = att.get("syn_cookies")
-    if sc:
+    if sc and ing:      # (the SYN counting lives in the ingress table)
         r = (ing or {}).get("dropped_or_counted") or {}
         flooded = ", ".join(sc["flooded"]) or "none now"
         out.append(f"SYN to container ports: {r.get('syn_tracked', 0):,} tracked, "
