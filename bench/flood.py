@@ -20,7 +20,10 @@ Printed per scenario, none and hostprep side by side: legitimate success and p50
 connect time, the flood rate absorbed (packets the host's NIC took in per second: on a
 veth pair the sender's CPU runs the receiver's path, so this is a measure of the
 receiver's cost per packet), conntrack entries at the end, and CPU time per million
-flood packets (all CPUs, from /proc/stat).  Ratios are hostprep / none.  No timed
+flood packets (all CPUs, from /proc/stat); per flood, conntrack entries per flood packet
+sent and the SYN cookies hostprep's host sent (/proc/net/stat/synproxy), and the load
+average (the machine may be shared).  Ratios are hostprep / none.  The hostprep sandbox
+gets net.netfilter.nf_conntrack_tcp_loose=0, as the kernel profile (apply -k) sets it.  No timed
 assertion anywhere; ``--smoke`` is the short run CI makes (it fails only when the
 bench itself cannot run or a legitimate client never gets through in calm).
 
