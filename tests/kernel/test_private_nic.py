@@ -86,13 +86,17 @@ print("sent")
 """
 
 FLOOD = r"""
-import random
+import random, socket, sys
 from scapy.layers.inet import IP, TCP
-from scapy.sendrecv import send
-import sys
-n, dst = int(sys.argv[1]), sys.argv[2]
-send([IP(src=f"198.18.{i // 256}.{i % 256}", dst=dst) / TCP(sport=random.randint(1024, 65535), dport=8445,
-      flags="S", options=[("MSS", 1460)]) for i in range(n)], verbose=0)
+from scapy.layers.l2 import Ether
+n, dst, mac = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+frames = [bytes(Ether(dst=mac) / IP(src=f"198.18.{i // 256}.{i % 256}", dst=dst) /
+                TCP(sport=random.randint(1024, 65535), dport=8445, flags="S", options=[("MSS", 1460)]))
+          for i in range(n)]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for f in frames:      # back to back: over the threshold's rate however slowly they were built
+    s.send(f)
 """
 
 
@@ -144,7 +148,7 @@ def test_private_external_nic_gets_replies_and_drops_private_spoofs(host, tmp_pa
         assert spoof_drops(host) - spoof0 == 3
 
         # flooded container ports: a private-source SYN is dropped before the SYNPROXY target
-        host.run(host.box.inet, [sys.executable, "-c", FLOOD, str(2 * SYNPROXY_BURST), NIC_PRIV])
+        host.run(host.box.inet, [sys.executable, "-c", FLOOD, str(2 * SYNPROXY_BURST), NIC_PRIV, mac])
         cookies0 = syn_cookies_sent(host)
         assert cookies0 > 0
         send(host, kind="tcp", src="10.0.0.99", dst=NIC_PRIV, sport=40001, dport=PORT)
