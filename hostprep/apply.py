@@ -213,7 +213,7 @@ def make_plan(backend: Backend, desired: Desired | None, record: dict | None,
         want = desired.ruleset(fam) if desired else None
         families[fam] = planmod.plan_family(want, snap.observed[fam])
         texts[fam] = planmod.restore_text(families[fam], want)
-    sets = planmod.plan_sets(desired.sets if desired else (), snap.sets)
+    sets = planmod.plan_sets(planmod.wanted_sets(desired), snap.sets)
     return ApplyPlan(desired, families, texts, plan_nft(desired, snap.nft, record, keep=keep_nft), snap, sets)
 
 

@@ -105,8 +105,11 @@ def spoof_range(net: ipaddress.IPv4Network | ipaddress.IPv6Network
     return next((r for r in map(ipaddress.ip_network, SPOOF_SOURCES[net.version]) if net.overlaps(r)), None)
 
 
+BAN_CHAIN = "HOSTPREP-BAN"     # rules/ban.rules.j2: counted with the containers
+
+
 def group_of_chain(chain: str) -> str | None:
-    if chain.startswith("HOSTPREP-C-"):
+    if chain.startswith("HOSTPREP-C-") or chain == BAN_CHAIN:
         return "containers"
     for group, chains in GROUPS.items():
         if chain in chains:
@@ -259,6 +262,7 @@ class Desired:
     nft: NftIngress | None
     containers: tuple["Container", ...] = ()
     sets: tuple["IpSet", ...] = ()
+    bans: tuple["BanSet", ...] = ()       # containers with fail2ban: created when missing, never refilled
 
     def ruleset(self, family: int) -> Ruleset:
         return self.v4 if family == 4 else self.v6
@@ -429,6 +433,7 @@ class Container:
     exempt: tuple[Network, ...] = ()                       # rate-limit-disable + Cloud Connect clients
     files: tuple[EnvFile, ...] = ()
     ipv6_source_prefix: int = IPV6_SOURCE_PREFIX_DEFAULT   # HOSTPREP_IPV6_SOURCE_PREFIX
+    fail2ban: bool = False                                 # container up --fail2ban (hostprep/fail2ban.py)
 
     def __post_init__(self) -> None:
         container_name(self.name)
@@ -506,7 +511,8 @@ class Container:
                 "dest": str(self.dest), "limits": self.limits.as_dict(), "hardening": self.hardening,
                 "restricted": self.restricted, "load_balancers": [str(n) for n in self.load_balancers],
                 "exempt": [str(n) for n in self.exempt],
-                "files": [f.as_dict() for f in self.files], "ipv6_source_prefix": self.ipv6_source_prefix}
+                "files": [f.as_dict() for f in self.files], "ipv6_source_prefix": self.ipv6_source_prefix,
+                **({"fail2ban": True} if self.fail2ban else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Container":
@@ -516,7 +522,13 @@ class Container:
                    tuple(ipaddress.ip_network(n) for n in d["exempt"]),
                    tuple(EnvFile.from_dict(f, i) for i, f in enumerate(d.get("files", []))),
                    # records before issue 12 have no prefix: the default (/64) applies to them too
-                   int(d.get("ipv6_source_prefix", IPV6_SOURCE_PREFIX_DEFAULT)))
+                   int(d.get("ipv6_source_prefix", IPV6_SOURCE_PREFIX_DEFAULT)),
+                   bool(d.get("fail2ban", False)))
+
+    def ban_set(self) -> "BanSet | None":
+        """The set fail2ban's hostprep-ban action fills (container up --fail2ban), of the
+        container's family: its ports are open on PROXY_BINDING_IP only."""
+        return BanSet(self.set_name("bn"), self.family) if self.fail2ban and self.hardening else None
 
     def file(self, role: str) -> "EnvFile | None":
         """The recorded env file of ``role`` (env, core, installer), if any."""
@@ -534,3 +546,40 @@ class IpSet:
     def __post_init__(self) -> None:
         if not self.name.startswith(SET_PREFIX) or len(self.name) > 31:
             raise InputError("ipset", f"{self.name!r} is not a hostprep set name")
+
+
+BAN_SET = __import__("re").compile(r"hostprep-[0-9a-f]{8}-bn[46]")
+BAN_SET_MAXELEM = 65536
+
+
+def is_ban_set(name: str) -> bool:
+    """A container's ban set (its members are fail2ban's bans, never hostprep's to set)."""
+    return BAN_SET.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class BanSet:
+    """A container's ban set: hash:ip with a timeout, created when missing and never
+    flushed, filled or swapped by hostprep (fail2ban adds and deletes the members;
+    each member carries the jail's bantime as its own timeout, so a ban ends even when
+    fail2ban is gone).  ``apply``, ``container up`` and ``boot`` reload hostprep's rules
+    around it and leave the bans in place; ``container down`` and ``flush`` destroy it.
+    """
+
+    name: str
+    family: int
+
+    def __post_init__(self) -> None:
+        if not is_ban_set(self.name) or self.name[-1] != str(self.family):
+            raise InputError("ipset", f"{self.name!r} is not a hostprep ban set name")
+
+    @property
+    def members(self) -> tuple:
+        return ()
+
+    def create_line(self, exist: bool = False) -> str:
+        """The one ``create`` line, for ``ipset restore`` and fail2ban's actionstart alike
+        (the same parameters, so either may create it first at boot)."""
+        family = "inet" if self.family == 4 else "inet6"
+        return (f"create {self.name} hash:ip family {family} hashsize 1024 maxelem {BAN_SET_MAXELEM} timeout 0"
+                + (" -exist" if exist else ""))

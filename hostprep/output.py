@@ -290,6 +290,21 @@ def transaction_lines(tx: dict) -> list[Text]:
     return out
 
 
+def fail2ban_lines(f2b: dict) -> list[Text]:
+    """fail2ban (container up --fail2ban): the server, then bans per container; nothing when unused."""
+    rows = f2b.get("containers") or []
+    if not rows and not f2b.get("jails"):
+        return []
+    server = Text("running", GREEN) if f2b.get("running") else Text("NOT RUNNING", RED) if f2b.get("installed") \
+        else Text("NOT INSTALLED", RED)
+    out = [Text.assemble("fail2ban: ", server, f", hostprep jails: {', '.join(f2b.get('jails') or []) or 'none'}")]
+    for r in rows:
+        out.append(Text.assemble(f"  {r['name']}: {plural(r['bans'], 'address', 'addresses')} banned",
+                                 f" (newest {r['newest']})" if r.get("newest") else "",
+                                 "" if r["jail"] else Text(", jail MISSING", RED)))
+    return out
+
+
 def print_status(out: Console, err: Console, report: dict, *, verbose: bool = False) -> None:
     """Verdict, then what is open to whom, then the details; problems last (on stderr)."""
     # 1. the verdict: am I protected?
@@ -334,6 +349,8 @@ def print_status(out: Console, err: Console, report: dict, *, verbose: bool = Fa
     if report.get("ipv6_parity") is not None:
         out.print(Text.assemble("IPv6 parity: ", state_text("yes") if report["ipv6_parity"] else state_text("NO")))
     for line in container_lines(report.get("containers") or []):
+        out.print(line)
+    for line in fail2ban_lines(report.get("fail2ban") or {}):
         out.print(line)
     kern = report.get("kernel") or {}
     if kern.get("applied"):

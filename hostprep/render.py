@@ -101,6 +101,19 @@ def container_text(containers: tuple[Container, ...], family: int, *, cookies: b
     return _ENV.get_template("container.rules.j2").render(containers=mine, cookies=cookies)
 
 
+def ban_text(containers: tuple[Container, ...], family: int) -> str:
+    """The ban rules of one family (rules/ban.rules.j2), "" when no container of it has fail2ban on.
+
+    The nft backend (issue 13) implements the same contract with an nft set with
+    ``flags timeout`` in its own table; this function and ``Container.ban_set`` are the seam.
+    """
+    bans = [(c, c.ban_set(), c.set_name("lb") if c.networks("lb") else None)
+            for c in containers if c.family == family and c.ban_set() is not None]
+    if not bans:
+        return ""
+    return _ENV.get_template("ban.rules.j2").render(bans=bans)
+
+
 def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
     """The whole desired state: base hardening plus every container that is up.
 
@@ -109,11 +122,14 @@ def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
     """
     containers = tuple(sorted(containers, key=lambda c: c.name))
     cookies = not policy.skip_ddos
-    v4 = parse_rules(filter_text(policy, 4) + container_text(containers, 4, cookies=cookies), 4)
-    v6 = parse_rules(filter_text(policy, 6) + container_text(containers, 6, cookies=cookies), 6)
+    v4 = parse_rules(ban_text(containers, 4) + filter_text(policy, 4)
+                     + container_text(containers, 4, cookies=cookies), 4)
+    v6 = parse_rules(ban_text(containers, 6) + filter_text(policy, 6)
+                     + container_text(containers, 6, cookies=cookies), 6)
     nft = None if policy.skip_ddos else NftIngress(policy.interface, nft_text(policy, containers))
     sets = tuple(s for c in containers for s in c.sets())
-    return Desired(policy, v4, v6, nft, tuple(containers), sets)
+    bans = tuple(b for c in containers if (b := c.ban_set()) is not None)
+    return Desired(policy, v4, v6, nft, tuple(containers), sets, bans)
 
 
 def restore_header() -> str:
