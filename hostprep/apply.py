@@ -448,6 +448,10 @@ def _apply_locked(backend: Backend, store: Store, desired: Desired, command: str
             or record.get("nic") != nic:
         store.save_applied(record_dict(desired, outcome.after, backend.variant, nic))
         store.save_settings(desired.policy.to_settings())
+    if outcome.changed or record is None:
+        # the kernel's cumulative drop counters now: status warns of a bound reached since (issue 12)
+        from hostprep import attack
+        attack.save_baseline(store.paths.state_file.parent, backend.proc)
     return outcome
 
 

@@ -144,6 +144,10 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     if snap.nft is not None:
         report["fragments"] = {"device": snap.nft.device, "counters": {
             k: {"packets": v.packets, "bytes": v.bytes} for k, v in snap.nft.counters.items()}}
+    from hostprep import attack
+    report["attack"], attack_warnings = attack.section(backend.proc, store.paths.state_file.parent,
+                                                       tuple(store.containers().values()), snap.nft)
+    warnings.extend(attack_warnings)
     for c in store.containers().values():
         rep = _container_report(c, snap.observed.get(c.family),
                                 desired.ruleset(c.family) if desired is not None else None)
