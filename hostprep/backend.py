@@ -74,6 +74,7 @@ class FirewallBackend(Protocol):
 
     variant: str
     runner: Runner
+    proc: Path          # /proc of the network namespace it works in (the kernel's own counters)
 
     def describe(self) -> str:
         """The backend's name as an error or status line says it ("iptables (nft variant)")."""
