@@ -1,6 +1,9 @@
 """Frozen, validated data: the policy to render and the rulesets it becomes.
 
-Nothing here runs a command or touches the host.
+Nothing here runs a command or touches the host.  About 580 lines, over the ~500 of the
+rest: every validated type of the flow (policy, containers and their limits, sets, ban
+sets, the SYN-cookie and flag constants the templates share) is defined here once, so
+that render, plan and the records read one definition.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ BUILTIN_CHAINS = ("INPUT", "FORWARD", "OUTPUT")
 # hold each group's rules.  Status reports present/missing and counters per group.
 GROUPS: dict[str, tuple[str, ...]] = {
     "fastpath": ("HOSTPREP-FAST",),
-    "ddos": ("HOSTPREP-RST", "HOSTPREP-DDOS"),
+    "ddos": ("HOSTPREP-RST", "HOSTPREP-DDOS", "HOSTPREP-COOKIES", "HOSTPREP-SYNPROXY"),
     "spoof": ("HOSTPREP-SPOOF",),
     "ssh": ("HOSTPREP-SSH", "HOSTPREP-OUT"),
     "icmp": ("HOSTPREP-ICMP",),
@@ -43,6 +46,61 @@ SPOOF_SOURCES: dict[int, tuple[str, ...]] = {
         "10.0.0.0/8", "0.0.0.0/8", "240.0.0.0/5", "127.0.0.0/8"),
     6: ("::1/128", "::ffff:0.0.0.0/96", "fc00::/7", "fec0::/10", "ff00::/8"),
 }
+
+
+# TCP flag combinations that never occur in real TCP (the ddos group): (mask, set flags)
+# as iptables' --tcp-flags writes them.  The one copy: rules/filter.rules.j2 renders one
+# rule each, rules/ingress.nft.j2 one set of the flag bytes they match (bogus_flag_bytes).
+BOGUS_TCP_FLAGS: tuple[tuple[str, str], ...] = (
+    ("FIN,SYN,RST,PSH,ACK,URG", "NONE"),                   # NULL
+    ("FIN,SYN", "FIN,SYN"),
+    ("SYN,RST", "SYN,RST"),
+    ("FIN,RST", "FIN,RST"),
+    ("FIN,ACK", "FIN"),                                     # FIN without ACK
+    ("ACK,URG", "URG"),
+    ("PSH,ACK", "PSH"),
+    ("FIN,SYN,RST,PSH,ACK,URG", "FIN,SYN,RST,PSH,ACK,URG"), # all set
+    ("FIN,SYN,RST,PSH,ACK,URG", "FIN,PSH,URG"),             # XMAS
+    ("FIN,SYN,RST,PSH,ACK,URG", "FIN,SYN,PSH,URG"),
+    ("FIN,SYN,RST,PSH,ACK,URG", "FIN,SYN,RST,ACK,URG"),
+)
+_TCP_FLAG_BITS = {"FIN": 1, "SYN": 2, "RST": 4, "PSH": 8, "ACK": 16, "URG": 32}
+
+
+def bogus_flag_bytes() -> tuple[int, ...]:
+    """Every value of the six flags FIN..URG that one of BOGUS_TCP_FLAGS matches."""
+    def bits(names: str) -> int:
+        return 0 if names == "NONE" else sum(_TCP_FLAG_BITS[n] for n in names.split(","))
+    return tuple(v for v in range(64) if any(v & bits(m) == bits(c) for m, c in BOGUS_TCP_FLAGS))
+
+
+def nft_tcp_flags(value: int) -> str:
+    """A flag byte in nft syntax: ``fin | syn``, ``0x0`` for none."""
+    names = [n.lower() for n, b in _TCP_FLAG_BITS.items() if value & b]
+    return " | ".join(names) if names else "0x0"
+
+
+# SYN cookies in front of the container ports (synproxy, issue 12 item 2).  The nft
+# ingress chain counts the SYNs to the container ports of each family; while they stay
+# within SYNPROXY_RATE/s (burst SYNPROXY_BURST) every SYN is tracked as before (the
+# per-source limits judge it, the client sees the container's own SYN-ACK, a closed port
+# its RST).  Above it the family's ports are "flooded" for SYNPROXY_HOLD_S seconds after
+# the last SYN over the rate: every SYN to them skips conntrack (notrack at ingress) and
+# is answered with a SYN cookie by the SYNPROXY target; only a client that returns a valid
+# cookie gets a conntrack entry and meets the connection and rate limits (see
+# rules/filter.rules.j2).  200/s is about 3 times the calm rate of a proxy of 2,000 agents
+# (one new connection per agent every 30 s) and far above what the per-source limits let
+# one source do (Finesse: 6/s); the burst covers a reconnect storm of a few hundred agents.
+SYNPROXY_RATE = 200
+SYNPROXY_BURST = 400
+SYNPROXY_HOLD_S = 10
+# The TCP options the SYN-ACK cookie announces on the container's behalf, as a Linux
+# server behind them announces them (RHEL 9 defaults: SACK, timestamps, window scale 7);
+# the MSS of a 1500-byte MTU (IPv4 40, IPv6 60 bytes of headers).  A cookie can encode
+# only 4 MSS values (536, 1300, 1440, 1460): a client announcing less is given the next
+# lower one.  Written as iptables-save prints them back.
+SYNPROXY_OPTIONS: dict[int, str] = {4: "--sack-perm --timestamp --wscale 7 --mss 1460",
+                                    6: "--sack-perm --timestamp --wscale 7 --mss 1440"}
 
 
 def spoof_range(net: ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -148,7 +206,8 @@ class Ruleset:
 
 @dataclass(frozen=True)
 class NftIngress:
-    """The nft netdev table that drops fragments on the external NIC."""
+    """The nft netdev table on the external NIC (ddos group): the stateless drops (fragments,
+    bogus TCP flags) and the SYN counting that switches the container ports to SYN cookies."""
 
     device: str
     script: str  # the full `nft -f` text, replaces the table atomically

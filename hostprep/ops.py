@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostprep import engine
+from hostprep import attack, engine
 from hostprep import fail2ban as f2b
 from hostprep import nic as nicmod
 from hostprep import persist, records, render, settings, sysctl, timers, txn
@@ -93,6 +93,9 @@ def converge_and_record(backend: FirewallBackend, store: Store, desired: Desired
             or record.rules != records.AppliedRecord.rules_of(desired) or record.nic != nic:
         records.save_applied(store, records.AppliedRecord.of(desired, outcome.after, backend.variant, nic))
         store.save_settings(Settings(FirewallSettings.of(desired.policy)))
+    if outcome.changed or record is None:
+        # the kernel's cumulative drop counters now: status warns of a bound reached since (issue 12)
+        attack.save_baseline(store.paths.state_dir, backend.proc)
     return outcome
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from hostprep import persist, records, render, selinux, snapshot, sysctl, timers, txn
+from hostprep import attack, persist, records, render, selinux, snapshot, sysctl, timers, txn
 from hostprep import fail2ban as f2b
 from hostprep import plan as planmod
 from hostprep.backend import FirewallBackend, name_of
@@ -148,6 +148,9 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
     if snap.nft is not None:
         report["fragments"] = {"device": snap.nft.device, "counters": {
             k: {"packets": v.packets, "bytes": v.bytes} for k, v in snap.nft.counters.items()}}
+    report["attack"], attack_warnings = attack.section(backend.proc, store.paths.state_file.parent,
+                                                       tuple(store.containers().values()), snap.nft)
+    warnings.extend(attack_warnings)
     for c in store.containers().values():
         rep = _container_report(c, snap.observed.get(c.family),
                                 desired.ruleset(c.family) if desired is not None else None)

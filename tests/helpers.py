@@ -48,6 +48,7 @@ class FakeKernel(IptablesBackend):
     sets: dict[str, frozenset[str]] = field(default_factory=dict)
     variant: str = "nft"
     runner: object = None
+    proc: Path = Path("/nonexistent/proc")      # no kernel counters to read
     loads: list[tuple[int, str]] = field(default_factory=list)      # (family, restore text) loaded
     tests: list[tuple[int, str]] = field(default_factory=list)      # (family, restore text) tested
     nft_loads: int = 0

@@ -186,7 +186,8 @@ def apply_cmd(
                                 "profile; alone, only the kernel part runs."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Skip the external-NIC confirmation."),
     skip_ddos: bool = typer.Option(False, "-e", "--skip-ddos", help="Leave out the ddos group "
-                                   "(INVALID, NEW without SYN, odd MSS, bogus flags, fragments, RST limit)."),
+                                   "(INVALID, NEW without SYN, odd MSS, bogus flags, fragments, RST limit, "
+                                   "SYN cookies)."),
     allow_private: bool = typer.Option(False, "-a", "--allow-private",
                                        help="Leave out the spoof group (private/reserved sources)."),
     ping_from: list[str] = typer.Option([], "-p", "--ping-from", metavar="HOST",

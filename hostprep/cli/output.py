@@ -2,8 +2,8 @@
 
 The consoles (``out``, ``err``) and every table and line the commands print.  The
 status layout builds Rich ``Text`` lines and tables from the JSON-able reports of
-``status`` (and friends).  A little over 500 lines: every printed word of hostprep
-is here, on purpose in one place.  Values are
+``status`` (and friends).  About 590 lines, over the ~500 of the rest: every printed
+word of hostprep is here, on purpose in one place.  Values are
 never parsed as markup: every line is assembled from (text, style) pieces.
 State words are styled (green live, red missing, yellow pending); Rich drops
 the colours when the output is not a terminal or NO_COLOR is set.
@@ -136,6 +136,35 @@ def groups_table(report: dict) -> Table:
             row += [state_text(state), str(v["packets"])]
         t.add_row(*row)
     return t
+
+
+def attack_lines(att: dict | None) -> list[str]:
+    """What an attack left: the ingress drops per reason, SYNs to the container ports
+    (tracked or answered with a cookie), conntrack fill; each line within 80 columns."""
+    if not att:
+        return []
+    out = []
+    ing = att.get("ingress")
+    if ing:
+        r = ing["dropped_or_counted"]
+        out.append(f"ingress ({ing['device']}) dropped: {r.get('fragments', 0):,} fragments, "
+                   f"{r.get('bogus_flags', 0):,} bogus flags")
+    sc = att.get("syn_cookies")
+    if sc and ing:      # (the SYN counting lives in the ingress table)
+        r = (ing or {}).get("dropped_or_counted") or {}
+        flooded = ", ".join(sc["flooded"]) or "none now"
+        out.append(f"SYN to container ports: {r.get('syn_tracked', 0):,} tracked, "
+                   f"{sc.get('syn_received', 0):,} cookies sent, {sc.get('cookie_valid', 0):,} returned")
+        out.append(f"SYN cookies active on: {flooded}")
+    ct = att.get("conntrack")
+    if ct:
+        since = sum(v for v in (ct.get("full_since_last_change") or {}).values() if v)
+        out.append(f"conntrack: {ct['count']:,} of {ct['max']:,} entries, "
+                   f"{since:,} refused since the last change")
+    for lim in att.get("limiters") or []:
+        if lim["entries"] is not None:
+            out.append(f"limiter {lim['container']}:{lim['port']}: {lim['entries']:,} of {lim['max']:,} sources")
+    return out
 
 
 def container_state(r: dict) -> list[Text]:
@@ -326,10 +355,8 @@ def print_status(out: Console, err: Console, report: dict, *, verbose: bool = Fa
                   + (" -e" if s["skip_ddos"] else "") + (" -a" if s["allow_private"] else "")
                   + "".join(f" -p {p}" for p in s["ping_from"]))
     out.print(groups_table(report))
-    frag = report.get("fragments")
-    if frag:
-        total = sum(c["packets"] for c in frag["counters"].values())
-        out.print(f"fragments: nft netdev ingress on {frag['device']}, {total} packets dropped")
+    for line in attack_lines(report.get("attack")):
+        out.print(line)
     if report.get("ipv6_parity") is not None:
         out.print(Text.assemble("IPv6 parity: ", state_text("yes") if report["ipv6_parity"] else state_text("NO")))
     for line in container_lines(report.get("containers") or []):

@@ -60,11 +60,16 @@ def test_the_view_has_the_chains_of_the_iptables_rules():
     pol = Policy("eth1", ping=(PingSource("198.51.100.0/24", (NET("198.51.100.0/24"),)),))
     cs = (container(), container("f6", "2001:db8::10", (443,), load_balancers=(NET("2001:db8:1::/48"),)))
     ipt, nft = render.desired(pol, cs), render.nft_desired(render.desired(pol, cs))
+    cookies = ("HOSTPREP-COOKIES", "HOSTPREP-SYNPROXY")     # issue 12's SYN cookies: iptables only (yet)
     for fam in (4, 6):
-        assert [c.name for c in nft.ruleset(fam).chains] == [c.name for c in ipt.ruleset(fam).chains]
-        assert nft.ruleset(fam).jumps == ipt.ruleset(fam).jumps      # "-i eth1 -j HOSTPREP-IN", as iptables
+        assert [c.name for c in nft.ruleset(fam).chains] == [c.name for c in ipt.ruleset(fam).chains
+                                                             if c.name not in cookies]
+        assert nft.ruleset(fam).jumps == tuple(j for j in ipt.ruleset(fam).jumps if j.target not in cookies
+                                               and "addrtype" not in j.spec)   # the cookie's SYN (OUTPUT)
         # the same comments, in the same order, chain by chain (nft has one more: the SYN without MSS)
         for chain in ipt.ruleset(fam).chains:
+            if chain.name in cookies:
+                continue
             want = [s for s in chain.specs if "--comment" in s]
             got = [s for s in nft.ruleset(fam).chain(chain.name).specs if "--comment" in s]
             comments = [g.split('"')[1] for g in got]
