@@ -441,7 +441,8 @@ class NftBackend:
     def finish(self, plan: ApplyPlan, staged: Staged) -> list[str]:
         """Nothing to clean up (the sets live in the table, the iptables part went in load()); the
         one thing this backend does not do yet is said after every load that has the ddos group."""
-        if plan.desired is not None and not plan.desired.policy.skip_ddos:
+        policy = getattr(plan.desired, "policy", None)       # a snapshot's target (rollback) has none
+        if policy is not None and not policy.skip_ddos:
             return [NO_SYN_COOKIES]
         return []
 

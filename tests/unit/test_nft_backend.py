@@ -238,3 +238,18 @@ def test_fail2ban_ban_sets_are_refused_on_the_nft_backend():
     assert err.value.line() == ("--fail2ban: the nft backend does not carry fail2ban's ban sets yet (container "
                                 "finesse); nothing was changed (use --backend iptables on this host, or bring the "
                                 "container up without --fail2ban)")
+
+
+def test_a_rollback_to_a_snapshot_loads_and_warns_nothing(tmp_path: Path, proc: Path):
+    """A snapshot's target (txn rollback) has no policy: finish() must not need one."""
+    from hostprep import engine, snapshot
+    fake = FakeNft()
+    be = backend(fake, proc)
+    store = Store(Paths(tmp_path))
+    snap = snapshot.take(be, store, firewall=True, kernel=False, command="test")        # nothing loaded yet
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    assert "inet hostprep" in fake.tables
+    target = snapshot.snapshot_target(snap)
+    plan = engine.make_plan(be, target, None)
+    done = engine.load_verified(be, plan, target)
+    assert (done.problems, done.warnings, fake.tables) == ([], [], {})
