@@ -276,6 +276,8 @@ def ddos_counters(host) -> dict:
 
 @pytest.mark.parametrize("flags", ["FPU", "", "SF", "SR"], ids=["xmas", "null", "syn-fin", "syn-rst"])
 def test_bogus_flags_dropped_at_ingress(host, flags):
+    if host.native:
+        pytest.skip("issue 12's ingress drops and SYN cookies are not carried to the native backend yet (README)")
     host.apply()
     res, d = counted(host, host.box.inet, tcp(HOST_EXT4, 8445, flags=flags), ddos_counters(host))
     assert (res["answered"], res["reply"]) == (False, None)
@@ -425,6 +427,8 @@ def nft_table_present(host) -> bool:
     ("-a", SPOOF_CHAINS, True),
 ], ids=["skip-ddos", "allow-private"])
 def test_flag_leaves_out_exactly_its_group(host, flag, left_out, nft_after):
+    if host.native and "HOSTPREP-COOKIES" in left_out:
+        pytest.skip("issue 12's ingress drops and SYN cookies are not carried to the native backend yet (README)")
     host.apply()
     full = {fam: layout(host, fam) for fam in (4, 6)}
     assert nft_table_present(host) is True

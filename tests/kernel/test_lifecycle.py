@@ -129,6 +129,8 @@ def assert_nothing_of_hostprep(host) -> None:
 # -- idempotency ---------------------------------------------------------------
 
 def test_apply_twice_is_idempotent(host):
+    if host.native:
+        pytest.skip("issue 12's ingress drops and SYN cookies are not carried to the native backend yet (README)")
     first = host.apply()
     assert first.stdout.count("applied: ") == 1
     after_first = state(host)
