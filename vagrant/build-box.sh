@@ -96,10 +96,11 @@ EOF
 )
     mkdir -p "$work/wheels"
     [ "${#reqs[@]}" -gt 3 ] || die "no requirements read from pyproject.toml"
+    # (without pip's warnings about this machine's own file:// indexes, one per package)
     python3 -m pip download -q --dest "$work/wheels" --only-binary=:all: \
         --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
-        "${reqs[@]}"
+        "${reqs[@]}" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
     say "wheels: $(find "$work/wheels" -name '*.whl' | wc -l) files"
 
     # 2. the rootfs
@@ -132,6 +133,12 @@ EOF
     mkdir -p "$root/etc/systemd/network"
     printf '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n' > "$root/etc/systemd/network/99-dhcp.network"
     chroot "$root" systemctl enable -q systemd-networkd.service
+    # Vagrant writes its .network files in /tmp and moves them: they keep user_tmp_t, which
+    # systemd-networkd may not read under SELinux (an AVC denial, the NIC left unconfigured).
+    # Vagrant restarts networkd next: the files get their policy labels first.
+    mkdir -p "$root/etc/systemd/system/systemd-networkd.service.d"
+    printf '[Service]\nExecStartPre=-/sbin/restorecon -R /etc/systemd/network\n' \
+        > "$root/etc/systemd/system/systemd-networkd.service.d/vagrant-labels.conf"
     chroot "$root" systemctl enable -q serial-getty@ttyS0.service 2>/dev/null || true
     chroot "$root" useradd -m -s /bin/bash vagrant
     install -d -m 700 -o 1000 -g 1000 "$root/home/vagrant/.ssh"
@@ -145,7 +152,9 @@ EOF
     # Host keys of their own in each VM (the rootfs's ones would be shared by every box user).
     rm -f "$root"/etc/ssh/ssh_host_*
     mkdir -p "$root/etc/systemd/system/ssh.service.d"
-    printf '[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n' > "$root/etc/systemd/system/ssh.service.d/hostkeys.conf"
+    # (before Debian's own `sshd -t`, which fails without host keys: the list is reset)
+    printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
+        > "$root/etc/systemd/system/ssh.service.d/hostkeys.conf"
     # SELinux enforcing on the reference policy ("default" on Debian).
     sed -i 's/^SELINUX=.*/SELINUX=enforcing/; s/^SELINUXTYPE=.*/SELINUXTYPE=default/' "$root/etc/selinux/config"
     grep -q '^SELINUX=enforcing' "$root/etc/selinux/config" || die "no SELINUX= line in the guest's /etc/selinux/config"

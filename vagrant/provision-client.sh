@@ -21,8 +21,13 @@ if command -v dnf >/dev/null 2>&1; then
     dnf install -y -q nmap-ncat iputils
 fi
 
-ext=$(ip -o -4 addr show | awk -v a="$CLIENT_EXT_IP" '{ split($4, p, "/"); if (p[1] == a && !n++) print $2 }')
-[ -n "$ext" ] || { echo "provision-client: no NIC holds $CLIENT_EXT_IP" >&2; exit 1; }
+# Vagrant has just configured the NIC (systemd-networkd applies it a moment later).
+for _ in $(seq 1 30); do
+    ext=$(ip -o -4 addr show | awk -v a="$CLIENT_EXT_IP" '{ split($4, p, "/"); if (p[1] == a && !n++) print $2 }')
+    [ -z "$ext" ] || break
+    sleep 1
+done
+[ -n "$ext" ] || { echo "provision-client: no NIC holds $CLIENT_EXT_IP: $(ip -o -4 addr show | awk '{print $2, $4}' | tr '\n' ' ')" >&2; exit 1; }
 prefix=$(ip -o -4 addr show dev "$ext" | awk -v a="$CLIENT_EXT_IP" '{ split($4, p, "/"); if (p[1] == a && !n++) print p[2] }')
 
 # The second address, in NetworkManager's profile of the NIC when there is one

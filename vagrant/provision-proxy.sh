@@ -114,8 +114,13 @@ say "sh scripts/install.sh (in $SRC): /opt/hostprep, $HOSTPREP"
 # over ssh --sudo) find it through /usr/sbin there (lab VM only; install.sh says so).
 [ -x /usr/sbin/hostprep ] || ln -sfn "$HOSTPREP" /usr/sbin/hostprep
 
-ext=$(nic_of "$PROXY_EXT_IP")
-mgmt=$(nic_of "$PROXY_MGMT_IP")
+# Vagrant has just configured the NICs (systemd-networkd applies them a moment later).
+for _ in $(seq 1 30); do
+    ext=$(nic_of "$PROXY_EXT_IP")
+    mgmt=$(nic_of "$PROXY_MGMT_IP")
+    [ -z "$ext" ] || [ -z "$mgmt" ] || break
+    sleep 1
+done
 [ -n "$ext" ] || die "no NIC holds $PROXY_EXT_IP: $(ip -o -4 addr show | awk '{print $2, $4}' | tr '\n' ' ')"
 [ -n "$mgmt" ] || die "no NIC holds $PROXY_MGMT_IP"
 say "external NIC: $ext ($PROXY_EXT_IP), management NIC: $mgmt ($PROXY_MGMT_IP)"

@@ -54,6 +54,8 @@ if [ "${1:-}" = --inner ]; then
     export VAGRANT_CWD="$here" VAGRANT_DOTFILE_PATH="$state/dot" VAGRANT_DEFAULT_PROVIDER=libvirt
     export VAGRANT_CHECKPOINT_DISABLE=1 VAGRANT_HOME=${VAGRANT_HOME:?set by the outer part}
     export LIBVIRT_DEFAULT_URI=qemu:///system
+    export HOSTPREP_BED_CONSOLE_DIR="$state/console"
+    mkdir -p "$HOSTPREP_BED_CONSOLE_DIR"
     unset HOSTPREP_BOX
     PROXY_EXT_IP=192.168.57.10
     CLIENT_EXT_IP=192.168.57.20
@@ -113,7 +115,7 @@ EOF
     keep_logs() {
         [ -n "${HOSTPREP_BED_KEEP_LOGS:-}" ] || return 0
         mkdir -p "$HOSTPREP_BED_KEEP_LOGS"
-        cp -r /var/log/libvirt/. "$HOSTPREP_BED_KEEP_LOGS/" 2>/dev/null || true
+        cp -r /var/log/libvirt/. "$HOSTPREP_BED_CONSOLE_DIR"/. "$HOSTPREP_BED_KEEP_LOGS/" 2>/dev/null || true
     }
 
     inner_cleanup() {
@@ -140,11 +142,10 @@ EOF
         shift
         start=$(date +%s)
         say "check $name"
-        # Not in an `||` list: there bash would ignore set -e inside the subshell.
-        set +e
-        ( set -euo pipefail; "$@" )
-        rc=$?
-        set -e
+        # In the background and waited for: a signal's trap runs at once (not after the
+        # check); not in an `||` list, where bash would ignore set -e in the subshell.
+        ( set -euo pipefail; "$@" ) &
+        wait "$!" || rc=$?
         if [ "$rc" = 0 ]; then
             passed=$((passed + 1))
             printf 'PASS  %-9s (%d s)\n' "$name" $(( $(date +%s) - start ))
@@ -193,7 +194,8 @@ EOF
 
     # -- the checks ----------------------------------------------------------------------
     do_up() {
-        vagrant up --provider=libvirt
+        # (without the upload's progress bar: one line per percent)
+        vagrant up --provider=libvirt 2>&1 | sed -u 's/\x1b\[KProgress: [0-9]*%//g; /^\r*$/d'
         vagrant ssh-config > "$ssh_config"
         [ "$(root_on proxy getenforce)" = Enforcing ]
         root_on proxy hostprep status >/dev/null
@@ -403,9 +405,13 @@ inner=""
 outer_cleanup() {
     local rc=$? f p
     trap - EXIT INT TERM
+    # The inner part leads a process group of its own (setsid): the signal reaches it
+    # and what it runs (vagrant, ssh); its trap destroys the VMs.  Then, if it still
+    # runs after 180 s, the whole group is killed.
     if [ -n "$inner" ] && kill -0 "$inner" 2>/dev/null; then
-        kill -TERM "$inner" 2>/dev/null || true
-        for _ in $(seq 1 120); do kill -0 "$inner" 2>/dev/null || break; sleep 1; done
+        kill -TERM -- "-$inner" 2>/dev/null || true
+        for _ in $(seq 1 180); do kill -0 "$inner" 2>/dev/null || break; sleep 1; done
+        kill -KILL -- "-$inner" 2>/dev/null || true
     fi
     # What the inner part could not stop: QEMU and the daemons, by their pid files.
     for f in "$state"/libvirt/run/qemu/*.pid "$state"/libvirt/run/hostprep-*.pid; do
@@ -437,7 +443,7 @@ trap 'exit 130' INT TERM
 ip netns add "$ns"
 ip -n "$ns" link set lo up
 say "namespace $ns, state in $state"
-ip netns exec "$ns" unshare --mount --propagation private -- \
+setsid ip netns exec "$ns" unshare --mount --propagation private -- \
     env VAGRANT_HOME="$VAGRANT_HOME" bash "$self" --inner "$state" "$box" &
 inner=$!
 rc=0
