@@ -135,9 +135,10 @@ EOF
     chroot "$root" systemctl enable -q systemd-networkd.service
     # Vagrant writes its .network files in /tmp and moves them: they keep user_tmp_t, which
     # systemd-networkd may not read under SELinux (an AVC denial, the NIC left unconfigured).
-    # Vagrant restarts networkd next: the files get their policy labels first.
+    # Vagrant restarts networkd next: the files get their policy labels first ('+': outside
+    # the unit's sandbox, where /etc is read-only).
     mkdir -p "$root/etc/systemd/system/systemd-networkd.service.d"
-    printf '[Service]\nExecStartPre=-/sbin/restorecon -R /etc/systemd/network\n' \
+    printf '[Service]\nExecStartPre=-+/sbin/restorecon -R /etc/systemd/network\n' \
         > "$root/etc/systemd/system/systemd-networkd.service.d/vagrant-labels.conf"
     chroot "$root" systemctl enable -q serial-getty@ttyS0.service 2>/dev/null || true
     chroot "$root" useradd -m -s /bin/bash vagrant

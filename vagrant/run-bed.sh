@@ -396,7 +396,8 @@ fi
 cache=${HOSTPREP_VAGRANT_CACHE:-/var/cache/hostprep-vagrant}
 export VAGRANT_HOME=${VAGRANT_HOME:-$cache/vagrant.d}
 t_box=$(date +%s)
-box=$(bash "$here/build-box.sh" | tail -n 1)
+bash "$here/build-box.sh"
+box=$(bash "$here/build-box.sh" --print | cut -d' ' -f1)
 say "box $box ready in $(( $(date +%s) - t_box )) s"
 
 ns="hpvbed$$"
