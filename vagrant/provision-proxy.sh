@@ -104,6 +104,15 @@ EOF
     else
         systemctl enable -q netfilter-persistent
     fi
+    # Debian's procps ships /usr/lib/sysctl.d/99-protect-links.conf (fs.protected_fifos = 1,
+    # ...), which sorts after hostprep's 90-hostprep.conf: `apply -k` reports the key as
+    # overridden and exits non-zero (seen in this bed).  RHEL 9 has no such file.  Masked
+    # the sysctl.d(5) way (same name in /etc, to /dev/null): hostprep's profile sets all
+    # four of its keys (fs.protected_fifos 2, _regular 2, _hardlinks 1, _symlinks 1).
+    if [ -f /usr/lib/sysctl.d/99-protect-links.conf ] && [ ! -e /etc/sysctl.d/99-protect-links.conf ]; then
+        ln -s /dev/null /etc/sysctl.d/99-protect-links.conf
+        say "sysctl.d: Debian's 99-protect-links.conf masked (it overrides hostprep's fs.protected_fifos)"
+    fi
 fi
 
 # --- 3. hostprep, with the README's system install ------------------------------------
