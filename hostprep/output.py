@@ -256,6 +256,10 @@ def transaction_lines(tx: dict) -> list[Text]:
                                  f"({p['seconds_left']} s left) unless 'hostprep confirm' runs; timer: "
                                  f"{p['mechanism']}" + ("" if p["timer_alive"] else " (NOT RUNNING)"
                                                         if p["timer_alive"] is False else "")))
+    if tx.get("rolled_back"):
+        g = tx["rolled_back"]
+        out.append(Text.assemble(("ROLLED BACK", "bold yellow"), f": change {g['id']} ({g['command']}) was rolled "
+                                 f"back at {g['time']} ({g['why']}); apply it again if you want it"))
     if tx.get("rollback_available") and not tx.get("pending"):
         out.append(Text(f"rollback: change {tx['rollback_available']} ('hostprep rollback' undoes it)"))
     return out

@@ -782,8 +782,13 @@ def wait_until_due(store: Store, cid: str) -> bool:
 # -- what status says -----------------------------------------------------------------
 
 def status_section(backend, store: Store, runner: Runner) -> tuple[dict, list[str]]:
-    out: dict = {"pending": None, "interrupted": None, "rollback_available": None}
+    out: dict = {"pending": None, "interrupted": None, "rollback_available": None, "rolled_back": None}
     problems: list[str] = []
+    # The last change was rolled back (its confirm timer fired, or 'hostprep rollback'): kept
+    # until the next change, so a new session after a lost one learns what happened.
+    gone = read_json(rollback_dir(store) / "rolled-back.json")
+    if gone:
+        out["rolled_back"] = {k: gone.get(k) for k in ("id", "command", "why", "time")}
     p = pending(store)
     if p:
         left = p["deadline"] - time.time()
