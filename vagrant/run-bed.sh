@@ -51,6 +51,7 @@ die() { printf 'run-bed: %s\n' "$*" >&2; exit 2; }
 if [ "${1:-}" = --inner ]; then
     state=$2
     box=$3
+    ssh_config="$state/ssh-config"
     export VAGRANT_CWD="$here" VAGRANT_DOTFILE_PATH="$state/dot" VAGRANT_DEFAULT_PROVIDER=libvirt
     export VAGRANT_CHECKPOINT_DISABLE=1 VAGRANT_HOME=${VAGRANT_HOME:?set by the outer part}
     export LIBVIRT_DEFAULT_URI=qemu:///system
@@ -121,6 +122,10 @@ EOF
     inner_cleanup() {
         local rc=$?
         trap - EXIT INT TERM
+        if [ -f "$ssh_config" ]; then
+            ssh -F "$ssh_config" -O exit proxy >/dev/null 2>&1 || true
+            ssh -F "$ssh_config" -O exit client >/dev/null 2>&1 || true
+        fi
         say "cleanup: vagrant destroy -f"
         timeout 180 vagrant destroy -f >/dev/null 2>&1 || say "vagrant destroy failed; destroying the domains with virsh"
         keep_logs
@@ -156,11 +161,11 @@ EOF
         fi
     }
 
-    ssh_config="$state/ssh-config"
-    on() {      # on VM COMMAND: run COMMAND on the VM (as vagrant), over ssh
+    on() {      # on VM COMMAND...: run COMMAND on the VM (as vagrant), over ssh, argv kept
         local vm=$1
         shift
-        ssh -F "$ssh_config" -o BatchMode=yes -o ConnectTimeout=10 "$vm" -- "$@"
+        # ssh joins its arguments into one line for the remote shell: each one quoted
+        ssh -F "$ssh_config" -o BatchMode=yes -o ConnectTimeout=10 "$vm" -- "$(printf '%q ' "$@")"
     }
     root_on() { # root_on VM COMMAND: the same with sudo
         local vm=$1
@@ -197,6 +202,9 @@ EOF
         # (without the upload's progress bar: one line per percent)
         vagrant up --provider=libvirt 2>&1 | sed -u 's/\x1b\[KProgress: [0-9]*%//g; /^\r*$/d'
         vagrant ssh-config > "$ssh_config"
+        # One ssh connection per VM, reused (testinfra runs one command per ssh call; each
+        # handshake costs about a second of the guest's emulated CPU).
+        printf 'Host *\n  ControlMaster auto\n  ControlPath %s/cm-%%h\n  ControlPersist 600\n' "$state" >> "$ssh_config"
         [ "$(root_on proxy getenforce)" = Enforcing ]
         root_on proxy hostprep status >/dev/null
     }
@@ -230,20 +238,23 @@ EOF
         printf '%s\n' "$out" | grep -qi selinux || { echo "the refusal does not name SELinux" >&2; return 1; }
         [ "$(root_on proxy getenforce)" = Enforcing ]
         root_on proxy hostprep apply -i "$ext" -y -k -a -p "$CLIENT_EXT_IP" | tail -n 2
-        root_on proxy mkdir -p "$wd"
+        # the proxy container's working directory (HOST_WORKING_DIR) with the subdirectories
+        # the module labels (selinux/hostprep_proxy.fc)
+        root_on proxy mkdir -p "$wd/logs" "$wd/cache" "$wd/conf" "$wd/ssl" "$wd/html" "$wd/lua"
         root_on proxy hostprep selinux install --working-dir "$wd"
-        root_on proxy semodule -l | grep -qx 'hostprep_proxy' \
-            || root_on proxy semodule -l | grep -q '^hostprep_proxy\b' \
+        root_on proxy semodule -l | grep -q '^hostprep_proxy\b' \
             || { echo "semodule -l: no hostprep_proxy after selinux install" >&2; return 1; }
-        out=$(root_on proxy ls -dZ "$wd" "$wd"/* 2>/dev/null || true)
+        out=$(root_on proxy ls -dZ "$wd/logs" "$wd/cache" "$wd/conf")
         printf '%s\n' "$out"
-        printf '%s\n' "$out" | grep -q 'hostprep' || { echo "ls -Z: no hostprep type on $wd" >&2; return 1; }
+        [ "$(printf '%s\n' "$out" | awk '{split($1, c, ":"); print c[3]}' | tr '\n' ' ')" \
+          = "hostprep_proxy_log_t hostprep_proxy_cache_t hostprep_proxy_ro_t " ] \
+            || { echo "ls -Z: not the module's types on $wd/logs, cache, conf" >&2; return 1; }
         root_on proxy hostprep selinux remove --working-dir "$wd"
-        ! root_on proxy semodule -l | grep -q '^hostprep_proxy' || { echo "module still loaded after selinux remove" >&2; return 1; }
-        out=$(root_on proxy ls -dZ "$wd")
+        ! root_on proxy semodule -l | grep -q '^hostprep_proxy\b' || { echo "module still loaded after selinux remove" >&2; return 1; }
+        out=$(root_on proxy ls -dZ "$wd/logs" "$wd/cache" "$wd/conf")
         printf '%s\n' "$out"
         ! printf '%s\n' "$out" | grep -q hostprep || { echo "labels left after selinux remove" >&2; return 1; }
-        root_on proxy rmdir "$wd"
+        root_on proxy rm -rf "$wd"
         # AVC denials of hostprep itself: its commands and its interpreter
         out=$(root_on proxy sh -c 'grep -h "avc: *denied" /var/log/audit/audit.log 2>/dev/null' \
               | grep -E 'comm="(hostprep|python3[.0-9]*)"|exe="/opt/hostprep/' || true)
@@ -252,10 +263,11 @@ EOF
     }
 
     do_confirm() {
-        local ext pid out deadline
+        local ext pid out deadline cid
         ext=$(ext_nic)
         # The change under test: the client's second address may ping too.
-        ssh -n -F "$ssh_config" -o BatchMode=yes proxy -- sudo hostprep apply -i "$ext" -y -k -a \
+        # (a connection of its own, not the shared one: killing it ends the session)
+        ssh -n -F "$ssh_config" -o BatchMode=yes -o ControlMaster=no -o ControlPath=none proxy -- sudo hostprep apply -i "$ext" -y -k -a \
             -p "$CLIENT_EXT_IP" -p "$CLIENT_ALT_IP" --confirm 60 \; sleep 600 > "$state/confirm.out" 2>&1 &
         pid=$!
         deadline=$(( $(date +%s) + 120 ))
@@ -270,12 +282,19 @@ EOF
         echo "the ssh session of apply --confirm 60 killed at $(date +%T)"
         root_on proxy systemctl list-timers --all --no-pager | grep hostprep-rollback \
             || { echo "no hostprep-rollback timer armed" >&2; return 1; }
+        cid=$(root_on proxy python3 -c 'import json; print(json.load(open("/var/lib/hostprep/pending.json"))["id"])') \
+            || { echo "no pending.json: no change waits for confirmation" >&2; return 1; }
+        echo "change $cid waits for confirmation"
         on client ping -q -c 2 -W 2 -I "$CLIENT_ALT_IP" "$PROXY_EXT_IP" >/dev/null \
             || { echo "the change (ping from $CLIENT_ALT_IP) is not live before the deadline" >&2; return 1; }
         sleep 70
+        # rolled back by the timer's unit (systemd's journal), recorded in hostprep's journal
+        root_on proxy journalctl -b --no-pager -u "hostprep-rollback-$cid.service" | tail -n 3
+        root_on proxy grep -F "rolled back change $cid" /var/log/hostprep/journal.log \
+            || { echo "hostprep's journal has no rollback of change $cid" >&2; return 1; }
         out=$(root_on proxy hostprep status 2>&1) || true
-        printf '%s\n' "$out" | grep -i -E 'roll(ed)? ?back' || { printf '%s\n' "$out"; echo "status does not say it was rolled back" >&2; return 1; }
-        root_on proxy journalctl -b --no-pager -o short-monotonic | grep -i 'hostprep-rollback' | tail -n 3
+        printf '%s\n' "$out" | grep -F "$cid" | grep -i 'rolled back' \
+            || { printf '%s\n' "$out" | tail -n 15; echo "status does not say that change $cid was rolled back" >&2; return 1; }
         ! on client ping -q -c 2 -W 2 -I "$CLIENT_ALT_IP" "$PROXY_EXT_IP" >/dev/null \
             || { echo "ping from $CLIENT_ALT_IP still answered after the rollback" >&2; return 1; }
         root_on proxy test ! -e /var/lib/hostprep/pending.json
@@ -324,8 +343,11 @@ EOF
         root_on proxy mv /opt/hostprep/current /opt/hostprep/current.away
         reboot_vm proxy || { root_on proxy mv /opt/hostprep/current.away /opt/hostprep/current; return 1; }
         root_on proxy systemctl is-failed hostprep.service || true
+        root_on proxy journalctl -b --no-pager -o short-monotonic -u hostprep.service \
+            -u netfilter-persistent.service -u nftables.service | tail -n 12
+        root_on proxy sh -c 'grep "avc: *denied" /var/log/audit/audit.log | grep -v agetty | tail -n 6' || true
         out=$(root_on proxy iptables -S INPUT)
-        printf '%s\n' "$out" | grep HOSTPREP || true
+        printf '%s\n' "$out"
         # The external NIC came up closed: the Finesse port and the allowed ping get no answer.
         local rc=0 closed=1
         on client timeout 4 bash -c "exec 3<>/dev/tcp/$PROXY_EXT_IP/$FINESSE_PORT" 2>/dev/null && closed=0
