@@ -104,6 +104,20 @@ EOF
     else
         systemctl enable -q netfilter-persistent
     fi
+    # RHEL's Podman hosts have container-selinux (the 'container' policy module, container_t),
+    # which `hostprep selinux install` builds on.  Debian's reference policy ships the module
+    # (/usr/share/selinux/default/container.pp) without loading it: loaded here, as Podman's
+    # install would.
+    if ! semodule -l | grep -q '^container\b'; then
+        pp=/usr/share/selinux/default/container.pp
+        if [ -f "$pp" ]; then
+            semodule -i "$pp"
+            say "SELinux: policy module 'container' loaded ($pp), as container-selinux is on RHEL"
+        else
+            # not fatal: `hostprep selinux install` says what is missing (run-bed's selinux check)
+            say "WARNING: SELinux: no 'container' policy module ($pp missing)"
+        fi
+    fi
     # Debian's procps ships /usr/lib/sysctl.d/99-protect-links.conf (fs.protected_fifos = 1,
     # ...), which sorts after hostprep's 90-hostprep.conf: `apply -k` reports the key as
     # overridden and exits non-zero (seen in this bed).  RHEL 9 has no such file.  Masked

@@ -308,7 +308,8 @@ EOF
         # The boot journal, in order: hostprep.service finished before network-pre.target,
         # which systemd-networkd waits for, before it configured the external NIC.
         root_on proxy journalctl -b --no-pager -o short-monotonic \
-            | grep -E "hostprep|network-pre|systemd-networkd|$ext" | head -n 20 | tee "$state/boot-journal"
+            | grep -E "hostprep|network-pre|systemd-networkd|$ext" > "$state/boot-journal" || true
+        awk 'NR <= 25' "$state/boot-journal"     # (not head: under pipefail its early exit fails the pipe)
         root_on proxy python3 - "$ext" <<'EOF'
 import subprocess, sys
 ext = sys.argv[1]
