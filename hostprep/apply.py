@@ -213,7 +213,7 @@ def make_plan(backend: Backend, desired: Desired | None, record: dict | None,
         want = desired.ruleset(fam) if desired else None
         families[fam] = planmod.plan_family(want, snap.observed[fam])
         texts[fam] = planmod.restore_text(families[fam], want)
-    sets = planmod.plan_sets(desired.sets if desired else (), snap.sets)
+    sets = planmod.plan_sets(planmod.wanted_sets(desired), snap.sets)
     return ApplyPlan(desired, families, texts, plan_nft(desired, snap.nft, record, keep=keep_nft), snap, sets)
 
 
@@ -448,6 +448,10 @@ def _apply_locked(backend: Backend, store: Store, desired: Desired, command: str
             or record.get("nic") != nic:
         store.save_applied(record_dict(desired, outcome.after, backend.variant, nic))
         store.save_settings(desired.policy.to_settings())
+    if outcome.changed or record is None:
+        # the kernel's cumulative drop counters now: status warns of a bound reached since (issue 12)
+        from hostprep import attack
+        attack.save_baseline(store.paths.state_file.parent, backend.proc)
     return outcome
 
 

@@ -43,6 +43,7 @@ class NftObserved:
     device: str
     text: str                       # normalised listing: no counters, no handles
     counters: dict[str, Counter]    # rule comment -> counter
+    flooded: tuple[str, ...] = ()   # binding addresses whose container ports get SYN cookies now
 
 
 _COUNTER = re.compile(r"counter packets (\d+) bytes (\d+)")
@@ -50,8 +51,32 @@ _COMMENT = re.compile(r'comment "([^"]*)"')
 _DEVICE = re.compile(r'device "?([^";\s]+)"?')
 
 
+_SET = re.compile(r"^\s*set (\S+) \{")
+_FLOODED = re.compile(r"([0-9A-Fa-f:.]+) expires")
+
+
+def _split_dynamic(text: str) -> tuple[list[str], tuple[str, ...]]:
+    """The listing without the elements of the sets the kernel fills itself (flooded4/6: the
+    addresses under SYN cookies now, with their expiry), and those addresses."""
+    kept: list[str] = []
+    flooded: list[str] = []
+    current, skipping = "", False
+    for ln in text.splitlines():
+        m = _SET.match(ln)
+        if m:
+            current = m.group(1)
+        if skipping or (current.startswith("flooded") and ln.strip().startswith("elements = {")):
+            flooded += _FLOODED.findall(ln)
+            skipping = not ln.rstrip().endswith("}")
+            continue
+        if ln.strip() == "}":
+            current = ""
+        kept.append(ln)
+    return kept, tuple(flooded)
+
+
 def normalise_nft(text: str) -> str:
-    lines = [_COUNTER.sub("counter", ln.rstrip()) for ln in text.splitlines()]
+    lines = [_COUNTER.sub("counter", ln.rstrip()) for ln in _split_dynamic(text)[0]]
     return "\n".join(ln for ln in lines if ln.strip()) + "\n"
 
 
@@ -62,7 +87,7 @@ def parse_nft_listing(text: str) -> NftObserved:
         if c and m:
             counters[m.group(1)] = Counter(int(c.group(1)), int(c.group(2)))
     dev = _DEVICE.search(text)
-    return NftObserved(dev.group(1) if dev else "", normalise_nft(text), counters)
+    return NftObserved(dev.group(1) if dev else "", normalise_nft(text), counters, _split_dynamic(text)[1])
 
 
 class Backend:

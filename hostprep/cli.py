@@ -352,7 +352,8 @@ def apply_cmd(
                                 "profile; alone, only the kernel part runs."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Skip the external-NIC confirmation."),
     skip_ddos: bool = typer.Option(False, "-e", "--skip-ddos", help="Leave out the ddos group "
-                                   "(INVALID, NEW without SYN, odd MSS, bogus flags, fragments, RST limit)."),
+                                   "(INVALID, NEW without SYN, odd MSS, bogus flags, fragments, RST limit, "
+                                   "SYN cookies)."),
     allow_private: bool = typer.Option(False, "-a", "--allow-private",
                                        help="Leave out the spoof group (private/reserved sources)."),
     ping_from: list[str] = typer.Option([], "-p", "--ping-from", metavar="HOST",
@@ -599,7 +600,7 @@ def flush_cmd(
                                     "hostprep-nic@, the iptables-services drop-ins), so nothing comes back "
                                     "at the next boot."),
 ) -> None:
-    """Remove hostprep's chains, jumps, sets and nft table, and nothing else. Settings stay remembered."""
+    """Remove hostprep's chains, jumps, sets, nft table and fail2ban jails, and nothing else. Settings stay remembered."""
     if kernel and persistent:
         raise InputError("--kernel/--persistent", "--kernel restores the kernel values only, --persistent goes "
                          "with the firewall flush", "run 'hostprep flush --kernel' and 'hostprep flush --persistent'")
@@ -625,8 +626,13 @@ def flush_cmd(
     be = applymod.default_backend(runner, backend)
     if dry_run:
         print_plan(applymod.make_plan(be, None, store.applied()))
+        from hostprep import fail2ban as f2b
+        files = f2b.Files(store.paths.root)
+        for p in files.jails() + [p for p in (files.filter, files.action) if p.is_file()] + files.logrotates():
+            out.print(f"fail2ban: would remove {p}", markup=False)
         out.print("dry run: nothing was changed")
         return
+    fail2ban_flush(store, argv)           # the jails first: fail2ban lets go of the ban sets flush destroys
     outcome = applymod.flush(be, store, argv)
     if outcome.changed:
         for action in outcome.notes:
@@ -793,6 +799,8 @@ def container_log_text(name: str, c, added: list[str], removed: list[str], event
                      f"hardening {'on' if c.hardening else 'OFF'}")
         lines += [container_log_file_line(f) for f in c.files]
         lines += [f"# ipset {s.name}: {len(s.members)} members" for s in c.sets()]
+        if c.ban_set() is not None:
+            lines.append(f"# ipset {c.ban_set().name}: ban set (fail2ban's bans; kept across reloads)")
     lines.append(f"# rules removed: {len(removed)}")
     lines += [f"removed: {ln}" for ln in removed]
     if event == "up":
@@ -817,6 +825,63 @@ def confirm_widening(name: str, widening: list[str], yes: bool) -> None:
         raise RefusedError("confirmation", "not confirmed; nothing was changed")
 
 
+# -- fail2ban (issue 14; hostprep/fail2ban.py): hooks of container up/down and flush --------
+
+def fail2ban_part(c, previous, files, store: Store, wanted: Optional[bool]):
+    """NAME with fail2ban on or off (given, else as at its last up) and its jail, validated
+    before anything changes (bad input: one line, nothing written)."""
+    import dataclasses
+    from hostprep import fail2ban as f2b
+    on = wanted if wanted is not None else bool(previous is not None and previous.fail2ban)
+    c = dataclasses.replace(c, fail2ban=on and c.hardening)
+    if not on:
+        return c, None
+    f2b.require_installed(Runner(), f2b.Files(store.paths.root))
+    return c, f2b.resolve(c, files.env, files.core, files.installer, store.paths.root)
+
+
+def fail2ban_dry_run(name: str, jail, previous, store: Store) -> None:
+    from hostprep import fail2ban as f2b
+    files = f2b.Files(store.paths.root)
+    if jail is not None:
+        for path, text in f2b.wanted_files(jail, files).items():
+            same = path.is_file() and path.read_text() == text
+            out.print(f"fail2ban: {path} {'unchanged' if same else 'would be written'}", markup=False)
+        out.print(f"fail2ban: ban set {jail.ban.name}; then 'fail2ban-client reload' if fail2ban runs", markup=False)
+    elif previous is not None and previous.fail2ban:
+        out.print(f"fail2ban: {files.jail(name)} and {files.logrotate(name)} would be removed", markup=False)
+
+
+def fail2ban_apply(name: str, jail, store: Store, argv: str) -> None:
+    """After the rules are live: write (jail given) or remove (None) NAME's files, test, reload."""
+    from hostprep import fail2ban as f2b
+    files, runner = f2b.Files(store.paths.root), Runner()
+    if jail is not None:
+        changed = f2b.install(jail, files, runner)
+        what = (f"wrote {', '.join(changed)}" if changed else "jail unchanged")
+    else:
+        changed = f2b.remove(name, files)
+        if not changed:
+            return
+        what = f"removed {', '.join(changed)}"
+    done = f2b.reload(runner, files) if changed else "nothing to reload"
+    failed = "FAILED" in done
+    store.journal(argv, f"fail2ban {name}: {what}; {done}", "warning" if failed else "ok")
+    (err if failed else out).print(f"fail2ban: {name}: {what}; {done}", markup=False,
+                                   style="yellow" if failed else None)
+
+
+def fail2ban_flush(store: Store, argv: str) -> None:
+    from hostprep import fail2ban as f2b
+    files, runner = f2b.Files(store.paths.root), Runner()
+    gone = f2b.remove_all(files)
+    if gone:
+        done = f2b.reload(runner, files)
+        store.journal(argv, f"fail2ban: removed {', '.join(gone)}; {done}", "ok")
+        out.print(f"fail2ban: removed {len(gone)} files (hostprep's jails, filter, action, logrotate); {done}",
+                  markup=False)
+
+
 @container_app.command("up", cls=PlainCommand, epilog=EXAMPLES["container up"])
 @handle_errors
 def container_up_cmd(
@@ -838,6 +903,10 @@ def container_up_cmd(
                                            "networks wider than /8 (IPv4) or /32 (IPv6); /0 is never accepted."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would change (the plan and the rules), "
                                  "run every check, change nothing; exit as the real run would."),
+    fail2ban: Optional[bool] = typer.Option(None, "--fail2ban/--no-fail2ban", help="Ban in the firewall the "
+                                            "addresses the proxy logs to HOST_WORKING_DIR/logs/blocking.log (a "
+                                            "fail2ban jail, a ban set, logrotate for the proxy's logs); remembered "
+                                            "for NAME's next up. Needs fail2ban installed."),
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
@@ -847,7 +916,9 @@ def container_up_cmd(
     them again; a file given replaces the remembered one (--no-core/--no-installer
     drop one).  Changes that widen access (restriction off, exempt or load-balancer
     entries added, limits raised, ports added, hardening switched) are listed first
-    and need -y or a y at a terminal.
+    and need -y or a y at a terminal.  --fail2ban (remembered) also writes NAME's
+    fail2ban jail and the logrotate file of its logs, and bans in the firewall what
+    the proxy logs to blocking.log.
     """
     from hostprep import envfiles, txn
     from hostprep import plan as planmod
@@ -865,6 +936,7 @@ def container_up_cmd(
         c = envfiles.load_container(name, files.env, files.core, files.installer, info.name,
                                     list(info.ipv4 + info.ipv6), key=store.file_key(create=not dry_run),
                                     allow_wide=allow_wide_exempt)
+    c, jail = fail2ban_part(c, previous, files, store, fail2ban)
     if set(files.sources.values()) - {"given", "none"}:
         out.print(f"container {name}: files: {files.describe()}", markup=False)
     for w in envfiles.permission_warnings([p for p in (files.env, files.core, files.installer) if p]):
@@ -887,6 +959,7 @@ def container_up_cmd(
             out.print(f"  removed: {ln}", markup=False)
         for ln in added:
             out.print(f"  added: {ln}", markup=False)
+        fail2ban_dry_run(name, jail, previous, store)
         if confirm_secs is not None:
             out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
         out.print("dry run: nothing was changed")
@@ -900,6 +973,8 @@ def container_up_cmd(
     with txn.change(be, store, argv, confirm=confirm_secs) as ch:
         outcome, added, removed, kept = applymod.container_up(be, store, c, argv)
         ch.changed = outcome.changed
+        # inside the change: a jail fail2ban's own test refuses undoes the rules too
+        fail2ban_apply(name, jail, store, argv)
     for note in ch.recovered:
         say(err, "yellow", "recovered:", f"{note}")
     store.write_container_log(name, container_log_text(name, c, added, removed, "up", kept), append=False)
@@ -919,7 +994,7 @@ def container_down_cmd(
     backend: Optional[str] = BackendOpt,
     confirm_secs: Optional[int] = ConfirmOpt,
 ) -> None:
-    """Remove exactly NAME's rules (and its sets); other containers and the base stay."""
+    """Remove exactly NAME's rules (and its sets, its fail2ban jail); other containers and the base stay."""
     from hostprep.model import container_name
     container_name(name)
     need_root("container down")
@@ -933,6 +1008,7 @@ def container_down_cmd(
     for note in ch.recovered:
         say(err, "yellow", "recovered:", f"{note}")
     store.write_container_log(name, container_log_text(name, None, [], removed, "down"), append=True)
+    fail2ban_apply(name, None, store, argv)
     out.print(f"container {name}: {output.plural(len(removed), 'rule')} removed; log {store.container_log(name)}")
     say_pending(ch)
 

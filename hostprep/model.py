@@ -19,7 +19,7 @@ BUILTIN_CHAINS = ("INPUT", "FORWARD", "OUTPUT")
 # hold each group's rules.  Status reports present/missing and counters per group.
 GROUPS: dict[str, tuple[str, ...]] = {
     "fastpath": ("HOSTPREP-FAST",),
-    "ddos": ("HOSTPREP-RST", "HOSTPREP-DDOS"),
+    "ddos": ("HOSTPREP-RST", "HOSTPREP-DDOS", "HOSTPREP-COOKIES", "HOSTPREP-SYNPROXY"),
     "spoof": ("HOSTPREP-SPOOF",),
     "ssh": ("HOSTPREP-SSH", "HOSTPREP-OUT"),
     "icmp": ("HOSTPREP-ICMP",),
@@ -44,14 +44,72 @@ SPOOF_SOURCES: dict[int, tuple[str, ...]] = {
 }
 
 
+# TCP flag combinations that never occur in real TCP (the ddos group): (mask, set flags)
+# as iptables' --tcp-flags writes them.  The one copy: rules/filter.rules.j2 renders one
+# rule each, rules/ingress.nft.j2 one set of the flag bytes they match (bogus_flag_bytes).
+BOGUS_TCP_FLAGS: tuple[tuple[str, str], ...] = (
+    ("FIN,SYN,RST,PSH,ACK,URG", "NONE"),                   # NULL
+    ("FIN,SYN", "FIN,SYN"),
+    ("SYN,RST", "SYN,RST"),
+    ("FIN,RST", "FIN,RST"),
+    ("FIN,ACK", "FIN"),                                     # FIN without ACK
+    ("ACK,URG", "URG"),
+    ("PSH,ACK", "PSH"),
+    ("FIN,SYN,RST,PSH,ACK,URG", "FIN,SYN,RST,PSH,ACK,URG"), # all set
+    ("FIN,SYN,RST,PSH,ACK,URG", "FIN,PSH,URG"),             # XMAS
+    ("FIN,SYN,RST,PSH,ACK,URG", "FIN,SYN,PSH,URG"),
+    ("FIN,SYN,RST,PSH,ACK,URG", "FIN,SYN,RST,ACK,URG"),
+)
+_TCP_FLAG_BITS = {"FIN": 1, "SYN": 2, "RST": 4, "PSH": 8, "ACK": 16, "URG": 32}
+
+
+def bogus_flag_bytes() -> tuple[int, ...]:
+    """Every value of the six flags FIN..URG that one of BOGUS_TCP_FLAGS matches."""
+    def bits(names: str) -> int:
+        return 0 if names == "NONE" else sum(_TCP_FLAG_BITS[n] for n in names.split(","))
+    return tuple(v for v in range(64) if any(v & bits(m) == bits(c) for m, c in BOGUS_TCP_FLAGS))
+
+
+def nft_tcp_flags(value: int) -> str:
+    """A flag byte in nft syntax: ``fin | syn``, ``0x0`` for none."""
+    names = [n.lower() for n, b in _TCP_FLAG_BITS.items() if value & b]
+    return " | ".join(names) if names else "0x0"
+
+
+# SYN cookies in front of the container ports (synproxy, issue 12 item 2).  The nft
+# ingress chain counts the SYNs to the container ports of each family; while they stay
+# within SYNPROXY_RATE/s (burst SYNPROXY_BURST) every SYN is tracked as before (the
+# per-source limits judge it, the client sees the container's own SYN-ACK, a closed port
+# its RST).  Above it the family's ports are "flooded" for SYNPROXY_HOLD_S seconds after
+# the last SYN over the rate: every SYN to them skips conntrack (notrack at ingress) and
+# is answered with a SYN cookie by the SYNPROXY target; only a client that returns a valid
+# cookie gets a conntrack entry and meets the connection and rate limits (see
+# rules/filter.rules.j2).  200/s is about 3 times the calm rate of a proxy of 2,000 agents
+# (one new connection per agent every 30 s) and far above what the per-source limits let
+# one source do (Finesse: 6/s); the burst covers a reconnect storm of a few hundred agents.
+SYNPROXY_RATE = 200
+SYNPROXY_BURST = 400
+SYNPROXY_HOLD_S = 10
+# The TCP options the SYN-ACK cookie announces on the container's behalf, as a Linux
+# server behind them announces them (RHEL 9 defaults: SACK, timestamps, window scale 7);
+# the MSS of a 1500-byte MTU (IPv4 40, IPv6 60 bytes of headers).  A cookie can encode
+# only 4 MSS values (536, 1300, 1440, 1460): a client announcing less is given the next
+# lower one.  Written as iptables-save prints them back.
+SYNPROXY_OPTIONS: dict[int, str] = {4: "--sack-perm --timestamp --wscale 7 --mss 1460",
+                                    6: "--sack-perm --timestamp --wscale 7 --mss 1440"}
+
+
 def spoof_range(net: ipaddress.IPv4Network | ipaddress.IPv6Network
                 ) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     """The first range of the spoof list that ``net`` overlaps (its sources are dropped), or None."""
     return next((r for r in map(ipaddress.ip_network, SPOOF_SOURCES[net.version]) if net.overlaps(r)), None)
 
 
+BAN_CHAIN = "HOSTPREP-BAN"     # rules/ban.rules.j2: counted with the containers
+
+
 def group_of_chain(chain: str) -> str | None:
-    if chain.startswith("HOSTPREP-C-"):
+    if chain.startswith("HOSTPREP-C-") or chain == BAN_CHAIN:
         return "containers"
     for group, chains in GROUPS.items():
         if chain in chains:
@@ -144,7 +202,8 @@ class Ruleset:
 
 @dataclass(frozen=True)
 class NftIngress:
-    """The nft netdev table that drops fragments on the external NIC."""
+    """The nft netdev table on the external NIC (ddos group): the stateless drops (fragments,
+    bogus TCP flags) and the SYN counting that switches the container ports to SYN cookies."""
 
     device: str
     script: str  # the full `nft -f` text, replaces the table atomically
@@ -203,6 +262,7 @@ class Desired:
     nft: NftIngress | None
     containers: tuple["Container", ...] = ()
     sets: tuple["IpSet", ...] = ()
+    bans: tuple["BanSet", ...] = ()       # containers with fail2ban: created when missing, never refilled
 
     def ruleset(self, family: int) -> Ruleset:
         return self.v4 if family == 4 else self.v6
@@ -373,6 +433,7 @@ class Container:
     exempt: tuple[Network, ...] = ()                       # rate-limit-disable + Cloud Connect clients
     files: tuple[EnvFile, ...] = ()
     ipv6_source_prefix: int = IPV6_SOURCE_PREFIX_DEFAULT   # HOSTPREP_IPV6_SOURCE_PREFIX
+    fail2ban: bool = False                                 # container up --fail2ban (hostprep/fail2ban.py)
 
     def __post_init__(self) -> None:
         container_name(self.name)
@@ -450,7 +511,8 @@ class Container:
                 "dest": str(self.dest), "limits": self.limits.as_dict(), "hardening": self.hardening,
                 "restricted": self.restricted, "load_balancers": [str(n) for n in self.load_balancers],
                 "exempt": [str(n) for n in self.exempt],
-                "files": [f.as_dict() for f in self.files], "ipv6_source_prefix": self.ipv6_source_prefix}
+                "files": [f.as_dict() for f in self.files], "ipv6_source_prefix": self.ipv6_source_prefix,
+                **({"fail2ban": True} if self.fail2ban else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Container":
@@ -460,7 +522,13 @@ class Container:
                    tuple(ipaddress.ip_network(n) for n in d["exempt"]),
                    tuple(EnvFile.from_dict(f, i) for i, f in enumerate(d.get("files", []))),
                    # records before issue 12 have no prefix: the default (/64) applies to them too
-                   int(d.get("ipv6_source_prefix", IPV6_SOURCE_PREFIX_DEFAULT)))
+                   int(d.get("ipv6_source_prefix", IPV6_SOURCE_PREFIX_DEFAULT)),
+                   bool(d.get("fail2ban", False)))
+
+    def ban_set(self) -> "BanSet | None":
+        """The set fail2ban's hostprep-ban action fills (container up --fail2ban), of the
+        container's family: its ports are open on PROXY_BINDING_IP only."""
+        return BanSet(self.set_name("bn"), self.family) if self.fail2ban and self.hardening else None
 
     def file(self, role: str) -> "EnvFile | None":
         """The recorded env file of ``role`` (env, core, installer), if any."""
@@ -478,3 +546,40 @@ class IpSet:
     def __post_init__(self) -> None:
         if not self.name.startswith(SET_PREFIX) or len(self.name) > 31:
             raise InputError("ipset", f"{self.name!r} is not a hostprep set name")
+
+
+BAN_SET = __import__("re").compile(r"hostprep-[0-9a-f]{8}-bn[46]")
+BAN_SET_MAXELEM = 65536
+
+
+def is_ban_set(name: str) -> bool:
+    """A container's ban set (its members are fail2ban's bans, never hostprep's to set)."""
+    return BAN_SET.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class BanSet:
+    """A container's ban set: hash:ip with a timeout, created when missing and never
+    flushed, filled or swapped by hostprep (fail2ban adds and deletes the members;
+    each member carries the jail's bantime as its own timeout, so a ban ends even when
+    fail2ban is gone).  ``apply``, ``container up`` and ``boot`` reload hostprep's rules
+    around it and leave the bans in place; ``container down`` and ``flush`` destroy it.
+    """
+
+    name: str
+    family: int
+
+    def __post_init__(self) -> None:
+        if not is_ban_set(self.name) or self.name[-1] != str(self.family):
+            raise InputError("ipset", f"{self.name!r} is not a hostprep ban set name")
+
+    @property
+    def members(self) -> tuple:
+        return ()
+
+    def create_line(self, exist: bool = False) -> str:
+        """The one ``create`` line, for ``ipset restore`` and fail2ban's actionstart alike
+        (the same parameters, so either may create it first at boot)."""
+        family = "inet" if self.family == 4 else "inet6"
+        return (f"create {self.name} hash:ip family {family} hashsize 1024 maxelem {BAN_SET_MAXELEM} timeout 0"
+                + (" -exist" if exist else ""))

@@ -127,6 +127,35 @@ def groups_table(report: dict) -> Table:
     return t
 
 
+def attack_lines(att: dict | None) -> list[str]:
+    """What an attack left: the ingress drops per reason, SYNs to the container ports
+    (tracked or answered with a cookie), conntrack fill; each line within 80 columns."""
+    if not att:
+        return []
+    out = []
+    ing = att.get("ingress")
+    if ing:
+        r = ing["dropped_or_counted"]
+        out.append(f"ingress ({ing['device']}) dropped: {r.get('fragments', 0):,} fragments, "
+                   f"{r.get('bogus_flags', 0):,} bogus flags")
+    sc = att.get("syn_cookies")
+    if sc and ing:      # (the SYN counting lives in the ingress table)
+        r = (ing or {}).get("dropped_or_counted") or {}
+        flooded = ", ".join(sc["flooded"]) or "none now"
+        out.append(f"SYN to container ports: {r.get('syn_tracked', 0):,} tracked, "
+                   f"{sc.get('syn_received', 0):,} cookies sent, {sc.get('cookie_valid', 0):,} returned")
+        out.append(f"SYN cookies active on: {flooded}")
+    ct = att.get("conntrack")
+    if ct:
+        since = sum(v for v in (ct.get("full_since_last_change") or {}).values() if v)
+        out.append(f"conntrack: {ct['count']:,} of {ct['max']:,} entries, "
+                   f"{since:,} refused since the last change")
+    for lim in att.get("limiters") or []:
+        if lim["entries"] is not None:
+            out.append(f"limiter {lim['container']}:{lim['port']}: {lim['entries']:,} of {lim['max']:,} sources")
+    return out
+
+
 def container_state(r: dict) -> list[Text]:
     """One container: its state, then its counters (packets)."""
     if r["hardening"]:
@@ -267,6 +296,21 @@ def transaction_lines(tx: dict) -> list[Text]:
     return out
 
 
+def fail2ban_lines(f2b: dict) -> list[Text]:
+    """fail2ban (container up --fail2ban): the server, then bans per container; nothing when unused."""
+    rows = f2b.get("containers") or []
+    if not rows and not f2b.get("jails"):
+        return []
+    server = Text("running", GREEN) if f2b.get("running") else Text("NOT RUNNING", RED) if f2b.get("installed") \
+        else Text("NOT INSTALLED", RED)
+    out = [Text.assemble("fail2ban: ", server, f", hostprep jails: {', '.join(f2b.get('jails') or []) or 'none'}")]
+    for r in rows:
+        out.append(Text.assemble(f"  {r['name']}: {plural(r['bans'], 'address', 'addresses')} banned",
+                                 f" (newest {r['newest']})" if r.get("newest") else "",
+                                 "" if r["jail"] else Text(", jail MISSING", RED)))
+    return out
+
+
 def print_status(out: Console, err: Console, report: dict, *, verbose: bool = False) -> None:
     """Verdict, then what is open to whom, then the details; problems last (on stderr)."""
     # 1. the verdict: am I protected?
@@ -306,13 +350,13 @@ def print_status(out: Console, err: Console, report: dict, *, verbose: bool = Fa
                   + (" -e" if s["skip_ddos"] else "") + (" -a" if s["allow_private"] else "")
                   + "".join(f" -p {p}" for p in s["ping_from"]))
     out.print(groups_table(report))
-    frag = report.get("fragments")
-    if frag:
-        total = sum(c["packets"] for c in frag["counters"].values())
-        out.print(f"fragments: nft netdev ingress on {frag['device']}, {total} packets dropped")
+    for line in attack_lines(report.get("attack")):
+        out.print(line)
     if report.get("ipv6_parity") is not None:
         out.print(Text.assemble("IPv6 parity: ", state_text("yes") if report["ipv6_parity"] else state_text("NO")))
     for line in container_lines(report.get("containers") or []):
+        out.print(line)
+    for line in fail2ban_lines(report.get("fail2ban") or {}):
         out.print(line)
     kern = report.get("kernel") or {}
     if kern.get("applied"):

@@ -15,7 +15,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from hostprep.model import BUILTIN_CHAINS, MAX_LIST_ENTRIES, PREFIX, Rule, Ruleset
+from hostprep.model import BUILTIN_CHAINS, MAX_LIST_ENTRIES, PREFIX, BanSet, Rule, Ruleset
 
 
 def target_of(spec: str) -> str | None:
@@ -245,13 +245,20 @@ class SetPlan:
                 + [f"ipset {n} not wanted" for n in self.destroy])
 
 
+def wanted_sets(desired) -> tuple:
+    """The exempt/load-balancer sets and the ban sets (model.BanSet) ``desired`` wants."""
+    return tuple(desired.sets) + tuple(getattr(desired, "bans", ())) if desired is not None else ()
+
+
 def plan_sets(desired: tuple, live: dict[str, frozenset[str]]) -> SetPlan:
+    """A ban set (model.BanSet) is only created when missing: its members are fail2ban's."""
     create, replace = [], []
     for s in desired:
-        want = frozenset(str(m) for m in s.members)
         if s.name not in live:
             create.append(s)
-        elif live[s.name] != want:
+        elif isinstance(s, BanSet):
+            continue
+        elif live[s.name] != frozenset(str(m) for m in s.members):
             replace.append(s)
     names = {s.name for s in desired}
     destroy = tuple(n for n in sorted(live) if n not in names)
@@ -269,6 +276,9 @@ def ipset_fill_script(sets: tuple, suffix: str = "") -> str:
     """
     lines: list[str] = []
     for s in sets:
+        if isinstance(s, BanSet):
+            lines.append(s.create_line())
+            continue
         name = s.name + suffix
         family = "inet" if s.family == 4 else "inet6"
         maxelem = max(MAX_LIST_ENTRIES, 2 * len(s.members))
@@ -301,7 +311,8 @@ def container_widening(before, after) -> list[str]:
     ``before``/``after``: model.Container (the record, the new one).  Widening:
     hardening switched on (ports opened) or off (the container's limits removed),
     restricted mode off, load-balancer or exempt entries added, connection or rate
-    limits raised, a longer IPv6 source prefix, ports added, another destination.  Narrowing changes are not listed.
+    limits raised, a longer IPv6 source prefix, ports added, another destination, fail2ban
+    switched off (its bans lifted).  Narrowing changes are not listed.
     """
     def show(nets) -> str:
         items = [str(n) for n in nets]
@@ -315,6 +326,8 @@ def container_widening(before, after) -> list[str]:
                    "are opened to the internet")
     if not (after.hardening and before.hardening):
         return out      # closed before (everything opens, said above) or closed now
+    if getattr(before, "fail2ban", False) and not getattr(after, "fail2ban", False):
+        out.append("fail2ban off (--no-fail2ban): the addresses banned for brute force get in again")
     if before.restricted and not after.restricted:
         out.append(f"NGX_TRAFFIC_RESTRICTED true -> false: every source may reach ports "
                    f"{','.join(map(str, after.ports))}, not only the load balancers")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import jinja2
 
-from hostprep.model import (BUILTIN_CHAINS, PREFIX, SPOOF_SOURCES, Chain, Container, Desired, NftIngress,
-                            Policy, Rule, Ruleset)
+from hostprep.model import (BOGUS_TCP_FLAGS, BUILTIN_CHAINS, PREFIX, SPOOF_SOURCES, SYNPROXY_BURST,
+                            SYNPROXY_HOLD_S, SYNPROXY_OPTIONS, SYNPROXY_RATE, Chain, Container, Desired,
+                            NftIngress, Policy, Rule, Ruleset, bogus_flag_bytes, nft_tcp_flags)
 from hostprep.paths import data_dir
 
 _ENV = jinja2.Environment(
@@ -31,6 +32,8 @@ def filter_text(policy: Policy, family: int) -> str:
         ddos=not policy.skip_ddos,
         spoof=not policy.allow_private,
         spoof_sources=SPOOF_SOURCES[family],
+        bogus_patterns=BOGUS_TCP_FLAGS,
+        synproxy_options=SYNPROXY_OPTIONS[family],
         ping=policy.ping_networks(family),
     )
 
@@ -63,8 +66,22 @@ def parse_rules(text: str, family: int) -> Ruleset:
     return Ruleset(family, tuple(Chain(n, tuple(rules[n])) for n in order), tuple(jumps))
 
 
-def nft_text(policy: Policy) -> str:
-    return _ENV.get_template("ingress.nft.j2").render(iface=policy.interface)
+def cookie_ports(containers: tuple[Container, ...]) -> dict[int, list[str]]:
+    """The container ports behind SYN cookies, per family, as nft ``address . port`` elements:
+    every port of a hardened container that is not restricted to its load balancers."""
+    out: dict[int, list[str]] = {4: [], 6: []}
+    for c in containers:
+        if c.hardening and not c.restricted:
+            out[c.family] += [f"{c.dest} . {p}" for p in c.ports]
+    return out
+
+
+def nft_text(policy: Policy, containers: tuple[Container, ...] = ()) -> str:
+    """The ingress table (rules/ingress.nft.j2) with the containers' SYN cookie ports."""
+    return _ENV.get_template("ingress.nft.j2").render(
+        iface=policy.interface, bogus_patterns=BOGUS_TCP_FLAGS,
+        bogus_values=[nft_tcp_flags(v) for v in bogus_flag_bytes()], cookie=cookie_ports(containers),
+        rate=SYNPROXY_RATE, burst=SYNPROXY_BURST, hold=SYNPROXY_HOLD_S)
 
 
 FAILSAFE_CHAIN = "HOSTPREP-FAILSAFE"
@@ -77,10 +94,24 @@ def failsafe_text(interface: str, family: int) -> str:
     return _ENV.get_template("failsafe.rules.j2").render(family=family, iface=interface)
 
 
-def container_text(containers: tuple[Container, ...], family: int) -> str:
-    """The containers' chains of one family (only containers whose hardening is on)."""
+def container_text(containers: tuple[Container, ...], family: int, *, cookies: bool = False) -> str:
+    """The containers' chains of one family (only containers whose hardening is on); ``cookies``
+    (the ddos group is on): their SYN cookie rules in HOSTPREP-COOKIES too."""
     mine = [c for c in containers if c.family == family and c.hardening]
-    return _ENV.get_template("container.rules.j2").render(containers=mine)
+    return _ENV.get_template("container.rules.j2").render(containers=mine, cookies=cookies)
+
+
+def ban_text(containers: tuple[Container, ...], family: int) -> str:
+    """The ban rules of one family (rules/ban.rules.j2), "" when no container of it has fail2ban on.
+
+    The nft backend (issue 13) implements the same contract with an nft set with
+    ``flags timeout`` in its own table; this function and ``Container.ban_set`` are the seam.
+    """
+    bans = [(c, c.ban_set(), c.set_name("lb") if c.networks("lb") else None)
+            for c in containers if c.family == family and c.ban_set() is not None]
+    if not bans:
+        return ""
+    return _ENV.get_template("ban.rules.j2").render(bans=bans)
 
 
 def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
@@ -90,11 +121,15 @@ def desired(policy: Policy, containers: tuple[Container, ...] = ()) -> Desired:
     chain whatever order the containers came up in.
     """
     containers = tuple(sorted(containers, key=lambda c: c.name))
-    v4 = parse_rules(filter_text(policy, 4) + container_text(containers, 4), 4)
-    v6 = parse_rules(filter_text(policy, 6) + container_text(containers, 6), 6)
-    nft = None if policy.skip_ddos else NftIngress(policy.interface, nft_text(policy))
+    cookies = not policy.skip_ddos
+    v4 = parse_rules(ban_text(containers, 4) + filter_text(policy, 4)
+                     + container_text(containers, 4, cookies=cookies), 4)
+    v6 = parse_rules(ban_text(containers, 6) + filter_text(policy, 6)
+                     + container_text(containers, 6, cookies=cookies), 6)
+    nft = None if policy.skip_ddos else NftIngress(policy.interface, nft_text(policy, containers))
     sets = tuple(s for c in containers for s in c.sets())
-    return Desired(policy, v4, v6, nft, tuple(containers), sets)
+    bans = tuple(b for c in containers if (b := c.ban_set()) is not None)
+    return Desired(policy, v4, v6, nft, tuple(containers), sets, bans)
 
 
 def restore_header() -> str:

@@ -296,6 +296,8 @@ def base_probes(s: Settings, port: int, src: Sources, notes: list[str]) -> list[
         ddos = (lambda comment: ipt(fam, "HOSTPREP-DDOS", f"hostprep ddos: {comment}")) if s.ddos \
             else (lambda comment: deny(fam))
         via = "" if s.ddos else " (-e: default deny)"
+        # stateless junk is dropped at the NIC's ingress hook (rules/ingress.nft.j2), before conntrack
+        bogus = CounterCheck(None, "", "hostprep ddos: bogus tcp flags") if s.ddos else deny(fam)
         ssh_in = ipt(fam, "HOSTPREP-SSH", "hostprep ssh: no ssh in")
         udp = ipt(fam, "HOSTPREP-UDP", "hostprep udp: udp dropped")
         out += [
@@ -324,7 +326,7 @@ def base_probes(s: Settings, port: int, src: Sources, notes: list[str]) -> list[
                   tcp(ext, port, quiet, src=spoofed), "dropped",
                   ipt(fam, "HOSTPREP-SPOOF", f"hostprep spoof: {spoof_net}") if s.spoof else deny(fam)),
             Probe(f"{v} XMAS flags (FIN,PSH,URG){via}", "inet", tcp(ext, port, quiet, flags="FPU"), "dropped",
-                  ddos("invalid")),
+                  bogus),
             Probe(f"{v} SYN with MSS {'100' if fam == 4 else '1000'}{via}", "inet",
                   tcp(ext, port, quiet, mss=100 if fam == 4 else 1000), "dropped", ddos("odd mss")),
             Probe(f"{v} bare ACK (NEW without SYN){via}", "inet", tcp(ext, port, quiet, flags="A"), "dropped",
@@ -350,9 +352,9 @@ def base_probes(s: Settings, port: int, src: Sources, notes: list[str]) -> list[
                       ssh_in.but(0, 0)),
                 Probe("v4 UDP to port 5353, internal NIC (control)", "admin",
                       {"kind": "udp", "dst": intl, "dport": 5353, "timeout": ANSWER}, "answered", udp.but(0, 0)),
-                Probe(f"v4 NULL flags{via}", "inet", tcp(ext, port, quiet, flags=""), "dropped", ddos("invalid")),
-                Probe(f"v4 SYN+FIN{via}", "inet", tcp(ext, port, quiet, flags="SF"), "dropped", ddos("invalid")),
-                Probe(f"v4 SYN+RST{via}", "inet", tcp(ext, port, quiet, flags="SR"), "dropped", ddos("invalid")),
+                Probe(f"v4 NULL flags{via}", "inet", tcp(ext, port, quiet, flags=""), "dropped", bogus),
+                Probe(f"v4 SYN+FIN{via}", "inet", tcp(ext, port, quiet, flags="SF"), "dropped", bogus),
+                Probe(f"v4 SYN+RST{via}", "inet", tcp(ext, port, quiet, flags="SR"), "dropped", bogus),
                 Probe(f"v4 unsolicited SYN+ACK{via}", "inet", tcp(ext, port, quiet, flags="SA"), "dropped",
                       ddos("invalid")),
                 Probe("v4 bare ACK, internal NIC (control)", "admin", tcp(intl, port, ANSWER, flags="A"),

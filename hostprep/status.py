@@ -144,14 +144,23 @@ def collect(runner: Runner, backend: Backend, store: Store) -> dict:
     if snap.nft is not None:
         report["fragments"] = {"device": snap.nft.device, "counters": {
             k: {"packets": v.packets, "bytes": v.bytes} for k, v in snap.nft.counters.items()}}
+    from hostprep import attack
+    report["attack"], attack_warnings = attack.section(backend.proc, store.paths.state_file.parent,
+                                                       tuple(store.containers().values()), snap.nft)
+    warnings.extend(attack_warnings)
     for c in store.containers().values():
         rep = _container_report(c, snap.observed.get(c.family),
                                 desired.ruleset(c.family) if desired is not None else None)
         report["containers"].append(rep)
         if c.hardening and not rep["present"]:
             problems.append(f"container {c.name}: its rules are not live as recorded")
+    # fail2ban (issue 14): bans per container, the server, hostprep's jails
+    from hostprep import fail2ban as f2b
+    report["fail2ban"] = f2b.collect(runner, f2b.Files(store.paths.root), store.containers().values(), snap.sets)
+    problems.extend(f2b.problems(report["fail2ban"]))
+    warnings.extend(f2b.warnings(report["fail2ban"]))
     if desired is not None:
-        sets = planmod.plan_sets(desired.sets, snap.sets)
+        sets = planmod.plan_sets(planmod.wanted_sets(desired), snap.sets)
         problems.extend(sets.notes())
     report["kernel"], kernel_problems = kernel_section(store)
     problems.extend(kernel_problems)

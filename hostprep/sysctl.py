@@ -129,8 +129,9 @@ class Kernel:
             return False
         if not key.startswith("net."):
             return self.other_root == PROC_SYS
-        # net.* keys that are not per namespace (net.core.netdev_max_backlog...) are not shown inside one
-        return self.net_root == PROC_SYS and not self.has(key)
+        # net.* keys that are not per namespace (net.core.netdev_max_backlog...) are not shown inside
+        # one, or shown read-only (net.netfilter.nf_conntrack_max and _buckets: mode 0444 there)
+        return self.net_root == PROC_SYS and (not self.has(key) or not self.path(key).stat().st_mode & 0o200)
 
     def skipped(self, settings: list[Setting]) -> tuple[frozenset[str], frozenset[str]]:
         """(keys this kernel lacks, machine-wide keys left alone) among ``settings``."""

@@ -38,7 +38,7 @@ from pathlib import Path
 from hostprep import faults
 from hostprep import plan as planmod
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError, StateError
-from hostprep.model import Chain, IpSet, NftIngress, Rule, Ruleset
+from hostprep.model import BanSet, Chain, IpSet, NftIngress, Rule, Ruleset, is_ban_set
 from hostprep.netns import same_netns_as_init
 from hostprep.runner import PACKAGE_PARENT, Runner, python_module
 from hostprep.state import Store, now, read_json, write_atomic
@@ -190,7 +190,9 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
             fw[str(fam)] = {"chains": [[c.name, [r.spec for r in c.rules]] for c in rs.chains],
                             "jumps": [[j.chain, j.spec] for j in rs.jumps]}
         snap["firewall"] = fw
-        snap["sets"] = {name: {"family": set_family(name, members), "members": sorted(members)}
+        # a ban set's members are fail2ban's (never restored): its name and family are enough
+        snap["sets"] = {name: {"family": set_family(name, members),
+                               "members": [] if is_ban_set(name) else sorted(members)}
                         for name, members in live.sets.items() if not name.endswith(planmod.TEMP_SUFFIX)}
         if live.nft is None:
             snap["nft"] = None
@@ -229,7 +231,10 @@ def target_of(snap: dict) -> Target:
         chains = tuple(Chain(name, tuple(Rule(name, s) for s in specs)) for name, specs in part["chains"])
         jumps = tuple(Rule(c, s) for c, s in part["jumps"])
         rulesets[fam] = Ruleset(fam, chains, jumps)
-    sets = tuple(IpSet(name, int(s["family"]), tuple(ipaddress.ip_network(m) for m in s["members"]))
+    # A ban set is put back (created when missing) but never refilled: its members are
+    # fail2ban's bans, which expire or are lifted by fail2ban, not by a rollback.
+    sets = tuple(BanSet(name, int(s["family"])) if is_ban_set(name) else
+                 IpSet(name, int(s["family"]), tuple(ipaddress.ip_network(m) for m in s["members"]))
                  for name, s in sorted(snap.get("sets", {}).items()))
     nft = snap.get("nft")
     return Target(rulesets[4], rulesets[6], NftIngress(nft["device"], nft["script"]) if nft else None, sets)

@@ -11,7 +11,8 @@
 #                                      again to upgrade in place: /etc/hostprep and
 #                                      /var/lib/hostprep are left as they are.
 #   sh scripts/install.sh --test       for development: ./.venv in the source tree with
-#                                      what the tests need (scapy, pytest, testinfra)
+#                                      what the tests need (scapy, pytest, testinfra), and
+#                                      fail2ban (its service left off: the tests run their own)
 #   sh scripts/install.sh --uninstall  remove the program (not the hardening: see below)
 #
 # --prefix DIR (default /opt/hostprep) and --sbindir DIR (default /usr/local/sbin) place
@@ -67,6 +68,12 @@ if [ "$packages" = 1 ]; then
         # RHEL 9 family: nft-based iptables; the legacy variant is not shipped there.
         dnf install -y -q iptables-nft nftables iproute ipset conntrack-tools ethtool logrotate python3.11 python3.11-pip \
             || dnf install -y -q iptables-nft nftables iproute ipset conntrack-tools ethtool logrotate python3 python3-pip
+        # The fail2ban tests: EPEL's fail2ban-server (never fail2ban-firewalld); its service stays off.
+        if [ "$mode" = test ] && ! command -v fail2ban-client >/dev/null 2>&1; then
+            dnf install -y -q fail2ban-server \
+                || echo "install.sh: fail2ban-server (EPEL) not installed: tests/kernel/test_fail2ban.py will be skipped" >&2
+            systemctl disable --now fail2ban >/dev/null 2>&1 || true
+        fi
     elif command -v apt-get >/dev/null 2>&1; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
@@ -77,6 +84,26 @@ if [ "$packages" = 1 ]; then
         # installing it does not make it PID 1).
         if [ "$mode" = test ] && ! command -v systemd-analyze >/dev/null 2>&1; then
             apt-get install -y -qq systemd >/dev/null || echo "install.sh: systemd-analyze not installed: the unit-file check will be skipped" >&2
+        fi
+        # fail2ban for tests/kernel/test_fail2ban.py, which runs its own server inside a sandbox
+        # namespace: the package's own service must not start in the machine's namespace (its
+        # sshd jail would ban there), so the install runs under a policy-rc.d that denies
+        # starting services (only when none exists; removed afterwards) and, where systemd
+        # runs, the service is disabled and stopped.  A system install leaves fail2ban to the
+        # admin ('container up --fail2ban' names the package when it is missing).
+        if [ "$mode" = test ] && ! command -v fail2ban-client >/dev/null 2>&1; then
+            rcd=""
+            if [ ! -e /usr/sbin/policy-rc.d ]; then
+                rcd=/usr/sbin/policy-rc.d
+                printf '#!/bin/sh\n# install.sh --test: no service starts while fail2ban is installed\nexit 101\n' >"$rcd"
+                chmod 0755 "$rcd"
+            fi
+            apt-get install -y -qq --no-install-recommends fail2ban >/dev/null \
+                || echo "install.sh: fail2ban not installed: tests/kernel/test_fail2ban.py will be skipped" >&2
+            [ -n "$rcd" ] && rm -f "$rcd"
+            if [ -d /run/systemd/system ]; then
+                systemctl disable --now fail2ban >/dev/null 2>&1 || true
+            fi
         fi
     else
         echo "install.sh: neither dnf nor apt-get found; install iptables, nftables, iproute2 by hand" >&2

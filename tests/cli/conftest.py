@@ -58,6 +58,10 @@ def normalise(text: str, host) -> str:
     text = re.sub(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", lambda m: "<MAC>".ljust(len(m.group(0))), text)
     text = re.sub(r"PID \d+", "PID <PID>", text)
     text = re.sub(r"(nft netdev ingress on \S+, )\d+( packets dropped)", r"\1N\2", text)
+    # the attack lines: counters of the sandbox's traffic (late neighbour discovery may move them)
+    # and the machine's own conntrack bound (a namespace shows it read-only)
+    text = re.sub(r"^(ingress \(\S+\) dropped: )[\d,]+( fragments, )[\d,]+", r"\1N\2N", text, flags=re.M)
+    text = re.sub(r"^conntrack: [\d,]+ of [\d,]+ entries, [\d,]+", "conntrack: N of N entries, N", text, flags=re.M)
     # Counters of the groups table: neighbour discovery may move them; keep the layout.
     lines = []
     for line in text.split("\n"):

@@ -25,7 +25,7 @@ DROPIN = "etc/sysctl.d/90-hostprep.conf"
 
 def base_chains(settings: dict) -> list[str]:
     """HOSTPREP-IN's targets in the documented order (README "What is loaded"), for these settings."""
-    return (["HOSTPREP-FAST", "HOSTPREP-ICMP"]
+    return (["HOSTPREP-FAST"] + ([] if settings.get("skip_ddos") else ["HOSTPREP-COOKIES"]) + ["HOSTPREP-ICMP"]
             + ([] if settings.get("skip_ddos") else ["HOSTPREP-DDOS"])
             + ([] if settings.get("allow_private") else ["HOSTPREP-SPOOF"])
             + ["HOSTPREP-SSH", "HOSTPREP-UDP", "HOSTPREP-CONTAINERS", "HOSTPREP-DENY"])
@@ -34,7 +34,7 @@ def base_chains(settings: dict) -> list[str]:
 def all_base_chains(settings: dict) -> set[str]:
     """Every base chain of the layout: the dispatcher, its targets, RST (under DDOS) and OUT."""
     return ({"HOSTPREP-IN", "HOSTPREP-OUT"} | set(base_chains(settings))
-            | (set() if settings.get("skip_ddos") else {"HOSTPREP-RST"}))
+            | (set() if settings.get("skip_ddos") else {"HOSTPREP-RST", "HOSTPREP-SYNPROXY"}))
 
 
 def container_chain(name: str) -> str:
@@ -110,15 +110,19 @@ def test_every_hostprep_chain_of_the_layout_exists(hp, settings, containers, fam
     assert sorted(live) == sorted(wanted)
 
 
-def test_one_jump_per_builtin_chain_first_on_the_external_nic(hp, nic, family):
+def test_one_jump_per_builtin_chain_first_on_the_external_nic(hp, nic, settings, family):
     rules = hp.rules(family)
-    wanted = {"INPUT": f"-A INPUT -i {nic} -j HOSTPREP-IN",
-              "FORWARD": f"-A FORWARD -i {nic} -j HOSTPREP-IN",
-              "OUTPUT": f"-A OUTPUT -o {nic} -j HOSTPREP-OUT"}
+    wanted = {"INPUT": [f"-A INPUT -i {nic} -j HOSTPREP-IN"],
+              "FORWARD": [f"-A FORWARD -i {nic} -j HOSTPREP-IN"],
+              "OUTPUT": [f"-A OUTPUT -o {nic} -j HOSTPREP-OUT"]}
+    if not settings.get("skip_ddos"):
+        # the SYN synproxy sends for a client that returned a valid cookie (README: SYN cookies)
+        wanted["OUTPUT"].append("-A OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype ! --src-type "
+                                "LOCAL -m conntrack --ctstate NEW -j HOSTPREP-CONTAINERS")
     # (every rule of the chain that enters hostprep, the chain's first rule)
     live = {chain: ([r for r, t in zip(rules.get(chain, []), targets(rules.get(chain, [])))
                      if t.startswith("HOSTPREP-")], rules.get(chain, [None])[0]) for chain in BUILTIN}
-    assert live == {chain: ([line], line) for chain, line in wanted.items()}
+    assert live == {chain: (lines, lines[0]) for chain, lines in wanted.items()}
 
 
 def test_dispatch_order_ends_in_the_default_deny(hp, settings, family):
@@ -182,7 +186,8 @@ def test_nft_ingress_table_is_hooked_on_the_external_nic(hp, settings, nic):
     hooks = [(m.group("dev") or m.group("devs").replace(" ", ""), int(m.group("prio"))) for m in re.finditer(
         r'type filter hook ingress (?:device "?(?P<dev>[^";\s]+)"?|devices = \{ (?P<devs>[^}]*) \}) '
         r'priority (?P<prio>-?\d+);', res.stdout)]
-    assert (chains, hooks) == (["ingress"], [(nic, -500)])
+    # ingress is the hooked chain; syn4/syn6 are its SYN-counting chains (jumped to, no hook)
+    assert (chains, hooks) == (["ingress", "syn4", "syn6"], [(nic, -500)])
 
 
 def test_nft_counters_are_readable(hp, settings, applied):

@@ -18,6 +18,10 @@ from hostprep.model import BUILTIN_CHAINS, GROUPS, PREFIX, Rule
 
 JUMPS = {"INPUT": "-i eth1 -j HOSTPREP-IN", "FORWARD": "-i eth1 -j HOSTPREP-IN",
          "OUTPUT": "-o eth1 -j HOSTPREP-OUT"}
+# OUTPUT's second jump (ddos group): the SYN synproxy sends for a client that returned a valid cookie
+COOKIE_JUMP = ("-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype ! --src-type LOCAL -m conntrack "
+               "--ctstate NEW -j HOSTPREP-CONTAINERS")
+ALL_JUMPS = {**{c: [j] for c, j in JUMPS.items()}, "OUTPUT": [JUMPS["OUTPUT"], COOKIE_JUMP]}
 EXT_SESSION = "198.51.100.20 50000 198.51.100.10 22"       # arrives at the external NIC
 EXT_SESSION6 = "2001:db8:e::20 50000 2001:db8:e::10 22"
 INT_SESSION = "192.0.2.20 50000 192.0.2.10 22"             # arrives at the internal NIC
@@ -125,10 +129,10 @@ def test_apply_twice_is_idempotent(host):
     assert "nothing changed: the hardening on eth1 is already live" in second.stdout
     assert "applied: " not in second.stdout
     assert state(host) == after_first
-    assert list(after_first["nft"]["table netdev hostprep"]) == ["chain ingress"]
+    assert list(after_first["nft"]["table netdev hostprep"]) == ["chain ingress", "chain syn4", "chain syn6"]
     for fam in (4, 6):
         for chain in BUILTIN_CHAINS:
-            assert jumps_into_hostprep(host, fam, chain) == [JUMPS[chain]]
+            assert jumps_into_hostprep(host, fam, chain) == ALL_JUMPS[chain]
             assert first_rule(host, fam, chain) == JUMPS[chain]
 
 
@@ -150,10 +154,10 @@ def test_foreign_rules_untouched_by_apply_and_flush(host):
     flushed = host.hostprep("flush")
     # what was done, one item per line, then a summary (issue 15, item 4)
     assert flushed.stdout.splitlines()[:6] == [
-        "  - IPv4: removed 44 rules in 11 chains", "  - IPv4: removed the jumps from INPUT, FORWARD, OUTPUT",
-        "  - IPv6: removed 48 rules in 11 chains", "  - IPv6: removed the jumps from INPUT, FORWARD, OUTPUT",
+        "  - IPv4: removed 47 rules in 13 chains", "  - IPv4: removed the jumps from INPUT, FORWARD, OUTPUT",
+        "  - IPv6: removed 51 rules in 13 chains", "  - IPv6: removed the jumps from INPUT, FORWARD, OUTPUT",
         "  - removed the nft ingress table on eth1",
-        "removed hostprep's rules: 92 rules in 22 chains, 6 jumps and the nft ingress table"]
+        "removed hostprep's rules: 98 rules in 26 chains, 8 jumps and the nft ingress table"]
     assert "the settings stay remembered: 'hostprep apply' brings the hardening back" in flushed.stdout
     assert foreign(host) == before
     assert_nothing_of_hostprep(host)
@@ -198,11 +202,11 @@ def test_foreign_rule_inserted_above_the_jump(host, variant):
 def test_duplicate_jump_from_another_tool_is_removed(host, variant):
     host.apply()
     host.run(host.box.host, [f"ip6tables-{variant}", "-A", "OUTPUT", "-o", "eth1", "-j", "HOSTPREP-OUT"])
-    assert jumps_into_hostprep(host, 6, "OUTPUT") == [JUMPS["OUTPUT"], JUMPS["OUTPUT"]]
+    assert jumps_into_hostprep(host, 6, "OUTPUT") == ALL_JUMPS["OUTPUT"] + [JUMPS["OUTPUT"]]
     code, report = status_json(host)
     assert (code, report["problems"][0]) == (1, "IPv6: jump from OUTPUT missing or not first")
     host.apply()
-    assert jumps_into_hostprep(host, 6, "OUTPUT") == [JUMPS["OUTPUT"]]
+    assert jumps_into_hostprep(host, 6, "OUTPUT") == ALL_JUMPS["OUTPUT"]
     assert_applied(host)
 
 
@@ -397,7 +401,7 @@ def test_disable_works_like_flush(host):
     before = state(host)
     host.apply()
     res = host.hostprep("apply", "-d")
-    assert "removed hostprep's rules: 92 rules in 22 chains, 6 jumps and the nft ingress table" \
+    assert "removed hostprep's rules: 98 rules in 26 chains, 8 jumps and the nft ingress table" \
         in res.stdout.splitlines()
     assert_nothing_of_hostprep(host)
     assert state(host) == before

@@ -84,6 +84,6 @@ def test_the_journal_says_what_the_load_did(tmp_path: Path):
     with pytest.raises(CommandFailed):
         applymod.apply(backend, store, render.desired(Policy("eth1")), "hostprep apply -i eth1")
     fields = (tmp_path / "var/log/hostprep/journal.log").read_text().splitlines()[0].split("\t")
-    assert fields[3] == ("IPv4: added 11 chains (44 rules); IPv4: added the jumps from INPUT, FORWARD, OUTPUT; "
-                         "IPv6: added 11 chains (48 rules); IPv6: added the jumps from INPUT, FORWARD, OUTPUT; "
+    assert fields[3] == ("IPv4: added 13 chains (47 rules); IPv4: added the jumps from INPUT, FORWARD, OUTPUT; "
+                         "IPv6: added 13 chains (51 rules); IPv6: added the jumps from INPUT, FORWARD, OUTPUT; "
                          "loaded the nft ingress table on eth1")

@@ -33,10 +33,10 @@ def test_first_apply_reads_as_actions():
     v4 = sum(len(c.rules) for c in DESIRED.v4.chains)
     v6 = sum(len(c.rules) for c in DESIRED.v6.chains)
     assert plan.actions() == [
-        f"IPv4: added 11 chains ({v4} rules)", "IPv4: added the jumps from INPUT, FORWARD, OUTPUT",
-        f"IPv6: added 11 chains ({v6} rules)", "IPv6: added the jumps from INPUT, FORWARD, OUTPUT",
+        f"IPv4: added 13 chains ({v4} rules)", "IPv4: added the jumps from INPUT, FORWARD, OUTPUT",
+        f"IPv6: added 13 chains ({v6} rules)", "IPv6: added the jumps from INPUT, FORWARD, OUTPUT",
         "loaded the nft ingress table on eth1"]
-    assert plan.summary() == f"added {v4 + v6} rules in 22 new chains, 6 jumps and the nft ingress table"
+    assert plan.summary() == f"added {v4 + v6} rules in 26 new chains, 8 jumps and the nft ingress table"
     # --dry-run's plan keeps the wording of a difference
     assert plan.notes()[0] == "IPv4: chain HOSTPREP-IN missing"
 
@@ -49,10 +49,10 @@ def test_flush_reads_as_actions_one_per_line():
     v4 = sum(len(c.rules) for c in DESIRED.v4.chains)
     v6 = sum(len(c.rules) for c in DESIRED.v6.chains)
     assert plan.actions() == [
-        f"IPv4: removed {v4} rules in 11 chains", "IPv4: removed the jumps from INPUT, FORWARD, OUTPUT",
-        f"IPv6: removed {v6} rules in 11 chains", "IPv6: removed the jumps from INPUT, FORWARD, OUTPUT",
+        f"IPv4: removed {v4} rules in 13 chains", "IPv4: removed the jumps from INPUT, FORWARD, OUTPUT",
+        f"IPv6: removed {v6} rules in 13 chains", "IPv6: removed the jumps from INPUT, FORWARD, OUTPUT",
         "removed the nft ingress table on eth1"]
-    assert plan.summary() == f"removed {v4 + v6} rules in 22 chains, 6 jumps and the nft ingress table"
+    assert plan.summary() == f"removed {v4 + v6} rules in 26 chains, 8 jumps and the nft ingress table"
 
 
 def test_one_chain_changed_by_hand_is_named():

@@ -43,8 +43,9 @@ def small_ruleset() -> Ruleset:
 
 def test_empty_observed_reloads_everything_and_inserts_jumps():
     p = plan_family(DESIRED, Observed(4))
-    assert (p.reload_chains, p.delete_chains, p.delete_jumps, p.insert_jumps) == (
-        tuple(c.name for c in DESIRED.chains), (), (), DESIRED.jumps)
+    # (two jumps in OUTPUT: the plan inserts each chain's jumps last first, every one at the top)
+    assert (p.reload_chains, p.delete_chains, p.delete_jumps, sorted(p.insert_jumps, key=Rule.line)) == (
+        tuple(c.name for c in DESIRED.chains), (), (), sorted(DESIRED.jumps, key=Rule.line))
 
 
 def test_observed_equal_to_desired_gives_empty_plan():
@@ -164,6 +165,8 @@ def test_flush_deletes_our_jumps_and_chains_and_names_no_foreign_chain():
         "-D INPUT -i eth1 -j HOSTPREP-IN\n"
         "-D FORWARD -i eth1 -j HOSTPREP-IN\n"
         "-D OUTPUT -o eth1 -j HOSTPREP-OUT\n"
+        "-D OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype ! --src-type LOCAL -m conntrack "
+        "--ctstate NEW -j HOSTPREP-CONTAINERS\n"
         + "".join(f"-F {n}\n" for n in names)
         + "".join(f"-X {n}\n" for n in names)
         + "COMMIT\n"

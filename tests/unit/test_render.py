@@ -99,6 +99,8 @@ def test_jumps_from_builtin_chains(default):
             "-A INPUT -i eth1 -j HOSTPREP-IN",
             "-A FORWARD -i eth1 -j HOSTPREP-IN",
             "-A OUTPUT -o eth1 -j HOSTPREP-OUT",
+            # the SYN synproxy sends for a client that returned a valid cookie (issue 12 item 2)
+            "-A OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype ! --src-type LOCAL -m conntrack --ctstate NEW -j HOSTPREP-CONTAINERS",
         )]
 
 
@@ -106,6 +108,7 @@ def test_dispatch_order(default):
     icmp = {4: "icmp", 6: "ipv6-icmp"}
     assert {f: default.ruleset(f).chain("HOSTPREP-IN").specs for f in (4, 6)} == {f: (
         "-j HOSTPREP-FAST",
+        "-p tcp -j HOSTPREP-COOKIES",
         f"-p {icmp[f]} -j HOSTPREP-ICMP",
         "-j HOSTPREP-DDOS",
         "-j HOSTPREP-SPOOF",
@@ -338,11 +341,12 @@ def _without(rs: Ruleset, removed: set[str]) -> dict[str, tuple[str, ...]]:
 
 def test_skip_ddos_removes_exactly_rst_ddos_and_nft(default):
     e = render.desired(Policy("eth1", skip_ddos=True, ping=PING))
-    removed = {"HOSTPREP-RST", "HOSTPREP-DDOS"}
+    removed = {"HOSTPREP-RST", "HOSTPREP-DDOS", "HOSTPREP-COOKIES", "HOSTPREP-SYNPROXY"}
     found = ({f: chain_specs(e.ruleset(f)) for f in (4, 6)},
              {f: e.ruleset(f).jumps for f in (4, 6)}, e.nft)
     assert found == ({f: _without(default.ruleset(f), removed) for f in (4, 6)},
-                     {f: default.ruleset(f).jumps for f in (4, 6)}, None)
+                     {f: tuple(j for j in default.ruleset(f).jumps if "--src-type LOCAL" not in j.spec)
+                      for f in (4, 6)}, None)
 
 
 def test_allow_private_removes_exactly_spoof(default):
@@ -357,13 +361,15 @@ def test_nft_table_on_the_external_nic(default):
     assert (default.nft.device, 'device "eth1"' in default.nft.script) == ("eth1", True)
 
 
-def test_nft_drops_fragments_of_both_families(default):
+def test_nft_drops_fragments_and_bogus_flags_of_both_families(default):
     drops = [ln.strip() for ln in default.nft.script.splitlines()
              if " drop" in ln and not ln.strip().startswith("#")]
-    assert drops == [
-        'ip frag-off & 0x3fff != 0 counter drop comment "hostprep ddos: ipv4 fragment"',
-        'meta protocol ip6 exthdr frag exists counter drop comment "hostprep ddos: ipv6 fragment"',
+    assert [d.split(" counter drop")[0] if "tcp flags" not in d else d.split(" {")[0] for d in drops] == [
+        "ip frag-off & 0x3fff != 0",
+        "meta protocol ip6 exthdr frag exists",
+        "tcp flags & (fin | syn | rst | psh | ack | urg)",
     ]
+    assert drops[2].endswith('counter drop comment "hostprep ddos: bogus tcp flags"')
 
 
 def test_nft_replaces_the_table_atomically(default):
@@ -405,8 +411,8 @@ def test_groups_present(default):
 
 def test_interface_name_reaches_every_jump():
     d = render.desired(Policy("bond0.100"))
-    assert [r.spec for r in d.v4.jumps] == ["-i bond0.100 -j HOSTPREP-IN", "-i bond0.100 -j HOSTPREP-IN",
-                                           "-o bond0.100 -j HOSTPREP-OUT"]
+    assert [r.spec for r in d.v4.jumps if "--src-type LOCAL" not in r.spec] == [
+        "-i bond0.100 -j HOSTPREP-IN", "-i bond0.100 -j HOSTPREP-IN", "-o bond0.100 -j HOSTPREP-OUT"]
 
 
 # -- the templates say why on every block -----------------------------------------

@@ -19,7 +19,7 @@ from hostprep.errors import CommandFailed, RefusedError
 from hostprep.paths import Paths, data_dir
 from hostprep.sysctl import DROPIN_NAME, Kernel, Setting
 
-BASELINE_LETTERS = "CSDBLX"
+BASELINE_LETTERS = "CSDBLXR"
 # A baseline reference in a comment: one of the letters as a word of its own
 # ("C 3.3.1", "B sysctl-19", "(X)", "L,").
 LETTER_RE = re.compile(r"(?<![\w.-])[" + BASELINE_LETTERS + r"](?![\w-])")
