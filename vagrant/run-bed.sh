@@ -142,8 +142,20 @@ EOF
     failed=0
     failures=()
     t0=$(date +%s)
+    # HOSTPREP_BED_KNOWN_FAILURES="name=why;name=why": checks that fail for a reason on record
+    # (.ci/run says which and why).  Shown as XFAIL with the reason, not counted; one that
+    # passes is an XPASS and counts as a failure, so the entry is removed (pytest's strict xfail).
+    known_why() {
+        local entry
+        local IFS=';'
+        for entry in ${HOSTPREP_BED_KNOWN_FAILURES:-}; do
+            [ "${entry%%=*}" = "$1" ] && { printf '%s' "${entry#*=}"; return 0; }
+        done
+        return 1
+    }
+    xfailed=()
     check() {   # check NAME COMMAND...: run it, count and print PASS/FAIL with its time
-        local name=$1 start rc=0
+        local name=$1 start rc=0 why
         shift
         start=$(date +%s)
         say "check $name"
@@ -151,7 +163,17 @@ EOF
         # check); not in an `||` list, where bash would ignore set -e in the subshell.
         ( set -euo pipefail; "$@" ) &
         wait "$!" || rc=$?
-        if [ "$rc" = 0 ]; then
+        if why=$(known_why "$name"); then
+            if [ "$rc" = 0 ]; then
+                failed=$((failed + 1))
+                failures+=("$name")
+                printf 'XPASS %-9s (%d s): it passes now: remove it from HOSTPREP_BED_KNOWN_FAILURES (%s)\n' \
+                    "$name" $(( $(date +%s) - start )) "$why"
+            else
+                xfailed+=("$name")
+                printf 'XFAIL %-9s (%d s, exit %d): known failure: %s\n' "$name" $(( $(date +%s) - start )) "$rc" "$why"
+            fi
+        elif [ "$rc" = 0 ]; then
             passed=$((passed + 1))
             printf 'PASS  %-9s (%d s)\n' "$name" $(( $(date +%s) - start ))
         else
@@ -227,7 +249,7 @@ EOF
     }
 
     do_selinux() {
-        local ext out rc wd=/srv/hostprep-bed-wd
+        local ext out rc
         ext=$(ext_nic)
         root_on proxy setenforce 0
         rc=0
@@ -238,6 +260,15 @@ EOF
         printf '%s\n' "$out" | grep -qi selinux || { echo "the refusal does not name SELinux" >&2; return 1; }
         [ "$(root_on proxy getenforce)" = Enforcing ]
         root_on proxy hostprep apply -i "$ext" -y -k -a -p "$CLIENT_EXT_IP" | tail -n 2
+        # AVC denials of hostprep itself: its commands and its interpreter
+        out=$(root_on proxy sh -c 'grep -h "avc: *denied" /var/log/audit/audit.log 2>/dev/null' \
+              | grep -E 'comm="(hostprep|python3[.0-9]*)"|exe="/opt/hostprep/' || true)
+        [ -z "$out" ] || { echo "AVC denials for hostprep:"; printf '%s\n' "$out"; return 1; } >&2
+        echo "no AVC denial for hostprep in /var/log/audit/audit.log"
+    }
+
+    do_selinux_module() {
+        local out wd=/srv/hostprep-bed-wd
         # the proxy container's working directory (HOST_WORKING_DIR) with the subdirectories
         # the module labels (selinux/hostprep_proxy.fc)
         root_on proxy mkdir -p "$wd/logs" "$wd/cache" "$wd/conf" "$wd/ssl" "$wd/html" "$wd/lua"
@@ -255,11 +286,6 @@ EOF
         printf '%s\n' "$out"
         ! printf '%s\n' "$out" | grep -q hostprep || { echo "labels left after selinux remove" >&2; return 1; }
         root_on proxy rm -rf "$wd"
-        # AVC denials of hostprep itself: its commands and its interpreter
-        out=$(root_on proxy sh -c 'grep -h "avc: *denied" /var/log/audit/audit.log 2>/dev/null' \
-              | grep -E 'comm="(hostprep|python3[.0-9]*)"|exe="/opt/hostprep/' || true)
-        [ -z "$out" ] || { echo "AVC denials for hostprep:"; printf '%s\n' "$out"; return 1; } >&2
-        echo "no AVC denial for hostprep in /var/log/audit/audit.log"
     }
 
     do_confirm() {
@@ -330,7 +356,7 @@ for entry in out.split("\n\n"):
         first_ext = int(f["__MONOTONIC_TIMESTAMP"]); break
 print(f"hostprep.service {state}: exited at {hp_done} us; network-pre.target at {pre} us; "
       f"systemd-networkd started at {nd} us; its first {ext} line at {first_ext} us")
-ok = state == ["ActiveState=active", "Result=success"] and 0 < hp_done <= pre <= nd < first_ext
+ok = sorted(state) == ["ActiveState=active", "Result=success"] and 0 < hp_done <= pre <= nd < first_ext
 sys.exit(0 if ok else 1)
 EOF
         do_specs
@@ -367,19 +393,31 @@ EOF
         do_probes
     }
 
+    do_avc() {
+        # Over the whole run (both reboots included): no AVC denial of hostprep's processes or
+        # of another domain on hostprep's files (its sysctl drop-in, fail-safe rules, state).
+        local out
+        out=$(root_on proxy sh -c 'grep -h "avc: *denied" /var/log/audit/audit.log 2>/dev/null' \
+              | grep -E 'hostprep|comm="python3[.0-9]*"|failsafe\.v[46]\.rules' || true)
+        [ -z "$out" ] || { echo "AVC denials involving hostprep:"; printf '%s\n' "$out" | cut -c1-400; return 1; } >&2
+        echo "no AVC denial involving hostprep in /var/log/audit/audit.log"
+    }
+
     check up do_up
     if [ "$failed" = 0 ]; then
         check specs do_specs
         check probes do_probes
         check restart do_restart
         check selinux do_selinux
+        check selinux-module do_selinux_module
         check confirm do_confirm
         check reboot do_reboot
         check failsafe do_failsafe
+        check avc do_avc
     else
         say "vagrant up failed: the other checks cannot run"
     fi
-    say "VM stage: $(( $(date +%s) - t0 )) s; failed: ${failures[*]:-none}"
+    say "VM stage: $(( $(date +%s) - t0 )) s; failed: ${failures[*]:-none}; known failures (not counted): ${xfailed[*]:-none}"
     echo "run-bed: $passed passed, $failed failed"
     [ "$failed" = 0 ] && exit 0
     exit 1
