@@ -106,7 +106,7 @@ def test_boot_service_unit(paths, runner):
         "Wants": ["network-pre.target"],
         "Before": ["network-pre.target shutdown.target"],
         "After": ["local-fs.target systemd-sysctl.service systemd-udev-trigger.service iptables.service "
-                  "ip6tables.service firewalld.service"],
+                  "ip6tables.service firewalld.service netfilter-persistent.service nftables.service"],
         "Conflicts": ["shutdown.target"],
     }
     assert u["Service"] == {
@@ -143,6 +143,29 @@ def test_iptables_services_dropins(paths, runner, service):
                              "Environment": env_lines(paths) + ["HOSTPREP_LOCK_TIMEOUT=30"]}}
     text = (paths.root / f"{UNIT_DIR}/{service}.service.d/hostprep.conf").read_text()
     assert text.splitlines()[0] == f"# hostprep: the {service} service of iptables-services loads"
+
+
+@pytest.mark.parametrize("service, first_line", [
+    ("netfilter-persistent", "# hostprep: netfilter-persistent (Debian's iptables-persistent) loads"),
+    ("nftables", "# hostprep: nftables.service loads /etc/nftables.conf, which begins with")])
+def test_debian_firewall_service_dropins_only_where_the_host_has_the_service(paths, runner, service, first_line):
+    """netfilter-persistent and nftables.service flush hostprep's rules when they (re)start
+    (found in the Vagrant bed): a drop-in with both families' fail-safes, then hostprep boot;
+    none where the host lacks the service, and flush --persistent removes it."""
+    dropin = paths.root / f"{UNIT_DIR}/{service}.service.d/hostprep.conf"
+    persist.install(paths, "eth1", runner)
+    assert dropin.exists() is False
+    (paths.root / "lib/systemd/system").mkdir(parents=True)
+    (paths.root / f"lib/systemd/system/{service}.service").write_text("[Service]\nExecStart=/bin/true\n")
+    assert persist.install(paths, "eth1", runner) == [str(dropin)]
+    both = [f"-{failsafe_line(paths, 4)}", f"-{failsafe_line(paths, 6)}", f"-{BOOT}"]
+    assert unit(paths, f"{UNIT_DIR}/{service}.service.d/hostprep.conf") == {
+        "Service": {"ExecStartPost": both, "ExecReload": both, "ExecStopPost": both,
+                    "Environment": env_lines(paths) + ["HOSTPREP_LOCK_TIMEOUT=30"]}}
+    assert dropin.read_text().splitlines()[0] == first_line
+    assert persist.report(paths, "eth1")["iptables_dropins"] == ["iptables", "ip6tables", service]
+    assert str(dropin) in persist.remove(paths, runner)
+    assert dropin.exists() is False
 
 
 FAILSAFE_V4 = [
