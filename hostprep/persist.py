@@ -8,8 +8,9 @@ Files (all under the HOSTPREP_ROOT prefix, rendered from systemd/ and logrotate.
   etc/systemd/system/sys-subsystem-net-devices-<NIC>.device.wants/hostprep-nic@<NIC>.service
   etc/systemd/system/iptables.service.d/hostprep.conf  (and ip6tables) put the chains back after
                                                        iptables-services flushed them
-  etc/systemd/system/nftables.service.d/hostprep.conf  the same after nftables.service's
-                                                       'nft flush ruleset' (stop, reload)
+  etc/systemd/system/netfilter-persistent.service.d/hostprep.conf, nftables.service.d/hostprep.conf
+                                                      the same for Debian's services that flush them
+                                                      (written only where the host has the service)
   etc/logrotate.d/hostprep                            rotation of the journal and container logs
   var/lib/hostprep/failsafe.v4.rules, failsafe.v6.rules
                                                       the fail-safe of the external NIC: loaded with
@@ -46,8 +47,11 @@ UNIT = "hostprep.service"
 NIC_TEMPLATE = "hostprep-nic@.service"
 WANTED_BY = "multi-user.target"
 IPTABLES_SERVICES = ("iptables", "ip6tables")
-# nftables.service flushes the whole ruleset on stop and reload: a drop-in puts hostprep back (both backends).
-NFTABLES_SERVICE = "nftables"
+# Debian's services that load a saved ruleset and, doing so, flush hostprep's: netfilter-persistent
+# (iptables-persistent: iptables-restore without --noflush, both families) and nftables.service
+# (/etc/nftables.conf begins with 'flush ruleset').  A drop-in for each one the host has.
+OTHER_FIREWALL_SERVICES = ("netfilter-persistent", "nftables")
+UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
 ENV_KEYS = ("HOSTPREP_ROOT", "HOSTPREP_BACKEND", "HOSTPREP_PROC_SYS", "HOSTPREP_PROC_SYS_NONNET",
             "HOSTPREP_SELINUXFS")
 
@@ -137,7 +141,6 @@ def failsafe_variant(paths: Paths, invocation: tuple[str, list[tuple[str, str]]]
         return record["backend"]
     env = dict(invocation[1]) if invocation else {}
     choice = env.get("HOSTPREP_BACKEND") or os.environ.get("HOSTPREP_BACKEND")
-    choice = {"iptables-nft": "nft", "iptables-legacy": "legacy"}.get(choice or "", choice)
     if choice in VARIANTS:
         return choice
     try:
@@ -208,9 +211,16 @@ def wanted_files(paths: Paths, interface: str | None,
                               env.get_template("iptables-dropin.conf.j2").render(
                                   dict(ctx, service=svc, failsafe=[f for f in failsafe
                                                                    if f[0] == (4 if svc == "iptables" else 6)]))))
-    files.append(HostFile(unit_dir / f"{NFTABLES_SERVICE}.service.d/hostprep.conf",
-                          env.get_template("nftables-dropin.conf.j2").render(ctx)))
+    for svc in firewall_services(paths):
+        files.append(HostFile(unit_dir / f"{svc}.service.d/hostprep.conf",
+                              env.get_template("iptables-dropin.conf.j2").render(dict(ctx, service=svc))))
     return files
+
+
+def firewall_services(paths: Paths) -> list[str]:
+    """The services of OTHER_FIREWALL_SERVICES that this host has (a unit file under the root)."""
+    return [svc for svc in OTHER_FIREWALL_SERVICES
+            if any((paths.root / d / f"{svc}.service").is_file() for d in UNIT_DIRS)]
 
 
 def _ours(paths: Paths) -> list[Path]:
@@ -219,7 +229,7 @@ def _ours(paths: Paths) -> list[Path]:
     found = [failsafe_file(paths, 4), failsafe_file(paths, 6),
              unit_dir / UNIT, unit_dir / f"{WANTED_BY}.wants" / UNIT, unit_dir / NIC_TEMPLATE]
     found += sorted(unit_dir.glob("sys-subsystem-net-devices-*.device.wants/hostprep-nic@*.service"))
-    found += [unit_dir / f"{svc}.service.d/hostprep.conf" for svc in IPTABLES_SERVICES + (NFTABLES_SERVICE,)]
+    found += [unit_dir / f"{svc}.service.d/hostprep.conf" for svc in IPTABLES_SERVICES + OTHER_FIREWALL_SERVICES]
     return found
 
 
@@ -319,9 +329,8 @@ def report(paths: Paths, interface: str | None) -> dict:
             differs.append(str(f.path))
     if interface:
         out["nic_unit"] = nic_instance(interface)
-    out["iptables_dropins"] = [svc for svc in IPTABLES_SERVICES
+    out["iptables_dropins"] = [svc for svc in IPTABLES_SERVICES + OTHER_FIREWALL_SERVICES
                                if (paths.root / f"etc/systemd/system/{svc}.service.d/hostprep.conf").is_file()]
-    out["nftables_dropin"] = (paths.root / f"etc/systemd/system/{NFTABLES_SERVICE}.service.d/hostprep.conf").is_file()
     out["stale"] = differs
     out["up_to_date"] = not differs
     return out

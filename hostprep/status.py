@@ -18,7 +18,7 @@ from hostprep.model import DISPATCH_CHAIN, GROUPS
 from hostprep.nic import check_recorded, nic_info
 from hostprep.observed import Counter, Observed, jumps_into_hostprep
 from hostprep.runner import Runner
-from hostprep.state import Store, read_text
+from hostprep.state import Store, read_json, read_text
 
 SCHEMA_VERSION = 1
 
@@ -251,8 +251,13 @@ def exit_code(report: dict) -> int:
 
 def transaction_section(backend, store: Store, runner: Runner) -> tuple[dict, list[str]]:
     """A change waiting for confirmation, an interrupted one, the change 'rollback' undoes."""
-    out: dict = {"pending": None, "interrupted": None, "rollback_available": None}
+    out: dict = {"pending": None, "interrupted": None, "rollback_available": None, "rolled_back": None}
     problems: list[str] = []
+    # The last change was rolled back (its confirm timer fired, or 'hostprep rollback'): kept
+    # until the next change, so a new session after a lost one learns what happened.
+    gone = read_json(snapshot.rollback_dir(store) / "rolled-back.json")
+    if gone:
+        out["rolled_back"] = {k: gone.get(k) for k in ("id", "command", "why", "time")}
     p = timers.pending(store)
     if p:
         left = p.deadline - time.time()

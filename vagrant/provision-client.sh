@@ -15,17 +15,32 @@ say() { printf '==> provision-client: %s\n' "$*"; }
 
 # nmap-ncat (nc) for poking at the proxy by hand; timeout (coreutils), ping
 # (iputils) and bash's /dev/tcp are what probe-from-client.sh uses.
-say "dnf install nmap-ncat iputils"
-dnf install -y -q nmap-ncat iputils
+# The local Debian box has ping and timeout already (and reaches no registry).
+if command -v dnf >/dev/null 2>&1; then
+    say "dnf install nmap-ncat iputils"
+    dnf install -y -q nmap-ncat iputils
+fi
 
-ext=$(ip -o -4 addr show | awk -v a="$CLIENT_EXT_IP" '{ split($4, p, "/"); if (p[1] == a && !n++) print $2 }')
-[ -n "$ext" ] || { echo "provision-client: no NIC holds $CLIENT_EXT_IP" >&2; exit 1; }
+# Vagrant has just configured the NIC (systemd-networkd applies it a moment later).
+for _ in $(seq 1 30); do
+    ext=$(ip -o -4 addr show | awk -v a="$CLIENT_EXT_IP" '{ split($4, p, "/"); if (p[1] == a && !n++) print $2 }')
+    [ -z "$ext" ] || break
+    sleep 1
+done
+[ -n "$ext" ] || { echo "provision-client: no NIC holds $CLIENT_EXT_IP: $(ip -o -4 addr show | awk '{print $2, $4}' | tr '\n' ' ')" >&2; exit 1; }
 prefix=$(ip -o -4 addr show dev "$ext" | awk -v a="$CLIENT_EXT_IP" '{ split($4, p, "/"); if (p[1] == a && !n++) print p[2] }')
 
 # The second address, in NetworkManager's profile of the NIC when there is one
 # (it survives a reboot), else on the NIC directly (probe-from-client.sh adds it
 # again when it is missing).
 con=$(nmcli -g GENERAL.CONNECTION device show "$ext" 2>/dev/null || true)
+# systemd-networkd (the local Debian box): a drop-in of Vagrant's file for the NIC.
+if [ -f "/etc/systemd/network/50-vagrant-$ext.network" ]; then
+    mkdir -p "/etc/systemd/network/50-vagrant-$ext.network.d"
+    printf '[Network]\nAddress=%s/%s\n' "$CLIENT_ALT_IP" "$prefix" \
+        > "/etc/systemd/network/50-vagrant-$ext.network.d/alt.conf"
+    restorecon -R "/etc/systemd/network" 2>/dev/null || true
+fi
 if [ -n "$con" ]; then
     case " $(nmcli -g ipv4.addresses connection show "$con" | tr ',' ' ') " in
         *" $CLIENT_ALT_IP/"*) ;;

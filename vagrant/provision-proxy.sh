@@ -2,9 +2,12 @@
 # Provision the `proxy` VM of hostprep's test bed (run by Vagrant as root, again
 # with `vagrant provision proxy`; every step is safe to repeat):
 #   1. SELinux enforcing, now and in /etc/selinux/config
-#   2. the original installer's prerequisites: firewalld masked, iptables-services
-#      installed, enabled and started (its stock rules: ssh in, the rest rejected)
-#   3. hostprep installed with the README's install command, from /opt/hostprep
+#   2. the original installer's prerequisites: the distribution's iptables service with
+#      RHEL's stock rules (ssh in, the rest rejected) enabled and started.  EL:
+#      firewalld masked, iptables-services installed.  Debian (the local box):
+#      netfilter-persistent, with the same stock rules in /etc/iptables/rules.v4/v6
+#   3. hostprep installed with the README's system install (scripts/install.sh:
+#      /opt/hostprep, /usr/local/sbin/hostprep), from the copy in SRC_DIR
 #   4. a stand-in for the Finesse proxy container on FINESSE_PORT
 #   5. hostprep apply on the external NIC (found by its address), with -k and -a
 #   6. hostprep container up finesse, with env files written here
@@ -15,15 +18,16 @@
 #   PING_FROM      the one source allowed to ping (the client, 192.168.57.20)
 #   FINESSE_PORT   the Finesse port (8445)
 #   STANDIN        podman (default; falls back to systemd) or systemd
+#   SRC_DIR        where Vagrant copied the repository (/opt/hostprep-src)
 set -euo pipefail
 
 : "${PROXY_EXT_IP:?set by the Vagrantfile}" "${PROXY_MGMT_IP:?set by the Vagrantfile}"
 : "${PING_FROM:?set by the Vagrantfile}"
 FINESSE_PORT=${FINESSE_PORT:-8445}
 STANDIN=${STANDIN:-podman}
-SRC=/opt/hostprep
+SRC=${SRC_DIR:-/opt/hostprep-src}
 LAB=/etc/hostprep-lab                 # the env files of the lab's Finesse container
-HOSTPREP=$SRC/.venv/bin/hostprep
+HOSTPREP=/usr/local/sbin/hostprep     # scripts/install.sh's system install
 IMAGE=registry.access.redhat.com/ubi9/ubi   # has python3 (dnf needs it); ~80 MB
 
 say() { printf '==> provision-proxy: %s\n' "$*"; }
@@ -49,24 +53,97 @@ case "$(getenforce)" in
 esac
 
 # --- 2. the original installer's prerequisites -----------------------------------------
-say "dnf install iptables-services (the installer's 'Prepare Host' step)"
-dnf install -y -q iptables-services
-systemctl mask --now firewalld
-# enable --now is a no-op when iptables is already running: a re-provision does not
-# reload the stock rules over hostprep's (a restart would flush them).
-systemctl enable --now iptables
+if command -v dnf >/dev/null 2>&1; then
+    say "dnf install iptables-services (the installer's 'Prepare Host' step)"
+    dnf install -y -q iptables-services
+    systemctl mask --now firewalld
+    # enable --now is a no-op when iptables is already running: a re-provision does not
+    # reload the stock rules over hostprep's (a restart would flush them).
+    systemctl enable --now iptables
+else
+    # Debian: netfilter-persistent (iptables-persistent) is the service that loads saved
+    # rules at boot, with iptables-restore without --noflush like iptables-services.
+    # The same stock rules as RHEL's /etc/sysconfig/iptables and ip6tables.
+    command -v netfilter-persistent >/dev/null 2>&1 \
+        || die "netfilter-persistent is missing (apt-get install iptables-persistent)"
+    mkdir -p /etc/iptables
+    if [ ! -f /etc/iptables/rules.v4 ]; then
+        cat > /etc/iptables/rules.v4 <<'EOF'
+# hostprep lab: RHEL 9's stock /etc/sysconfig/iptables (iptables-services)
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m state --state RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -p icmp -j ACCEPT
+-A INPUT -i lo -j ACCEPT
+-A INPUT -p tcp -m state --state NEW -m tcp --dport 22 -j ACCEPT
+-A INPUT -j REJECT --reject-with icmp-host-prohibited
+-A FORWARD -j REJECT --reject-with icmp-host-prohibited
+COMMIT
+EOF
+        cat > /etc/iptables/rules.v6 <<'EOF'
+# hostprep lab: RHEL 9's stock /etc/sysconfig/ip6tables (iptables-services)
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m state --state RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -p ipv6-icmp -j ACCEPT
+-A INPUT -i lo -j ACCEPT
+-A INPUT -m state --state NEW -m udp -p udp --dport 546 -d fe80::/64 -j ACCEPT
+-A INPUT -p tcp -m state --state NEW -m tcp --dport 22 -j ACCEPT
+-A INPUT -j REJECT --reject-with icmp6-adm-prohibited
+-A FORWARD -j REJECT --reject-with icmp6-adm-prohibited
+COMMIT
+EOF
+        restorecon -F /etc/iptables/rules.v4 /etc/iptables/rules.v6 2>/dev/null || true
+        say "netfilter-persistent: RHEL's stock rules in /etc/iptables/rules.v4 and rules.v6"
+        systemctl enable -q netfilter-persistent
+        systemctl restart netfilter-persistent
+    else
+        systemctl enable -q netfilter-persistent
+    fi
+    # RHEL's Podman hosts have container-selinux (the 'container' policy module, container_t),
+    # which `hostprep selinux install` builds on.  Debian's reference policy ships the module
+    # (/usr/share/selinux/default/container.pp) without loading it: loaded here, as Podman's
+    # install would.
+    if ! semodule -l | grep -q '^container\b'; then
+        pp=/usr/share/selinux/default/container.pp
+        if [ -f "$pp" ]; then
+            semodule -i "$pp"
+            say "SELinux: policy module 'container' loaded ($pp), as container-selinux is on RHEL"
+        else
+            # not fatal: `hostprep selinux install` says what is missing (run-bed's selinux check)
+            say "WARNING: SELinux: no 'container' policy module ($pp missing)"
+        fi
+    fi
+    # Debian's procps ships /usr/lib/sysctl.d/99-protect-links.conf (fs.protected_fifos = 1,
+    # ...), which sorts after hostprep's 90-hostprep.conf: `apply -k` reports the key as
+    # overridden and exits non-zero (seen in this bed).  RHEL 9 has no such file.  Masked
+    # the sysctl.d(5) way (same name in /etc, to /dev/null): hostprep's profile sets all
+    # four of its keys (fs.protected_fifos 2, _regular 2, _hardlinks 1, _symlinks 1).
+    if [ -f /usr/lib/sysctl.d/99-protect-links.conf ] && [ ! -e /etc/sysctl.d/99-protect-links.conf ]; then
+        ln -s /dev/null /etc/sysctl.d/99-protect-links.conf
+        say "sysctl.d: Debian's 99-protect-links.conf masked (it overrides hostprep's fs.protected_fifos)"
+    fi
+fi
 
-# --- 3. hostprep, with the README's install command (plus --test: pytest and testinfra
-#        in the VM, for tests/host with --hosts=local://) --------------------------------
+# --- 3. hostprep, with the README's system install ------------------------------------
 [ -f "$SRC/scripts/install.sh" ] || die "$SRC/scripts/install.sh missing: is the rsync synced folder there?"
-say "sh scripts/install.sh --test (in $SRC)"
-(cd "$SRC" && sh scripts/install.sh --test)
-# On PATH under sudo too (RHEL 9's sudo secure_path has no /usr/local/bin), so
-# `sudo hostprep ...` and the host specs over `ssh --sudo` find it: lab VM only.
-ln -sfn "$HOSTPREP" /usr/bin/hostprep
+say "sh scripts/install.sh (in $SRC): /opt/hostprep, $HOSTPREP"
+(cd "$SRC" && sh scripts/install.sh)
+# RHEL 9's sudo secure_path has no /usr/local/sbin: `sudo hostprep` (and the host specs
+# over ssh --sudo) find it through /usr/sbin there (lab VM only; install.sh says so).
+[ -x /usr/sbin/hostprep ] || ln -sfn "$HOSTPREP" /usr/sbin/hostprep
 
-ext=$(nic_of "$PROXY_EXT_IP")
-mgmt=$(nic_of "$PROXY_MGMT_IP")
+# Vagrant has just configured the NICs (systemd-networkd applies them a moment later).
+for _ in $(seq 1 30); do
+    ext=$(nic_of "$PROXY_EXT_IP")
+    mgmt=$(nic_of "$PROXY_MGMT_IP")
+    [ -z "$ext" ] || [ -z "$mgmt" ] || break
+    sleep 1
+done
 [ -n "$ext" ] || die "no NIC holds $PROXY_EXT_IP: $(ip -o -4 addr show | awk '{print $2, $4}' | tr '\n' ' ')"
 [ -n "$mgmt" ] || die "no NIC holds $PROXY_MGMT_IP"
 say "external NIC: $ext ($PROXY_EXT_IP), management NIC: $mgmt ($PROXY_MGMT_IP)"

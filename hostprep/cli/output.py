@@ -266,13 +266,15 @@ def persistence_lines(report: dict) -> list[Text]:
         nxt = "no firewall rules (nothing applied)" + (" and re-applies the kernel profile" if kernel else "")
     else:
         nxt = "the RECORDED state, which differs from what is live"
+    ipt = [svc for svc in pers["iptables_dropins"] if svc in ("iptables", "ip6tables")]
+    other = [svc for svc in pers["iptables_dropins"] if svc not in ipt]     # Debian's services
     return [Text.assemble("boot persistence: hostprep.service ",
                          ("enabled" if pers["enabled"] else ("NOT enabled", RED)), ", ",
                          ("up to date" if pers["up_to_date"] else ("OUT OF DATE", RED)),
                          ),
             *([Text("  " + ", ".join(([pers["nic_unit"]] if pers.get("nic_unit") else [])
-                                     + ([f"iptables-services drop-ins ({', '.join(pers['iptables_dropins'])})"]
-                                        if pers["iptables_dropins"] else [])))]
+                                     + ([f"iptables-services drop-ins ({', '.join(ipt)})"] if ipt else [])
+                                     + ([f"drop-ins of {', '.join(other)}"] if other else [])))]
               if pers.get("nic_unit") or pers["iptables_dropins"] else []),
             Text(f"  the next boot loads {nxt}")]
 
@@ -296,6 +298,10 @@ def transaction_lines(tx: dict) -> list[Text]:
                                  f"({p['seconds_left']} s left) unless 'hostprep confirm' runs; timer: "
                                  f"{p['mechanism']}" + ("" if p["timer_alive"] else " (NOT RUNNING)"
                                                         if p["timer_alive"] is False else "")))
+    if tx.get("rolled_back"):
+        g = tx["rolled_back"]
+        out.append(Text.assemble(("ROLLED BACK", "bold yellow"), f": change {g['id']} ({g['command']}) was rolled "
+                                 f"back at {g['time']} ({g['why']}); apply it again if you want it"))
     if tx.get("rollback_available") and not tx.get("pending"):
         out.append(Text(f"rollback: change {tx['rollback_available']} ('hostprep rollback' undoes it)"))
     return out

@@ -199,7 +199,7 @@ def test_apply_k_loads_every_key_and_reads_it_back(k):
     assert res.stdout.strip().splitlines() == [
         f"kernel: {len(PROFILE) - len(missing) - len(machine)} of {len(PROFILE)} keys live and verified; "
         f"drop-in {k.dropin}",
-        f"boot persistence: hostprep.service enabled (7 files written under {k.host.root / 'etc'})"]
+        f"boot persistence: hostprep.service enabled (6 files written under {k.host.root / 'etc'})"]
     want = {key: (shown.get(key) if key in missing | machine else v) for key, v in PROFILE.items()}
     assert k.ns_values() == {key: want[key] for key in NET}
     assert k.standin_values() == {key: want[key] for key in OTHER}

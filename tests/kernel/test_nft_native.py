@@ -139,6 +139,10 @@ def test_nftables_restart_then_dropin_puts_hostprep_back(host, variant):
     (the native ones and iptables-nft's alike); the drop-in's ExecStopPost/ExecStartPost then load
     the fail-safe and run 'hostprep boot': hostprep is back as it was, on either backend."""
     from test_persistence import UNIT_DIR, kernel_state, run_all, unit_commands
+    unit = host.root / "usr/lib/systemd/system/nftables.service"      # RHEL's unit: the host has the service
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text("[Service]\nExecStart=/sbin/nft -f /etc/sysconfig/nftables.conf\n"
+                    "ExecStop=/sbin/nft flush ruleset\n")
     host.apply()
     before = kernel_state(host, host.box.host)
     dropin = host.root / UNIT_DIR / "nftables.service.d/hostprep.conf"

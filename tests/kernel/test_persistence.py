@@ -586,8 +586,6 @@ PERSISTENCE = {
     "etc/systemd/system/iptables.service.d/hostprep.conf",
     "etc/systemd/system/ip6tables.service.d",
     "etc/systemd/system/ip6tables.service.d/hostprep.conf",
-    "etc/systemd/system/nftables.service.d",
-    "etc/systemd/system/nftables.service.d/hostprep.conf",
 }
 FAILSAFE_FILES = {"var/lib/hostprep/failsafe.v4.rules", "var/lib/hostprep/failsafe.v6.rules"}
 FOREIGN = {   # an admin's own files beside hostprep's: flush --persistent must leave them (and their dirs)
@@ -615,7 +613,7 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
         st.stdout
     assert {p for p in FAILSAFE_FILES if (host.root / p).is_file()} == FAILSAFE_FILES
     res = host.hostprep("flush", "--persistent")
-    assert res.stdout.splitlines()[-1] == "boot persistence removed: 9 files"
+    assert res.stdout.splitlines()[-1] == "boot persistence removed: 8 files"
     assert {p for p in FAILSAFE_FILES if (host.root / p).exists()} == set()
     assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE}
     assert tree(etc) == {
@@ -627,7 +625,7 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
         path = host.root / rel
         assert (os.readlink(path) if path.is_symlink() else path.read_text()) == content
     assert [f[3] for f in journal(host) if f[2] == "hostprep flush --persistent"][-1] == \
-        "boot persistence removed (9 files)"
+        "boot persistence removed (8 files)"
     st = host.hostprep("status", check=False)
     assert "boot persistence: not installed" in st.stdout.splitlines(), st.stdout
     again = host.hostprep("flush", "--persistent")

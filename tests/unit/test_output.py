@@ -177,3 +177,12 @@ def test_a_long_address_is_folded_not_cut_at_80_columns(monkeypatch):
                                 (long6,), False))
     assert ("…" in buf.getvalue(), "".join(ln.strip("│ ") for ln in buf.getvalue().splitlines()
                                            if "2001" in ln or "ffff" in ln or "eeee" in ln).count("ffff/64")) == (False, 1)
+
+
+def test_status_names_a_change_the_confirm_timer_rolled_back():
+    tx = {"pending": None, "rollback_available": None,
+          "rolled_back": {"id": "20260101T000000-1", "command": "hostprep apply -i eth1 --confirm 60",
+                          "why": "deadline passed without 'hostprep confirm'", "time": "2026-01-01T00:01:00"}}
+    assert [line.plain for line in output.transaction_lines(tx)] == [
+        "ROLLED BACK: change 20260101T000000-1 (hostprep apply -i eth1 --confirm 60) was rolled back at "
+        "2026-01-01T00:01:00 (deadline passed without 'hostprep confirm'); apply it again if you want it"]

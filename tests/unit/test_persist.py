@@ -35,7 +35,6 @@ ALL = [   # every path install() writes, in its order
     "etc/logrotate.d/hostprep",
     f"{UNIT_DIR}/iptables.service.d/hostprep.conf",
     f"{UNIT_DIR}/ip6tables.service.d/hostprep.conf",
-    f"{UNIT_DIR}/nftables.service.d/hostprep.conf",
 ]
 UNITS = [p for p in ALL if p != "etc/logrotate.d/hostprep"]     # what remove() takes away
 
@@ -107,7 +106,7 @@ def test_boot_service_unit(paths, runner):
         "Wants": ["network-pre.target"],
         "Before": ["network-pre.target shutdown.target"],
         "After": ["local-fs.target systemd-sysctl.service systemd-udev-trigger.service iptables.service "
-                  "ip6tables.service firewalld.service"],
+                  "ip6tables.service firewalld.service netfilter-persistent.service nftables.service"],
         "Conflicts": ["shutdown.target"],
     }
     assert u["Service"] == {
@@ -144,6 +143,29 @@ def test_iptables_services_dropins(paths, runner, service):
                              "Environment": env_lines(paths) + ["HOSTPREP_LOCK_TIMEOUT=30"]}}
     text = (paths.root / f"{UNIT_DIR}/{service}.service.d/hostprep.conf").read_text()
     assert text.splitlines()[0] == f"# hostprep: the {service} service of iptables-services loads"
+
+
+@pytest.mark.parametrize("service, first_line", [
+    ("netfilter-persistent", "# hostprep: netfilter-persistent (Debian's iptables-persistent) loads"),
+    ("nftables", "# hostprep: nftables.service loads /etc/nftables.conf, which begins with")])
+def test_debian_firewall_service_dropins_only_where_the_host_has_the_service(paths, runner, service, first_line):
+    """netfilter-persistent and nftables.service flush hostprep's rules when they (re)start
+    (found in the Vagrant bed): a drop-in with both families' fail-safes, then hostprep boot;
+    none where the host lacks the service, and flush --persistent removes it."""
+    dropin = paths.root / f"{UNIT_DIR}/{service}.service.d/hostprep.conf"
+    persist.install(paths, "eth1", runner)
+    assert dropin.exists() is False
+    (paths.root / "lib/systemd/system").mkdir(parents=True)
+    (paths.root / f"lib/systemd/system/{service}.service").write_text("[Service]\nExecStart=/bin/true\n")
+    assert persist.install(paths, "eth1", runner) == [str(dropin)]
+    both = [f"-{failsafe_line(paths, 4)}", f"-{failsafe_line(paths, 6)}", f"-{BOOT}"]
+    assert unit(paths, f"{UNIT_DIR}/{service}.service.d/hostprep.conf") == {
+        "Service": {"ExecStartPost": both, "ExecReload": both, "ExecStopPost": both,
+                    "Environment": env_lines(paths) + ["HOSTPREP_LOCK_TIMEOUT=30"]}}
+    assert dropin.read_text().splitlines()[0] == first_line
+    assert persist.report(paths, "eth1")["iptables_dropins"] == ["iptables", "ip6tables", service]
+    assert str(dropin) in persist.remove(paths, runner)
+    assert dropin.exists() is False
 
 
 FAILSAFE_V4 = [
@@ -357,7 +379,7 @@ def test_report_up_to_date(paths, runner):
     assert persist.report(paths, "eth1") == {"installed": True, "enabled": True,
                                              "nic_unit": "hostprep-nic@eth1.service", "up_to_date": True,
                                              "iptables_dropins": ["iptables", "ip6tables"], "logrotate": True,
-                                             "stale": [], "nftables_dropin": True}
+                                             "stale": []}
 
 
 def test_report_stale(paths, runner):
@@ -380,8 +402,7 @@ def test_report_stale(paths, runner):
     rep = persist.report(paths, None)
     assert (rep["installed"], rep["up_to_date"], rep["nic_unit"], rep["stale"]) == (
         True, False, None, [str(unit_dir / "hostprep.service"), str(unit_dir / "iptables.service.d/hostprep.conf"),
-                            str(unit_dir / "ip6tables.service.d/hostprep.conf"),
-                            str(unit_dir / "nftables.service.d/hostprep.conf")])
+                            str(unit_dir / "ip6tables.service.d/hostprep.conf")])
 
 
 def test_report_compares_with_the_installed_invocation(paths, runner, monkeypatch):
@@ -400,7 +421,7 @@ def test_report_compares_with_the_installed_invocation(paths, runner, monkeypatc
     svc.write_text(svc.read_text().replace("HOSTPREP_BACKEND=nft", "HOSTPREP_BACKEND=legacy"))
     assert persist.report(paths, "eth1")["stale"] == [
         str(svc), str(unit_dir / "hostprep-nic@.service"), str(unit_dir / "iptables.service.d/hostprep.conf"),
-        str(unit_dir / "ip6tables.service.d/hostprep.conf"), str(unit_dir / "nftables.service.d/hostprep.conf")]
+        str(unit_dir / "ip6tables.service.d/hostprep.conf")]
     # an ExecStart that is not hostprep's boot: the service itself is stale
     svc.write_text(svc.read_text().replace(" -m hostprep boot", " -m hostprep status"))
     rep = persist.report(paths, "eth1")

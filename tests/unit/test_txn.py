@@ -347,6 +347,26 @@ def test_confirm_after_the_rollback_says_when_and_why(store, FakeRunner):
     assert exc.value.problem.endswith("(deadline passed without 'hostprep confirm')")
 
 
+def test_status_says_the_last_change_was_rolled_back_until_the_next_change(store, FakeRunner):
+    """A session lost during --confirm: the next session's status tells what the timer did
+    (found by the Vagrant bed: status said nothing of it)."""
+    seed(store)
+    assert status.transaction_section(None, store, FakeRunner())[0]["rolled_back"] is None
+    with txn.change(None, store, "hostprep apply --confirm 1", firewall=False) as ch:
+        write(store.paths.settings_file, '{"interface": "eth2"}\n')
+    write(timers.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 1",
+                                               "deadline": time.time() - 1, "deadline_text": "then",
+                                               "mechanism": "process", "watcher_pid": None}))
+    txn.rollback(None, store, FakeRunner(), "hostprep rollback (deadline)", due=ch.id)
+    report, problems = status.transaction_section(None, store, FakeRunner())
+    gone = report["rolled_back"]
+    assert (gone["id"], gone["command"], gone["why"], problems) == (
+        ch.id, "hostprep apply --confirm 1", "deadline passed without 'hostprep confirm'", [])
+    with txn.change(None, store, "hostprep apply", firewall=False):
+        pass
+    assert status.transaction_section(None, store, FakeRunner())[0]["rolled_back"] is None
+
+
 def test_a_failed_arming_leaves_no_pending_change_behind(store, monkeypatch):
     seed(store)
     monkeypatch.setenv("HOSTPREP_CONFIRM_TIMER", "process")
