@@ -109,7 +109,7 @@ BackendOpt = typer.Option(None, "--backend", metavar="|".join(CHOICES), callback
                           help="Firewall backend: nft (native nftables, one inet table), iptables (the "
                                "variant 'iptables -V' says), iptables-nft or iptables-legacy; 'legacy' is "
                                "iptables-legacy. Default: iptables as 'iptables -V' says; env HOSTPREP_BACKEND. "
-                               "Before hostprep 0.x 'nft' meant iptables-nft.")
+                               "Before the native backend, 'nft' meant iptables-nft.")
 
 
 ConfirmOpt = typer.Option(None, "--confirm", metavar="SECONDS", min=1, max=86400,
