@@ -164,7 +164,7 @@ def boot_unit(host) -> UnitCommand:
 def failsafe_lines(host, families=(4, 6)) -> list[str]:
     """The Exec lines that load the fail-safe, as apply writes them ('-': a failure is ignored)."""
     from hostprep.persist import failsafe_tool
-    return [f"-{failsafe_tool(host.variant, fam)} --noflush {host.root}/var/lib/hostprep/failsafe.v{fam}.rules"
+    return [f"-{failsafe_tool(host.variant, fam)} --noflush {host.root}/etc/hostprep/failsafe.v{fam}.rules"
             for fam in families]
 
 
@@ -567,7 +567,7 @@ PERSISTENCE = {
     "etc/systemd/system/ip6tables.service.d",
     "etc/systemd/system/ip6tables.service.d/hostprep.conf",
 }
-FAILSAFE_FILES = {"var/lib/hostprep/failsafe.v4.rules", "var/lib/hostprep/failsafe.v6.rules"}
+FAILSAFE_FILES = {"etc/hostprep/failsafe.v4.rules", "etc/hostprep/failsafe.v6.rules"}
 FOREIGN = {   # an admin's own files beside hostprep's: flush --persistent must leave them (and their dirs)
     "etc/systemd/system/multi-user.target.wants/sshd.service": "/usr/lib/systemd/system/sshd.service",
     "etc/systemd/system/iptables.service.d/local.conf": "[Service]\nEnvironment=FOO=1\n",
@@ -626,7 +626,7 @@ def test_failsafe_holds_the_nic_when_hostprep_cannot_run_then_boot_replaces_it(h
     pre = unit_commands(service, "ExecStartPre")
     assert [c.raw for c in pre] == failsafe_lines(host)
     # nothing but the restore tool and the file: no Python in these lines
-    assert [c.argv[1:] for c in pre] == [["--noflush", f"{host.root}/var/lib/hostprep/failsafe.v{f}.rules"]
+    assert [c.argv[1:] for c in pre] == [["--noflush", f"{host.root}/etc/hostprep/failsafe.v{f}.rules"]
                                          for f in (4, 6)]
 
     # The "rebooted" host is open (a closed port and the container port answer) ...
