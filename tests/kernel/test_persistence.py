@@ -595,7 +595,7 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
     res = host.hostprep("flush", "--persistent")
     assert res.stdout.splitlines()[-1] == "boot persistence removed: 8 files"
     assert {p for p in FAILSAFE_FILES if (host.root / p).exists()} == set()
-    assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE}
+    assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE | FAILSAFE_FILES}
     assert tree(etc) == {
         "hostprep", "hostprep/settings.json", "logrotate.d", "logrotate.d/hostprep", "selinux", "selinux/config",
         "systemd", "systemd/system", "systemd/system/other.service", "systemd/system/multi-user.target.wants",
@@ -610,7 +610,7 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
     assert "boot persistence: not installed" in st.stdout.splitlines(), st.stdout
     again = host.hostprep("flush", "--persistent")
     assert again.stdout.splitlines()[-1] == "boot persistence: nothing installed"
-    assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE}
+    assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE | FAILSAFE_FILES}
 
 
 # --------------------------------------------------------------------------- 6. the fail-safe
