@@ -12,7 +12,7 @@ Files (all under the HOSTPREP_ROOT prefix, rendered from systemd/ and logrotate.
                                                       the same for Debian's services that flush them
                                                       (written only where the host has the service)
   etc/logrotate.d/hostprep                            rotation of the journal and container logs
-  var/lib/hostprep/failsafe.v4.rules, failsafe.v6.rules
+  etc/hostprep/failsafe.v4.rules, failsafe.v6.rules
                                                       the fail-safe of the external NIC: loaded with
                                                       ip(6)tables-restore alone (no Python) before
                                                       'hostprep boot' (ExecStartPre=) and by the
@@ -112,7 +112,15 @@ def environment() -> list[tuple[str, str]]:
 
 
 def failsafe_file(paths: Paths, family: int) -> Path:
-    return paths.state_dir / f"failsafe.v{family}.rules"
+    """Under /etc/hostprep, not /var/lib/hostprep: SELinux lets ip(6)tables-restore (iptables_t)
+    read etc_t files such as /etc/sysconfig/iptables, and denies it var_lib_t (found by the
+    Vagrant bed under enforcing: the fail-safe never loaded from /var/lib/hostprep)."""
+    return paths.etc / f"failsafe.v{family}.rules"
+
+
+def _old_failsafe_files(paths: Paths) -> list[Path]:
+    """Where earlier builds kept the fail-safe (var_lib_t under SELinux): removed by install and flush."""
+    return [paths.state_dir / f"failsafe.v{family}.rules" for family in (4, 6)]
 
 
 # Where systemd looks for a system service's commands (its default PATH): the units do
@@ -226,7 +234,7 @@ def firewall_services(paths: Paths) -> list[str]:
 def _ours(paths: Paths) -> list[Path]:
     """Every persistence file hostprep may have made (any NIC), for removal and for status."""
     unit_dir = paths.root / "etc/systemd/system"
-    found = [failsafe_file(paths, 4), failsafe_file(paths, 6),
+    found = [failsafe_file(paths, 4), failsafe_file(paths, 6), *_old_failsafe_files(paths),
              unit_dir / UNIT, unit_dir / f"{WANTED_BY}.wants" / UNIT, unit_dir / NIC_TEMPLATE]
     found += sorted(unit_dir.glob("sys-subsystem-net-devices-*.device.wants/hostprep-nic@*.service"))
     found += [unit_dir / f"{svc}.service.d/hostprep.conf" for svc in IPTABLES_SERVICES + OTHER_FIREWALL_SERVICES]
@@ -263,6 +271,10 @@ def install(paths: Paths, interface: str | None, runner: Runner,
                     f.path.unlink()
                 os.symlink(f.link, f.path)
                 changed.append(str(f.path))
+        for old in _old_failsafe_files(paths):
+            if old.is_file():
+                old.unlink()
+                changed.append(f"removed {old}")
         # The NIC unit of an earlier external NIC goes.
         for old in _ours(paths):
             if old not in keep and old.name.startswith("hostprep-nic@") and old.is_symlink():

@@ -17,6 +17,11 @@ default ``~/reverse_proxy/<container>``): logs/ and cache/ writable, conf/,
 ssl/, html/ and lua/ read only.  HOST_WORKING_DIR differs per host, so the paths
 are local ``semanage fcontext`` customisations added by ``install``, not lines
 of the module's .fc file.
+
+Why one module of about 500 lines: it holds three small parts (reading the mode,
+the ``apply`` gate, install/remove/status of the module) that all work from
+``SelinuxState``; install and remove call the gate's ``_require_selinux`` and the
+tool checks, so a split would give three modules importing one another's helpers.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
     snap = backend.observe()
     failsafe = [fam for fam, obs in snap.observed.items() if render.FAILSAFE_CHAIN in obs.our_chains]
     report["failsafe"] = {"live": failsafe, "installed": [
-        fam for fam in (4, 6) if (store.paths.state_dir / f"failsafe.v{fam}.rules").is_file()]}
+        fam for fam in (4, 6) if persist.failsafe_file(store.paths, fam).is_file()]}
     if failsafe:
         problems.append(f"the FAIL-SAFE is live ({', '.join(f'IPv{f}' for f in failsafe)}: chain "
                         f"{render.FAILSAFE_CHAIN}): 'hostprep boot' did not run or did not finish after it was "

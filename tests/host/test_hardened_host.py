@@ -396,7 +396,7 @@ def test_iptables_services_restarts_put_the_chains_back(hp):
 
 def test_the_failsafe_is_installed_for_the_external_nic_and_not_live(hp, settings, family):
     nic = settings["interface"]
-    text = hp.text(f"var/lib/hostprep/failsafe.v{family}.rules") or ""
+    text = hp.text(f"etc/hostprep/failsafe.v{family}.rules") or ""
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert [ln for ln in lines if ln.startswith("-I ")] == [f"-I INPUT 1 -i {nic} -j HOSTPREP-FAILSAFE",
                                                             f"-I FORWARD 1 -i {nic} -j HOSTPREP-FAILSAFE"]
@@ -405,7 +405,7 @@ def test_the_failsafe_is_installed_for_the_external_nic_and_not_live(hp, setting
     unit = hp.text("etc/systemd/system/hostprep.service") or ""
     # loaded before 'hostprep boot', which replaced it: it is not what is live
     assert [ln.split()[-1] for ln in unit.splitlines() if ln.startswith("ExecStartPre=-")] == [
-        hp.path(f"var/lib/hostprep/failsafe.v{f}.rules") for f in (4, 6)]
+        hp.path(f"etc/hostprep/failsafe.v{f}.rules") for f in (4, 6)]
     assert "HOSTPREP-FAILSAFE" not in hp.rules(family)
 
 

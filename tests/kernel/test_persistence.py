@@ -167,7 +167,7 @@ def boot_unit(host) -> UnitCommand:
 def failsafe_lines(host, families=(4, 6)) -> list[str]:
     """The Exec lines that load the fail-safe, as apply writes them ('-': a failure is ignored)."""
     from hostprep.persist import failsafe_tool
-    return [f"-{failsafe_tool('nft' if host.native else host.variant, fam)} --noflush {host.root}/var/lib/hostprep/failsafe.v{fam}.rules"
+    return [f"-{failsafe_tool('nft' if host.native else host.variant, fam)} --noflush {host.root}/etc/hostprep/failsafe.v{fam}.rules"
             for fam in families]
 
 
@@ -587,7 +587,7 @@ PERSISTENCE = {
     "etc/systemd/system/ip6tables.service.d",
     "etc/systemd/system/ip6tables.service.d/hostprep.conf",
 }
-FAILSAFE_FILES = {"var/lib/hostprep/failsafe.v4.rules", "var/lib/hostprep/failsafe.v6.rules"}
+FAILSAFE_FILES = {"etc/hostprep/failsafe.v4.rules", "etc/hostprep/failsafe.v6.rules"}
 FOREIGN = {   # an admin's own files beside hostprep's: flush --persistent must leave them (and their dirs)
     "etc/systemd/system/multi-user.target.wants/sshd.service": "/usr/lib/systemd/system/sshd.service",
     "etc/systemd/system/iptables.service.d/local.conf": "[Service]\nEnvironment=FOO=1\n",
@@ -615,7 +615,7 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
     res = host.hostprep("flush", "--persistent")
     assert res.stdout.splitlines()[-1] == "boot persistence removed: 8 files"
     assert {p for p in FAILSAFE_FILES if (host.root / p).exists()} == set()
-    assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE}
+    assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE | FAILSAFE_FILES}
     assert tree(etc) == {
         "hostprep", "hostprep/settings.json", "logrotate.d", "logrotate.d/hostprep", "selinux", "selinux/config",
         "systemd", "systemd/system", "systemd/system/other.service", "systemd/system/multi-user.target.wants",
@@ -630,7 +630,7 @@ def test_flush_persistent_removes_exactly_the_persistence_files(host):
     assert "boot persistence: not installed" in st.stdout.splitlines(), st.stdout
     again = host.hostprep("flush", "--persistent")
     assert again.stdout.splitlines()[-1] == "boot persistence: nothing installed"
-    assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE}
+    assert tree(etc) == before - {p[len("etc/"):] for p in PERSISTENCE | FAILSAFE_FILES}
 
 
 # --------------------------------------------------------------------------- 6. the fail-safe
@@ -646,7 +646,7 @@ def test_failsafe_holds_the_nic_when_hostprep_cannot_run_then_boot_replaces_it(h
     pre = unit_commands(service, "ExecStartPre")
     assert [c.raw for c in pre] == failsafe_lines(host)
     # nothing but the restore tool and the file: no Python in these lines
-    assert [c.argv[1:] for c in pre] == [["--noflush", f"{host.root}/var/lib/hostprep/failsafe.v{f}.rules"]
+    assert [c.argv[1:] for c in pre] == [["--noflush", f"{host.root}/etc/hostprep/failsafe.v{f}.rules"]
                                          for f in (4, 6)]
 
     # The "rebooted" host is open (a closed port and the container port answer) ...

@@ -197,11 +197,13 @@ def test_flooded_port_answers_with_cookies_input_path(host, tmp_path, family, ds
         assert (conntrack_from(host, family, spoof2), hashlimit_entries(host, family, spoof2)) == (0, 0)
 
         # a real client completes the handshake with the cookie and reaches the server; its
-        # connections meet the rate limit only then (burst 2: A spent one token when calm;
-        # the bucket refills at 1/s, so 1 or 2 of these get through)
+        # connections meet the rate limit only then (burst 2, refilled at 1/s: at most 3 of
+        # these 4 get through, at least one does).  How many exactly depends on timing: a
+        # stalled client's retransmission (below) is judged by the limiter too and may take
+        # the token the next client would have had (seen in CI under load: 1 of 4 echoed)
         within0, drop0 = ccount(host, family, "within rate"), ccount(host, family, "rate drop")
         got = clients(host, dst, src_b, 4)
-        assert got.count("echoed") in (2, 3) and set(got) <= {"echoed", "connected"}, got
+        assert 1 <= got.count("echoed") <= 3 and set(got) <= {"echoed", "connected"}, got
         # (a stalled client retransmits its data; each retransmission returns the cookie again
         # and gives the limiter one more SYN to judge, so later ones may get through)
         assert ccount(host, family, "within rate") - within0 >= got.count("echoed")

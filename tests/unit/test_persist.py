@@ -26,8 +26,8 @@ from hostprep.paths import Paths
 BOOT = f"{sys.executable} -m hostprep boot"
 UNIT_DIR = "etc/systemd/system"
 ALL = [   # every path install() writes, in its order
-    "var/lib/hostprep/failsafe.v4.rules",
-    "var/lib/hostprep/failsafe.v6.rules",
+    "etc/hostprep/failsafe.v4.rules",
+    "etc/hostprep/failsafe.v6.rules",
     f"{UNIT_DIR}/hostprep.service",
     f"{UNIT_DIR}/multi-user.target.wants/hostprep.service",
     f"{UNIT_DIR}/hostprep-nic@.service",
@@ -84,7 +84,7 @@ def env_lines(paths: Paths, *extra: str) -> list[str]:
 
 def failsafe_line(paths: Paths, family: int, variant: str = "nft") -> str:
     """The command that loads the fail-safe of one family (the unit's Exec line without its '-')."""
-    return f"{persist.failsafe_tool(variant, family)} --noflush {paths.root}/var/lib/hostprep/failsafe.v{family}.rules"
+    return f"{persist.failsafe_tool(variant, family)} --noflush {paths.root}/etc/hostprep/failsafe.v{family}.rules"
 
 
 # --------------------------------------------------------------------------- rendered content
@@ -191,7 +191,7 @@ FAILSAFE_V6 = FAILSAFE_V4[:5] + [
 def test_failsafe_rules(paths, runner, family, expected):
     """Default deny inbound on the NIC (INPUT and FORWARD) but established, ICMP errors and (IPv6) ND."""
     persist.install(paths, "eth1", runner)
-    f = paths.root / f"var/lib/hostprep/failsafe.v{family}.rules"
+    f = paths.root / f"etc/hostprep/failsafe.v{family}.rules"
     lines = f.read_text().splitlines()
     assert [ln for ln in lines if ln and not ln.startswith("#")] == expected
     assert lines[0] == f"# hostprep FAIL-SAFE for the external NIC eth1 (IPv{family}).  Written by"
@@ -206,7 +206,7 @@ def test_failsafe_follows_the_nic_and_the_recorded_variant(paths, runner):
     assert u["Service"]["ExecStartPre"] == [f"-{failsafe_line(paths, 4, 'legacy')}",
                                             f"-{failsafe_line(paths, 6, 'legacy')}"]
     assert persist.failsafe_tool("legacy", 6).endswith("ip6tables-legacy-restore")
-    text = (paths.root / "var/lib/hostprep/failsafe.v4.rules").read_text()
+    text = (paths.root / "etc/hostprep/failsafe.v4.rules").read_text()
     assert [ln for ln in text.splitlines() if ln.startswith("-I ")] == [
         "-I INPUT 1 -i ens3.100 -j HOSTPREP-FAILSAFE", "-I FORWARD 1 -i ens3.100 -j HOSTPREP-FAILSAFE"]
 
@@ -331,13 +331,30 @@ def test_install_repairs_a_changed_file_and_a_wrong_symlink(paths, runner):
     assert (svc.read_text(), os.readlink(wants)) == (good, "/etc/systemd/system/hostprep.service")
 
 
+def test_failsafe_lives_under_etc_and_the_old_copy_under_var_lib_goes(paths, runner):
+    """SELinux lets iptables_t read etc_t, not var_lib_t (found by the Vagrant bed): the
+    fail-safe is written under /etc/hostprep; a copy an earlier build left in
+    /var/lib/hostprep is removed by install, and by remove."""
+    old = [paths.root / f"var/lib/hostprep/failsafe.v{fam}.rules" for fam in (4, 6)]
+    for f in old:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("*filter\nCOMMIT\n")
+    changed = persist.install(paths, "eth1", runner)
+    assert [f"removed {f}" for f in old] == [c for c in changed if c.startswith("removed ")]
+    assert [f.exists() for f in old] == [False, False]
+    assert all((paths.root / f"etc/hostprep/failsafe.v{fam}.rules").is_file() for fam in (4, 6))
+    old[0].write_text("*filter\nCOMMIT\n")
+    assert str(old[0]) in persist.remove(paths, runner)
+    assert not any(f.exists() for f in old + [paths.root / "etc/hostprep/failsafe.v4.rules"])
+
+
 def test_switching_the_nic_removes_the_old_nic_link(paths, runner):
     persist.install(paths, "eth1", runner)
     old = paths.root / UNIT_DIR / "sys-subsystem-net-devices-eth1.device.wants/hostprep-nic@eth1.service"
     new = paths.root / UNIT_DIR / r"sys-subsystem-net-devices-ens3.100.device.wants/hostprep-nic@ens3.100.service"
     changed = persist.install(paths, "ens3.100", runner)
     # the service's Description names the NIC, so it is rewritten too
-    assert changed == [str(paths.root / f"var/lib/hostprep/failsafe.v{fam}.rules") for fam in (4, 6)] + [
+    assert changed == [str(paths.root / f"etc/hostprep/failsafe.v{fam}.rules") for fam in (4, 6)] + [
         str(paths.root / UNIT_DIR / "hostprep.service"), str(new), f"removed {old}"]
     assert (old.is_symlink(), old.parent.exists()) == (False, False)
     assert sorted(str(p.relative_to(paths.root / UNIT_DIR))
@@ -358,7 +375,7 @@ def test_remove_takes_exactly_the_units(paths, runner):
     assert sorted(gone) == sorted(str(paths.root / p) for p in UNITS)
     assert sorted(str(p.relative_to(paths.root)) for p in paths.root.rglob("*")) == sorted([
         "etc", "etc/logrotate.d", "etc/logrotate.d/hostprep", "etc/systemd", "etc/systemd/system",
-        "var", "var/lib", "var/lib/hostprep",
+        "etc/hostprep",
         f"{UNIT_DIR}/multi-user.target.wants", f"{UNIT_DIR}/multi-user.target.wants/sshd.service",
         f"{UNIT_DIR}/iptables.service.d", f"{UNIT_DIR}/iptables.service.d/local.conf"])
     assert persist.remove(paths, runner) == []
@@ -394,7 +411,7 @@ def test_report_stale(paths, runner):
     assert persist.report(paths, "eth1")["stale"] == []
     # another NIC is not what apply wrote: the service (its Description) and the NIC link are stale
     assert persist.report(paths, "eth2")["stale"] == [
-        str(paths.root / "var/lib/hostprep/failsafe.v4.rules"), str(paths.root / "var/lib/hostprep/failsafe.v6.rules"),
+        str(paths.root / "etc/hostprep/failsafe.v4.rules"), str(paths.root / "etc/hostprep/failsafe.v6.rules"),
         str(unit_dir / "hostprep.service"),
         str(unit_dir / "sys-subsystem-net-devices-eth2.device.wants/hostprep-nic@eth2.service")]
     # nothing applied (no NIC; -k alone): the service names eth1 and loads its fail-safe, the drop-ins
