@@ -25,8 +25,8 @@ from hostprep import faults
 from hostprep import plan as planmod
 from hostprep.errors import CommandFailed, HostprepError, InputError, NoBackend
 from hostprep import render
-from hostprep.model import SET_PREFIX, Desired
-from hostprep.observed import (LiveState, NftObserved, Observed, normalise_nft, parse_ipset_save,
+from hostprep.model import SET_PREFIX, BanSet, Desired, is_ban_set
+from hostprep.observed import (LiveState, NftObserved, Observed, merge_ban_table, normalise_nft, parse_ipset_save,
                                parse_nft_json, parse_nft_listing, parse_save)
 from hostprep.plan import ApplyPlan
 from hostprep.runner import Runner
@@ -350,7 +350,10 @@ NO_SYN_COOKIES = ("the nft backend does not answer a SYN flood with SYN cookies 
                   "are expected")
 NATIVE = "nftables"          # what applied.json and snapshots record for the native nft backend
 INET_TABLE = ("inet", "hostprep")
-NFT_REMOVE = "table inet hostprep\ndelete table inet hostprep\ntable netdev hostprep\ndelete table netdev hostprep\n"
+BAN_TABLE = render.BAN_TABLE
+NFT_REMOVE_BANS = "table inet hostprep_ban\ndelete table inet hostprep_ban\n"
+NFT_REMOVE_OWN = "table inet hostprep\ndelete table inet hostprep\ntable netdev hostprep\ndelete table netdev hostprep\n"
+NFT_REMOVE = NFT_REMOVE_OWN + NFT_REMOVE_BANS
 
 
 class NftBackend:
@@ -362,6 +365,16 @@ class NftBackend:
     it was.  Read back with ``nft -j list table inet hostprep``; the plan and status see the
     table per family (observed.parse_nft_json), the same groups, counters and differences as
     on iptables.  Removing hostprep (flush) is the same transaction with the tables only deleted.
+
+    fail2ban's bans (container up --fail2ban) live in a third table, ``inet hostprep_ban``
+    (rules/ban.nft.j2), in the same transaction but never deleted and re-created by it: its
+    sets (``flags timeout``, one per container, fail2ban's action adds and deletes the members)
+    are only declared, so the bans survive every change, a rollback and the boot unit; its
+    chains are flushed and filled again.  Re-adding the live members to a re-created set
+    instead would lose a ban fail2ban adds between the read and the load, and the remaining
+    time of each.  The table goes with ``flush``, and when no container has fail2ban on any
+    more (as the ipsets do on iptables); a ban set goes with its container (``delete set``,
+    added to the script from the plan's live state).
     """
 
     variant = NATIVE
@@ -397,12 +410,17 @@ class NftBackend:
         """Both tables; a family view per family this kernel has; never creates anything."""
         fams = self.families()
         js = self._list(["-j", "list", "table", *INET_TABLE])
+        bans = self._list(["-j", "list", "table", *BAN_TABLE])
         ingress = self._list(["list", "table", *NFT_TABLE])
         leftovers = self.iptables_leftovers()
-        if js is None and ingress is None:
+        if js is None and ingress is None and bans is None:
             return LiveState({fam: self._with_leftovers(Observed(fam), leftovers) for fam in fams}, None, {})
         table = parse_nft_json(js, fams, SET_PREFIX) if js is not None else None
         terse = self._list(["-t", "list", "table", *INET_TABLE]) or ""
+        if bans is not None:
+            # the ban sets' members (fail2ban's bans) are in the sets, not in the compared listing (-t)
+            table = merge_ban_table(table, parse_nft_json(bans, fams, SET_PREFIX), fams)
+            terse += self._list(["-t", "list", "table", *BAN_TABLE]) or ""
         ing = parse_nft_listing(ingress) if ingress is not None else None
         text = normalise_nft(terse + (ingress or ""))
         device = table.device if table is not None and table.device else (ing.device if ing else "")
@@ -433,7 +451,8 @@ class NftBackend:
         if not staged.nft_touched:
             return []
         try:
-            self.runner.run(["nft", "-f", "-"], input=staged.previous or NFT_REMOVE, mutates=True)
+            script = NFT_REMOVE if staged.previous is None else staged.previous + self.ban_leftovers(staged.previous)
+            self.runner.run(["nft", "-f", "-"], input=script, mutates=True)
         except HostprepError as err:
             return [f"nft: {err}"]
         return []
@@ -454,7 +473,8 @@ class NftBackend:
         # named: they judge packets the same way next to either backend.
         xt = {f"table {fam} {t}" for fam in ("ip", "ip6") for t in ("filter", "nat", "mangle", "raw", "security")}
         names = [ln.strip() for ln in res.stdout.splitlines() if ln.startswith("table ")
-                 and ln.strip() not in ("table netdev hostprep", "table inet hostprep") and ln.strip() not in xt]
+                 and ln.strip() not in ("table netdev hostprep", "table inet hostprep", "table inet hostprep_ban")
+                 and ln.strip() not in xt]
         if names:
             warnings.append(f"other nf_tables tables exist ({'; '.join(names)}): they judge every packet as "
                             "well; hostprep's drops hold whatever they accept")
@@ -517,8 +537,28 @@ class NftBackend:
             # The external NIC is absent (boot before it appears): an ingress hook on a missing
             # device makes kernels before 6.x refuse the whole transaction.  The inet table (it
             # matches the NIC by name) loads without it; hostprep-nic@ adds it when the NIC comes.
-            return want.script.split(render.NFT_INGRESS_MARK)[0] + "\n"
-        return want.script
+            return want.script.split(render.NFT_INGRESS_MARK)[0] + "\n" + self.ban_tail(plan)
+        return want.script + self.ban_tail(plan)
+
+    @staticmethod
+    def ban_tail(plan: ApplyPlan) -> str:
+        """What the script says of the ban table beyond what it wants: no ban wanted, the table
+        deleted (declared first, so that the delete never fails); else the ban sets and chains the
+        live table has and the plan does not want deleted, after the script flushed the chains
+        that referred to them."""
+        wanted = [s for s in planmod.wanted_sets(plan.desired) if isinstance(s, BanSet)]
+        if not wanted:
+            return NFT_REMOVE_BANS
+        table = " ".join(BAN_TABLE)
+        lines = []
+        for fam, obs in plan.live.observed.items():
+            want = plan.desired.ruleset(fam) if plan.desired is not None else None
+            if "HOSTPREP-BAN" in obs.our_chains and (want is None or want.chain("HOSTPREP-BAN") is None):
+                chain = f"{render.BAN_CHAIN_PREFIX}{fam}"
+                lines += [f"flush chain {table} {chain}", f"delete chain {table} {chain}"]
+        names = {s.name for s in wanted}
+        lines += [f"delete set {table} {n}" for n in sorted(plan.live.sets) if is_ban_set(n) and n not in names]
+        return "".join(ln + "\n" for ln in lines)
 
     def previous_script(self, live: LiveState) -> str | None:
         """A script that puts the live tables back as they are now (None: there are none)."""
@@ -526,7 +566,25 @@ class NftBackend:
             return None
         inet = self._list(["-s", "list", "table", *INET_TABLE]) or ""
         ingress = self._list(["-s", "list", "table", *NFT_TABLE]) or ""
-        return NFT_REMOVE + inet + ingress
+        bans = self._list(["-s", "-t", "list", "table", *BAN_TABLE])
+        return NFT_REMOVE_OWN + inet + ingress + (render.ban_restore_text(bans) if bans is not None
+                                                  else NFT_REMOVE_BANS)
+
+    def ban_leftovers(self, previous: str) -> str:
+        """The ban sets and chains a change made that ``previous`` (previous_script) does not
+        have: deleted by undo, after previous's flushes (the members of the others stay)."""
+        if NFT_REMOVE_BANS in previous:
+            return ""
+        now = self._list(["-t", "list", "table", *BAN_TABLE])
+        if now is None:
+            return ""
+        before_sets, before_chains = render.ban_objects(previous)
+        now_sets, now_chains = render.ban_objects(now)
+        table = " ".join(BAN_TABLE)
+        lines = [f"flush chain {table} {c}" for c in now_chains if c not in before_chains]
+        lines += [f"delete chain {table} {c}" for c in now_chains if c not in before_chains]
+        lines += [f"delete set {table} {s}" for s in now_sets if s not in before_sets]
+        return "".join(ln + "\n" for ln in lines)
 
     def _nft_f(self, argv: list[str], script: str, *, mutates: bool) -> None:
         """``nft -f -`` (or ``-c``); a failure names nft's own "Error:" line (its last lines

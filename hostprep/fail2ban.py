@@ -23,15 +23,31 @@ Decisions (README "fail2ban and the proxy's logs" says the same):
   the fast path and the container limits, on INPUT and FORWARD of the external NIC:
   a banned client also loses its keep-alive connections.  Not in the nft ``netdev``
   ingress table: that table is deleted and re-created by each apply (its sets would be
-  emptied) and ``-e`` leaves it out; an ipset works with both iptables variants.  The
-  native nft backend (issue 13) implements ``render.ban_text`` + ``Container.ban_set``
-  with an nft set ``flags timeout`` in its own table.  At boot, hostprep's unit creates
-  the set before it loads the rules; the action's ``actionstart`` creates it with the
-  same parameters when fail2ban runs first, so fail2ban can restore its bans in
-  either order.
+  emptied) and ``-e`` leaves it out; an ipset works with both iptables variants.  At boot,
+  hostprep's unit creates the set before it loads the rules; the action's ``actionstart``
+  creates it with the same parameters when fail2ban runs first, so fail2ban can restore
+  its bans in either order.
+- **On the native nft backend** the ban sets are nft sets ``flags timeout`` (same names,
+  ``size`` 65536 as ipset's maxelem) in a table of their own, ``inet hostprep_ban``
+  (rules/ban.nft.j2, render.ban_nft_text): every native change deletes and re-creates
+  ``inet hostprep``, which would empty a set living there, so the bans live where no change
+  deletes them.  hostprep declares the table and sets (``add``: created when missing, never
+  flushed), and flushes and refills only the table's chains (base chains on input and
+  forward at priority filter - 10, before hostprep's own, that only drop: a banned source
+  on the container's ports, never its load balancers).  The alternative, re-adding the
+  live members to a re-created set in each change, loses a ban fail2ban adds between the
+  read and the load and the remaining time of every ban, and a rollback would have to
+  carry the members too.  ``container down`` deletes the container's set, ``flush`` (and
+  the last container with fail2ban going) the table, as the ipsets go on iptables.
+  fail2ban's action is the nft version there (fail2ban.d/action-nft.conf: ``nft add
+  element ... { ADDR timeout Ns }``, ``nft delete element``); which version
+  ``action.d/hostprep-ban.conf`` holds follows the backend (``container up`` writes it,
+  ``apply`` rewrites it when the backend changed: ``follow_backend``).  ``nft flush
+  ruleset`` (a restart of nftables.service) removes the table with its bans: hostprep's
+  drop-in puts the table back empty, and the earlier bans are gone from the kernel.
 - **Works with whatever fail2ban the host has**: only ``jail.d/hostprep-<name>.local``,
   ``filter.d/hostprep-proxy.conf`` and ``action.d/hostprep-ban.conf`` are written (other
-  jails stay byte-identical); the action needs only ``ipset``, never
+  jails stay byte-identical); the action needs only ``ipset`` (``nft`` on the native backend), never
   ``fail2ban-firewalld``.  Without fail2ban, ``--fail2ban`` is refused naming the
   package (EPEL's ``fail2ban-server`` on RHEL, ``fail2ban`` on Debian).  When the
   server runs, ``fail2ban-client reload`` makes it read the change.
@@ -58,6 +74,7 @@ from pathlib import Path
 
 import jinja2
 
+from hostprep.backend import NATIVE
 from hostprep.envfiles import read_env
 from hostprep.errors import InputError, RefusedError
 from hostprep.model import BanSet, Container, is_ban_set
@@ -320,12 +337,22 @@ def filter_text() -> str:
     return (data_dir("fail2ban.d") / "filter.conf").read_text()
 
 
-def action_text() -> str:
-    return (data_dir("fail2ban.d") / "action.conf").read_text()
+# The ban action's two versions (action.d/hostprep-ban.conf): ipset where hostprep runs on
+# iptables, nft sets in table inet hostprep_ban on the native nft backend.
+ACTION_FILES = {"ipset": "action.conf", "nft": "action-nft.conf"}
 
 
-def wanted_files(s: JailSpec, files: Files) -> dict[Path, str]:
-    return {files.filter: filter_text(), files.action: action_text(), files.jail(s.name): jail_text(s),
+def ban_kind(variant: str | None) -> str:
+    """The ban action a backend (its variant) needs: "nft" on the native backend, else "ipset"."""
+    return "nft" if variant == NATIVE else "ipset"
+
+
+def action_text(kind: str = "ipset") -> str:
+    return (data_dir("fail2ban.d") / ACTION_FILES[kind]).read_text()
+
+
+def wanted_files(s: JailSpec, files: Files, kind: str = "ipset") -> dict[Path, str]:
+    return {files.filter: filter_text(), files.action: action_text(kind), files.jail(s.name): jail_text(s),
             files.logrotate(s.name): logrotate_text(s)}
 
 
@@ -340,22 +367,22 @@ def _write(path: Path, text: str) -> bool:
     return True
 
 
-def write(s: JailSpec, files: Files) -> list[str]:
-    """Write the container's files; returns the paths changed."""
-    return [str(p) for p, text in wanted_files(s, files).items() if _write(p, text)]
+def write(s: JailSpec, files: Files, kind: str = "ipset") -> list[str]:
+    """Write the container's files (the ban action of ``kind``); returns the paths changed."""
+    return [str(p) for p, text in wanted_files(s, files, kind).items() if _write(p, text)]
 
 
-def install(s: JailSpec, files: Files, runner: Runner) -> list[str]:
+def install(s: JailSpec, files: Files, runner: Runner, kind: str = "ipset") -> list[str]:
     """Write the container's files, then ``fail2ban-client -t``; on a failed test the files
     are put back as they were and ``RefusedError`` says why.  Returns the paths changed."""
-    wanted = wanted_files(s, files)
+    wanted = wanted_files(s, files, kind)
     before: dict[Path, str | None] = {}
     for p in wanted:
         try:
             before[p] = p.read_text()
         except OSError:
             before[p] = None
-    changed = write(s, files)
+    changed = write(s, files, kind)
     if changed:
         try:
             config_test(runner, files)
@@ -367,6 +394,14 @@ def install(s: JailSpec, files: Files, runner: Runner) -> list[str]:
                     _write(p, text)
             raise
     return changed
+
+
+def follow_backend(files: Files, kind: str) -> bool:
+    """The ban action of ``kind`` in place of the other one where hostprep has a jail (the
+    backend changed: ``apply --backend``); True when rewritten (fail2ban must reload)."""
+    if not files.jails() or not files.action.is_file():
+        return False
+    return _write(files.action, action_text(kind))
 
 
 def _unlink(paths) -> list[str]:

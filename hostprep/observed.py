@@ -344,3 +344,25 @@ def _splice(chains: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
                 flat.append(item)
         out[name] = flat
     return out
+
+
+def merge_ban_table(table: NftTable | None, ban: NftTable, families: tuple[int, ...]) -> NftTable:
+    """``inet hostprep`` and the ban table (``inet hostprep_ban``, rules/ban.nft.j2) as one view:
+    the ban table's jumps from INPUT/FORWARD after hostprep's own (as render.nft_view reads the
+    script, which holds it after ``inet hostprep``), its chain HOSTPREP-BAN, its sets (the bans)."""
+    order = ("INPUT", "FORWARD", "OUTPUT")
+    observed: dict[int, Observed] = {}
+    for fam in families:
+        main = table.observed[fam] if table is not None else Observed(fam, order)
+        extra = ban.observed[fam]
+        base = sorted([r for r in main.rules if r.chain in order] + [r for r in extra.rules if r.chain in order],
+                      key=lambda r: order.index(r.chain))
+        chains = main.chains + tuple(c for c in extra.chains if c not in main.chains)
+        rules = [r for r in main.rules if r.chain not in order] + [r for r in extra.rules if r.chain not in order]
+        observed[fam] = Observed(fam, chains, tuple(base + rules))
+    sets = dict(table.sets) if table is not None else {}
+    sets.update(ban.sets)
+    counters = dict(table.counters) if table is not None else {}
+    for k, v in ban.counters.items():
+        counters[k] = counters.get(k, Counter()) + v
+    return NftTable(observed, sets, (table.device if table is not None else "") or ban.device, counters)

@@ -99,6 +99,16 @@ def converge_and_record(backend: FirewallBackend, store: Store, desired: Desired
     return outcome
 
 
+def _ban_action_follows(store: Store, backend: FirewallBackend, command: str) -> None:
+    """fail2ban's ban action (ipset or nft) follows the backend this apply loaded (README
+    "fail2ban and the proxy's logs"); fail2ban reloads when it changed (inside the change)."""
+    files = f2b.Files(store.paths.root)
+    if f2b.follow_backend(files, f2b.ban_kind(backend.variant)):
+        done = f2b.reload(Runner(), files)
+        store.journal(command, f"fail2ban: ban action for the {backend.name} backend written; {done}",
+                      "warning" if "FAILED" in done else "ok")
+
+
 def _kernel_part(store: Store, command: str) -> KernelResult:
     """Write, load and read back the kernel profile (inside the caller's change)."""
     report, notes = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
@@ -129,6 +139,8 @@ def apply(store: Store, command: str, *, backend: FirewallBackend | None, desire
     with txn.change(backend, store, command, firewall=desired is not None, kernel=kernel,
                     confirm=confirm) as ch:
         outcome = converge_and_record(backend, store, desired, command) if desired is not None else None
+        if desired is not None:
+            _ban_action_follows(store, backend, command)
         kernel_result = _kernel_part(store, command) if kernel else None
         ch.changed = kernel or bool(outcome and outcome.changed)
         applied = records.load_applied(store, tolerant=True)
@@ -211,11 +223,12 @@ class ContainerResult:
     fail2ban: Fail2banResult | None = None
 
 
-def fail2ban_files(store: Store, name: str, jail, command: str) -> Fail2banResult | None:
-    """Write (``jail`` given) or remove (None) NAME's fail2ban files, test, reload; None: nothing to do."""
+def fail2ban_files(store: Store, name: str, jail, command: str, kind: str = "ipset") -> Fail2banResult | None:
+    """Write (``jail`` given; the ban action of ``kind``, f2b.ban_kind) or remove (None) NAME's
+    fail2ban files, test, reload; None: nothing to do."""
     files, runner = f2b.Files(store.paths.root), Runner()
     if jail is not None:
-        changed = f2b.install(jail, files, runner)
+        changed = f2b.install(jail, files, runner, kind)
         what = (f"wrote {', '.join(changed)}" if changed else "jail unchanged")
     else:
         changed = f2b.remove(name, files)
@@ -295,7 +308,7 @@ def container_up(backend: FirewallBackend, store: Store, c: Container, command: 
         diff = container_diff(outcome.before, backend.target(desired), previous, c)
         ch.changed = outcome.changed
         # inside the change: a jail fail2ban's own test refuses undoes the rules too
-        banning = fail2ban_files(store, c.name, jail, command)
+        banning = fail2ban_files(store, c.name, jail, command, f2b.ban_kind(backend.variant))
     store.write_container_log(c.name, records.container_log_text(c.name, c, diff.added, diff.removed, "up",
                                                                  diff.kept), append=False)
     return ContainerResult(ch, outcome, diff.added, diff.removed, diff.kept, banning)

@@ -14,10 +14,9 @@ import re
 import jinja2
 
 from hostprep import validate
-from hostprep.errors import InputError
 from hostprep.data import data_dir
-from hostprep.model import (BOGUS_TCP_FLAGS, BUILTIN_CHAINS, SPOOF_SOURCES, SYNPROXY_BURST,
-                            SYNPROXY_HOLD_S, SYNPROXY_OPTIONS, SYNPROXY_RATE, Chain, Container, Desired,
+from hostprep.model import (BAN_SET_MAXELEM, BOGUS_TCP_FLAGS, BUILTIN_CHAINS, SPOOF_SOURCES, SYNPROXY_BURST,
+                            SYNPROXY_HOLD_S, SYNPROXY_OPTIONS, SYNPROXY_RATE, BanSet, Chain, Container, Desired,
                             IpSet, NftIngress, Policy, Rule, Ruleset, bogus_flag_bytes, nft_tcp_flags)
 
 _ENV = jinja2.Environment(
@@ -109,8 +108,8 @@ def container_text(containers: tuple[Container, ...], family: int, *, cookies: b
 def ban_text(containers: tuple[Container, ...], family: int) -> str:
     """The ban rules of one family (rules/ban.rules.j2), "" when no container of it has fail2ban on.
 
-    The nft backend (issue 13) implements the same contract with an nft set with
-    ``flags timeout`` in its own table; this function and ``Container.ban_set`` are the seam.
+    The native nft backend implements the same contract with nft sets ``flags timeout`` in a
+    table of their own (``ban_nft_text``, rules/ban.nft.j2); ``Container.ban_set`` is the seam.
     """
     bans = [(c, c.ban_set(), c.set_name("lb") if c.networks("lb") else None)
             for c in containers if c.family == family and c.ban_set() is not None]
@@ -166,13 +165,90 @@ def _nft_rate(limits) -> str:
 
 
 def nft_backend_text(policy: Policy, containers: tuple[Container, ...] = ()) -> str:
-    """The whole of hostprep's nft ruleset (both families, sets, ingress) as one ``nft -f`` file."""
+    """The whole of hostprep's nft ruleset (both families, sets, the ban table, ingress) as one ``nft -f`` file."""
     containers = tuple(sorted((c for c in containers if c.hardening), key=lambda c: c.name))
     fams = [{"family": fam, "spoof_sources": SPOOF_SOURCES[fam], "ping": policy.ping_networks(fam),
              "containers": [c for c in containers if c.family == fam]} for fam in (4, 6)]
-    return _ENV.get_template("hostprep.nft.j2").render(
+    script = _ENV.get_template("hostprep.nft.j2").render(
         iface=policy.interface, ddos=not policy.skip_ddos, spoof=not policy.allow_private, fams=fams,
         set_members=_set_members, limiter_set=_limiter_set, source_mask=_source_mask, nft_rate=_nft_rate)
+    bans = ban_nft_text(policy.interface, containers)
+    if not bans:
+        return script
+    # before the ingress table: the backend cuts that off while the external NIC is absent
+    head, mark, tail = script.partition(NFT_INGRESS_MARK)
+    return head.rstrip("\n") + "\n" + bans + mark + tail
+
+
+# The ban table of the native backend (rules/ban.nft.j2): never deleted by a change, only by
+# flush or when no container has fail2ban on any more (its sets hold fail2ban's bans).
+BAN_TABLE = ("inet", "hostprep_ban")
+BAN_CHAIN_PREFIX = "HOSTPREP-BAN-v"
+
+
+def ban_nft_text(iface: str, containers: tuple[Container, ...]) -> str:
+    """The ban table's part of the native script (rules/ban.nft.j2), "" when no container has
+    fail2ban on: its sets declared (never flushed), its chains flushed and filled."""
+    containers = tuple(sorted(containers, key=lambda c: c.name))
+    fams = []
+    for fam in (4, 6):
+        bans = [(c, c.ban_set(), _set_members(c, "lb")) for c in containers
+                if c.family == fam and c.ban_set() is not None]
+        if bans:
+            fams.append({"family": fam, "bans": bans})
+    if not fams:
+        return ""
+    return _ENV.get_template("ban.nft.j2").render(iface=iface, fams=fams, set_line=ban_set_line)
+
+
+_BAN_OBJECT = re.compile(r"^\s*(set|chain) (\S+) \{")
+
+
+def ban_objects(text: str) -> tuple[list[str], list[str]]:
+    """The sets and chains of the ban table in ``text`` (a listing of it, or a script holding it)."""
+    sets: list[str] = []
+    chains: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        if line.startswith("table "):
+            inside = line.split()[1:3] == list(BAN_TABLE)
+            continue
+        if line.startswith("}"):
+            inside = False
+            continue
+        m = _BAN_OBJECT.match(line)
+        if inside and m:
+            names = sets if m.group(1) == "set" else chains
+            if m.group(2) not in names:
+                names.append(m.group(2))
+    return sets, chains
+
+
+def ban_restore_text(listing: str) -> str:
+    """A script that puts the ban table back as ``listing`` (``nft -s -t list table inet
+    hostprep_ban``) has it, whatever is there now, and leaves the members of its sets: the
+    table, sets and chains declared, each chain flushed, then the listing (its rules) again."""
+    decl: list[str] = []
+    in_chain = False
+    for line in listing.splitlines():
+        stripped = line.strip()
+        if re.match(r"^\s*chain \S+ \{", line):
+            in_chain = True
+        elif in_chain and stripped == "}":
+            in_chain = False
+        elif in_chain and not stripped.startswith("type "):
+            continue                    # a rule: declared chains stay empty until the flush
+        decl.append(line)
+    table = " ".join(BAN_TABLE)
+    flushes = "".join(f"flush chain {table} {c}\n" for c in ban_objects(listing)[1])
+    return "\n".join(decl) + "\n" + flushes + listing
+
+
+def ban_set_line(ban: BanSet) -> str:
+    """The ``add set`` command of a ban set, as rules/ban.nft.j2 and fail2ban's actionstart
+    (fail2ban.d/action.conf) both say it: the same parameters whoever creates it first."""
+    kind = "ipv4_addr" if ban.family == 4 else "ipv6_addr"
+    return f"add set {' '.join(BAN_TABLE)} {ban.name} {{ type {kind}; size {BAN_SET_MAXELEM}; flags timeout; }}"
 
 
 _NFT_CHAIN = re.compile(r"^\s*chain (\S+) \{")
@@ -236,7 +312,9 @@ def nft_view(script: str) -> dict[int, Ruleset]:
         if m:
             current = m.group(1) if table.startswith("table inet ") else None
             if current is not None:
-                raw[current] = []
+                # the ban table's input/forward add their jumps after inet hostprep's, as the
+                # backend reads both back (observed.merge_ban_table)
+                raw.setdefault(current, [])
             continue
         if line == "}":
             if rawline.startswith("}"):
@@ -273,13 +351,8 @@ def nft_view(script: str) -> dict[int, Ruleset]:
 
 def nft_desired(desired: Desired) -> Desired:
     """``desired`` in the form the nft backend loads and observes: the one script (as ``nft``),
-    the per-family view of it (as v4/v6), the exempt and load-balancer sets with their members merged."""
-    bans = getattr(desired, "bans", ())
-    if bans:
-        names = ", ".join(c.name for c in desired.containers if c.ban_set() is not None)
-        raise InputError("--fail2ban", f"the nft backend does not carry fail2ban's ban sets yet (container "
-                         f"{names}); nothing was changed", "use --backend iptables on this host, or bring the "
-                         "container up without --fail2ban")
+    the per-family view of it (as v4/v6), the exempt and load-balancer sets with their members merged;
+    the ban sets (``bans``) as they are: created when missing, never refilled (rules/ban.nft.j2)."""
     script = nft_backend_text(desired.policy, desired.containers)
     view = nft_view(script)
     sets = tuple(IpSet(s.name, s.family, tuple(ipaddress.collapse_addresses(s.members))) for s in desired.sets)

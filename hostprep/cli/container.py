@@ -38,10 +38,10 @@ def fail2ban_part(c, previous, files, store: Store, wanted: Optional[bool]):
     return c, f2b.resolve(c, files.env, files.core, files.installer, store.paths.root)
 
 
-def fail2ban_dry_run(name: str, jail, previous, store: Store) -> None:
+def fail2ban_dry_run(name: str, jail, previous, store: Store, kind: str = "ipset") -> None:
     files = f2b.Files(store.paths.root)
     if jail is not None:
-        for path, text in f2b.wanted_files(jail, files).items():
+        for path, text in f2b.wanted_files(jail, files, kind).items():
             same = path.is_file() and path.read_text() == text
             out.print(f"fail2ban: {path} {'unchanged' if same else 'would be written'}", markup=False)
         out.print(f"fail2ban: ban set {jail.ban.name}; then 'fail2ban-client reload' if fail2ban runs", markup=False)
@@ -143,7 +143,7 @@ def container_up_cmd(
             out.print(f"  removed: {ln}", markup=False)
         for ln in preview.added:
             out.print(f"  added: {ln}", markup=False)
-        fail2ban_dry_run(name, jail, previous, store)
+        fail2ban_dry_run(name, jail, previous, store, f2b.ban_kind(be.variant))
         if confirm_secs is not None:
             out.print(f"dry run: with --confirm {confirm_secs} a rollback would be armed first")
         out.print("dry run: nothing was changed")

@@ -9,7 +9,9 @@ its working directory holds the proxy's logs.  A line appended to blocking.log m
 make a probe from that address to the container's port go unanswered within a few
 seconds while another source still gets its answer (RST: nobody listens), and the
 address must get in again after the short test bantime.  Every test runs on both
-firewall variants.
+iptables variants (ipsets) and on the native nft backend (``NATIVE``: nft sets ``flags
+timeout`` in table inet hostprep_ban, fail2ban's nft action); the sets are read the way
+each backend keeps them (``ipset save`` / ``nft -j list table inet hostprep_ban``).
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ from pathlib import Path
 
 import pytest
 
+from hostprep.model import SET_PREFIX
+from hostprep.observed import parse_nft_json
 from hostprep.runner import Runner
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6, Sandbox
+
+NATIVE = True
 
 SRC_A, SRC_B = INET_EXTRA4
 SRC6_A, SRC6_B = INET_EXTRA6
@@ -107,12 +113,25 @@ class Proxy:
                              + (self.host.root / "var/log/fail2ban.log").read_text()[-3000:])
 
 
+def ban_table(host) -> dict[str, frozenset[str]] | None:
+    """The native backend's ban sets and their members (None: no table inet hostprep_ban)."""
+    res = host.run(host.box.host, ["nft", "-j", "list", "table", "inet", "hostprep_ban"], check=False)
+    if res.returncode != 0:
+        return None
+    return parse_nft_json(res.stdout, (4, 6), SET_PREFIX).sets
+
+
 def members(host, name: str) -> list[str]:
+    if host.native:
+        return sorted(m.split("/")[0] for m in (ban_table(host) or {}).get(name, ()))
     res = host.run(host.box.host, ["ipset", "save", name], check=False)
     return sorted(ln.split()[2] for ln in res.stdout.splitlines() if ln.startswith("add "))
 
 
 def hostprep_sets(host) -> list[str]:
+    """hostprep's sets where the backend keeps the bans (ipsets; the native ban table)."""
+    if host.native:
+        return sorted(ban_table(host) or {})
     res = host.run(host.box.host, ["ipset", "list", "-n"])
     return sorted(n for n in res.stdout.split() if n.startswith("hostprep-"))
 

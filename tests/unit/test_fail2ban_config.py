@@ -223,17 +223,19 @@ def test_filter_matches_the_proxys_lines_ipv4_and_ipv6(tmp_path):
 
 @pytest.mark.skipif(shutil.which("fail2ban-client") is None or not Path("/etc/fail2ban/jail.conf").is_file(),
                     reason="fail2ban is not installed")
-def test_config_test_passes_with_hostprep_files_in_a_copy_of_the_hosts_config(tree, tmp_path):
+@pytest.mark.parametrize("kind", ["ipset", "nft"])
+def test_config_test_passes_with_hostprep_files_in_a_copy_of_the_hosts_config(tree, tmp_path, kind):
     root, home = tree
     shutil.copytree("/etc/fail2ban", root / "etc/fail2ban", ignore=shutil.ignore_patterns("defaults-debian.conf"))
     s = f2b.resolve(container(), env(tmp_path, "f.env"), None, None, root)
     files = f2b.Files(root)
-    written = f2b.write(s, files)
+    written = f2b.write(s, files, kind)
+    assert files.action.read_text() == f2b.action_text(kind)
     assert sorted(written) == sorted(map(str, (files.jail("finesse"), files.filter, files.action,
                                                files.logrotate("finesse"))))
     res = subprocess.run(f2b.client(files, "-t"), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert f2b.write(s, files) == []          # unchanged: nothing rewritten
+    assert f2b.write(s, files, kind) == []    # unchanged: nothing rewritten
     assert f2b.remove("finesse", files) == [str(files.jail("finesse")), str(files.logrotate("finesse"))]
     assert f2b.remove_all(files) == [str(files.filter), str(files.action)]
 
@@ -336,3 +338,52 @@ def test_reload_only_when_the_server_runs_and_a_failure_is_one_line(tmp_path, fa
     bad = fake_runner({tuple(f2b.client(files, "reload")): (255, "", "ERROR  Found no accessible config files\n")})
     assert f2b.reload(bad, files) == ("fail2ban-client reload FAILED (ERROR  Found no accessible config files): "
                                       "see fail2ban's log")
+
+
+# -- the native nft backend's ban action (fail2ban.d/action-nft.conf) ---------------------------------
+
+def _action(kind: str) -> dict[str, str]:
+    """The [Definition] lines of the ban action of ``kind``, by name."""
+    text = f2b.action_text(kind).split("[Definition]\n", 1)[1].split("\n[Init]", 1)[0]
+    return dict(ln.split(" = ", 1) for ln in text.splitlines() if " = " in ln)
+
+
+def test_the_action_follows_the_backend():
+    assert (f2b.ban_kind("nftables"), f2b.ban_kind("nft"), f2b.ban_kind("legacy")) == ("nft", "ipset", "ipset")
+    assert "ipset" in _action("ipset")["actionban"] and "nft" not in _action("ipset")["actionban"]
+    assert "ipset" not in f2b.action_text("nft").split("[Definition]")[1]
+
+
+@pytest.mark.parametrize("family, tags", [(4, {"<banset>": "{name}", "<settype>": "ipv4_addr"}),
+                                          (6, {"<banset>": "{name}", "<settype>": "ipv6_addr"})])
+def test_nft_actionstart_declares_the_set_with_hostprep_own_line(family, tags):
+    """Either may create the set first at boot: fail2ban's line and hostprep's are the same."""
+    c = container(dest=DEST if family == 4 else DEST6)
+    ban = c.ban_set()
+    start = _action("nft")["actionstart"]
+    for tag, value in tags.items():
+        start = start.replace(tag, value.format(name=ban.name))
+    assert start == (f"if [ -n \"{ban.name}\" ]; then nft 'add table inet hostprep_ban; "
+                     f"{render.ban_set_line(ban)}'; fi")
+    assert f"\n{render.ban_set_line(ban)}\n" in render.ban_nft_text("eth1", (c,))
+
+
+def test_nft_ban_and_unban_are_one_transaction_each_and_never_fail_on_a_missing_element():
+    a = _action("nft")
+    el = "inet hostprep_ban <banset> { <ip> }"
+    assert a["actionban"] == ("if [ -n \"<banset>\" ]; then nft 'add element " + el + "; delete element " + el
+                              + "; add element inet hostprep_ban <banset> { <ip> timeout <timeout>s }'; fi")
+    assert a["actionunban"] == "if [ -n \"<banset>\" ]; then nft 'add element " + el + "; delete element " + el + "'; fi"
+    assert a["actionflush"] == 'if [ -n "<banset>" ]; then nft flush set inet hostprep_ban <banset>; fi'
+    assert a["actioncheck"] == 'if [ -n "<banset>" ]; then nft list set inet hostprep_ban <banset> >/dev/null; fi'
+
+
+def test_follow_backend_rewrites_only_where_hostprep_has_a_jail(tree, tmp_path):
+    root, _ = tree
+    files = f2b.Files(root)
+    assert f2b.follow_backend(files, "nft") is False            # no jail: nothing written
+    assert not files.action.exists()
+    s = f2b.resolve(container(), env(tmp_path, "f.env"), None, None, root)
+    f2b.write(s, files, "ipset")
+    assert (f2b.follow_backend(files, "nft"), files.action.read_text()) == (True, f2b.action_text("nft"))
+    assert f2b.follow_backend(files, "nft") is False            # already the nft action

@@ -231,13 +231,89 @@ def test_without_the_nic_the_ingress_table_waits(tmp_path: Path, proc: Path):
     assert sorted(fake.tables) == ["inet hostprep"]
 
 
-def test_fail2ban_ban_sets_are_refused_on_the_nft_backend():
-    c = container(fail2ban=True)
-    with pytest.raises(InputError) as err:
-        render.nft_desired(render.desired(Policy("eth1"), (c,)))
-    assert err.value.line() == ("--fail2ban: the nft backend does not carry fail2ban's ban sets yet (container "
-                                "finesse); nothing was changed (use --backend iptables on this host, or bring the "
-                                "container up without --fail2ban)")
+def test_fail2ban_ban_sets_live_in_a_table_no_change_deletes():
+    lb = NET("198.51.100.77/32")
+    c, c6 = container(fail2ban=True, load_balancers=(lb,)), container("fin6", "2001:db8::10", (8445,), fail2ban=True)
+    d = render.nft_desired(render.desired(Policy("eth1"), (c, c6)))
+    script = d.nft.script
+    ban, ban6 = c.ban_set(), c6.ban_set()
+    assert d.bans == (ban6, ban)      # created when missing, never refilled (plan.plan_sets)
+    # declared, never deleted, flushed or refilled by a change: only its chains are flushed
+    assert render.ban_set_line(ban) == (f"add set inet hostprep_ban {ban.name} "
+                                        "{ type ipv4_addr; size 65536; flags timeout; }")
+    assert f"\nadd table inet hostprep_ban\n{render.ban_set_line(ban)}\n{render.ban_set_line(ban6)}\n" in script
+    assert ("delete table inet hostprep_ban" in script, "flush set" in script, "flush table" in script) == \
+        (False, False, False)
+    assert [ln for ln in script.splitlines() if ln.startswith("flush ")] == [
+        f"flush chain inet hostprep_ban {n}" for n in ("input", "forward", "HOSTPREP-BAN-v4", "HOSTPREP-BAN-v6")]
+    assert "add chain inet hostprep_ban input { type filter hook input priority -10; policy accept; }" in script
+    # one drop per port, on the original destination, load balancers never dropped
+    assert [ln.strip() for ln in script.splitlines() if 'comment "hostprep bans: ' in ln] == [
+        f"ip saddr @{ban.name} ip saddr != {{ 198.51.100.77/32 }} meta l4proto tcp ct original ip daddr "
+        f'203.0.113.10 ct original proto-dst {p} counter drop comment "hostprep bans: finesse"' for p in (443, 8445)] + [
+        f"ip6 saddr @{ban6.name} meta l4proto tcp ct original ip6 daddr 2001:db8::10 ct original proto-dst 8445 "
+        'counter drop comment "hostprep bans: fin6"']
+    ban_part = script.split("add table inet hostprep_ban")[1].split(render.NFT_INGRESS_MARK)[0]
+    # the ban table only drops (its base chains' policy accept is not final: hostprep's chains judge next)
+    assert [ln for ln in ban_part.splitlines() if "accept" in ln and "policy accept;" not in ln] == []
+    # before the ingress table (cut off while the NIC is absent), after inet hostprep
+    assert script.index("add table inet hostprep_ban") > script.index("table inet hostprep {") and \
+        script.index("add table inet hostprep_ban") < script.index(render.NFT_INGRESS_MARK)
+    # the view: the iptables HOSTPREP-BAN chain, jumped to from INPUT and FORWARD after HOSTPREP-IN
+    assert [r.spec for r in d.v4.jumps if r.chain == "INPUT"] == ["-i eth1 -j HOSTPREP-IN", "-i eth1 -j HOSTPREP-BAN"]
+    assert d.v4.chain("HOSTPREP-BAN").specs == ('-m comment --comment "hostprep bans: finesse" -j DROP',) * 2
+    assert d.v6.chain("HOSTPREP-BAN").specs == ('-m comment --comment "hostprep bans: fin6" -j DROP',)
+
+
+def test_without_fail2ban_there_is_no_ban_part():
+    text = render.nft_backend_text(Policy("eth1"), (container(),))
+    assert "hostprep_ban" not in text and render.ban_nft_text("eth1", (container(),)) == ""
+
+
+def _ban_plan(fake, proc, containers, live=None):
+    from hostprep import engine
+    be = backend(fake, proc)
+    return be, engine.make_plan(be, render.desired(Policy("eth1"), containers), None, live)
+
+
+def test_the_loaded_script_deletes_the_ban_table_only_when_no_ban_is_wanted(proc: Path):
+    fake = FakeNft()
+    be, plan = _ban_plan(fake, proc, (container(),))
+    assert be.script(plan).endswith("table inet hostprep_ban\ndelete table inet hostprep_ban\n")
+    be, plan = _ban_plan(fake, proc, (container(fail2ban=True),))
+    assert "delete table inet hostprep_ban" not in be.script(plan)
+
+
+def test_a_ban_set_and_chain_no_container_wants_are_deleted_after_the_flushes(proc: Path):
+    """container down of one container with fail2ban: its set goes (as its ipset does), the others stay."""
+    from hostprep.observed import LiveState, Observed
+    fin, ids = container(fail2ban=True), container("ids", "2001:db8::10", (8553,), fail2ban=True)
+    fake = FakeNft()
+    _, plan = _ban_plan(fake, proc, (fin, ids))
+    live = LiveState({4: Observed(4, ("INPUT", "FORWARD", "OUTPUT", "HOSTPREP-BAN")),
+                      6: Observed(6, ("INPUT", "FORWARD", "OUTPUT", "HOSTPREP-BAN"))}, None,
+                     {fin.ban_set().name: frozenset({"192.0.2.7/32"}), ids.ban_set().name: frozenset()})
+    be, plan = _ban_plan(fake, proc, (fin,), live)
+    script = be.script(plan)
+    assert script.endswith("flush chain inet hostprep_ban HOSTPREP-BAN-v6\ndelete chain inet hostprep_ban "
+                           f"HOSTPREP-BAN-v6\ndelete set inet hostprep_ban {ids.ban_set().name}\n")
+    assert f"delete set inet hostprep_ban {fin.ban_set().name}" not in script
+    assert script.index("flush chain inet hostprep_ban input") < script.index("delete set")
+
+
+def test_undo_puts_the_ban_table_back_without_its_members(proc: Path):
+    listing = ("table inet hostprep_ban {\n\tset hostprep-8cb2c724-bn4 {\n\t\ttype ipv4_addr\n\t\tsize 65536\n"
+               "\t\tflags timeout\n\t}\n\n\tchain input {\n\t\ttype filter hook input priority filter - 10; "
+               "policy accept;\n\t\tmeta nfproto ipv4 iifname \"eth1\" meta l4proto tcp counter jump HOSTPREP-BAN-v4"
+               "\n\t}\n\n\tchain HOSTPREP-BAN-v4 {\n\t\tip saddr @hostprep-8cb2c724-bn4 counter drop comment "
+               "\"hostprep bans: finesse\"\n\t}\n}\n")
+    text = render.ban_restore_text(listing)
+    declared, _, refill = text.partition("flush chain inet hostprep_ban input\nflush chain inet hostprep_ban "
+                                         "HOSTPREP-BAN-v4\n")
+    assert refill == listing and "jump" not in declared and "drop" not in declared
+    assert "\t\ttype filter hook input priority filter - 10; policy accept;\n\t}" in declared
+    assert ("flush set" in text, "delete" in text) == (False, False)
+    assert render.ban_objects(text) == (["hostprep-8cb2c724-bn4"], ["input", "HOSTPREP-BAN-v4"])
 
 
 def test_a_rollback_to_a_snapshot_loads_and_warns_nothing(tmp_path: Path, proc: Path):
