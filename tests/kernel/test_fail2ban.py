@@ -297,6 +297,53 @@ def test_down_removes_the_jail_and_its_set_other_container_keeps_its_own(host, p
     assert proxy.answered(HOST_EXT4, 8445, SRC_A, ANSWER) is True
 
 
+def ban_by_hand(host, name: str, ip: str) -> None:
+    """An address put into a ban set the way fail2ban's action puts it (fail2ban itself never bans a
+    load balancer: ignoreip; this is the firewall's own guard)."""
+    if host.native:
+        host.run(host.box.host, ["nft", f"add element inet hostprep_ban {name} {{ {ip} timeout 600s }}"])
+    else:
+        host.run(host.box.host, ["ipset", "-exist", "add", name, ip, "timeout", "600"])
+
+
+def test_bans_survive_other_containers_down_up_and_a_rollback_lb_never_dropped(host, proxy):
+    host.apply()
+    proxy.make_wd("finesse")
+    proxy.make_wd("ids")
+    proxy.start()
+    # SRC_B is finesse's load balancer: never dropped by the ban rule, even when it is in the set
+    core = proxy.env("core", NGX_LOAD_BALANCER_IPS=SRC_B)
+    up_f2b(host, proxy, "finesse", "--core", str(core), NGX_CLIENT_BLOCK_DURATION=600)
+    assert f"ignoreip = 127.0.0.1/8 ::1 {SRC_B}/32\n" in (proxy.conf / "jail.d/hostprep-finesse.local").read_text()
+    proxy.block("finesse", SRC_A)
+    proxy.until(False, HOST_EXT4, 8445, SRC_A)
+    ban = next(n for n in hostprep_sets(host) if n.endswith("-bn4"))
+    ban_by_hand(host, ban, SRC_B)
+    assert members(host, ban) == sorted([SRC_A, SRC_B])
+    assert (proxy.answered(HOST_EXT4, 8445, SRC_A), proxy.answered(HOST_EXT4, 8445, SRC_B, ANSWER)) == (False, True)
+    st = host.hostprep("status", "--json", check=False)
+    report = json.loads(st.stdout)
+    assert (st.returncode, report["problems"]) == (0, []), st.stdout
+    assert [(r["name"], r["bans"], r["set_present"]) for r in report["fail2ban"]["containers"]] == [("finesse", 2, True)]
+    # another container with fail2ban comes and goes: finesse's bans stay, and are enforced
+    env = proxy.env("ids", TEMPLATE_TYPE="ids")
+    host.hostprep("container", "up", "ids", "--env", str(env), "--fail2ban")
+    assert len([n for n in hostprep_sets(host) if n.endswith("-bn4")]) == 2
+    assert members(host, ban) == sorted([SRC_A, SRC_B]) and proxy.answered(HOST_EXT4, 8445, SRC_A) is False
+    host.hostprep("container", "down", "ids")
+    assert [n for n in hostprep_sets(host) if n.endswith("-bn4")] == [ban]
+    assert members(host, ban) == sorted([SRC_A, SRC_B]) and proxy.answered(HOST_EXT4, 8445, SRC_A) is False
+    # a change rolled back (another -p, then 'hostprep rollback'): the bans are not part of it
+    host.apply("-p", "198.51.100.9", "--confirm", "300")
+    res = host.hostprep("rollback")
+    assert "rolled back" in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+    assert members(host, ban) == sorted([SRC_A, SRC_B])
+    assert (proxy.answered(HOST_EXT4, 8445, SRC_A), proxy.answered(HOST_EXT4, 8445, SRC_B, ANSWER)) == (False, True)
+    st = host.hostprep("status", check=False)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert "  finesse: 2 addresses banned" in st.stdout, st.stdout
+
+
 @pytest.mark.parametrize("wd, words", [
     ("reverse_proxy/finesse", "is not an absolute path"),
     ("{home}/reverse proxy/finesse", "a character a fail2ban or logrotate file cannot carry"),
