@@ -8,9 +8,12 @@ The machine's own network namespace is never touched: selftest builds a
 sends the probe matrix from the peers with the shared probe code
 (``python -m hostprep.probe``, one call per namespace per phase), and judges every
 probe twice: by the answer the peer saw, and by the hostprep rule counter the
-packet must have matched (``iptables-save -c`` and ``nft list table netdev
-hostprep`` of the sandbox host, read before and after each phase).  The sandbox
-is destroyed in ``finally`` and on SIGINT/SIGTERM.
+packet must have matched (``iptables-save -c``, or on the native nft backend
+``nft -j list table inet hostprep`` seen per family as ``status`` sees it, and
+``nft list table netdev hostprep`` of the sandbox host, read before and after each
+phase).  The backend is ``--backend``/``HOSTPREP_BACKEND``, else iptables as
+``iptables -V`` says.  The sandbox is destroyed in ``finally`` and on SIGINT/SIGTERM;
+its namespaces carry the run's pid, so concurrent runs never share one.
 
 The module has a pure part (the matrix: ``Probe``, ``CounterCheck``,
 ``build_matrix``; the judging: ``judge_phase``; the env files written for

@@ -88,10 +88,18 @@ def mismatches(report: dict) -> list[dict]:
 
 @pytest.fixture
 def leftovers_checked():
-    """No hpself namespace before (a leftover would hide one of ours) and none after."""
-    assert namespaces() == []
-    yield
-    assert namespaces() == []
+    """None of the namespaces of this test's selftest runs is left after it.  Only our own are
+    checked (``hpself<pid of the run>``, and its -inet/-admin peers): selftests of other processes
+    on the machine (another test session, an admin) have namespaces of their own meanwhile."""
+    mine: list[str] = []
+    yield mine
+    assert [ns for name in mine for ns in own_namespaces(name)] == []
+
+
+def own_namespaces(name: str) -> list[str]:
+    """The namespaces of selftest run ``name`` (hpself<pid>): the host and its two peers, not
+    another run's whose pid starts with the same digits (hpself12 vs hpself123)."""
+    return [ns for ns in namespaces(name) if ns == name or ns.startswith(name + "-")]
 
 
 @pytest.mark.parametrize("backend", ["iptables-nft", "iptables-legacy", "nft"])
@@ -99,6 +107,8 @@ def test_selftest_passes_and_leaves_the_machine_as_it_was(tmp_path, capsys, back
     before = machine_firewall()
     res, seconds = selftest(tmp_path / "root", "--json", "--backend", backend)
     report = json.loads(res.stdout) if res.stdout.startswith("{") else None
+    if report is not None:
+        leftovers_checked.append(report["sandbox"]["name"])
     report_time(capsys, f"default settings, {backend}", seconds, report)
     assert report is not None, res.stdout + res.stderr
     assert (res.returncode, mismatches(report)) == (0, []), res.stderr
@@ -115,7 +125,7 @@ def test_selftest_passes_and_leaves_the_machine_as_it_was(tmp_path, capsys, back
     assert [n for n in names if "RST flood" in n] == ["v4 RST flood (50 in 1 s; 2/s burst 2 pass)"]
     assert [p["observed"] for p in report["probes"]] == [p["expected"] for p in report["probes"]]
     # the namespaces are gone, and so is the temporary state root
-    assert [ns for ns in report["sandbox"]["namespaces"] if ns in namespaces("")] == []
+    assert own_namespaces(report["sandbox"]["name"]) == []
     assert list(Path("/tmp").glob(f"{report['sandbox']['name']}-*")) == []
     assert machine_firewall() == before
 
@@ -125,16 +135,20 @@ def env_file(path: Path, **values) -> Path:
     return path
 
 
-def test_selftest_with_container_env_probes_its_limits(tmp_path, capsys, leftovers_checked):
+@pytest.mark.parametrize("backend", [None, "nft"], ids=["iptables", "nft"])
+def test_selftest_with_container_env_probes_its_limits(tmp_path, capsys, backend, leftovers_checked):
     before = machine_firewall()
     fin = env_file(tmp_path / "finesse.env", TEMPLATE_TYPE="finesse", IPTABLES_CONNECTION_LIMIT_ABOVE=5,
                    IPTABLES_HASH_LIMIT_UPTO=3, IPTABLES_HASH_LIMIT_BURST=4)
     core = env_file(tmp_path / "core.env", NGX_RATELIMIT_DISABLE_IPS="203.0.113.99|192.168.1.69",
                     NGX_LOAD_BALANCER_IPS="198.51.100.77")
-    res, seconds = selftest(tmp_path / "root", "--json", "--env", str(fin), "--core", str(core))
+    res, seconds = selftest(tmp_path / "root", "--json", "--env", str(fin), "--core", str(core),
+                            *(["--backend", backend] if backend else []))
     report = json.loads(res.stdout) if res.stdout.startswith("{") else None
-    report_time(capsys, "with --env finesse.env --core core.env", seconds, report)
+    report_time(capsys, f"with --env finesse.env --core core.env, {backend or 'iptables'}", seconds, report)
     assert report is not None, res.stdout + res.stderr
+    leftovers_checked.append(report["sandbox"]["name"])
+    assert (report["backend"] == "nft") == (backend == "nft")
     assert (res.returncode, mismatches(report)) == (0, []), res.stderr
     assert [(c["name"], c["ports"], c["dest"], c["dest_in_sandbox"], c["limits"]) for c in report["containers"]] == [
         ("finesse", [8445], "198.51.100.10", "198.51.100.10",
@@ -158,7 +172,8 @@ def test_selftest_with_container_env_probes_its_limits(tmp_path, capsys, leftove
     assert machine_firewall() == before
 
 
-def test_selftest_remembered_settings_and_recorded_containers(tmp_path, capsys, leftovers_checked):
+@pytest.mark.parametrize("backend", [None, "nft"], ids=["iptables", "nft"])
+def test_selftest_remembered_settings_and_recorded_containers(tmp_path, capsys, backend, leftovers_checked):
     """No flag: the remembered settings (-a, a -p network) and the containers of the registry,
     their binding IPs mapped to the sandbox's eth1; --keep leaves the sandbox for 'sandbox down'."""
     root = tmp_path / "root"
@@ -177,11 +192,13 @@ def test_selftest_remembered_settings_and_recorded_containers(tmp_path, capsys, 
     ]
     for c in recorded:
         (reg / f"{c.name}.json").write_text(json.dumps(c.as_dict()))
-    res, seconds = selftest(root, "--json", "--keep")
+    res, seconds = selftest(root, "--json", "--keep", *(["--backend", backend] if backend else []))
     report = json.loads(res.stdout) if res.stdout.startswith("{") else None
-    report_time(capsys, "remembered settings, 3 recorded containers", seconds, report)
+    report_time(capsys, f"remembered settings, 3 recorded containers, {backend or 'iptables'}", seconds, report)
     try:
         assert report is not None, res.stdout + res.stderr
+        leftovers_checked.append(report["sandbox"]["name"])
+        assert (report["backend"] == "nft") == (backend == "nft")
         assert (res.returncode, mismatches(report)) == (0, []), res.stderr
         assert report["settings"]["source"] == "remembered settings"
         assert (report["settings"]["allow_private"], report["settings"]["ping_from_in_sandbox"]) == (
@@ -200,14 +217,14 @@ def test_selftest_remembered_settings_and_recorded_containers(tmp_path, capsys, 
             "fin6: connection limit 10: 11 held connections, the last dropped"]
         # kept: the namespaces are there until 'sandbox down'
         box = report["sandbox"]
-        assert (box["kept"], namespaces(box["name"])) == (True, sorted(box["namespaces"]))
+        assert (box["kept"], own_namespaces(box["name"])) == (True, sorted(box["namespaces"]))
     finally:
         if report is not None:
             down = subprocess.run([PY, "-m", "hostprep", "sandbox", "down", "--name", report["sandbox"]["name"],
                                    "--root", report["sandbox"]["root"]], capture_output=True, text=True,
                                   env=env_for(root), timeout=60)
             assert down.returncode == 0, down.stderr
-    assert namespaces(report["sandbox"]["name"]) == []
+    assert own_namespaces(report["sandbox"]["name"]) == []
     assert Path(report["sandbox"]["root"]).exists() is False
 
 
@@ -220,13 +237,14 @@ def test_interrupted_selftest_leaves_no_namespace(tmp_path, capsys, sig, leftove
                             stderr=subprocess.PIPE, text=True, env=env_for(tmp_path / "root"),
                             preexec_fn=default_signals(signal.SIGINT, signal.SIGTERM))
     name = f"hpself{proc.pid}"
+    leftovers_checked.append(name)
     try:
         # mid-run: the sandbox exists and hostprep's rules are loaded in it (the probes are next)
         loaded = False
         for _ in range(300):
             if proc.poll() is not None:
                 break
-            if name in namespaces(name) and subprocess.run(
+            if name in own_namespaces(name) and subprocess.run(
                     ["ip", "netns", "exec", name, "nft", "list", "table", "netdev", "hostprep"],
                     capture_output=True).returncode == 0:
                 loaded = True
@@ -242,5 +260,5 @@ def test_interrupted_selftest_leaves_no_namespace(tmp_path, capsys, sig, leftove
     with capsys.disabled():
         print(f"\n[selftest timing] interrupted with {sig.name} after the apply: {time.monotonic() - start:.1f} s")
     assert (proc.returncode, out, err.strip()) == (130, "", "error: interrupted")
-    assert namespaces(name) == []
+    assert own_namespaces(name) == []
     assert list(Path("/tmp").glob(f"{name}-*")) == []
