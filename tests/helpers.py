@@ -116,6 +116,9 @@ def saved(desired: Desired, family: int) -> Observed:
 
 # -- a fake nft binary for the native backend's unit tests --------------------------------
 
+BAN_TABLE = "inet hostprep_ban"
+
+
 class FakeNft:
     """A Runner that plays the ``nft`` binary over an in-memory ruleset: ``nft -f -`` takes the
     script hostprep renders (both tables declared, deleted, re-created: the last table blocks
@@ -163,14 +166,77 @@ class FakeNft:
             if name is None:
                 if line.startswith("delete table "):
                     tables.pop(line[len("delete table "):].strip(), None)
+                elif line.startswith(("add ", "flush ", "delete ")):
+                    FakeNft.command(line, tables)
                 elif line.startswith("table ") and line.rstrip().endswith("{"):
                     name, block = line[len("table "):-1].strip(), [line]
             else:
                 block.append(line)
                 if line == "}":
-                    tables[name] = "\n".join(block) + "\n"
+                    if name == BAN_TABLE and name in tables:
+                        tables[name] = FakeNft.append_rules(tables[name], block)
+                    else:
+                        tables[name] = "\n".join(block) + "\n"
                     name = None
         return tables
+
+    # The ban table (rules/ban.nft.j2) is changed by commands, not replaced: `add table/set/chain`
+    # (created when missing, else left as it is), `flush chain`, `delete set/chain`, and a table
+    # block that appends rules to its chains.  Its text keeps the listing's layout (json() reads it).
+    @staticmethod
+    def command(line: str, tables: dict[str, str]) -> None:
+        import re
+        words = line.split()
+        verb, kind, table = words[0], words[1], " ".join(words[2:4])
+        if kind == "table":
+            tables.setdefault(table, f"table {table} {{\n}}\n")
+            return
+        text = tables[table]          # KeyError: the kernel's "No such file or directory"
+        obj = words[4]
+        block = re.compile(rf"\t{kind} {re.escape(obj)} \{{\n(?:[^\n]*\n)*?\t\}}\n")
+        if verb == "add" and not block.search(text):
+            body = line.split("{", 1)[1].rsplit("}", 1)[0] if "{" in line else ""
+            inner = "".join(f"\t\t{p.strip()}\n" for p in body.split(";") if p.strip() and kind == "set")
+            if kind == "chain" and body.strip():
+                inner = f"\t\t{body.strip()}\n"
+            text = text[:-2] + f"\t{kind} {obj} {{\n{inner}\t}}\n}}\n"
+        elif verb == "delete":
+            assert block.search(text), f"{line}: no such {kind}"
+            text = block.sub("", text)
+        elif verb == "flush" and kind == "chain":
+            m = block.search(text)
+            assert m, f"{line}: no such chain"
+            kept = [ln for ln in m.group(0).splitlines(keepends=True) if not ln.startswith("\t\t")
+                    or ln.strip().startswith("type ")]
+            text = text[:m.start()] + "".join(kept) + text[m.end():]
+        tables[table] = text
+
+    @staticmethod
+    def append_rules(text: str, block: list[str]) -> str:
+        chain = None
+        for line in block[1:-1]:
+            if line.startswith("\tchain "):
+                chain = line.split()[1]
+            elif line == "\t}":
+                chain = None
+            elif chain and line.strip() and not line.strip().startswith("#"):
+                head = f"\tchain {chain} {{\n"
+                start = text.index(head)
+                end = text.index("\t}\n", start)
+                text = text[:end] + f"\t\t{line.strip()}\n" + text[end:]
+        return text
+
+    def ban(self, set_name: str, addr: str) -> None:
+        """What fail2ban's nft action does: an element added to a ban set."""
+        import re
+        text = self.tables[BAN_TABLE]
+        m = re.search(rf"(\tset {re.escape(set_name)} \{{\n.*?)(\n\t\}})", text, re.S)
+        body = m.group(1)
+        if "elements = { " in body:
+            body = re.sub(r"elements = \{ (.*?) \}", lambda e: f"elements = {{ {e.group(1)}, {addr} }}", body)
+        else:
+            body += f"\n\t\telements = {{ {addr} }}"
+        self.tables[BAN_TABLE] = text[:m.start()] + body + m.group(2) + text[m.end():]
 
     def json(self, key: str) -> str:
         import json

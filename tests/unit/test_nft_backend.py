@@ -329,3 +329,42 @@ def test_a_rollback_to_a_snapshot_loads_and_warns_nothing(tmp_path: Path, proc: 
     plan = engine.make_plan(be, target, None)
     done = engine.load_verified(be, plan, target)
     assert (done.problems, done.warnings, fake.tables) == ([], [], {})
+
+
+def test_bans_survive_every_change_in_one_nft_f_each_and_go_with_their_container(tmp_path: Path, proc: Path):
+    """Over the fake nft: a member fail2ban added stays through apply, another container's up and
+    down and a rollback to a snapshot; each change is one ``nft -f``; flush removes the table."""
+    from hostprep import snapshot
+    fake = FakeNft()
+    be = backend(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    assert "inet hostprep_ban" not in fake.tables
+    fin, ids = container(fail2ban=True), container("ids", "203.0.113.11", (8553,), fail2ban=True)
+    fake.calls.clear()
+    ops.container_up(be, store, fin, "hostprep container up finesse")
+    assert fake.mutating() == [["nft", "-f", "-"]]
+    ban = fin.ban_set().name
+    fake.ban(ban, "192.0.2.7")
+    assert be.observe().sets[ban] == frozenset({"192.0.2.7/32"})
+
+    def changed(what) -> None:
+        fake.calls.clear()
+        what()
+        assert fake.mutating() == [["nft", "-f", "-"]]
+        assert be.observe().sets[ban] == frozenset({"192.0.2.7/32"})
+
+    pol = Policy("eth1", ping=(PingSource("198.51.100.0/24", (NET("198.51.100.0/24"),)),))
+    changed(lambda: ops.apply(store, "hostprep apply -i eth1 -p ...", backend=be,
+                              desired=render.desired(pol, (fin,)), kernel=False))
+    changed(lambda: ops.container_up(be, store, ids, "hostprep container up ids"))
+    assert sorted(n for n in be.observe().sets if n.endswith(("-bn4", "-bn6"))) == sorted([ban, ids.ban_set().name])
+    snap = snapshot.take(be, store, firewall=True, kernel=False, command="test")
+    changed(lambda: ops.container_down(be, store, "ids", "hostprep container down ids"))
+    assert ids.ban_set().name not in be.observe().sets
+    # the snapshot taken with ids up: its set comes back empty, finesse's keeps its member
+    changed(lambda: snapshot.restore(be, store, snap, sys_net=proc.parent / "sys/class/net"))
+    assert be.observe().sets[ids.ban_set().name] == frozenset()
+    fake.calls.clear()
+    ops.flush(be, store, "hostprep flush")
+    assert (fake.mutating(), fake.tables) == ([["nft", "-f", "-"]], {})
