@@ -352,7 +352,8 @@ NATIVE = "nftables"          # what applied.json and snapshots record for the na
 INET_TABLE = ("inet", "hostprep")
 BAN_TABLE = render.BAN_TABLE
 NFT_REMOVE_BANS = "table inet hostprep_ban\ndelete table inet hostprep_ban\n"
-NFT_REMOVE_OWN = "table inet hostprep\ndelete table inet hostprep\ntable netdev hostprep\ndelete table netdev hostprep\n"
+NFT_REMOVE_OWN = ("table inet hostprep\ndelete table inet hostprep\n"
+                  "table netdev hostprep\ndelete table netdev hostprep\n")
 NFT_REMOVE = NFT_REMOVE_OWN + NFT_REMOVE_BANS
 
 

@@ -373,7 +373,8 @@ def test_nft_ban_and_unban_are_one_transaction_each_and_never_fail_on_a_missing_
     el = "inet hostprep_ban <banset> { <ip> }"
     assert a["actionban"] == ("if [ -n \"<banset>\" ]; then nft 'add element " + el + "; delete element " + el
                               + "; add element inet hostprep_ban <banset> { <ip> timeout <timeout>s }'; fi")
-    assert a["actionunban"] == "if [ -n \"<banset>\" ]; then nft 'add element " + el + "; delete element " + el + "'; fi"
+    assert a["actionunban"] == ("if [ -n \"<banset>\" ]; then nft 'add element " + el + "; delete element " + el
+                                + "'; fi")
     assert a["actionflush"] == 'if [ -n "<banset>" ]; then nft flush set inet hostprep_ban <banset>; fi'
     assert a["actioncheck"] == 'if [ -n "<banset>" ]; then nft list set inet hostprep_ban <banset> >/dev/null; fi'
 

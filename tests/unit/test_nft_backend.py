@@ -250,7 +250,8 @@ def test_fail2ban_ban_sets_live_in_a_table_no_change_deletes():
     # one drop per port, on the original destination, load balancers never dropped
     assert [ln.strip() for ln in script.splitlines() if 'comment "hostprep bans: ' in ln] == [
         f"ip saddr @{ban.name} ip saddr != {{ 198.51.100.77/32 }} meta l4proto tcp ct original ip daddr "
-        f'203.0.113.10 ct original proto-dst {p} counter drop comment "hostprep bans: finesse"' for p in (443, 8445)] + [
+        f'203.0.113.10 ct original proto-dst {p} counter drop comment "hostprep bans: finesse"'
+        for p in (443, 8445)] + [
         f"ip6 saddr @{ban6.name} meta l4proto tcp ct original ip6 daddr 2001:db8::10 ct original proto-dst 8445 "
         'counter drop comment "hostprep bans: fin6"']
     ban_part = script.split("add table inet hostprep_ban")[1].split(render.NFT_INGRESS_MARK)[0]
@@ -368,3 +369,22 @@ def test_bans_survive_every_change_in_one_nft_f_each_and_go_with_their_container
     fake.calls.clear()
     ops.flush(be, store, "hostprep flush")
     assert (fake.mutating(), fake.tables) == ([["nft", "-f", "-"]], {})
+
+
+def test_apply_on_the_nft_backend_puts_the_nft_ban_action_in_place(tmp_path: Path, proc: Path):
+    """A host whose jails were written on iptables (the ipset action): apply --backend nft rewrites
+    action.d/hostprep-ban.conf to the nft version; without a hostprep jail nothing is written."""
+    from hostprep import fail2ban as f2b
+    store = Store(Paths(tmp_path))
+    files = f2b.Files(tmp_path)
+    be = backend(FakeNft(), proc)
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    assert not files.action.exists()
+    files.jail("finesse").parent.mkdir(parents=True)
+    files.jail("finesse").write_text("[hostprep-finesse]\n")
+    files.action.parent.mkdir(parents=True)
+    files.action.write_text(f2b.action_text("ipset"))
+    ops.apply(store, "hostprep apply -i eth1 --backend nft", backend=be,
+              desired=render.desired(Policy("eth1", skip_ddos=True)), kernel=False)
+    assert files.action.read_text() == f2b.action_text("nft")
+    assert "fail2ban: ban action for the nft backend written" in (tmp_path / "var/log/hostprep/journal.log").read_text()
