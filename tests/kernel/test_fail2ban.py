@@ -181,9 +181,11 @@ def test_ban_from_blocking_log_v4_and_v6_then_expires(host, proxy):
     proxy.make_wd("finesse")
     proxy.make_wd("fin6")
     proxy.start()
-    up_f2b(host, proxy, "finesse", NGX_CLIENT_BLOCK_DURATION=4)
+    # 8 s: long enough for the checks below under load (each probe is a process start), short
+    # enough to watch the bans end
+    up_f2b(host, proxy, "finesse", NGX_CLIENT_BLOCK_DURATION=8)
     inst6 = proxy.env("fin6-installer", PROXY_BINDING_IP=HOST_EXT6)
-    up_f2b(host, proxy, "fin6", installer=inst6, NGX_CLIENT_BLOCK_DURATION=4)
+    up_f2b(host, proxy, "fin6", installer=inst6, NGX_CLIENT_BLOCK_DURATION=8)
     # the configuration test passes with hostprep's jail, filter and action in place
     assert proxy.client("-t").returncode == 0
     status = proxy.client("status").stdout
@@ -203,13 +205,13 @@ def test_ban_from_blocking_log_v4_and_v6_then_expires(host, proxy):
     # the same for an IPv6 client of the IPv6 container
     assert proxy.answered(HOST_EXT6, 8445, SRC6_A, ANSWER) is True
     proxy.block("fin6", SRC6_A)
-    proxy.until(False, HOST_EXT6, 8445, SRC6_A, seconds=4)
+    proxy.until(False, HOST_EXT6, 8445, SRC6_A, seconds=6)
     assert proxy.answered(HOST_EXT6, 8445, SRC6_B, ANSWER) is True
     ban6 = [n for n in hostprep_sets(host) if n.endswith("-bn6")]
     assert len(ban6) == 1 and members(host, ban6[0]) == [SRC6_A]
-    # after the bantime (4 s) both get in again
-    proxy.until(True, HOST_EXT4, 8445, SRC_A, seconds=12)
-    proxy.until(True, HOST_EXT6, 8445, SRC6_A, seconds=12)
+    # after the bantime (8 s) both get in again
+    proxy.until(True, HOST_EXT4, 8445, SRC_A, seconds=20)
+    proxy.until(True, HOST_EXT6, 8445, SRC6_A, seconds=20)
     assert members(host, ban4[0]) == [] and members(host, ban6[0]) == []
 
 
