@@ -437,11 +437,24 @@ def _banned(runner: Runner, files: Files, jail: str) -> list[str] | None:
     return rows
 
 
-def collect(runner: Runner, files: Files, containers, live_sets: dict[str, frozenset[str]]) -> dict:
+def action_kind(files: Files) -> str | None:
+    """Which version of the ban action ``action.d/hostprep-ban.conf`` holds ("ipset", "nft"), None
+    when absent or edited."""
+    try:
+        text = files.action.read_text()
+    except OSError:
+        return None
+    return next((k for k in ACTION_FILES if text == action_text(k)), None)
+
+
+def collect(runner: Runner, files: Files, containers, live_sets: dict[str, frozenset[str]],
+            kind: str | None = None) -> dict:
     """The fail2ban part of ``status --json``: installed, running, jails, bans per container.
 
     ``bans`` counts the members of the container's ban set (what the firewall drops);
-    ``newest`` is the address fail2ban banned last (None when fail2ban is not running).
+    ``newest`` is the address fail2ban banned last (None when fail2ban is not running);
+    ``action``: the version of the ban action on disk, ``action_wanted`` the one of the
+    backend (``kind``, ban_kind): after a rolled-back backend switch they may differ.
     """
     mine = [c for c in containers if getattr(c, "fail2ban", False)]
     jails = files.jails()
@@ -449,7 +462,8 @@ def collect(runner: Runner, files: Files, containers, live_sets: dict[str, froze
     # the server is asked only when hostprep has a jail: status stays quick elsewhere
     up = present and bool(mine or jails) and running(runner, files)
     report: dict = {"installed": present, "running": up if (mine or jails) else None,
-                    "jails": [p.name[:-len(".local")] for p in jails], "containers": []}
+                    "jails": [p.name[:-len(".local")] for p in jails], "containers": [],
+                    "action": action_kind(files) if jails else None, "action_wanted": kind if jails else None}
     for c in mine:
         ban = c.ban_set()
         name = ban.name if ban else c.set_name("bn")
@@ -466,6 +480,11 @@ def collect(runner: Runner, files: Files, containers, live_sets: dict[str, froze
 
 def problems(report: dict) -> list[str]:
     out = []
+    have, want = report.get("action"), report.get("action_wanted")
+    if report["jails"] and want is not None and have != want:
+        # the ban would go where no rule of this backend looks: nothing banned is dropped
+        out.append(f"fail2ban: action.d/{ACTION}.conf is " + (f"the {have} version" if have else "missing or edited")
+                   + f", this host's backend needs the {want} one: its bans are not enforced (run 'hostprep apply')")
     for row in report["containers"]:
         if not row["jail"]:
             out.append(f"fail2ban: the jail of {row['name']} is missing (run 'hostprep container up {row['name']}')")

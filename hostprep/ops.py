@@ -368,6 +368,8 @@ def boot(backend: FirewallBackend, store: Store, runner: Runner,
        journalled); the rules are loaded for the name all the same, and the
        nft table is left as it is while the NIC is absent or another device
        (it may be hooked on the renamed NIC);
+    3b. fail2ban's ban action (ipset or nft) is the one of this backend (after a rolled-back
+       switch it may be the other's);
     4. the kernel profile, when recorded, is written and read back again.
     """
     notes: list[str] = []
@@ -485,6 +487,11 @@ def boot(backend: FirewallBackend, store: Store, runner: Runner,
                 break
             else:
                 failures.append("NOTHING LOADED: every attempt failed")
+            try:
+                # a backend switch rolled back leaves the other ban action: the one of this backend
+                _ban_action_follows(store, backend, "hostprep boot")
+            except (HostprepError, OSError) as err:
+                failures.append(f"fail2ban's ban action: {_line(err)}")
     try:
         kstate = sysctl.KernelState(store.paths).load()
         if kstate and kstate.get("applied"):

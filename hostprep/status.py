@@ -158,7 +158,8 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
         if c.hardening and not rep["present"]:
             problems.append(f"container {c.name}: its rules are not live as recorded")
     # fail2ban (issue 14): bans per container, the server, hostprep's jails
-    report["fail2ban"] = f2b.collect(runner, f2b.Files(store.paths.root), store.containers().values(), snap.sets)
+    report["fail2ban"] = f2b.collect(runner, f2b.Files(store.paths.root), store.containers().values(), snap.sets,
+                                     f2b.ban_kind(backend.variant))
     problems.extend(f2b.problems(report["fail2ban"]))
     warnings.extend(f2b.warnings(report["fail2ban"]))
     if desired is not None:

@@ -304,7 +304,8 @@ def test_status_counts_the_set_and_names_the_newest_ban(tmp_path, fake_runner):
     assert report == {"installed": True, "running": True, "jails": ["hostprep-finesse"], "stray_sets": [
         "hostprep-0badc0de-bn6"], "containers": [{"name": "finesse", "jail": True, "jail_loaded": True,
                                                    "set": c.ban_set().name, "set_present": True, "bans": 2,
-                                                   "newest": "203.0.113.8"}]}
+                                                   "newest": "203.0.113.8"}],
+                      "action": None, "action_wanted": None}
     assert (f2b.problems(report), f2b.warnings(report)) == ([], [])
 
 
@@ -323,7 +324,8 @@ def test_status_asks_no_server_when_no_container_uses_fail2ban(tmp_path, fake_ru
     files = f2b.Files(tmp_path)
     runner = fake_runner()
     assert f2b.collect(runner, files, [container(fail2ban=False)], {}) == {
-        "installed": False, "running": None, "jails": [], "containers": [], "stray_sets": []}
+        "installed": False, "running": None, "jails": [], "containers": [], "stray_sets": [], "action": None,
+        "action_wanted": None}
     assert runner.calls == []
 
 
@@ -388,3 +390,23 @@ def test_follow_backend_rewrites_only_where_hostprep_has_a_jail(tree, tmp_path):
     f2b.write(s, files, "ipset")
     assert (f2b.follow_backend(files, "nft"), files.action.read_text()) == (True, f2b.action_text("nft"))
     assert f2b.follow_backend(files, "nft") is False            # already the nft action
+
+
+def test_status_says_when_the_ban_action_is_not_the_backends(tree, tmp_path):
+    """After a rolled-back switch the action on disk may be the other backend's: the bans would go
+    where no rule looks.  status says so (a problem: exit 1), apply and boot put the right one back."""
+    root, _ = tree
+    files = f2b.Files(root)
+    f2b.write(f2b.resolve(container(), env(tmp_path, "f.env"), None, None, root), files, "ipset")
+
+    class Stopped:
+        @staticmethod
+        def which(name):
+            return None
+    ok = f2b.collect(Stopped(), files, [container()], {}, "ipset")
+    assert (ok["action"], ok["action_wanted"], f2b.problems(ok)) == ("ipset", "ipset", [])
+    bad = f2b.collect(Stopped(), files, [container()], {}, "nft")
+    assert f2b.problems(bad) == ["fail2ban: action.d/hostprep-ban.conf is the ipset version, this host's backend "
+                                 "needs the nft one: its bans are not enforced (run 'hostprep apply')"]
+    files.action.write_text(f2b.action_text("nft") + "# edited\n")
+    assert f2b.collect(Stopped(), files, [container()], {}, "nft")["action"] is None
