@@ -136,6 +136,21 @@ def failsafe_tool(variant: str, family: int) -> str:
             or f"/usr/sbin/{specific}")
 
 
+def failsafe_command(variant: str, family: int, interface: str, file: Path | str) -> str:
+    """The unit command that loads the fail-safe of ``family`` unless it is live already.
+
+    Two units load it at boot (hostprep.service's ExecStartPre= and the drop-in of the
+    iptables/netfilter-persistent service, which runs first): an ``iptables-restore
+    --noflush`` file inserts its jumps again each time (a restore file cannot delete a rule
+    that may not be there: the whole file would fail), so the load is skipped when the jump
+    from INPUT into the fail-safe is there (``-C``).  /bin/sh only, no Python.  Every word is
+    a validated interface name or a path without spaces, quotes, '%' or '$' (environment())."""
+    restore = failsafe_tool(variant, family)
+    check = restore.removesuffix("-restore")
+    return (f"/bin/sh -c '{check} -w -C INPUT -i {interface} -j {render.FAILSAFE_CHAIN} 2>/dev/null"
+            f" || exec {restore} --noflush {file}'")
+
+
 def failsafe_variant(paths: Paths, invocation: tuple[str, list[tuple[str, str]]] | None = None) -> str:
     """The iptables variant the fail-safe is loaded with: the last apply's, else the units' or this
     environment's HOSTPREP_BACKEND, else what ``iptables -V`` says."""
@@ -195,12 +210,12 @@ def wanted_files(paths: Paths, interface: str | None,
     env = _env()
     unit_dir = paths.root / "etc/systemd/system"
     cmd, environ = invocation or (command(), environment())
-    failsafe: list[tuple[int, str, str]] = []
+    failsafe: list[tuple[int, str]] = []
     files: list[HostFile] = []
     if interface:
         variant = failsafe_variant(paths, invocation)
         for fam in (4, 6):
-            failsafe.append((fam, failsafe_tool(variant, fam), str(failsafe_file(paths, fam))))
+            failsafe.append((fam, failsafe_command(variant, fam, interface, failsafe_file(paths, fam))))
             files.append(HostFile(failsafe_file(paths, fam), render.failsafe_text(interface, fam)))
     ctx = {"command": cmd, "environment": environ, "interface": interface or "none: kernel profile only",
            "state_dir": str(paths.state_dir), "log_dir": str(paths.log_dir), "failsafe": failsafe}
