@@ -38,7 +38,8 @@
 #   failsafe    hostprep's interpreter moved away, reboot: the external NIC comes up
 #               closed (fail-safe, its jump in INPUT and FORWARD once per family, though two
 #               units load it), status says the fail-safe was live
-#   avc         over the whole run: no AVC denial naming hostprep or its files
+#   avc         over the whole run: no AVC denial naming hostprep or its files; its sysctl
+#               drop-in, fail-safe and unit carry their paths' default labels
 # HOSTPREP_BED_KNOWN_FAILURES="name=why;...": those checks' failures are XFAIL (not counted,
 # the reason shown); one that passes is an XPASS, a failure (.ci/run sets the list).
 # Exit status: 0 when every check passed, 1 when one failed, 2 when the bed could not run.
@@ -431,6 +432,17 @@ EOF
               | grep -E 'hostprep|comm="python3[.0-9]*"|failsafe\.v[46]\.rules' || true)
         [ -z "$out" ] || { echo "AVC denials involving hostprep:"; printf '%s\n' "$out" | cut -c1-400; return 1; } >&2
         echo "no AVC denial involving hostprep in /var/log/audit/audit.log"
+        # The files units rewrote (the confirm rollback, hostprep boot) carry the policy's default
+        # label for their path, not the unit's (etc_runtime_t): what systemd-sysctl and
+        # iptables-restore may read.
+        local f ctx want bad=0
+        for f in /etc/sysctl.d/90-hostprep.conf /etc/hostprep/failsafe.v4.rules /etc/systemd/system/hostprep.service; do
+            ctx=$(root_on proxy stat -c %C "$f")
+            want=$(root_on proxy matchpathcon -n "$f")
+            echo "$f: $ctx (policy default: $want)"
+            [ "$ctx" = "$want" ] || bad=1
+        done
+        [ "$bad" = 0 ] || { echo "a file of hostprep's does not carry its path's default label" >&2; return 1; }
     }
 
     check up do_up
