@@ -16,8 +16,9 @@ Files (all under the HOSTPREP_ROOT prefix, rendered from systemd/ and logrotate.
                                                       the fail-safe of the external NIC: loaded with
                                                       ip(6)tables-restore alone (no Python) before
                                                       'hostprep boot' (ExecStartPre=) and by the
-                                                      iptables-services drop-ins, replaced by the real
-                                                      hardening when hostprep runs
+                                                      iptables-services drop-ins (each skips it when
+                                                      its jump is live: failsafe_command), replaced
+                                                      by the real hardening when hostprep runs
 
 The symlinks are made here rather than by ``systemctl enable`` so that the same
 code works with and without a running systemd (and under a test root); where
