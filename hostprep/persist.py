@@ -144,10 +144,16 @@ def failsafe_command(variant: str, family: int, interface: str, file: Path | str
     iptables/netfilter-persistent service, which runs first): an ``iptables-restore
     --noflush`` file inserts its jumps again each time (a restore file cannot delete a rule
     that may not be there: the whole file would fail), so the load is skipped when the jump
-    from INPUT into the fail-safe is there (``-C``).  /bin/sh only, no Python.  Every word is
-    a validated interface name or a path without spaces, quotes, '%' or '$' (environment())."""
+    from INPUT into the fail-safe is there (``-C``).  /bin/sh only, no Python.  The interface
+    name is validated (validate.interface_name); a path that /bin/sh or systemd would split or
+    expand is refused here (StateError), nothing written."""
     restore = failsafe_tool(variant, family)
     check = restore.removesuffix("-restore")
+    for word in (restore, str(file)):
+        if any(c.isspace() or c in "\"'\\%$;`" for c in word):
+            raise StateError(word, "cannot be written into the fail-safe's unit line (/bin/sh and systemd "
+                             "would split or expand it)", "use a HOSTPREP_ROOT without spaces, quotes, '%', "
+                             "'$', ';' or '`'")
     return (f"/bin/sh -c '{check} -w -C INPUT -i {interface} -j {render.FAILSAFE_CHAIN} 2>/dev/null"
             f" || exec {restore} --noflush {file}'")
 

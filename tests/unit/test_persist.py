@@ -542,3 +542,14 @@ def test_logrotate_debug_run(paths, runner, tmp_path):
     assert [ln for ln in out.splitlines() if ln.startswith("rotating log ")] == [
         f"rotating log {log}/journal.log, log->rotateCount is 24",
         f"rotating log {log}/iptables_logs/fin.log, log->rotateCount is 6"]
+
+
+@pytest.mark.parametrize("bad", ["a b", "a$b", "a'b", "a%b", "a;b"])
+def test_a_root_the_failsafe_line_cannot_carry_is_refused_and_nothing_written(tmp_path, runner, bad):
+    root = tmp_path / bad
+    root.mkdir()
+    with pytest.raises(StateError) as err:
+        persist.install(Paths(root), "eth1", runner)
+    assert err.value.line().startswith(f"{root}/etc/hostprep/failsafe.v4.rules: cannot be written into the "
+                                       "fail-safe's unit line")
+    assert list(root.rglob("*")) == []
