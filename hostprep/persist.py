@@ -16,8 +16,9 @@ Files (all under the HOSTPREP_ROOT prefix, rendered from systemd/ and logrotate.
                                                       the fail-safe of the external NIC: loaded with
                                                       ip(6)tables-restore alone (no Python) before
                                                       'hostprep boot' (ExecStartPre=) and by the
-                                                      iptables-services drop-ins, replaced by the real
-                                                      hardening when hostprep runs
+                                                      iptables-services drop-ins (each skips it when
+                                                      its jump is live: failsafe_command), replaced
+                                                      by the real hardening when hostprep runs
 
 The symlinks are made here rather than by ``systemctl enable`` so that the same
 code works with and without a running systemd (and under a test root); where
@@ -136,6 +137,27 @@ def failsafe_tool(variant: str, family: int) -> str:
             or f"/usr/sbin/{specific}")
 
 
+def failsafe_command(variant: str, family: int, interface: str, file: Path | str) -> str:
+    """The unit command that loads the fail-safe of ``family`` unless it is live already.
+
+    Two units load it at boot (hostprep.service's ExecStartPre= and the drop-in of the
+    iptables/netfilter-persistent service, which runs first): an ``iptables-restore
+    --noflush`` file inserts its jumps again each time (a restore file cannot delete a rule
+    that may not be there: the whole file would fail), so the load is skipped when the jump
+    from INPUT into the fail-safe is there (``-C``).  /bin/sh only, no Python.  The interface
+    name is validated (validate.interface_name); a path that /bin/sh or systemd would split or
+    expand is refused here (StateError), nothing written."""
+    restore = failsafe_tool(variant, family)
+    check = restore.removesuffix("-restore")
+    for word in (restore, str(file)):
+        if any(c.isspace() or c in "\"'\\%$;`" for c in word):
+            raise StateError(word, "cannot be written into the fail-safe's unit line (/bin/sh and systemd "
+                             "would split or expand it)", "use a HOSTPREP_ROOT without spaces, quotes, '%', "
+                             "'$', ';' or '`'")
+    return (f"/bin/sh -c '{check} -w -C INPUT -i {interface} -j {render.FAILSAFE_CHAIN} 2>/dev/null"
+            f" || exec {restore} --noflush {file}'")
+
+
 def failsafe_variant(paths: Paths, invocation: tuple[str, list[tuple[str, str]]] | None = None) -> str:
     """The iptables variant the fail-safe is loaded with: the last apply's, else the units' or this
     environment's HOSTPREP_BACKEND, else what ``iptables -V`` says."""
@@ -195,12 +217,12 @@ def wanted_files(paths: Paths, interface: str | None,
     env = _env()
     unit_dir = paths.root / "etc/systemd/system"
     cmd, environ = invocation or (command(), environment())
-    failsafe: list[tuple[int, str, str]] = []
+    failsafe: list[tuple[int, str]] = []
     files: list[HostFile] = []
     if interface:
         variant = failsafe_variant(paths, invocation)
         for fam in (4, 6):
-            failsafe.append((fam, failsafe_tool(variant, fam), str(failsafe_file(paths, fam))))
+            failsafe.append((fam, failsafe_command(variant, fam, interface, failsafe_file(paths, fam))))
             files.append(HostFile(failsafe_file(paths, fam), render.failsafe_text(interface, fam)))
     ctx = {"command": cmd, "environment": environ, "interface": interface or "none: kernel profile only",
            "state_dir": str(paths.state_dir), "log_dir": str(paths.log_dir), "failsafe": failsafe}

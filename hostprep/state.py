@@ -3,12 +3,21 @@
 Everything lives under the ``HOSTPREP_ROOT`` prefix (see paths.py).  Files are
 written atomically (temporary file, fsync, rename) so a crash leaves either the
 old or the new record.
+
+Under SELinux every file ``write_atomic`` writes gets its label before the rename:
+the replaced file's context, or for a new file the policy's default for the path
+(``matchpathcon``; ``restorecon`` semantics), never the label of whoever wrote it.
+A systemd unit (``hostprep boot``, the confirm timer's rollback) runs as ``init_t``,
+whose files created in /etc become ``etc_runtime_t``: systemd-sysctl was denied
+reading /etc/sysctl.d/90-hostprep.conf after such a rewrite (found by the Vagrant
+bed).  With SELinux off (no selinuxfs) nothing of this runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
 import os
@@ -24,6 +33,7 @@ from hostprep.errors import StateError
 from hostprep.model import Container
 from hostprep.settings import Settings
 from hostprep.paths import Paths, make_dirs, open_nofollow, untrusted_reason
+from hostprep.runner import Runner
 
 
 def now() -> str:
@@ -41,8 +51,100 @@ def who() -> str:
     return user
 
 
+SELINUX_XATTR = "security.selinux"
+
+
+class FileLabels:
+    """The SELinux context a file written by ``write_atomic`` gets (no PyPI ``selinux``: DESIGN.md).
+
+    Nothing when SELinux is off (no ``<selinuxfs>/enforce``: not mounted); else the context
+    of the file now at ``path`` (its ``security.selinux`` attribute), else the policy's
+    default for ``path`` (``matchpathcon -n -m file``, which reads the policy's
+    file_contexts and the local ``semanage fcontext`` customisations, as ``restorecon`` does).
+    ``selinuxfs`` is the kernel's, not ``HOSTPREP_SELINUXFS`` (a stand-in the tests give the
+    enforcing check); tests swap the xattr functions and the runner.
+    """
+
+    def __init__(self, selinuxfs: Path = Path("/sys/fs/selinux"), runner: Runner | None = None, *,
+                 getxattr=os.getxattr, setxattr=os.setxattr) -> None:
+        self.selinuxfs = Path(selinuxfs)
+        self.runner = runner
+        self.getxattr = getxattr
+        self.setxattr = setxattr
+
+    def _runner(self) -> Runner:
+        return self.runner or Runner()
+
+    def enabled(self) -> bool:
+        return (self.selinuxfs / "enforce").exists()
+
+    def current(self, path: Path) -> bytes | None:
+        """The context of the file at ``path`` (None: no file, or no label on it)."""
+        try:
+            return self.getxattr(str(path), SELINUX_XATTR, follow_symlinks=False) or None
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return None
+            raise
+
+    def default(self, path: Path) -> bytes | None:
+        """The policy's context for a regular file at ``path`` (None: no rule, or no matchpathcon)."""
+        runner = self._runner()
+        if runner.which("matchpathcon") is None:
+            return None
+        res = runner.run(["matchpathcon", "-n", "-m", "file", str(path)], check=False)
+        words = res.stdout.split()
+        if res.returncode != 0 or len(words) != 1 or words[0].count(":") < 3 or "<<none>>" in words[0]:
+            return None
+        return words[0].encode()
+
+    def label(self, tmp: str, path: Path) -> bool:
+        """Give the temporary file ``tmp`` (to be renamed to ``path``) its context.
+
+        False: SELinux is on but no context is known (no matchpathcon): ``after_rename``
+        then runs ``restorecon``.  A context the loaded policy does not know (a file
+        labelled under another policy) falls back to the default; a file system without
+        labels is left alone; a refusal (EACCES, EPERM) raises OSError.
+        """
+        if not self.enabled():
+            return True
+        kept = self.current(path)
+        if kept is not None:
+            try:
+                self.setxattr(tmp, SELINUX_XATTR, kept, follow_symlinks=False)
+                return True
+            except OSError as err:
+                if err.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    return True
+                if err.errno != errno.EINVAL:
+                    raise
+        ctx = self.default(path)
+        if ctx is None:
+            return False
+        try:
+            self.setxattr(tmp, SELINUX_XATTR, ctx, follow_symlinks=False)
+        except OSError as err:
+            if err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+        return True
+
+    def after_rename(self, path: Path) -> None:
+        """``restorecon -F`` of ``path`` where no context could be set before the rename."""
+        runner = self._runner()
+        if runner.which("restorecon") is not None:
+            runner.run(["restorecon", "-F", str(path)], check=False, mutates=True)
+
+
+# The labels of write_atomic's files (tests swap it).
+LABELS = FileLabels()
+
+
 def write_atomic(path: Path, text: str, mode: int = 0o600, fault: str | None = None) -> None:
-    """Write ``path`` through a temporary file, fsync and rename: a crash leaves old or new."""
+    """Write ``path`` through a temporary file, fsync and rename: a crash leaves old or new.
+
+    Under SELinux the new file gets the old one's context, or the policy's default for
+    ``path`` (``FileLabels``), before the rename.
+    """
     try:
         if fault:
             faults.hit(fault)
@@ -57,8 +159,14 @@ def write_atomic(path: Path, text: str, mode: int = 0o600, fault: str | None = N
                 fh.flush()
                 os.fsync(fh.fileno())
             os.chmod(tmp, mode)
+            try:
+                labelled = LABELS.label(tmp, path)
+            except OSError as err:
+                raise StateError(str(path), f"not written: cannot give it its SELinux context "
+                                 f"({err.strerror})", "run hostprep as root in an unconfined domain "
+                                 "(sudo from an admin's login, or its systemd units)") from None
             os.replace(tmp, path)
-        except OSError:
+        except (OSError, StateError):
             # a full disk must not fill up with half-written temporaries
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -66,6 +174,8 @@ def write_atomic(path: Path, text: str, mode: int = 0o600, fault: str | None = N
     except OSError as err:
         raise StateError(str(path), f"cannot write ({err.strerror})",
                          "check that the state directory is writable and the disk not full") from None
+    if not labelled:
+        LABELS.after_rename(path)
 
 
 def _check_parent(path: Path) -> None:

@@ -105,17 +105,25 @@ EOF
         systemctl enable -q netfilter-persistent
     fi
     # RHEL's Podman hosts have container-selinux (the 'container' policy module, container_t),
-    # which `hostprep selinux install` builds on.  Debian's reference policy ships the module
-    # (/usr/share/selinux/default/container.pp) without loading it: loaded here, as Podman's
-    # install would.
+    # which `hostprep selinux install` builds on.  Debian 12's reference policy has no
+    # 'container' module (selinux-policy-dev ships only its interface file): the lab loads
+    # a STAND-IN built here from vagrant/selinux-standin/container.te, which declares
+    # container_t and nothing else (that file says what it is and is not).  Lab only:
+    # hostprep itself never builds or loads it.  A distribution module of that name, if
+    # the box has one, is used instead.
     if ! semodule -l | grep -q '^container\b'; then
         pp=/usr/share/selinux/default/container.pp
-        if [ -f "$pp" ]; then
-            semodule -i "$pp"
-            say "SELinux: policy module 'container' loaded ($pp), as container-selinux is on RHEL"
+        if [ -f "$pp" ] || [ -f "$pp.bz2" ]; then
+            semodule -i "$( [ -f "$pp" ] && echo "$pp" || echo "$pp.bz2")"
+            say "SELinux: the distribution's policy module 'container' loaded"
         else
-            # not fatal: `hostprep selinux install` says what is missing (run-bed's selinux check)
-            say "WARNING: SELinux: no 'container' policy module ($pp missing)"
+            standin=$(mktemp -d /tmp/hostprep-lab-container.XXXXXX)
+            cp "$SRC/vagrant/selinux-standin/container.te" "$standin/"
+            make -s -C "$standin" -f /usr/share/selinux/devel/Makefile container.pp >/dev/null
+            semodule -i "$standin/container.pp"
+            rm -rf "$standin"
+            say "SELinux: LAB STAND-IN policy module 'container' loaded (only container_t;" \
+                "vagrant/selinux-standin/container.te): Debian 12 has no container-selinux"
         fi
     fi
     # Debian's procps ships /usr/lib/sysctl.d/99-protect-links.conf (fs.protected_fifos = 1,

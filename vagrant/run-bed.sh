@@ -36,8 +36,10 @@
 #   reboot      a real reboot: hostprep.service ran before the network came up (boot
 #               journal), specs and probes pass again without anyone running hostprep
 #   failsafe    hostprep's interpreter moved away, reboot: the external NIC comes up
-#               closed (fail-safe), status says the fail-safe was live
-#   avc         over the whole run: no AVC denial naming hostprep or its files
+#               closed (fail-safe, its jump in INPUT and FORWARD once per family, though two
+#               units load it), status says the fail-safe was live
+#   avc         over the whole run: no AVC denial naming hostprep or its files; its sysctl
+#               drop-in, fail-safe and unit carry their paths' default labels
 # HOSTPREP_BED_KNOWN_FAILURES="name=why;...": those checks' failures are XFAIL (not counted,
 # the reason shown); one that passes is an XPASS, a failure (.ci/run sets the list).
 # Exit status: 0 when every check passed, 1 when one failed, 2 when the bed could not run.
@@ -280,20 +282,29 @@ EOF
         # the proxy container's working directory (HOST_WORKING_DIR) with the subdirectories
         # the module labels (selinux/hostprep_proxy.fc)
         root_on proxy mkdir -p "$wd/logs" "$wd/cache" "$wd/conf" "$wd/ssl" "$wd/html" "$wd/lua"
+        # (the audit log's denials so far: those of install and remove are shown below)
+        local seen
+        seen=$(root_on proxy sh -c 'grep -c "avc: *denied" /var/log/audit/audit.log || true')
         root_on proxy hostprep selinux install --working-dir "$wd"
         root_on proxy semodule -l | grep -q '^hostprep_proxy\b' \
             || { echo "semodule -l: no hostprep_proxy after selinux install" >&2; return 1; }
-        out=$(root_on proxy ls -dZ "$wd/logs" "$wd/cache" "$wd/conf")
+        # (stat keeps the order of its arguments; ls sorts them)
+        out=$(root_on proxy stat -c '%C %n' "$wd/logs" "$wd/cache" "$wd/conf")
         printf '%s\n' "$out"
         [ "$(printf '%s\n' "$out" | awk '{split($1, c, ":"); print c[3]}' | tr '\n' ' ')" \
           = "hostprep_proxy_log_t hostprep_proxy_cache_t hostprep_proxy_ro_t " ] \
-            || { echo "ls -Z: not the module's types on $wd/logs, cache, conf" >&2; return 1; }
+            || { echo "not the module's types on $wd/logs, cache, conf" >&2; return 1; }
         root_on proxy hostprep selinux remove --working-dir "$wd"
         ! root_on proxy semodule -l | grep -q '^hostprep_proxy\b' || { echo "module still loaded after selinux remove" >&2; return 1; }
-        out=$(root_on proxy ls -dZ "$wd/logs" "$wd/cache" "$wd/conf")
+        out=$(root_on proxy stat -c '%C %n' "$wd/logs" "$wd/cache" "$wd/conf")
         printf '%s\n' "$out"
-        ! printf '%s\n' "$out" | grep -q hostprep || { echo "labels left after selinux remove" >&2; return 1; }
+        ! printf '%s\n' "$out" | grep -q hostprep_proxy || { echo "labels left after selinux remove" >&2; return 1; }
         root_on proxy rm -rf "$wd"
+        # For the record (the avc check judges hostprep's own): every denial during install
+        # and remove, e.g. the reference policy's load_policy_t on the pipes of whoever ran
+        # semodule.
+        echo "AVC denials during selinux install/remove:"
+        root_on proxy sh -c "grep 'avc: *denied' /var/log/audit/audit.log | tail -n +$((seen + 1)) | cut -c1-330" || true
     }
 
     do_confirm() {
@@ -383,6 +394,16 @@ EOF
         root_on proxy sh -c 'grep "avc: *denied" /var/log/audit/audit.log | grep -v agetty | tail -n 6' || true
         out=$(root_on proxy iptables -S INPUT)
         printf '%s\n' "$out"
+        # Loaded once: netfilter-persistent's drop-in loads it first, hostprep.service's
+        # ExecStartPre= finds its jump live and skips it (one jump per chain and family).
+        local tool chain n jumps=""
+        for tool in iptables ip6tables; do
+            for chain in INPUT FORWARD; do
+                n=$(root_on proxy "$tool" -S "$chain" | grep -c -- '-j HOSTPREP-FAILSAFE$' || true)
+                jumps="$jumps $tool/$chain:$n"
+            done
+        done
+        echo "jumps into HOSTPREP-FAILSAFE:$jumps"
         # The external NIC came up closed: the Finesse port and the allowed ping get no answer.
         local rc=0 closed=1
         on client timeout 4 bash -c "exec 3<>/dev/tcp/$PROXY_EXT_IP/$FINESSE_PORT" 2>/dev/null && closed=0
@@ -393,6 +414,8 @@ EOF
         out=$(root_on proxy hostprep status 2>&1) || rc=$?
         printf '%s\n' "$out" | grep -i 'fail-safe' || true
         [ "$closed" = 1 ] || { echo "the external NIC was open after the reboot without hostprep" >&2; return 1; }
+        [ "$jumps" = " iptables/INPUT:1 iptables/FORWARD:1 ip6tables/INPUT:1 ip6tables/FORWARD:1" ] \
+            || { echo "the fail-safe's jumps are not there exactly once each:$jumps" >&2; return 1; }
         printf '%s\n' "$out" | grep -q 'FAIL-SAFE is live' || { echo "status does not say the fail-safe is live" >&2; return 1; }
         [ "$rc" != 0 ] || { echo "status exited 0 with the fail-safe live" >&2; return 1; }
         # back to the real hardening: the unit again, then everything passes
@@ -409,6 +432,17 @@ EOF
               | grep -E 'hostprep|comm="python3[.0-9]*"|failsafe\.v[46]\.rules' || true)
         [ -z "$out" ] || { echo "AVC denials involving hostprep:"; printf '%s\n' "$out" | cut -c1-400; return 1; } >&2
         echo "no AVC denial involving hostprep in /var/log/audit/audit.log"
+        # The files units rewrote (the confirm rollback, hostprep boot) carry the policy's default
+        # label for their path, not the unit's (etc_runtime_t): what systemd-sysctl and
+        # iptables-restore may read.
+        local f ctx want bad=0
+        for f in /etc/sysctl.d/90-hostprep.conf /etc/hostprep/failsafe.v4.rules /etc/systemd/system/hostprep.service; do
+            ctx=$(root_on proxy stat -c %C "$f")
+            want=$(root_on proxy matchpathcon -n "$f")
+            echo "$f: $ctx (policy default: $want)"
+            [ "$ctx" = "$want" ] || bad=1
+        done
+        [ "$bad" = 0 ] || { echo "a file of hostprep's does not carry its path's default label" >&2; return 1; }
     }
 
     check up do_up

@@ -403,9 +403,12 @@ def test_the_failsafe_is_installed_for_the_external_nic_and_not_live(hp, setting
     assert lines[-2:] == ['-A HOSTPREP-FAILSAFE -m comment --comment "hostprep failsafe: default deny" -j DROP',
                           "COMMIT"]
     unit = hp.text("etc/systemd/system/hostprep.service") or ""
-    # loaded before 'hostprep boot', which replaced it: it is not what is live
-    assert [ln.split()[-1] for ln in unit.splitlines() if ln.startswith("ExecStartPre=-")] == [
-        hp.path(f"etc/hostprep/failsafe.v{f}.rules") for f in (4, 6)]
+    # loaded before 'hostprep boot' (unless its jump is live already: /bin/sh and a -C check),
+    # which replaced it: it is not what is live
+    pre = [ln[len("ExecStartPre=-"):] for ln in unit.splitlines() if ln.startswith("ExecStartPre=-")]
+    assert [ln.split()[:2] for ln in pre] == [["/bin/sh", "-c"]] * 2
+    assert [f"-C INPUT -i {nic} -j HOSTPREP-FAILSAFE 2>/dev/null || exec " in ln for ln in pre] == [True, True]
+    assert [ln.split()[-1] for ln in pre] == [hp.path(f"etc/hostprep/failsafe.v{f}.rules") + "'" for f in (4, 6)]
     assert "HOSTPREP-FAILSAFE" not in hp.rules(family)
 
 

@@ -165,10 +165,15 @@ def boot_unit(host) -> UnitCommand:
 
 
 def failsafe_lines(host, families=(4, 6)) -> list[str]:
-    """The Exec lines that load the fail-safe, as apply writes them ('-': a failure is ignored)."""
+    """The Exec lines that load the fail-safe, as apply writes them ('-': a failure is ignored):
+    through /bin/sh, skipped when the jump from INPUT into it is live (two units load it at boot)."""
     from hostprep.persist import failsafe_tool
-    return [f"-{failsafe_tool('nft' if host.native else host.variant, fam)} --noflush {host.root}/etc/hostprep/failsafe.v{fam}.rules"
-            for fam in families]
+    out = []
+    for fam in families:
+        restore = failsafe_tool("nft" if host.native else host.variant, fam)
+        out.append(f"-/bin/sh -c '{restore.removesuffix('-restore')} -w -C INPUT -i eth1 -j HOSTPREP-FAILSAFE "
+                   f"2>/dev/null || exec {restore} --noflush {host.root}/etc/hostprep/failsafe.v{fam}.rules'")
+    return out
 
 
 def start_unit(ns: str, path: Path, instance: str | None = None) -> subprocess.CompletedProcess:
@@ -645,21 +650,27 @@ def test_failsafe_holds_the_nic_when_hostprep_cannot_run_then_boot_replaces_it(h
     service = host.root / UNIT_DIR / "hostprep.service"
     pre = unit_commands(service, "ExecStartPre")
     assert [c.raw for c in pre] == failsafe_lines(host)
-    # nothing but the restore tool and the file: no Python in these lines
-    assert [c.argv[1:] for c in pre] == [["--noflush", f"{host.root}/etc/hostprep/failsafe.v{f}.rules"]
-                                         for f in (4, 6)]
+    # /bin/sh, the iptables check and restore tools and the file: no Python in these lines
+    assert [c.argv[:2] for c in pre] == [["/bin/sh", "-c"]] * 2
+    assert [c.argv[2].split(" || exec ")[1].split()[1:] for c in pre] == [
+        ["--noflush", f"{host.root}/etc/hostprep/failsafe.v{f}.rules"] for f in (4, 6)]
+    assert not any("python" in c.raw or "hostprep " in c.raw for c in pre)
 
     # The "rebooted" host is open (a closed port and the container port answer) ...
     b = spare.sandbox()
     hb = dataclasses.replace(host, box=b)
     assert outcomes(hb.probe(b.inet, [tcp(HOST_EXT4, 8446, ANSWER), tcp(HOST_EXT4, 8445, ANSWER)])) == ["RA", "RA"]
     # ... then systemd runs the ExecStartPre= lines; ExecStart (hostprep boot) cannot run (say the
-    # interpreter went away in an upgrade): nothing else is loaded.
-    for cmd in pre:
-        res = run_as_systemd(b.host, cmd)
-        assert res.returncode == 0, res.stdout + res.stderr
-    assert [ln for ln in save(hb, b.host, 4) if ln.startswith("-A INPUT ") or ln.startswith("-A FORWARD ")] == [
-        "-A INPUT -i eth1 -j HOSTPREP-FAILSAFE", "-A FORWARD -i eth1 -j HOSTPREP-FAILSAFE"]
+    # interpreter went away in an upgrade): nothing else is loaded.  At a real boot the iptables
+    # service's drop-in (After= orders hostprep.service behind it) ran the same lines before:
+    # run twice, the fail-safe is there once (its jumps are not inserted again).
+    for _ in range(2):
+        for cmd in pre:
+            res = run_as_systemd(b.host, cmd)
+            assert res.returncode == 0, res.stdout + res.stderr
+    for fam in (4, 6):
+        assert [ln for ln in save(hb, b.host, fam) if ln.startswith(("-A INPUT ", "-A FORWARD "))] == [
+            "-A INPUT -i eth1 -j HOSTPREP-FAILSAFE", "-A FORWARD -i eth1 -j HOSTPREP-FAILSAFE"]
 
     # Real packets: closed port, SSH, the container's port (v4 and v6) and ping get nothing back ...
     deny4 = hb.xt_counter(4, "HOSTPREP-FAILSAFE", FAILSAFE_DENY)

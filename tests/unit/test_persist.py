@@ -82,9 +82,13 @@ def env_lines(paths: Paths, *extra: str) -> list[str]:
     return [f"HOSTPREP_ROOT={paths.root}", "HOSTPREP_BACKEND=nft", *extra]
 
 
-def failsafe_line(paths: Paths, family: int, variant: str = "nft") -> str:
-    """The command that loads the fail-safe of one family (the unit's Exec line without its '-')."""
-    return f"{persist.failsafe_tool(variant, family)} --noflush {paths.root}/etc/hostprep/failsafe.v{family}.rules"
+def failsafe_line(paths: Paths, family: int, variant: str = "nft", nic: str = "eth1") -> str:
+    """The command that loads the fail-safe of one family (the unit's Exec line without its '-'):
+    skipped when the jump from INPUT into it is live (loaded twice, its jumps would be doubled)."""
+    restore = persist.failsafe_tool(variant, family)
+    assert restore.endswith("-restore"), restore
+    return (f"/bin/sh -c '{restore[:-len('-restore')]} -w -C INPUT -i {nic} -j HOSTPREP-FAILSAFE 2>/dev/null"
+            f" || exec {restore} --noflush {paths.root}/etc/hostprep/failsafe.v{family}.rules'")
 
 
 # --------------------------------------------------------------------------- rendered content
@@ -203,8 +207,8 @@ def test_failsafe_follows_the_nic_and_the_recorded_variant(paths, runner):
     paths.state_file.write_text('{"backend": "legacy"}')
     persist.install(paths, "ens3.100", runner)
     u = unit(paths, f"{UNIT_DIR}/hostprep.service")
-    assert u["Service"]["ExecStartPre"] == [f"-{failsafe_line(paths, 4, 'legacy')}",
-                                            f"-{failsafe_line(paths, 6, 'legacy')}"]
+    assert u["Service"]["ExecStartPre"] == [f"-{failsafe_line(paths, 4, 'legacy', 'ens3.100')}",
+                                            f"-{failsafe_line(paths, 6, 'legacy', 'ens3.100')}"]
     assert persist.failsafe_tool("legacy", 6).endswith("ip6tables-legacy-restore")
     text = (paths.root / "etc/hostprep/failsafe.v4.rules").read_text()
     assert [ln for ln in text.splitlines() if ln.startswith("-I ")] == [
@@ -353,9 +357,12 @@ def test_switching_the_nic_removes_the_old_nic_link(paths, runner):
     old = paths.root / UNIT_DIR / "sys-subsystem-net-devices-eth1.device.wants/hostprep-nic@eth1.service"
     new = paths.root / UNIT_DIR / r"sys-subsystem-net-devices-ens3.100.device.wants/hostprep-nic@ens3.100.service"
     changed = persist.install(paths, "ens3.100", runner)
-    # the service's Description names the NIC, so it is rewritten too
+    # the service's Description names the NIC, so it is rewritten too; so are the iptables
+    # services' drop-ins (their fail-safe line checks the jump from INPUT on that NIC)
     assert changed == [str(paths.root / f"etc/hostprep/failsafe.v{fam}.rules") for fam in (4, 6)] + [
-        str(paths.root / UNIT_DIR / "hostprep.service"), str(new), f"removed {old}"]
+        str(paths.root / UNIT_DIR / "hostprep.service"), str(new),
+        *[str(paths.root / UNIT_DIR / f"{svc}.service.d/hostprep.conf") for svc in ("iptables", "ip6tables")],
+        f"removed {old}"]
     assert (old.is_symlink(), old.parent.exists()) == (False, False)
     assert sorted(str(p.relative_to(paths.root / UNIT_DIR))
                   for p in (paths.root / UNIT_DIR).glob("sys-subsystem-net-devices-*/*")) == \
@@ -409,11 +416,13 @@ def test_report_stale(paths, runner):
         str(unit_dir / "multi-user.target.wants/hostprep.service"), str(unit_dir / "hostprep-nic@.service")])
     persist.install(paths, "eth1", runner)
     assert persist.report(paths, "eth1")["stale"] == []
-    # another NIC is not what apply wrote: the service (its Description) and the NIC link are stale
+    # another NIC is not what apply wrote: the service (its Description), the NIC link and the
+    # iptables drop-ins (their fail-safe lines name the NIC) are stale
     assert persist.report(paths, "eth2")["stale"] == [
         str(paths.root / "etc/hostprep/failsafe.v4.rules"), str(paths.root / "etc/hostprep/failsafe.v6.rules"),
         str(unit_dir / "hostprep.service"),
-        str(unit_dir / "sys-subsystem-net-devices-eth2.device.wants/hostprep-nic@eth2.service")]
+        str(unit_dir / "sys-subsystem-net-devices-eth2.device.wants/hostprep-nic@eth2.service"),
+        str(unit_dir / "iptables.service.d/hostprep.conf"), str(unit_dir / "ip6tables.service.d/hostprep.conf")]
     # nothing applied (no NIC; -k alone): the service names eth1 and loads its fail-safe, the drop-ins
     # load it too, which is not what apply -k writes
     rep = persist.report(paths, None)
@@ -533,3 +542,14 @@ def test_logrotate_debug_run(paths, runner, tmp_path):
     assert [ln for ln in out.splitlines() if ln.startswith("rotating log ")] == [
         f"rotating log {log}/journal.log, log->rotateCount is 24",
         f"rotating log {log}/iptables_logs/fin.log, log->rotateCount is 6"]
+
+
+@pytest.mark.parametrize("bad", ["a b", "a$b", "a'b", "a%b", "a;b"])
+def test_a_root_the_failsafe_line_cannot_carry_is_refused_and_nothing_written(tmp_path, runner, bad):
+    root = tmp_path / bad
+    root.mkdir()
+    with pytest.raises(StateError) as err:
+        persist.install(Paths(root), "eth1", runner)
+    assert err.value.line().startswith(f"{root}/etc/hostprep/failsafe.v4.rules: cannot be written into the "
+                                       "fail-safe's unit line")
+    assert list(root.rglob("*")) == []
