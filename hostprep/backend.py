@@ -345,9 +345,6 @@ class IptablesBackend:
         self.runner.run(["nft", "delete", "table", *NFT_TABLE], mutates=True)
 
 
-NO_SYN_COOKIES = ("the nft backend does not answer a SYN flood with SYN cookies yet (issue 12's synproxy is in the "
-                  "iptables rules only): a spoofed SYN flood fills conntrack; use --backend iptables where floods "
-                  "are expected")
 NATIVE = "nftables"          # what applied.json and snapshots record for the native nft backend
 INET_TABLE = ("inet", "hostprep")
 NFT_REMOVE = "table inet hostprep\ndelete table inet hostprep\ntable netdev hostprep\ndelete table netdev hostprep\n"
@@ -362,6 +359,8 @@ class NftBackend:
     it was.  Read back with ``nft -j list table inet hostprep``; the plan and status see the
     table per family (observed.parse_nft_json), the same groups, counters and differences as
     on iptables.  Removing hostprep (flush) is the same transaction with the tables only deleted.
+    Under a SYN flood the container ports answer with SYN cookies as on iptables (issue 12): the
+    netdev table's notrack and the inet table's ``synproxy`` statement, in the same transaction.
     """
 
     variant = NATIVE
@@ -406,7 +405,8 @@ class NftBackend:
         ing = parse_nft_listing(ingress) if ingress is not None else None
         text = normalise_nft(terse + (ingress or ""))
         device = table.device if table is not None and table.device else (ing.device if ing else "")
-        nft = NftObserved(device, text, ing.counters if ing else {})
+        nft = NftObserved(device, text, ing.counters if ing else {}, ing.flooded if ing else (),
+                          table.limiters if table is not None else {})
         observed = table.observed if table is not None else {fam: Observed(fam) for fam in fams}
         observed = {fam: self._with_leftovers(obs, leftovers) for fam, obs in observed.items()}
         return LiveState(observed, nft, table.sets if table is not None else {})
@@ -439,11 +439,7 @@ class NftBackend:
         return []
 
     def finish(self, plan: ApplyPlan, staged: Staged) -> list[str]:
-        """Nothing to clean up (the sets live in the table, the iptables part went in load()); the
-        one thing this backend does not do yet is said after every load that has the ddos group."""
-        policy = getattr(plan.desired, "policy", None)       # a snapshot's target (rollback) has none
-        if policy is not None and not policy.skip_ddos:
-            return [NO_SYN_COOKIES]
+        """Nothing to clean up: the sets live in the table, the iptables part went in load()."""
         return []
 
     def other_firewalls(self) -> list[str]:

@@ -60,16 +60,15 @@ def test_the_view_has_the_chains_of_the_iptables_rules():
     pol = Policy("eth1", ping=(PingSource("198.51.100.0/24", (NET("198.51.100.0/24"),)),))
     cs = (container(), container("f6", "2001:db8::10", (443,), load_balancers=(NET("2001:db8:1::/48"),)))
     ipt, nft = render.desired(pol, cs), render.nft_desired(render.desired(pol, cs))
-    cookies = ("HOSTPREP-COOKIES", "HOSTPREP-SYNPROXY")     # issue 12's SYN cookies: iptables only (yet)
     for fam in (4, 6):
-        assert [c.name for c in nft.ruleset(fam).chains] == [c.name for c in ipt.ruleset(fam).chains
-                                                             if c.name not in cookies]
-        assert nft.ruleset(fam).jumps == tuple(j for j in ipt.ruleset(fam).jumps if j.target not in cookies
-                                               and "addrtype" not in j.spec)   # the cookie's SYN (OUTPUT)
+        assert [c.name for c in nft.ruleset(fam).chains] == [c.name for c in ipt.ruleset(fam).chains]
+        # the same jumps from the base chains; the cookie's SYN in OUTPUT matched by fib, not addrtype
+        assert [(j.chain, j.target) for j in nft.ruleset(fam).jumps] == \
+            [(j.chain, j.target) for j in ipt.ruleset(fam).jumps]
+        assert [j.spec for j in nft.ruleset(fam).jumps if j.chain == "OUTPUT"] == \
+            ["-o eth1 -j HOSTPREP-OUT", "-j HOSTPREP-CONTAINERS"]
         # the same comments, in the same order, chain by chain (nft has one more: the SYN without MSS)
         for chain in ipt.ruleset(fam).chains:
-            if chain.name in cookies:
-                continue
             want = [s for s in chain.specs if "--comment" in s]
             got = [s for s in nft.ruleset(fam).chain(chain.name).specs if "--comment" in s]
             comments = [g.split('"')[1] for g in got]
@@ -130,7 +129,9 @@ def test_parse_json_sets_counters_device():
     assert table.device == "eth1"
     assert table.sets == {c.set_name("ex"): frozenset({"192.0.2.0/24", "198.51.100.9/32"})}
     assert [r.spec for r in table.observed[4].chain_rules("INPUT")] == ["-i eth1 -j HOSTPREP-IN"]
-    assert [r.spec for r in table.observed[6].chain_rules("OUTPUT")] == ["-o eth1 -j HOSTPREP-OUT"]
+    # and the jump for the SYN synproxy sends for a valid cookie (the ddos group)
+    assert [r.spec for r in table.observed[6].chain_rules("OUTPUT")] == ["-o eth1 -j HOSTPREP-OUT",
+                                                                         "-j HOSTPREP-CONTAINERS"]
 
 
 def test_parse_json_shows_a_rule_hostprep_did_not_write_as_foreign():
