@@ -346,6 +346,7 @@ class IptablesBackend:
 
 
 NATIVE = "nftables"          # what applied.json and snapshots record for the native nft backend
+SYNPROXY_RULE = "synproxy mss"   # how nft quotes the SYN cookie rule (rules/hostprep.nft.j2) in an error
 INET_TABLE = ("inet", "hostprep")
 NFT_REMOVE = "table inet hostprep\ndelete table inet hostprep\ntable netdev hostprep\ndelete table netdev hostprep\n"
 
@@ -531,6 +532,12 @@ class NftBackend:
         if res.returncode != 0:
             lines = res.stderr.strip().splitlines()
             why = next((ln.strip() for ln in lines if "Error:" in ln), lines[-1] if lines else "failed")
+            if any(SYNPROXY_RULE in ln for ln in lines):
+                # nft quotes the rule the kernel refused: the SYN cookie statement (nft_synproxy)
+                raise CommandFailed(" ".join(argv[:2]), f"exit {res.returncode}: {why} (the SYN cookie rule: this "
+                                    "kernel has no nft synproxy, CONFIG_NFT_SYNPROXY, Linux 5.3+)",
+                                    "use --backend iptables on this host (its SYNPROXY target), or -e to leave "
+                                    "out the ddos group; nothing was changed")
             raise CommandFailed(" ".join(argv[:2]), f"exit {res.returncode}: {why}")
 
     def _list(self, args: list[str]) -> str | None:

@@ -254,3 +254,27 @@ def test_a_rollback_to_a_snapshot_loads_and_warns_nothing(tmp_path: Path, proc: 
     plan = engine.make_plan(be, target, None)
     done = engine.load_verified(be, plan, target)
     assert (done.problems, done.warnings, fake.tables) == ([], [], {})
+
+
+def test_a_kernel_without_nft_synproxy_is_named_with_the_fix(tmp_path: Path, proc: Path):
+    """nft -c fails quoting the SYN cookie rule (a kernel without CONFIG_NFT_SYNPROXY): one error
+    naming it and the way out; nothing loaded."""
+    from hostprep.runner import Result
+
+    class NoSynproxy(FakeNft):
+        def run(self, argv, *, input=None, check=True, mutates=False, cwd=None):
+            if list(argv)[:3] == ["nft", "-c", "-f"]:
+                self.calls.append((list(argv), input, mutates))
+                return Result(tuple(argv), 1, "", "/dev/stdin:80:3-70: Error: Could not process rule: No such file or "
+                              "directory\n\t\tcounter synproxy mss 1460 wscale 7 timestamp sack-perm comment \"x\"\n"
+                              "\t\t^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n")
+            return super().run(argv, input=input, check=check, mutates=mutates, cwd=cwd)
+
+    fake = NoSynproxy()
+    store = Store(Paths(tmp_path))
+    with pytest.raises(CommandFailed) as err:
+        ops.apply(store, "hostprep apply -i eth1", backend=backend(fake, proc),
+                  desired=render.desired(Policy("eth1")), kernel=False)
+    assert "this kernel has no nft synproxy, CONFIG_NFT_SYNPROXY" in err.value.problem
+    assert err.value.fix.startswith("use --backend iptables on this host")
+    assert (fake.tables, fake.mutating()) == ({}, [])
