@@ -184,6 +184,8 @@ def nft_backend_text(policy: Policy, containers: tuple[Container, ...] = ()) -> 
     """The whole of hostprep's nft ruleset (both families, sets, ingress) as one ``nft -f`` file."""
     containers = tuple(sorted((c for c in containers if c.hardening), key=lambda c: c.name))
     fams = [{"family": fam, "spoof_sources": SPOOF_SOURCES[fam], "ping": policy.ping_networks(fam),
+             # the same networks as one interval set (which refuses overlaps: 224/3 holds 240/5)
+             "spoof_set": [str(n) for n in ipaddress.collapse_addresses(map(ipaddress.ip_network, SPOOF_SOURCES[fam]))],
              "containers": [c for c in containers if c.family == fam]} for fam in (4, 6)]
     return _ENV.get_template("hostprep.nft.j2").render(
         iface=policy.interface, ddos=not policy.skip_ddos, spoof=not policy.allow_private, fams=fams,

@@ -329,3 +329,20 @@ def test_flooded_published_port_dnat_path(host, variant, tmp_path):
         if echo is not None:
             echo.kill()
         subprocess.run(["ip", "netns", "del", ctr], capture_output=True, timeout=30)
+
+
+def test_spoofed_private_source_dropped_before_the_cookie(host, tmp_path):
+    """While flooded, a SYN from a private source (the spoof group's list) to the container port
+    gets no cookie: HOSTPREP-SYNPROXY sends it through the spoof group first (native: one interval
+    set lookup decides whether to walk that chain); a public source gets its cookie (control)."""
+    from tests.helpers import tcp
+    host.apply()
+    host.hostprep("container", "up", "fin", "--env", str(finesse_env(tmp_path)))
+    flood(host, HOST_EXT4, "198.18", 2 * SYNPROXY_BURST)
+    assert flooded(host) == [HOST_EXT4]
+    sent0, spoof0 = synproxy_stat(host)["syn_received"], host.counter(4, "HOSTPREP-SPOOF", "hostprep spoof: 10.0.0.0/8")
+    private = host.probe1(host.box.inet, **tcp(HOST_EXT4, PORT, src="10.1.2.3"))
+    assert (private["answered"], synproxy_stat(host)["syn_received"]) == (False, sent0)
+    assert host.counter(4, "HOSTPREP-SPOOF", "hostprep spoof: 10.0.0.0/8") == spoof0 + 1
+    public = host.probe1(host.box.inet, **tcp(HOST_EXT4, PORT, 1.0, src=SRC_A))
+    assert (public["answered"], public["reply"], synproxy_stat(host)["syn_received"]) == (True, "SA", sent0 + 1)

@@ -149,7 +149,10 @@ def test_native_cookie_rules_per_port_and_the_synproxy_statement():
         'counter synproxy mss 1460 wscale 7 timestamp sack-perm comment "hostprep ddos: syn cookie"',
         'counter synproxy mss 1440 wscale 7 timestamp sack-perm comment "hostprep ddos: syn cookie"']
     # the spoof group first; the cookie's SYN sent by the kernel goes through the container chains
-    assert "chain HOSTPREP-SYNPROXY-v4 {\n\t\tcounter jump HOSTPREP-SPOOF-v4\n" in script
+    assert ("chain HOSTPREP-SYNPROXY-v4 {\n\t\tip saddr { 0.0.0.0/8, 10.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, "
+            "172.16.0.0/12, 192.0.2.0/24, 192.168.0.0/16, 224.0.0.0/3 } counter jump HOSTPREP-SPOOF-v4\n") in script
+    assert ("chain HOSTPREP-SYNPROXY-v6 {\n\t\tip6 saddr { ::1/128, ::ffff:0:0/96, fc00::/7, fec0::/10, ff00::/8 } "
+            "counter jump HOSTPREP-SPOOF-v6\n") in script
     assert ("meta nfproto ipv4 tcp flags & (fin|syn|rst|ack) == syn fib saddr type != local ct state new counter "
             "jump HOSTPREP-CONTAINERS-v4") in script
     # the netdev table is rules/ingress.nft.j2 itself: the same cookie ports, counting and notrack
