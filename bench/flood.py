@@ -16,7 +16,10 @@ container port (8445) stands in for the proxy.  During each scenario:
   ``ack`` spoofed ACKs, ``junk`` bogus flag combinations, ``frag`` IPv4 fragments;
   ``calm`` is the same without a flood.
 
-Printed per scenario, none and hostprep side by side: legitimate success and p50/p99
+At the end, when more than one variant ran, the variants side by side: per flood the rate
+hostprep absorbed in each (with its ratio to no firewall) and the native backend's rate over
+each iptables variant's (issue 13's goal: at least 1.0x).  Printed per scenario, none and
+hostprep side by side: legitimate success and p50/p99
 connect time, the flood rate absorbed (packets the host's NIC took in per second: on a
 veth pair the sender's CPU runs the receiver's path, so this is a measure of the
 receiver's cost per packet), conntrack entries at the end, and CPU time per million
@@ -33,7 +36,7 @@ flood stays on their veth pair, bounded by ``--rate`` (at most 2,000,000/s) and
 ``--seconds`` (at most 60).  Replies to the spoofed sources are routed to the
 "internet" namespace, which does not forward them.
 
-    sudo .venv/bin/python bench/flood.py                    # both variants, 300k pps, 10 s per scenario
+    sudo .venv/bin/python bench/flood.py                    # the three, 300k pps, 10 s per scenario
     sudo .venv/bin/python bench/flood.py --variant nft --rate 100000 --seconds 5 --scenarios calm,syn
     sudo .venv/bin/python bench/flood.py --smoke            # what CI runs
 """
@@ -311,6 +314,31 @@ def report(variant: str, results: dict[tuple[str, str], Result], scenarios: list
               f"SYN cookies sent by hostprep {h.cookies:,}")
 
 
+def summary(all_results: dict[str, dict[tuple[str, str], Result]], scenarios: list[str]) -> None:
+    """The variants side by side: per flood, what each absorbed with hostprep (and its ratio to no
+    firewall in the same variant's run), and the native backend against each iptables variant."""
+    variants = list(all_results)
+    floods = [sc for sc in scenarios if sc != "calm"]
+    if len(variants) < 2 or not floods:
+        return
+    print("\n== side by side: hostprep absorbed kpps (hostprep/none)" +
+          ("; native/<variant>: the native backend's rate over that iptables variant's" if "native" in variants else ""))
+    others = [v for v in variants if v != "native"]
+    label = {"nft": "iptables-nft", "legacy": "iptables-legacy", "native": "native nft"}
+    print(f"{'scenario':9} " + " ".join(f"{label[v]:>18}" for v in variants) +
+          ("".join(f" {'native/' + v:>14}" for v in others) if "native" in variants else ""))
+    for sc in floods:
+        cells = []
+        for v in variants:
+            h, n = all_results[v][("hostprep", sc)], all_results[v][("none", sc)]
+            cells.append(f"{fmt(h.absorbed_pps / 1000)} ({ratio(h.absorbed_pps, n.absorbed_pps)})")
+        line = f"{sc:9} " + " ".join(f"{c:>18}" for c in cells)
+        if "native" in variants:
+            nat = all_results["native"][("hostprep", sc)].absorbed_pps
+            line += "".join(f" {ratio(nat, all_results[v][('hostprep', sc)].absorbed_pps):>14}" for v in others)
+        print(line)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -346,15 +374,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         bench = Bench(args, compile_sender(workdir), workdir)
+        all_results: dict[str, dict[tuple[str, str], Result]] = {}
         for variant in args.variant.split(","):
             results: dict[tuple[str, str], Result] = {}
             for sc in scenarios:
                 for setup in ("none", "hostprep"):
                     results[(setup, sc)] = bench.scenario(variant, setup, sc)
             report(variant, results, scenarios)
+            all_results[variant] = results
             if "calm" in scenarios and any(results[(s, "calm")].ok == 0 for s in ("none", "hostprep")):
                 print("flood.py: no legitimate connection got through in calm: the bench is broken", file=sys.stderr)
                 return 1
+        summary(all_results, scenarios)
     except KeyboardInterrupt:
         print("flood.py: interrupted; sandbox removed", file=sys.stderr)
         return 130

@@ -4,7 +4,8 @@ Reads the kernel's own counters of the network namespace hostprep runs in (the /
 root is injectable for tests): SYN cookies (/proc/net/stat/synproxy), conntrack fill
 and its drops (/proc/sys/net/netfilter/nf_conntrack_count, _max, /proc/net/stat/
 nf_conntrack), the fill of each container port's hashlimit table (/proc/net/
-ipt_hashlimit/<name>, ip6t_), and the ingress table's counters per reason.  The
+ipt_hashlimit/<name>, ip6t_; on the native nft backend the entries of the port's
+limiter set, read back with the table), and the ingress table's counters per reason.  The
 cumulative kernel counters are compared with a baseline taken at the last change
 (apply, container up/down: ``save_baseline``), so a warning says "since the last apply".
 Nothing here changes the kernel.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hostprep.render import nft_limiter_set
 from hostprep.state import read_json, write_atomic
 
 BASELINE_NAME = "attack-baseline.json"
@@ -139,8 +141,13 @@ def section(proc: Path, state_dir: Path, containers, nft) -> tuple[dict, list[st
             continue
         b = c.limiter
         for p in c.ports:
-            name = c.hashlimit_name(p)
-            n = hashlimit_entries(proc, c.family, name)
+            name, n = c.hashlimit_name(p), None
+            if nft is not None and nft.limiters:
+                # the native backend: the rate limiter's dynamic set (the same bound, size = htable_max)
+                name = nft_limiter_set(c, "rl", p)
+                n = nft.limiters.get(name)
+            else:
+                n = hashlimit_entries(proc, c.family, name)
             report["limiters"].append({"container": c.name, "port": p, "name": name, "entries": n,
                                        "max": b.htable_max})
             if n is not None and n >= b.htable_max:

@@ -345,10 +345,8 @@ class IptablesBackend:
         self.runner.run(["nft", "delete", "table", *NFT_TABLE], mutates=True)
 
 
-NO_SYN_COOKIES = ("the nft backend does not answer a SYN flood with SYN cookies yet (issue 12's synproxy is in the "
-                  "iptables rules only): a spoofed SYN flood fills conntrack; use --backend iptables where floods "
-                  "are expected")
 NATIVE = "nftables"          # what applied.json and snapshots record for the native nft backend
+SYNPROXY_RULE = "synproxy mss"   # how nft quotes the SYN cookie rule (rules/hostprep.nft.j2) in an error
 INET_TABLE = ("inet", "hostprep")
 BAN_TABLE = render.BAN_TABLE
 NFT_REMOVE_BANS = "table inet hostprep_ban\ndelete table inet hostprep_ban\n"
@@ -376,6 +374,9 @@ class NftBackend:
     time of each.  The table goes with ``flush``, and when no container has fail2ban on any
     more (as the ipsets do on iptables); a ban set goes with its container (``delete set``,
     added to the script from the plan's live state).
+
+    Under a SYN flood the container ports answer with SYN cookies as on iptables (issue 12): the
+    netdev table's notrack and the inet table's ``synproxy`` statement, in the same transaction.
     """
 
     variant = NATIVE
@@ -425,7 +426,8 @@ class NftBackend:
         ing = parse_nft_listing(ingress) if ingress is not None else None
         text = normalise_nft(terse + (ingress or ""))
         device = table.device if table is not None and table.device else (ing.device if ing else "")
-        nft = NftObserved(device, text, ing.counters if ing else {})
+        nft = NftObserved(device, text, ing.counters if ing else {}, ing.flooded if ing else (),
+                          table.limiters if table is not None else {})
         observed = table.observed if table is not None else {fam: Observed(fam) for fam in fams}
         observed = {fam: self._with_leftovers(obs, leftovers) for fam, obs in observed.items()}
         return LiveState(observed, nft, table.sets if table is not None else {})
@@ -459,11 +461,7 @@ class NftBackend:
         return []
 
     def finish(self, plan: ApplyPlan, staged: Staged) -> list[str]:
-        """Nothing to clean up (the sets live in the table, the iptables part went in load()); the
-        one thing this backend does not do yet is said after every load that has the ddos group."""
-        policy = getattr(plan.desired, "policy", None)       # a snapshot's target (rollback) has none
-        if policy is not None and not policy.skip_ddos:
-            return [NO_SYN_COOKIES]
+        """Nothing to clean up: the sets live in the table, the iptables part went in load()."""
         return []
 
     def other_firewalls(self) -> list[str]:
@@ -594,6 +592,12 @@ class NftBackend:
         if res.returncode != 0:
             lines = res.stderr.strip().splitlines()
             why = next((ln.strip() for ln in lines if "Error:" in ln), lines[-1] if lines else "failed")
+            if any(SYNPROXY_RULE in ln for ln in lines):
+                # nft quotes the rule the kernel refused: the SYN cookie statement (nft_synproxy)
+                raise CommandFailed(" ".join(argv[:2]), f"exit {res.returncode}: {why} (the SYN cookie rule: this "
+                                    "kernel has no nft synproxy, CONFIG_NFT_SYNPROXY, Linux 5.3+)",
+                                    "use --backend iptables on this host (its SYNPROXY target), or -e to leave "
+                                    "out the ddos group; nothing was changed")
             raise CommandFailed(" ".join(argv[:2]), f"exit {res.returncode}: {why}")
 
     def _list(self, args: list[str]) -> str | None:

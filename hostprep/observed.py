@@ -160,6 +160,8 @@ class NftObserved:
     text: str                       # normalised listing: no counters, no handles
     counters: dict[str, Counter]    # rule comment -> counter
     flooded: tuple[str, ...] = ()   # binding addresses whose container ports get SYN cookies now
+    # the native backend: the entries of each limiter set (render.nft_limiter_set) now
+    limiters: dict[str, int] = field(default_factory=dict)
 
 
 _COUNTER = re.compile(r"counter packets (\d+) bytes (\d+)")
@@ -221,7 +223,7 @@ class LiveState:
 # -- the native nftables backend: `nft -j list table inet hostprep` -------------------------
 
 _NFT_BASE = {"input": "INPUT", "forward": "FORWARD", "output": "OUTPUT"}
-_NFT_VERDICTS = ("accept", "drop", "return", "log")
+_NFT_VERDICTS = ("accept", "drop", "return", "log", "synproxy")
 
 
 def _strip_family(chain: str) -> tuple[str, int | None]:
@@ -259,6 +261,7 @@ class NftTable:
     sets: dict[str, frozenset[str]]
     device: str
     counters: dict[str, Counter]
+    limiters: dict[str, int] = field(default_factory=dict)   # the other sets (the limiters'): entries now
 
 
 def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> NftTable:
@@ -268,6 +271,7 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
     raw: dict[str, list[tuple[str, str | None, Counter]]] = {}
     sets: dict[str, set[str]] = {}
     counters: dict[str, Counter] = {}
+    limiters: dict[str, int] = {}
     device = ""
     for obj in data:
         if "set" in obj:
@@ -279,6 +283,8 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
                     if net:
                         members.update(net.split(","))
                 sets[s["name"]] = members
+            else:
+                limiters[s["name"]] = len(s.get("elem", []))
         elif "chain" in obj:
             raw.setdefault(obj["chain"]["name"], [])
         elif "rule" in obj:
@@ -301,6 +307,9 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
                         dev = f"-{left['meta']['key'][0]} {e['match'].get('right')} "
             if target is not None and comment is None:
                 spec = dev + "-j " + _strip_family(target)[0]      # "-i eth1 -j HOSTPREP-IN", as iptables
+            elif target is not None and verdict is None and "." not in target:
+                # a jump with a comment (the SYN cookie rules), as render.nft_view_spec shows it
+                spec = f'{dev}-m comment --comment "{comment}" -j {_strip_family(target)[0]}'
             elif comment is not None and verdict is not None and target is None:
                 spec = f'-m comment --comment "{comment}" -j {verdict.upper()}'
             else:
@@ -327,7 +336,7 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
                               tuple(sorted(base[fam], key=lambda r: ("INPUT", "FORWARD", "OUTPUT").index(r.chain))
                                     + rules[fam]))
                 for fam in families}
-    return NftTable(observed, {k: frozenset(v) for k, v in sets.items()}, device, counters)
+    return NftTable(observed, {k: frozenset(v) for k, v in sets.items()}, device, counters, limiters)
 
 
 def _splice(chains: dict[str, list[tuple]]) -> dict[str, list[tuple]]:

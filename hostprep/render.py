@@ -151,10 +151,6 @@ def _set_members(c: Container, kind: str) -> list[str]:
     return [str(n) for n in ipaddress.collapse_addresses(c.networks(kind))]
 
 
-def _limiter_set(c: Container, kind: str, port: int) -> str:
-    return f"{kind}{c.family}_{c.key}_{port}"
-
-
 def _source_mask(c: Container) -> str:
     return str(ipaddress.ip_network(f"::/{c.source_prefix}").netmask) if c.family == 6 else \
         str(ipaddress.ip_network(f"0.0.0.0/{c.source_prefix}").netmask)
@@ -164,14 +160,39 @@ def _nft_rate(limits) -> str:
     return f"{limits.log_limit // 60}/second" if limits.log_limit % 60 == 0 else f"{limits.log_limit}/minute"
 
 
+def nft_synproxy_options(family: int) -> str:
+    """model.SYNPROXY_OPTIONS of ``family`` in the words of nft's synproxy statement
+    (``--mss 1460`` -> ``mss 1460``, ``--sack-perm`` -> ``sack-perm``), in nft's own order."""
+    words = SYNPROXY_OPTIONS[family].split()
+    opts: dict[str, str | None] = {}
+    for i, w in enumerate(words):
+        if w.startswith("--"):
+            nxt = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else None
+            opts[w[2:]] = nxt
+    order = ("mss", "wscale", "timestamp", "sack-perm")
+    assert set(opts) <= set(order), f"a SYNPROXY option nft's statement does not have: {opts}"
+    return " ".join(k if opts[k] is None else f"{k} {opts[k]}" for k in order if k in opts)
+
+
+def nft_limiter_set(c: Container, kind: str, port: int) -> str:
+    """The nft backend's limiter set of a container port: ``rl`` (rate), ``cl`` (connection count)."""
+    return f"{kind}{c.family}_{c.key}_{port}"
+
+
 def nft_backend_text(policy: Policy, containers: tuple[Container, ...] = ()) -> str:
     """The whole of hostprep's nft ruleset (both families, sets, the ban table, ingress) as one ``nft -f`` file."""
     containers = tuple(sorted((c for c in containers if c.hardening), key=lambda c: c.name))
     fams = [{"family": fam, "spoof_sources": SPOOF_SOURCES[fam], "ping": policy.ping_networks(fam),
+             # the same networks as one interval set (which refuses overlaps: 224/3 holds 240/5)
+             "spoof_set": [str(n) for n in ipaddress.collapse_addresses(map(ipaddress.ip_network, SPOOF_SOURCES[fam]))],
              "containers": [c for c in containers if c.family == fam]} for fam in (4, 6)]
     script = _ENV.get_template("hostprep.nft.j2").render(
         iface=policy.interface, ddos=not policy.skip_ddos, spoof=not policy.allow_private, fams=fams,
-        set_members=_set_members, limiter_set=_limiter_set, source_mask=_source_mask, nft_rate=_nft_rate)
+        set_members=_set_members, limiter_set=nft_limiter_set, source_mask=_source_mask, nft_rate=_nft_rate,
+        synproxy={fam: nft_synproxy_options(fam) for fam in (4, 6)},
+        # rules/ingress.nft.j2, included as the netdev table
+        bogus_patterns=BOGUS_TCP_FLAGS, bogus_values=[nft_tcp_flags(v) for v in bogus_flag_bytes()],
+        cookie=cookie_ports(containers), rate=SYNPROXY_RATE, burst=SYNPROXY_BURST, hold=SYNPROXY_HOLD_S)
     bans = ban_nft_text(policy.interface, containers)
     if not bans:
         return script
@@ -253,18 +274,22 @@ def ban_set_line(ban: BanSet) -> str:
 
 _NFT_CHAIN = re.compile(r"^\s*chain (\S+) \{")
 _NFT_COMMENT = re.compile(r'comment "([^"]*)"\s*$')
-_NFT_JUMP = re.compile(r"\b(?:jump|goto) (\S+)\s*$")
+_NFT_JUMP = re.compile(r'\b(?:jump|goto) (\S+)(?:\s+comment "[^"]*")?\s*$')
 _NFT_VERDICT = re.compile(r"\b(accept|drop|return)\s+comment \"")
+_NFT_SYNPROXY = re.compile(r"\bsynproxy\b[^\"]*comment \"")
 _NFT_IFNAME = re.compile(r'\b([io])ifname "([^"]+)"')
 _NFT_LOG = re.compile(r"\blog prefix \"[^\"]*\"\s+comment \"")
 
 
 def nft_view_spec(comment: str | None, verdict: str | None, target: str | None = None) -> str | None:
     """How the nft backend shows one rule to the plan and status, in the iptables spec form the
-    model holds: ``-j HOSTPREP-X`` for a jump (the family suffix dropped), else its comment and
-    verdict (``accept`` -> ``-j ACCEPT``, a log rule ``-j LOG``); None for a rule hostprep does not write."""
+    model holds: ``-j HOSTPREP-X`` for a jump (the family suffix dropped; a jump with a comment,
+    as the SYN cookie rules have, with it first), else its comment and verdict (``accept`` ->
+    ``-j ACCEPT``, a log rule ``-j LOG``, the synproxy statement ``-j SYNPROXY``); None for a
+    rule hostprep does not write."""
     if target is not None:
-        return "-j " + nft_strip_family(target)[0] if comment is None else None
+        jump = "-j " + nft_strip_family(target)[0]
+        return jump if comment is None else f'-m comment --comment "{comment}" {jump}'
     if comment is None or verdict is None:
         return None
     return f'-m comment --comment "{comment}" -j {verdict.upper()}'
@@ -325,7 +350,8 @@ def nft_view(script: str) -> dict[int, Ruleset]:
             continue
         c, j = _NFT_COMMENT.search(line), _NFT_JUMP.search(line)
         v = _NFT_VERDICT.search(line)
-        verdict = v.group(1) if v else "log" if _NFT_LOG.search(line) else None
+        verdict = (v.group(1) if v else "log" if _NFT_LOG.search(line) else
+                   "synproxy" if _NFT_SYNPROXY.search(line) else None)
         target = j.group(1) if j else None
         spec = nft_view_spec(c.group(1) if c else None, verdict, target)
         dev = _NFT_IFNAME.search(line)

@@ -123,8 +123,8 @@ class FakeNft:
     """A Runner that plays the ``nft`` binary over an in-memory ruleset: ``nft -f -`` takes the
     script hostprep renders (both tables declared, deleted, re-created: the last table blocks
     win, as in the kernel's transaction) or the removal script; ``nft -j list table inet
-    hostprep`` answers JSON built from it (comments, verdicts, jumps, the interfaces of the base
-    chains, the interval sets' members); ``nft -c`` checks nothing but is counted.  ``refuse``:
+    hostprep`` answers JSON built from it (comments, verdicts, jumps, synproxy, the interfaces of
+    the base chains, the interval sets' members); ``nft -c`` checks nothing but is counted.  ``refuse``:
     every ``nft -f`` fails as the kernel refusing the transaction (nothing changes)."""
 
     def __init__(self, refuse: bool = False) -> None:
@@ -280,6 +280,8 @@ class FakeNft:
                 rule["expr"].append({v.group(1): None})
             elif re.search(r"\blog prefix", s):
                 rule["expr"].append({"log": {}})
+            elif re.search(r"\bsynproxy\b", s):
+                rule["expr"].append({"synproxy": {}})
             out.append({"rule": rule})
         return json.dumps({"nftables": out})
 

@@ -128,3 +128,60 @@ def test_attack_section_without_the_kernel_counters_is_empty(tmp_path):
     assert (rep["conntrack"], rep["syn_cookies"], rep["ingress"], rep["bound_reached"], warns) == \
         (None, None, None, False, [])
     assert attack.ingress_reasons({"hostprep ddos: bogus tcp flags": Counter(4, 5)}) == {"bogus_flags": 4}
+
+
+# -- the native nft backend (rules/hostprep.nft.j2) ------------------------------------------
+
+def test_native_cookie_rules_per_port_and_the_synproxy_statement():
+    script = render.nft_backend_text(Policy("eth1"), (FIN, RESTRICTED, V6))
+    cookie = [ln.strip() for ln in script.splitlines() if 'comment "hostprep ddos: syn cookie for' in ln
+              or 'comment "hostprep ddos: cookie ack for' in ln]
+    flags = "tcp flags & (fin|syn|rst|ack) =="
+    assert cookie == [
+        f"ip daddr 198.51.100.10 tcp dport {p} {flags} {f} ct state {s} counter jump HOSTPREP-SYNPROXY-v4 "
+        f'comment "hostprep ddos: {what} for fin"'
+        for p in (8445, 8443) for f, s, what in (("syn", "untracked", "syn cookie"), ("ack", "invalid,new", "cookie ack"))
+    ] + [f"ip6 daddr 2001:db8:e::10 tcp dport 8445 {flags} {f} ct state {s} counter jump HOSTPREP-SYNPROXY-v6 "
+         f'comment "hostprep ddos: {what} for v6"'
+         for f, s, what in (("syn", "untracked", "syn cookie"), ("ack", "invalid,new", "cookie ack"))]
+    # the options the client sees, from model.SYNPROXY_OPTIONS (IPv6: MSS 1440)
+    assert [ln.strip() for ln in script.splitlines() if " synproxy " in ln and "#" not in ln] == [
+        'counter synproxy mss 1460 wscale 7 timestamp sack-perm comment "hostprep ddos: syn cookie"',
+        'counter synproxy mss 1440 wscale 7 timestamp sack-perm comment "hostprep ddos: syn cookie"']
+    # the spoof group first; the cookie's SYN sent by the kernel goes through the container chains
+    assert ("chain HOSTPREP-SYNPROXY-v4 {\n\t\tip saddr { 0.0.0.0/8, 10.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, "
+            "172.16.0.0/12, 192.0.2.0/24, 192.168.0.0/16, 224.0.0.0/3 } counter jump HOSTPREP-SPOOF-v4\n") in script
+    assert ("chain HOSTPREP-SYNPROXY-v6 {\n\t\tip6 saddr { ::1/128, ::ffff:0:0/96, fc00::/7, fec0::/10, ff00::/8 } "
+            "counter jump HOSTPREP-SPOOF-v6\n") in script
+    assert ("meta nfproto ipv4 tcp flags & (fin|syn|rst|ack) == syn fib saddr type != local ct state new counter "
+            "jump HOSTPREP-CONTAINERS-v4") in script
+    # the netdev table is rules/ingress.nft.j2 itself: the same cookie ports, counting and notrack
+    assert script.split(render.NFT_INGRESS_MARK)[1].split("\ntable netdev hostprep {", 1)[1] == \
+        render.nft_text(Policy("eth1"), (FIN, RESTRICTED, V6)).split("\ntable netdev hostprep {", 1)[1]
+    ingress = script.split(render.NFT_INGRESS_MARK)[1]
+    assert "elements = { 198.51.100.10 . 8445, 198.51.100.10 . 8443 }" in ingress and "9000" not in ingress
+
+
+def test_native_skip_ddos_and_allow_private():
+    e = render.nft_backend_text(Policy("eth1", skip_ddos=True), (FIN,))
+    a = render.nft_backend_text(Policy("eth1", allow_private=True), (FIN,))
+    assert ("synproxy" in e, "COOKIES" in e, "fib saddr" in e, "notrack" in e) == (False, False, False, False)
+    assert "chain HOSTPREP-SYNPROXY-v4 {\n\t\tcounter synproxy" in a and "HOSTPREP-SPOOF" not in a
+
+
+def test_native_limiter_fill_and_flooded_in_the_attack_section(tmp_path):
+    from hostprep.observed import NftObserved
+    proc, state = tmp_path / "proc", tmp_path / "state"
+    state.mkdir()
+    write_proc(proc, 10, 1000, 0, 0, 0)
+    listing = parse_nft_listing(LISTING)
+    name = render.nft_limiter_set(FIN, "rl", 8445)
+    nft = NftObserved("eth1", listing.text, listing.counters, listing.flooded, {name: 131072})
+    rep, warns = attack.section(proc, state, (FIN,), nft)
+    assert rep["limiters"] == [
+        {"container": "fin", "port": 8445, "name": name, "entries": 131072, "max": 131072},
+        {"container": "fin", "port": 8443, "name": render.nft_limiter_set(FIN, "rl", 8443), "entries": None,
+         "max": 131072}]
+    assert rep["bound_reached"] is True and rep["syn_cookies"]["flooded"] == ["198.51.100.10"]
+    assert warns[-1] == ("container fin port 8445: its rate limiter is full (131,072 of 131,072 sources): new "
+                         "sources are dropped until entries expire")

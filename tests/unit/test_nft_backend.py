@@ -60,16 +60,15 @@ def test_the_view_has_the_chains_of_the_iptables_rules():
     pol = Policy("eth1", ping=(PingSource("198.51.100.0/24", (NET("198.51.100.0/24"),)),))
     cs = (container(), container("f6", "2001:db8::10", (443,), load_balancers=(NET("2001:db8:1::/48"),)))
     ipt, nft = render.desired(pol, cs), render.nft_desired(render.desired(pol, cs))
-    cookies = ("HOSTPREP-COOKIES", "HOSTPREP-SYNPROXY")     # issue 12's SYN cookies: iptables only (yet)
     for fam in (4, 6):
-        assert [c.name for c in nft.ruleset(fam).chains] == [c.name for c in ipt.ruleset(fam).chains
-                                                             if c.name not in cookies]
-        assert nft.ruleset(fam).jumps == tuple(j for j in ipt.ruleset(fam).jumps if j.target not in cookies
-                                               and "addrtype" not in j.spec)   # the cookie's SYN (OUTPUT)
+        assert [c.name for c in nft.ruleset(fam).chains] == [c.name for c in ipt.ruleset(fam).chains]
+        # the same jumps from the base chains; the cookie's SYN in OUTPUT matched by fib, not addrtype
+        assert [(j.chain, j.target) for j in nft.ruleset(fam).jumps] == \
+            [(j.chain, j.target) for j in ipt.ruleset(fam).jumps]
+        assert [j.spec for j in nft.ruleset(fam).jumps if j.chain == "OUTPUT"] == \
+            ["-o eth1 -j HOSTPREP-OUT", "-j HOSTPREP-CONTAINERS"]
         # the same comments, in the same order, chain by chain (nft has one more: the SYN without MSS)
         for chain in ipt.ruleset(fam).chains:
-            if chain.name in cookies:
-                continue
             want = [s for s in chain.specs if "--comment" in s]
             got = [s for s in nft.ruleset(fam).chain(chain.name).specs if "--comment" in s]
             comments = [g.split('"')[1] for g in got]
@@ -130,7 +129,9 @@ def test_parse_json_sets_counters_device():
     assert table.device == "eth1"
     assert table.sets == {c.set_name("ex"): frozenset({"192.0.2.0/24", "198.51.100.9/32"})}
     assert [r.spec for r in table.observed[4].chain_rules("INPUT")] == ["-i eth1 -j HOSTPREP-IN"]
-    assert [r.spec for r in table.observed[6].chain_rules("OUTPUT")] == ["-o eth1 -j HOSTPREP-OUT"]
+    # and the jump for the SYN synproxy sends for a valid cookie (the ddos group)
+    assert [r.spec for r in table.observed[6].chain_rules("OUTPUT")] == ["-o eth1 -j HOSTPREP-OUT",
+                                                                         "-j HOSTPREP-CONTAINERS"]
 
 
 def test_parse_json_shows_a_rule_hostprep_did_not_write_as_foreign():
@@ -388,3 +389,27 @@ def test_apply_on_the_nft_backend_puts_the_nft_ban_action_in_place(tmp_path: Pat
               desired=render.desired(Policy("eth1", skip_ddos=True)), kernel=False)
     assert files.action.read_text() == f2b.action_text("nft")
     assert "fail2ban: ban action for the nft backend written" in (tmp_path / "var/log/hostprep/journal.log").read_text()
+
+
+def test_a_kernel_without_nft_synproxy_is_named_with_the_fix(tmp_path: Path, proc: Path):
+    """nft -c fails quoting the SYN cookie rule (a kernel without CONFIG_NFT_SYNPROXY): one error
+    naming it and the way out; nothing loaded."""
+    from hostprep.runner import Result
+
+    class NoSynproxy(FakeNft):
+        def run(self, argv, *, input=None, check=True, mutates=False, cwd=None):
+            if list(argv)[:3] == ["nft", "-c", "-f"]:
+                self.calls.append((list(argv), input, mutates))
+                return Result(tuple(argv), 1, "", "/dev/stdin:80:3-70: Error: Could not process rule: No such file or "
+                              "directory\n\t\tcounter synproxy mss 1460 wscale 7 timestamp sack-perm comment \"x\"\n"
+                              "\t\t^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n")
+            return super().run(argv, input=input, check=check, mutates=mutates, cwd=cwd)
+
+    fake = NoSynproxy()
+    store = Store(Paths(tmp_path))
+    with pytest.raises(CommandFailed) as err:
+        ops.apply(store, "hostprep apply -i eth1", backend=backend(fake, proc),
+                  desired=render.desired(Policy("eth1")), kernel=False)
+    assert "this kernel has no nft synproxy, CONFIG_NFT_SYNPROXY" in err.value.problem
+    assert err.value.fix.startswith("use --backend iptables on this host")
+    assert (fake.tables, fake.mutating()) == ({}, [])
