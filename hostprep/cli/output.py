@@ -66,7 +66,8 @@ def verdict_line(report: dict) -> Text:
     if nic.get("name"):
         parts.append(nic["name"])
     # the backend by the name of its tool: nftables, iptables-nft, iptables-legacy
-    parts.append("nftables" if report["backend"] == "nft" else str(report["backend"]))
+    why = (report.get("backend_choice") or {}).get("why")
+    parts.append(("nftables" if report["backend"] == "nft" else str(report["backend"])) + (f" ({why})" if why else ""))
     if last:
         parts.append(plural(len(report.get("containers") or []), "container"))
         parts.append(f"applied {short_time(last.get('time'))}")
