@@ -288,6 +288,10 @@ class IptablesBackend:
             out.append(f"{self.name}: {plural_of(len(sets), 'ipset')}")
         return out
 
+    def has_chains(self) -> bool:
+        """hostprep's chains or jumps are in this variant's filter table (either family)."""
+        return any(obs.our_chains or obs.our_jumps for obs in map(self.observe_family, self.families()))
+
     def release(self) -> None:
         """hostprep's chains and jumps removed (one restore per family), then its ipsets destroyed
         (fail2ban's ban sets too: the native backend keeps its bans in its own table)."""
@@ -545,9 +549,9 @@ class NftBackend:
         self._nft_f(["nft", "-f", "-"], "table inet hostprep\ndelete table inet hostprep\n", mutates=True)
 
     def others(self) -> list["FirewallBackend"]:
-        """The iptables variants whose save and restore tools are installed (the ipsets, which both
-        share, counted with the first)."""
-        found = self._iptables()
+        """The iptables variants whose save and restore tools are installed, the one holding hostprep's
+        chains first; the ipsets (both variants share them) count as that one's."""
+        found = sorted(self._iptables(), key=lambda be: not be.has_chains())
         for be in found[1:]:
             be.owns_sets = False
         return list(found)

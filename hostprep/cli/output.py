@@ -66,8 +66,7 @@ def verdict_line(report: dict) -> Text:
     if nic.get("name"):
         parts.append(nic["name"])
     # the backend by the name of its tool: nftables, iptables-nft, iptables-legacy
-    why = (report.get("backend_choice") or {}).get("why")
-    parts.append(("nftables" if report["backend"] == "nft" else str(report["backend"])) + (f" ({why})" if why else ""))
+    parts.append("nftables" if report["backend"] == "nft" else str(report["backend"]))
     if last:
         parts.append(plural(len(report.get("containers") or []), "container"))
         parts.append(f"applied {short_time(last.get('time'))}")
@@ -355,6 +354,11 @@ def print_status(out: Console, err: Console, report: dict, *, verbose: bool = Fa
     if fs.get("live"):
         out.print(Text.assemble(("fail-safe: LIVE", RED), " on " + ", ".join(f"IPv{f}" for f in fs["live"])
                                 + " (HOSTPREP-FAILSAFE; 'hostprep boot' replaces it with the hardening)"))
+    choice = report.get("backend_choice")
+    if choice:
+        # which backend, and why this one: asked for, remembered from the last apply, or auto
+        out.print(f"backend: {report['backend']}, {choice['why']}" + (f" ({choice['detail']})"
+                                                                      if choice.get("detail") else ""), markup=False)
     last = report.get("last_apply")
     if last:
         s = last["settings"]
