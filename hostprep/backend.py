@@ -2,7 +2,9 @@
 
 The engine (engine.py) speaks only this contract; a backend turns a plan
 (plan.ApplyPlan: what to change in hostprep's part of the kernel) into the
-kernel's own transactions.  ``for_host`` picks the backend of this host.
+kernel's own transactions.  ``choose`` picks the backend of a command (asked, remembered,
+or auto: nft where ``nft -c`` accepts PROBE_SCRIPT, else iptables) and says why.  A switch
+between backends uses ``part``/``release``/``others`` (engine.release, snapshot.holder_of).
 
 ``IptablesBackend``: ``iptables-restore --noflush`` of hostprep's own chains,
 one atomic transaction per family, its ipsets swapped in, and the nft
