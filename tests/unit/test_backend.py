@@ -308,3 +308,15 @@ def test_for_host_with_a_variant_asked_for_tries_it_alone(fake_runner, monkeypat
         for_host(runner, "iptables-nft")
     assert "tried iptables (nft variant) (" in err.value.problem
     assert for_host(runner, "legacy").variant == "legacy"
+
+
+def test_a_boot_unit_loads_the_remembered_backend_whatever_its_env_says(fake_runner, monkeypatch):
+    """hostprep boot (env=False): the unit's HOSTPREP_BACKEND is a copy of an older apply's
+    environment; the record of the last apply says which backend holds hostprep."""
+    monkeypatch.setenv("HOSTPREP_BACKEND", "nft")
+    runner = fake_runner()
+    chosen = choose(runner, remembered="legacy", env=False)
+    assert (type(chosen.backend), chosen.backend.variant, chosen.why, runner.calls) == (
+        IptablesBackend, "legacy", "remembered", [])
+    # --backend on the command line still wins
+    assert type(choose(runner, "nft", remembered="legacy", env=False).backend) is NftBackend
