@@ -146,7 +146,14 @@ def test_switch_then_rollback(hardened):
     before, before_files = full_state(host), files(host)
     lines = len(journal(host))
 
-    host.apply("--backend", new)
+    dry = host.hostprep("apply", "-i", "eth1", "--dry-run", "--backend", new)
+    said = (f"BACKEND SWITCH: the hardening moves from {NAMES[old]} to {NAMES[new]} in one change: {NAMES[new]}'s "
+            f"rules are loaded and read back first, then {NAMES[old]}'s are removed; 'hostprep rollback' (or "
+            f"--confirm) brings {NAMES[old]} back")
+    assert said in " ".join(dry.stderr.split()) and full_state(host) == before
+    res = host.apply("--backend", new)
+    assert said in " ".join(res.stderr.split())
+    assert f"backend {NAMES[old]} -> {NAMES[new]}: " in res.stdout
     assert holders(host) == owned(new)
     assert packets(host) == OPEN_CLOSED
     entry = journal(host)[lines:]
