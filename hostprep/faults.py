@@ -8,6 +8,8 @@ host, where every call here is a no-op).  Points, in the order a change passes t
   between-families  IPv4 loaded, IPv6 not yet
   before-release    a switch of backends: the new backend's rules loaded (and, on
                     iptables, read back), the old backend's part not yet removed
+                    (the native backend passes it after every nft -f: its load
+                    removes hostprep's iptables chains itself)
   before-record     every family loaded and read back, nothing recorded yet
   record            the write of the record itself (actions enospc / erofs)
   after-record      recorded, the change not yet closed
