@@ -12,7 +12,6 @@ import pytest
 from hostprep import engine, render, snapshot
 from hostprep.errors import CommandFailed
 from hostprep.model import Policy
-from hostprep.observed import NftObserved
 from hostprep.paths import Paths
 from hostprep.state import Store
 from tests.helpers import FakeKernel
