@@ -329,7 +329,9 @@ def test_failed_switch_leaves_the_old_backend_exactly(hardened, tmp_path, where)
                         env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert res.returncode != 0
     err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+    # the switch said before it starts, then one error line
+    assert len(err) == 2 and err[0].startswith("BACKEND SWITCH: ") and err[1].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
     assert full_state(host) == before
     assert files(host) == before_files
     assert holders(host) == owned(old)
