@@ -2,7 +2,9 @@
 
 The engine (engine.py) speaks only this contract; a backend turns a plan
 (plan.ApplyPlan: what to change in hostprep's part of the kernel) into the
-kernel's own transactions.  ``for_host`` picks the backend of this host.
+kernel's own transactions.  ``choose`` picks the backend of a command (asked, remembered,
+or auto: nft where ``nft -c`` accepts PROBE_SCRIPT, else iptables) and says why.  A switch
+between backends uses ``part``/``release``/``others`` (engine.release, snapshot.holder_of).
 
 ``IptablesBackend``: ``iptables-restore --noflush`` of hostprep's own chains,
 one atomic transaction per family, its ipsets swapped in, and the nft
@@ -29,6 +31,7 @@ from hostprep.model import SET_PREFIX, BanSet, Desired, is_ban_set
 from hostprep.observed import (LiveState, NftObserved, Observed, merge_ban_table, normalise_nft, parse_ipset_save,
                                parse_nft_json, parse_nft_listing, parse_save)
 from hostprep.plan import ApplyPlan
+from hostprep.plan import plural as plural_of
 from hostprep.runner import Runner
 
 VARIANTS = ("nft", "legacy")
@@ -49,6 +52,12 @@ def detect_variant(runner: Runner, override: str | None = None) -> str:
         return "legacy"
     raise CommandFailed("iptables -V", f"cannot tell the variant from {out.strip()!r}",
                         "pass --backend iptables-nft or --backend iptables-legacy")
+
+
+def installed_variants(runner: Runner, proc: Path = Path("/proc")) -> list["IptablesBackend"]:
+    """The iptables variants whose own save and restore tools are installed (iptables-nft-save, ...)."""
+    return [IptablesBackend(runner, v, proc) for v in VARIANTS
+            if runner.which(f"iptables-{v}-save") and runner.which(f"iptables-{v}-restore")]
 
 
 @dataclass
@@ -124,6 +133,18 @@ class FirewallBackend(Protocol):
         """What else on this host judges the same packets (another variant's tables): status warnings."""
         ...
 
+    def part(self) -> list[str]:
+        """What of hostprep lives in this backend's own place now (empty: nothing); the shared ingress table is no one's."""
+        ...
+
+    def release(self) -> None:
+        """Remove this backend's own part once another backend holds hostprep (a switch); the ingress table stays."""
+        ...
+
+    def others(self) -> list["FirewallBackend"]:
+        """The other backends of this host that may hold a part of hostprep (what a switch releases)."""
+        ...
+
 
 class IptablesBackend:
     """FirewallBackend: iptables-restore per family (nft or legacy variant), ipsets, the nft ingress table.
@@ -131,6 +152,8 @@ class IptablesBackend:
     The methods below the contract's are its primitives, one command each; tests
     replace them with an in-memory kernel (tests/helpers.FakeKernel).
     """
+
+    owns_sets = True        # part()/release() include the ipsets (shared by both variants: one of them has them)
 
     def __init__(self, runner: Runner, variant: str, proc: Path = Path("/proc")) -> None:
         self.runner = runner
@@ -253,6 +276,40 @@ class IptablesBackend:
             except HostprepError as err:
                 failed.append(f"nft: {err}")
         return failed
+
+    def part(self) -> list[str]:
+        """hostprep's chains and jumps per family (the fail-safe's too) and its ipsets."""
+        out: list[str] = []
+        for fam in self.families():
+            obs = self.observe_family(fam)
+            if obs.our_chains or obs.our_jumps:
+                out.append(f"{self.name} IPv{fam}: {plural_of(len(obs.our_chains), 'chain')}, "
+                           f"{plural_of(len(obs.our_jumps), 'jump')}")
+        sets = [n for n in self.ipset_observe() if not n.endswith(planmod.TEMP_SUFFIX)] if self.owns_sets else []
+        if sets:
+            out.append(f"{self.name}: {plural_of(len(sets), 'ipset')}")
+        return out
+
+    def has_chains(self) -> bool:
+        """hostprep's chains or jumps are in this variant's filter table (either family)."""
+        return any(obs.our_chains or obs.our_jumps for obs in map(self.observe_family, self.families()))
+
+    def release(self) -> None:
+        """hostprep's chains and jumps removed (one restore per family), then its ipsets destroyed
+        (fail2ban's ban sets too: the native backend keeps its bans in its own table)."""
+        for fam in self.families():
+            obs = self.observe_family(fam)
+            if obs.our_chains or obs.our_jumps:
+                self.restore(fam, planmod.restore_text(planmod.plan_family(None, obs), None))
+        left = [n for n in self.ipset_observe() if not self.ipset_destroy(n)] if self.owns_sets else []
+        if left:
+            raise CommandFailed("ipset destroy", f"{', '.join(sorted(left))} could not be destroyed (still "
+                                "referenced?)", "see 'ipset list -n' and 'iptables -S'")
+
+    def others(self) -> list["FirewallBackend"]:
+        """The native backend, where nft is installed (a switch between the iptables variants, which
+        share the ipsets, is not one hostprep makes: see README "Choosing a backend")."""
+        return [NftBackend(self.runner, self.proc)] if self.runner.which("nft") else []
 
     # -- tool names ------------------------------------------------------
     def tool(self, family: int, kind: str) -> str:
@@ -380,6 +437,10 @@ class NftBackend:
     """
 
     variant = NATIVE
+    # load() removes hostprep's iptables chains itself, right after the nft transaction (the
+    # fail-safe a boot unit loaded included); release() of the iptables backend then destroys
+    # the ipsets.  The fault point "before-release" is in load() for this backend.
+    releases_in_load = True
 
     def __init__(self, runner: Runner, proc: Path = Path("/proc"), sys_net: Path = Path("/sys/class/net")) -> None:
         self.runner = runner
@@ -441,13 +502,25 @@ class NftBackend:
     def load(self, plan: ApplyPlan, staged: Staged) -> None:
         """ONE ``nft -f``: both families, the sets, the ingress table; the kernel takes all or nothing."""
         staged.nft_touched = True
+        script = self.script(plan)
         try:
-            self._nft_f(["nft", "-f", "-"], self.script(plan), mutates=True)
-            self.remove_iptables_part()      # applied or flushed: hostprep's iptables part goes too
+            self._nft_f(["nft", "-f", "-"], script, mutates=True)
         except HostprepError as err:
             raise CommandFailed(err.field, f"{err.problem}; the kernel refused the whole transaction, the "
                                 "previous rules are in place", err.fix or
                                 "nothing of this change was loaded; fix the cause and run again") from None
+        # The tables are in (nft -f returns 0 only once the kernel committed the whole
+        # transaction); read back before the iptables part goes: never neither.
+        if script != NFT_REMOVE and self._list(["list", "table", *INET_TABLE]) is None:
+            self.undo(plan, staged)
+            raise CommandFailed("nft -f", "the kernel does not list table inet hostprep after loading it; the "
+                                "previous rules are back", "run 'hostprep status' and report this")
+        faults.hit("before-release")
+        try:
+            self.remove_iptables_part()      # applied or flushed: hostprep's iptables part goes too
+        except HostprepError as err:
+            raise CommandFailed(err.field, f"{err.problem}; removing hostprep's iptables chains after the nft "
+                                "load failed", "the change is undone; fix the cause and run again") from None
 
     def undo(self, plan: ApplyPlan, staged: Staged) -> list[str]:
         """The tables as they were in ``plan.live``, in one ``nft -f`` again."""
@@ -488,10 +561,25 @@ class NftBackend:
                                 f"({', '.join(sorted(tables))}): they judge every packet as well")
         return warnings
 
+    def part(self) -> list[str]:
+        """The ``inet hostprep`` table (the netdev ingress table is shared with the iptables backend)."""
+        return ["nft: table inet hostprep"] if self._list(["list", "table", *INET_TABLE]) is not None else []
+
+    def release(self) -> None:
+        """``table inet hostprep`` deleted in one ``nft -f`` (declared first: absent is no error)."""
+        self._nft_f(["nft", "-f", "-"], "table inet hostprep\ndelete table inet hostprep\n", mutates=True)
+
+    def others(self) -> list["FirewallBackend"]:
+        """The iptables variants whose save and restore tools are installed, the one holding hostprep's
+        chains first; the ipsets (both variants share them) count as that one's."""
+        found = sorted(self._iptables(), key=lambda be: not be.has_chains())
+        for be in found[1:]:
+            be.owns_sets = False
+        return list(found)
+
     # -- hostprep's iptables part (the fail-safe, an earlier iptables apply) ------------
     def _iptables(self) -> list["IptablesBackend"]:
-        return [IptablesBackend(self.runner, v, self.proc) for v in VARIANTS
-                if self.runner.which(f"iptables-{v}-save") and self.runner.which(f"iptables-{v}-restore")]
+        return installed_variants(self.runner, self.proc)
 
     def remove_iptables_part(self) -> None:
         """hostprep's chains and jumps in iptables removed, once the nft tables hold the policy: the
@@ -643,31 +731,118 @@ def for_variant(runner: Runner, variant: str | None) -> FirewallBackend:
     return IptablesBackend(runner, variant or detect_variant(runner))
 
 
-def candidates(runner: Runner, variant: str | None = None, remembered: str | None = None) -> list[FirewallBackend]:
-    """The backends to try, in order: the one asked for (--backend, HOSTPREP_BACKEND) alone;
-    ``iptables``: the variant ``iptables -V`` names; nothing asked: iptables as ``iptables -V``
-    says (each variant without an ``iptables`` command).  The native nft backend is chosen
-    only when asked for, or when the last apply used it (``remembered``: applied.json's
-    "backend"); README "Choosing a backend" says why auto is iptables still."""
-    if variant is not None:
-        choice = resolve_choice(variant)
-    else:
-        choice = resolve_choice(os.environ.get("HOSTPREP_BACKEND"), "HOSTPREP_BACKEND")
-    if choice == "nft" or (choice is None and remembered == NATIVE):
-        return [NftBackend(runner)]
-    if choice in ("iptables-nft", "iptables-legacy"):
-        return [IptablesBackend(runner, choice.split("-", 1)[1])]
-    if choice is None and runner.which("iptables") is None:
+# What hostprep's nft script needs from nft and the kernel, in one script checked with
+# ``nft -c`` (the kernel validates the whole transaction and aborts it: nothing changes):
+# an inet table, a netdev ingress hook (on lo: every namespace has it), dynamic sets with
+# and without timeout (the limiters), ct count, synproxy, notrack.  RHEL 9's 5.14 has all.
+PROBE_SCRIPT = """table inet hostprep_probe {
+	set cl {
+		type ipv4_addr
+		size 16
+		flags dynamic
+	}
+	set rl {
+		type ipv6_addr
+		size 16
+		flags dynamic,timeout
+		timeout 1000ms
+	}
+	chain raw {
+		type filter hook prerouting priority raw; policy accept;
+		tcp dport 9 tcp flags syn notrack
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		tcp dport 9 ct state invalid,untracked synproxy mss 1460 wscale 7 timestamp sack-perm
+		tcp dport 9 add @cl { ip saddr ct count over 4 } drop
+		tcp dport 9 update @rl { ip6 saddr limit rate 5/second burst 5 packets } accept
+	}
+}
+table netdev hostprep_probe {
+	chain ingress {
+		type filter hook ingress device "lo" priority -500; policy accept;
+		ip frag-off & 0x3fff != 0 drop
+	}
+}
+"""
+
+
+def nft_probe(runner: Runner) -> str | None:
+    """None when ``nft -c`` accepts PROBE_SCRIPT (nft and the kernel have what hostprep needs), else why not."""
+    if runner.which("nft") is None:
+        return "nft is not installed"
+    res = runner.run(["nft", "-c", "-f", "-"], input=PROBE_SCRIPT, check=False)
+    if res.returncode == 0:
+        return None
+    lines = (res.stderr or "").strip().splitlines()
+    return "nft -c refused the probe: " + next((ln.strip() for ln in lines if "Error:" in ln),
+                                               lines[-1].strip() if lines else f"exit {res.returncode}")
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The backend of a command and why: ``asked`` (--backend, HOSTPREP_BACKEND), ``remembered``
+    (applied.json: the backend the last apply used) or ``auto`` (this host); ``detail`` says more."""
+
+    backend: "FirewallBackend"
+    why: str
+    detail: str = ""
+
+    @property
+    def reason(self) -> str:
+        return f"{self.why} ({self.detail})" if self.detail else self.why
+
+
+def choose(runner: Runner, variant: str | None = None, remembered: str | None = None, *,
+           env: bool = True) -> Chosen:
+    """The backend of this host, in this order:
+
+    1. asked for: ``variant`` (--backend), else HOSTPREP_BACKEND; ``iptables`` is the variant
+       ``iptables -V`` names;
+    2. remembered: the backend the last apply recorded (applied.json "backend": ``nftables``,
+       or the iptables variant ``nft``/``legacy``), so a host stays on its backend;
+    3. auto: the native nft backend when ``nft -c`` accepts PROBE_SCRIPT, else iptables as
+       ``iptables -V`` says (each variant whose tools exist, without an ``iptables`` command).
+
+    ``env``: False ignores HOSTPREP_BACKEND (a boot unit's copy of the environment of an apply
+    made before the last one).  Every candidate must pass is_supported(); none does: an error
+    naming each one tried."""
+    asked = resolve_choice(variant) if variant is not None else \
+        resolve_choice(os.environ.get("HOSTPREP_BACKEND"), "HOSTPREP_BACKEND") if env else None
+    if asked is not None:
+        if asked == "nft":
+            tried: list[FirewallBackend] = [NftBackend(runner)]
+        elif asked in ("iptables-nft", "iptables-legacy"):
+            tried = [IptablesBackend(runner, asked.split("-", 1)[1])]
+        else:
+            tried = _iptables_by_version(runner)
+        how = "--backend" if variant is not None else "HOSTPREP_BACKEND"
+        return _first(tried, "asked", f"{how} {asked}")
+    if remembered == NATIVE:
+        return _first([NftBackend(runner)], "remembered", "the last apply used it")
+    if remembered in VARIANTS:
+        return _first([IptablesBackend(runner, remembered)], "remembered", "the last apply used it")
+    why_not = nft_probe(runner)
+    if why_not is None:
+        return _first([NftBackend(runner)], "auto", "nft and the kernel have every feature hostprep uses")
+    return _first(_iptables_by_version(runner), "auto", why_not)
+
+
+def _iptables_by_version(runner: Runner) -> list[FirewallBackend]:
+    if runner.which("iptables") is None:
         return [IptablesBackend(runner, v) for v in VARIANTS]
     return [IptablesBackend(runner, detect_variant(runner))]
 
 
-def for_host(runner: Runner, variant: str | None = None, remembered: str | None = None) -> FirewallBackend:
-    """The first of ``candidates`` whose is_supported() holds; none: an error naming each one tried."""
-    tried = candidates(runner, variant, remembered)
+def _first(tried: list[FirewallBackend], why: str, detail: str) -> Chosen:
     for backend in tried:
         if backend.is_supported():
-            return backend
+            return Chosen(backend, why, detail)
     raise NoBackend("firewall backend", "no backend fits this host: tried " + ", ".join(b.describe() for b in tried)
                     + " (the restore/save tools or nft are not installed)",
                     "install them: dnf install iptables-nft nftables  or  apt-get install iptables nftables")
+
+
+def for_host(runner: Runner, variant: str | None = None, remembered: str | None = None) -> FirewallBackend:
+    """The backend ``choose`` picks."""
+    return choose(runner, variant, remembered).backend

@@ -120,12 +120,14 @@ def converge(backend: FirewallBackend, store: Store, desired: Desired | None, co
     or applied.json unusable).  ``keep_nft``: the live nft table is left as it is
     (boot, when the external NIC is absent or another device).
     """
+    holders = holding_others(backend)
     plan = make_plan(backend, desired, recorded_nft, keep_nft=keep_nft)
-    if plan.empty:
+    if plan.empty and not holders:
         store.journal(command, "nothing changed", "ok")
         return Outcome(False, [], [], plan.live, plan.live)
     try:
-        done = load_verified(backend, plan, desired, keep_nft=keep_nft)
+        done = load_verified(backend, plan, desired, keep_nft=keep_nft) if not plan.empty else \
+            Verified(plan, Staged(), plan.live, [])
     except HostprepError as err:
         store.journal(command, "; ".join(plan.actions()), f"failed: {err.line()}")
         err.journalled = True
@@ -138,6 +140,46 @@ def converge(backend: FirewallBackend, store: Store, desired: Desired | None, co
                                       + f"; {state}", "run 'hostprep status' and report this")
         failed_verify.journalled = True
         raise failed_verify
+    actions = plan.actions()
+    if holders:
+        # A switch: the new backend holds hostprep (loaded and read back above); only now
+        # does the old one's part go.  Never both half, never neither; a failure here is
+        # undone by the change (txn), which puts the old backend back.
+        actions.append(release(backend, holders, store, command))
     faults.hit("before-record")
-    store.journal(command, "; ".join(plan.actions()), "ok")
-    return Outcome(True, plan.actions(), done.warnings, plan.live, done.after, plan.summary())
+    store.journal(command, "; ".join(actions), "ok")
+    return Outcome(True, actions, done.warnings, plan.live, done.after,
+                   plan.summary() + (f"; {actions[-1]}" if holders else ""))
+
+
+def holding_others(backend: FirewallBackend) -> list[tuple[FirewallBackend, list[str]]]:
+    """The other backends that hold a part of hostprep now, with what they hold."""
+    out = []
+    for other in backend.others():
+        part = other.part()
+        if part:
+            out.append((other, part))
+    return out
+
+
+def release(backend: FirewallBackend, holders: list[tuple[FirewallBackend, list[str]]], store: Store,
+            command: str) -> str:
+    """The old backends' parts removed, once ``backend`` holds hostprep; read back; the journal's words."""
+    for other, _ in holders:
+        if not getattr(backend, "releases_in_load", False):
+            faults.hit("before-release")        # (the native backend's load has this point itself)
+        try:
+            other.release()
+            left = other.part()
+        except HostprepError as err:
+            store.journal(command, f"backend {other.name} -> {backend.name}: removing {other.name}'s part",
+                          f"failed: {err.line()}")
+            raise
+        if left:
+            store.journal(command, f"backend {other.name} -> {backend.name}: removing {other.name}'s part",
+                          "failed: still there: " + "; ".join(left))
+            raise CommandFailed("switch", f"{other.name} still holds {'; '.join(left)} after removing it",
+                                "run 'hostprep status' and report this")
+    names = ", ".join(dict.fromkeys(o.name for o, _ in holders))
+    return (f"backend {names} -> {backend.name}: {backend.name} loaded and read back, then removed "
+            + "; ".join(p for _, part in holders for p in part))

@@ -6,6 +6,10 @@ host, where every call here is a no-op).  Points, in the order a change passes t
   locked            the lock is held, nothing done yet
   before-load       snapshot saved, transactions tested, nothing loaded
   between-families  IPv4 loaded, IPv6 not yet
+  before-release    a switch of backends: the new backend's rules loaded (and, on
+                    iptables, read back), the old backend's part not yet removed
+                    (the native backend passes it after every nft -f: its load
+                    removes hostprep's iptables chains itself)
   before-record     every family loaded and read back, nothing recorded yet
   record            the write of the record itself (actions enospc / erofs)
   after-record      recorded, the change not yet closed
@@ -26,7 +30,7 @@ import signal
 import time
 from pathlib import Path
 
-POINTS = ("locked", "before-load", "between-families", "before-record", "record", "after-record")
+POINTS = ("locked", "before-load", "between-families", "before-release", "before-record", "record", "after-record")
 
 
 def _wanted(point: str) -> str | None:

@@ -173,8 +173,20 @@ class Snapshot:
         return out
 
 
+def holder_of(backend):
+    """The backend that holds hostprep's part now: ``backend``, or (before a switch of backends)
+    the other one that holds it; ``backend`` when none holds anything."""
+    if backend is None or backend.part():
+        return backend
+    return next((other for other in backend.others() if other.part()), backend)
+
+
 def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = "") -> Snapshot:
-    """hostprep's part of the host as it is now (the parts this change may touch)."""
+    """hostprep's part of the host as it is now (the parts this change may touch), read through
+    the backend that holds it (holder_of): a switch's snapshot names the old backend, so that
+    rolling it back (or recovering it) puts the old backend back."""
+    if firewall:
+        backend = holder_of(backend)
     snap: dict = {"version": SNAPSHOT_VERSION, "time": now(), "command": command, "pid": os.getpid(),
                   "backend": backend.variant if backend is not None else None}
     if firewall:
@@ -308,6 +320,7 @@ def restore(backend, store: Store, snap: Snapshot, sys_net: Path = Path("/sys/cl
                 target = dataclasses.replace(target, nft=NftIngress(live_nft.device, ""))
                 rec = NftRecord("", live_nft.text)
             notes.append(f"nft table: {snap.nft.device} is not present, left to hostprep-nic@")
+        holders = engine.holding_others(be)      # the backend switched to, if the change was a switch
         plan = engine.make_plan(be, target, rec)
         if not plan.empty:
             done = engine.load_verified(be, plan, target)
@@ -318,6 +331,9 @@ def restore(backend, store: Store, snap: Snapshot, sys_net: Path = Path("/sys/cl
                                     + ("; undo failed: " + "; ".join(failed) if failed else ""),
                                     "run 'hostprep status' and report this")
             notes += plan.notes()
+        if holders:
+            # the snapshot's backend holds hostprep again (read back above); then the other goes
+            notes.append(engine.release(be, holders, store, "restore"))
     if snap.sysctl is not None:
         k = sysctl.Kernel()
         errors = []

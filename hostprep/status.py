@@ -81,11 +81,13 @@ def _container_report(c, observed: Observed | None, desired_rs) -> dict:
     }
 
 
-def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
+def collect(runner: Runner, backend: FirewallBackend, store: Store, chosen=None) -> dict:
+    """``chosen``: backend.Chosen, why this backend (asked, remembered, auto) for "backend_choice"."""
     warnings = service_warnings(runner) + backend.other_firewalls()
     remembered = store.settings()
     record = records.load_applied(store)
     report: dict = {"schema": SCHEMA_VERSION, "backend": backend.name, "warnings": warnings,
+                    "backend_choice": {"why": chosen.why, "detail": chosen.detail} if chosen is not None else None,
                     "settings": remembered.to_dict() if remembered is not None else None, "last_apply": None,
                     "nic": None, "families": {},
                     "fragments": None, "ipv6_parity": None, "containers": [], "problems": []}
@@ -102,6 +104,14 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store) -> dict:
         problems.append("hostprep is not applied (settings remembered): run 'hostprep apply'")
     elif not (remembered is not None and remembered.kernel):
         problems.append("nothing applied yet: run 'hostprep apply -i <external NIC>'")
+    if not getattr(backend, "releases_in_load", False):
+        # Another backend holds a part too (an interrupted switch); the native backend's own
+        # view shows hostprep's iptables chains already.
+        for other in backend.others():
+            part = other.part()
+            if part:
+                problems.append(f"hostprep's {other.name} part is live too ({'; '.join(part)}): the next "
+                                f"hostprep change removes it (one backend holds hostprep: {backend.name})")
     iface = (record.interface if record else None) or \
         (remembered.firewall.interface if remembered is not None and remembered.firewall else None)
     if iface:

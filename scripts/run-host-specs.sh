@@ -33,12 +33,11 @@ name="hpspec$$"
 # user may have prepared under /var/tmp).
 root=$(mktemp -d "/var/tmp/$name.XXXXXX")
 standin=$(mktemp -d "/var/tmp/$name-procsys.XXXXXX")
-backend_opt=()
-envs=(HOSTPREP_ROOT="$root" HOSTPREP_PROC_SYS_NONNET="$standin" SSH_CONNECTION=)
-if [ -n "${HOSTPREP_BACKEND:-}" ]; then
-    backend_opt=(--backend "$HOSTPREP_BACKEND")
-    envs+=(HOSTPREP_BACKEND="$HOSTPREP_BACKEND")
-fi
+# The specs read iptables (iptables -S, ipset): hostprep runs its iptables backend here,
+# the variant asked for (hostprep's names: its own "nft" is the native nftables backend).
+hp_backend="iptables${HOSTPREP_BACKEND:+-$HOSTPREP_BACKEND}"
+backend_opt=(--backend "$hp_backend")
+envs=(HOSTPREP_ROOT="$root" HOSTPREP_PROC_SYS_NONNET="$standin" SSH_CONNECTION= HOSTPREP_BACKEND="$hp_backend")
 
 # The profile's keys that are not per network namespace's net.*: they go to the stand-in.
 mapfile -t nonnet < <("$py" -c 'from hostprep import sysctl
@@ -109,7 +108,7 @@ in_sandbox "$py" -m hostprep container up finesse \
 
 # 4. the specs, inside the sandbox host namespace
 rc=0
-in_sandbox HOSTPREP_CMD="$py -m hostprep" \
+in_sandbox HOSTPREP_CMD="$py -m hostprep" HOSTPREP_BACKEND="${HOSTPREP_BACKEND:-}" \
     "$py" -m pytest tests/host --hosts=local:// -q -p no:cacheprovider -rfEs || rc=$?
 if [ "$rc" = 5 ]; then
     echo "run-host-specs.sh: pytest collected no host spec: that is a failure here" >&2

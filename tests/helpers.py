@@ -55,6 +55,7 @@ class FakeKernel(IptablesBackend):
     nft_deleted: int = 0
     ipset_scripts: list[str] = field(default_factory=list)
     destroyed: list[str] = field(default_factory=list)
+    other_backends: list = field(default_factory=list)
 
     @classmethod
     def holding(cls, desired: Desired, **kw) -> "FakeKernel":
@@ -100,6 +101,10 @@ class FakeKernel(IptablesBackend):
 
     def other_firewalls(self) -> list[str]:
         return []
+
+    def others(self) -> list:
+        """The other backends of this fake host (a test of a switch sets them)."""
+        return self.other_backends
 
 
 def saved(desired: Desired, family: int) -> Observed:

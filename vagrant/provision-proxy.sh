@@ -221,8 +221,11 @@ curl -fsS -o /dev/null "$url" || die "the stand-in does not answer on $url"
 # drops private sources on the external NIC, so without -a every packet of the
 # client would be dropped there and the probes would measure only that.
 # -p: the client's first address may ping; its second address may not.
-say "hostprep apply -i $ext -y -k -a -p $PING_FROM"
-"$HOSTPREP" apply -i "$ext" -y -k -a -p "$PING_FROM"
+# --backend iptables: the host specs (tests/host) and run-bed's checks read iptables
+# (iptables -S, ipset); without it the automatic choice takes the native nft backend
+# here (Debian 12's kernel and nft pass its probe).  Later applies keep the remembered one.
+say "hostprep apply -i $ext -y -k -a -p $PING_FROM --backend iptables"
+"$HOSTPREP" apply -i "$ext" -y -k -a -p "$PING_FROM" --backend iptables
 
 # --- 6. hostprep container up finesse -------------------------------------------------
 mkdir -p "$LAB"

@@ -14,7 +14,7 @@ from hostprep import engine
 from hostprep import fail2ban as f2b
 from hostprep import nic as nicmod
 from hostprep import ops, persist, records, render, selinux, settings
-from hostprep.backend import FirewallBackend
+from hostprep.backend import FirewallBackend, name_of
 from hostprep.errors import HostprepError, InputError, RefusedError, StateError
 from hostprep.model import Desired, Policy
 from hostprep.observed import LiveState, Observed
@@ -157,6 +157,15 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
                                dry_run=dry_run):
         containers = tuple(store.containers().values())
     moving_from = nic_switch_guard(store, info, containers, yes=yes, switch_nic=switch_nic)
+    switching = None
+    with unreadable_in_dry_run("the backend of the last apply cannot be read", dry_run=dry_run):
+        record = records.load_applied(store, tolerant=True)
+        if record is not None and record.backend not in (None, be.variant):
+            switching = name_of(record.backend)
+    if switching:
+        say(err, "yellow", "BACKEND SWITCH:", f"the hardening moves from {switching} to {be.name} in one change: "
+            f"{be.name}'s rules are loaded and read back first, then {switching}'s are removed; 'hostprep "
+            f"rollback' (or --confirm) brings {switching} back")
     desired = render.desired(policy, containers)
     if dry_run:
         try:
@@ -171,6 +180,7 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
         out.print("dry run: nothing was changed")
         return None
     confirm(f"Move the hardening from {moving_from} to {info.name} (backend {be.name})?" if moving_from else
+            f"Switch the hardening on {info.name} from {switching} to {be.name}?" if switching else
             f"Apply the hardening on {info.name} (backend {be.name})?", yes=yes)
     return Prepared(info, be, desired)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 from typing import Optional
 
@@ -17,7 +16,7 @@ from rich.text import Text
 from hostprep import __version__
 from hostprep.exits import EXIT_SIGINT, broken_pipe
 from hostprep import ops, timers
-from hostprep.backend import CHOICES, FirewallBackend, for_host, resolve_choice
+from hostprep.backend import CHOICES, Chosen, FirewallBackend, choose, resolve_choice
 from hostprep.errors import HostprepError, InputError, PermissionNeeded, RefusedError, StateError
 from hostprep.state import Store
 from hostprep.cli.output import err, out, say
@@ -108,7 +107,8 @@ def backend_cb(value: Optional[str]) -> Optional[str]:
 BackendOpt = typer.Option(None, "--backend", metavar="|".join(CHOICES), callback=backend_cb,
                           help="Firewall backend: nft (native nftables, one inet table), iptables (the "
                                "variant 'iptables -V' says), iptables-nft or iptables-legacy; 'legacy' is "
-                               "iptables-legacy. Default: iptables as 'iptables -V' says; env HOSTPREP_BACKEND. "
+                               "iptables-legacy. Default: the backend the last apply used, else nft where "
+                               "nft and the kernel support it (nft -c), else iptables; env HOSTPREP_BACKEND. "
                                "Before the native backend, 'nft' meant iptables-nft.")
 
 
@@ -167,14 +167,17 @@ def working(what: str):
 
 
 def pick_backend(runner, choice: Optional[str], *, unit: bool = False) -> FirewallBackend:
-    """The backend of this command: --backend/HOSTPREP_BACKEND, else the native nft backend when the
-    last apply used it (applied.json), else iptables as 'iptables -V' says.
+    """The backend of this command (choose_backend)."""
+    return choose_backend(runner, choice, unit=unit).backend
 
-    ``unit``: run by a boot unit.  Units written before the native backend carry
-    HOSTPREP_BACKEND=nft meaning the iptables nft variant; when the record says an iptables
-    variant was applied, that is what the unit meant (an apply since would have rewritten the
-    unit with the new name, or recorded the native backend)."""
-    from hostprep.backend import VARIANTS
+
+def choose_backend(runner, choice: Optional[str], *, unit: bool = False) -> Chosen:
+    """The backend of this command and why (backend.choose): --backend/HOSTPREP_BACKEND, else the
+    backend the last apply used (applied.json), else nft where nft and the kernel have what
+    hostprep needs (``nft -c`` of a probe), else iptables as 'iptables -V' says.
+
+    ``unit``: run by a boot unit: the recorded backend wins over the unit's HOSTPREP_BACKEND
+    (units written before the native backend carry HOSTPREP_BACKEND=nft meaning iptables-nft)."""
     from hostprep.paths import Paths
     from hostprep.state import Store
     try:
@@ -183,6 +186,9 @@ def pick_backend(runner, choice: Optional[str], *, unit: bool = False) -> Firewa
         d = {}
     remembered = d.get("backend") if isinstance(d, dict) else None
     remembered = remembered if isinstance(remembered, str) else None
-    if unit and choice is None and os.environ.get("HOSTPREP_BACKEND") == "nft" and remembered in VARIANTS:
-        choice = f"iptables-{remembered}"
-    return for_host(runner, choice, remembered=remembered)
+    if unit and choice is None and remembered is not None:
+        # A boot unit loads what the last apply recorded: the HOSTPREP_BACKEND it carries is a
+        # copy of an apply's environment (and "nft" meant iptables-nft in units written before
+        # the native backend); an apply --backend since has recorded its backend.
+        return choose(runner, None, remembered=remembered, env=False)
+    return choose(runner, choice, remembered=remembered)

@@ -354,6 +354,11 @@ def print_status(out: Console, err: Console, report: dict, *, verbose: bool = Fa
     if fs.get("live"):
         out.print(Text.assemble(("fail-safe: LIVE", RED), " on " + ", ".join(f"IPv{f}" for f in fs["live"])
                                 + " (HOSTPREP-FAILSAFE; 'hostprep boot' replaces it with the hardening)"))
+    choice = report.get("backend_choice")
+    if choice:
+        # which backend, and why this one: asked for, remembered from the last apply, or auto
+        out.print(f"backend: {report['backend']}, {choice['why']}" + (f" ({choice['detail']})"
+                                                                      if choice.get("detail") else ""), markup=False)
     last = report.get("last_apply")
     if last:
         s = last["settings"]

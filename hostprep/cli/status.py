@@ -12,7 +12,7 @@ from hostprep import status as statusmod
 from hostprep.paths import Paths
 from hostprep.runner import Runner
 from hostprep.state import Store
-from hostprep.cli.common import EXAMPLES, BackendOpt, app, handle_errors, need_root, pick_backend
+from hostprep.cli.common import EXAMPLES, BackendOpt, app, handle_errors, need_root, choose_backend
 from hostprep.cli.output import err, out, print_status
 
 
@@ -30,8 +30,8 @@ def status_cmd(
     """
     need_root("status")
     runner = Runner()
-    be = pick_backend(runner, backend)
-    report = statusmod.collect(runner, be, Store(Paths.from_env()))
+    chosen = choose_backend(runner, backend)
+    report = statusmod.collect(runner, chosen.backend, Store(Paths.from_env()), chosen=chosen)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

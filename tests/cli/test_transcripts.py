@@ -25,9 +25,15 @@ def test_status_after_flush(transcript, check_golden):
 def test_status_with_drift(transcript, host, check_golden):
     transcript.run("apply", "-i", "eth1", "-y")
     transcript.note("an admin deletes one rule of HOSTPREP-SSH by hand")
-    rule = next(ln for ln in host.save(4, counters=False).splitlines() if ln.startswith("-A HOSTPREP-SSH "))
-    host.run(host.box.host, [tool(host.variant, 4, "restore"), "--noflush"],
-             input=f"*filter\n-D {rule[3:]}\nCOMMIT\n")
+    if host.native:
+        listing = host.run(host.box.host, ["nft", "-a", "list", "chain", "inet", "hostprep", "HOSTPREP-SSH-v4"]).stdout
+        handle = next(ln.rsplit("# handle ", 1)[1] for ln in listing.splitlines()
+                      if "# handle " in ln and "hostprep ssh" in ln)
+        host.run(host.box.host, ["nft", "delete", "rule", "inet", "hostprep", "HOSTPREP-SSH-v4", "handle", handle])
+    else:
+        rule = next(ln for ln in host.save(4, counters=False).splitlines() if ln.startswith("-A HOSTPREP-SSH "))
+        host.run(host.box.host, [tool(host.variant, 4, "restore"), "--noflush"],
+                 input=f"*filter\n-D {rule[3:]}\nCOMMIT\n")
     transcript.run("status", check_code=1)
     transcript.run("apply", "--dry-run", "-i", "eth1", "-y")
     check_golden("status_with_drift", transcript.text())

@@ -127,7 +127,8 @@ class HardenedHost:
         return "hostprep" if self.host.exists("hostprep") else "python3 -m hostprep"
 
     def hostprep(self, args: str):
-        env = {"HOSTPREP_ROOT": self.root, "HOSTPREP_BACKEND": self.backend,
+        # (hostprep's own names: its "nft" is the native backend now)
+        env = {"HOSTPREP_ROOT": self.root, "HOSTPREP_BACKEND": f"iptables-{self.backend}" if self.backend else None,
                "HOSTPREP_PROC_SYS_NONNET": self.nonnet, "HOSTPREP_SELINUXFS": os.environ.get("HOSTPREP_SELINUXFS")}
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if v)
         return self.host.run(f"env {prefix} {self.hostprep_cmd()} {args}")

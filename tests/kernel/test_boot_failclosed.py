@@ -21,14 +21,26 @@ HOST4 = "198.51.100.10"
 EMPTY_FILTER = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
 
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
 def wipe(host) -> None:
-    """What `systemctl restart iptables` does to the filter table (hostprep's chains gone)."""
+    """What `systemctl restart iptables` does to the filter table (hostprep's chains gone); on
+    the native backend what `systemctl restart nftables` does to hostprep's tables (its
+    ExecStop is `nft flush ruleset`; only hostprep's two tables are deleted here)."""
+    if host.native:
+        for table in ("inet", "netdev"):
+            host.run(host.box.host, ["nft", "delete", "table", table, "hostprep"])
+        assert host.nft_state() is None
+        return
     for fam, tool in ((4, "iptables"), (6, "ip6tables")):
         host.run(host.box.host, [f"{tool}-{host.variant}-restore"], input=EMPTY_FILTER)
     assert "HOSTPREP" not in host.save(4) + host.save(6)
 
 
 def jumps(host) -> list[list[str]]:
+    if host.native:
+        return [[f"-A INPUT {r.spec}" for r in host.observed(fam).chain_rules("INPUT")] for fam in (4, 6)]
     return [[ln for ln in host.save(fam, counters=False).splitlines() if ln.startswith("-A INPUT ")]
             for fam in (4, 6)]
 
@@ -54,7 +66,8 @@ def test_a_broken_container_record_leaves_its_ports_closed_and_the_rest_loaded(h
     assert res.returncode == 1
     assert [ln for ln in res.stderr.splitlines() if str(bad) in ln] != []
     assert jumps(host) == [["-A INPUT -i eth1 -j HOSTPREP-IN"]] * 2
-    assert "HOSTPREP-C-ids" in host.save(4) and "HOSTPREP-C-fin" not in host.save(4)
+    chains = host.observed(4).chains
+    assert "HOSTPREP-C-ids" in chains and "HOSTPREP-C-fin" not in chains
     assert (answered(host, 8446), answered(host, 8445), answered(host, 22)) == (True, False, False)
 
 

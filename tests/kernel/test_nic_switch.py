@@ -9,6 +9,14 @@ from pathlib import Path
 
 from hostprep.sandbox import HOST_EXT4
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
+
+def jumps(host, family: int) -> list[str]:
+    """The jumps into hostprep's chains from INPUT (as the backend reads them: iptables-save, or
+    the native table's base chain seen per family)."""
+    return [r.spec for r in host.observed(family).chain_rules("INPUT") if "HOSTPREP" in r.spec]
+
 
 def finesse(host, tmp_path: Path) -> None:
     env = tmp_path / "finesse.env"
@@ -20,7 +28,7 @@ def test_switching_the_nic_is_said_and_needs_switch_nic_with_yes(host, tmp_path)
     host.apply()
     finesse(host, tmp_path)
     def rules():
-        return [[ln for ln in host.ruleset_text(fam).splitlines() if ln.startswith("-A")] for fam in (4, 6)]
+        return [[f"{r.chain} {r.spec}" for r in host.observed(fam).rules] for fam in (4, 6)] + [host.nft_state()]
     before = rules()
     warning = [f"NIC SWITCH: eth1 is the hardened external NIC now: applying on eth0 REMOVES the hardening from "
                "eth1 (its SSH, UDP, ICMP and port drops go; whatever listens there is reachable again)",
@@ -43,8 +51,7 @@ def test_switching_the_nic_is_said_and_needs_switch_nic_with_yes(host, tmp_path)
 
     moved = host.hostprep("apply", "-i", "eth0", "-y", "--switch-nic")
     assert [ln for ln in moved.stderr.splitlines() if ln.startswith("NIC SWITCH:")] == warning
-    assert "-A INPUT -i eth0 -j HOSTPREP-IN" in host.ruleset_text(4)
-    assert "-A INPUT -i eth1 -j HOSTPREP-IN" not in host.ruleset_text(4)
+    assert jumps(host, 4) == jumps(host, 6) == ["-i eth0 -j HOSTPREP-IN"]
     # the same NIC again: nothing to say
     again = host.hostprep("apply", "-i", "eth0", "-y")
     assert [ln for ln in again.stderr.splitlines() if ln.startswith("NIC SWITCH:")] == []

@@ -2,6 +2,8 @@
 
 from hostprep.sandbox import HOST_EXT4, HOST_INT4
 
+NATIVE = True      # runs on the native nft backend too (conftest.variant)
+
 
 def test_unopened_port_dropped_outside_answered_inside(host):
     host.apply()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hostprep.backend import FirewallBackend, IptablesBackend, NftBackend, detect_variant, for_host
+from hostprep.backend import (PROBE_SCRIPT, FirewallBackend, IptablesBackend, NftBackend, choose, detect_variant,
+                              for_host)
 from hostprep.errors import CommandFailed, InputError, NoBackend
 from hostprep.observed import Counter, LiveRule, NftObserved, Observed, normalise_nft, parse_nft_listing
 from tests.helpers import FakeKernel
@@ -191,7 +192,7 @@ CONTRACT = [name for name, value in vars(FirewallBackend).items()
 
 def test_the_contract_is_written_one_line_each():
     assert CONTRACT == ["describe", "target", "is_supported", "families", "observe", "test", "load", "undo",
-                        "finish", "other_firewalls"]
+                        "finish", "other_firewalls", "part", "release", "others"]
     for name in CONTRACT:
         doc = getattr(FirewallBackend, name).__doc__
         assert doc is not None and "\n" not in doc.strip(), name
@@ -216,9 +217,13 @@ def test_for_host_names_every_backend_it_tried(fake_runner, monkeypatch):
     assert runner.calls == []                   # trying changes nothing, runs nothing
 
 
+NFT_REFUSES = (1, "", "/dev/stdin:20:37-44: Error: Could not process rule: No such file or directory\n")
+PROBE = ("nft", "-c", "-f", "-")
+
+
 def test_for_host_takes_the_variant_iptables_names(fake_runner, monkeypatch):
     monkeypatch.delenv("HOSTPREP_BACKEND", raising=False)
-    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (legacy)\n", "")})
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (legacy)\n", ""), PROBE: NFT_REFUSES})
     backend = for_host(runner)
     assert (type(backend), backend.variant, backend.describe()) == (IptablesBackend, "legacy",
                                                                     "iptables (legacy variant)")
@@ -226,8 +231,74 @@ def test_for_host_takes_the_variant_iptables_names(fake_runner, monkeypatch):
 
 def test_for_host_without_iptables_takes_the_first_variant_installed(fake_runner, monkeypatch):
     monkeypatch.delenv("HOSTPREP_BACKEND", raising=False)
-    runner = fake_runner(installed={"iptables-legacy-restore", "iptables-legacy-save", "nft"})
+    runner = fake_runner({PROBE: NFT_REFUSES}, installed={"iptables-legacy-restore", "iptables-legacy-save", "nft"})
     assert for_host(runner).variant == "legacy"
+
+
+# -- the choice: asked > remembered > auto (nft -c of the probe, else iptables) ------------------
+
+def test_auto_takes_nft_when_nft_c_accepts_the_probe(fake_runner):
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (nf_tables)\n", "")})
+    chosen = choose(runner)
+    assert (type(chosen.backend), chosen.why, chosen.detail) == (
+        NftBackend, "auto", "nft and the kernel have every feature hostprep uses")
+    # one check, read-only, of the probe (no table of hostprep's name, nothing loaded)
+    assert runner.calls == [(list(PROBE), PROBE_SCRIPT, False)]
+
+
+def test_the_probe_uses_every_feature_the_nft_script_needs():
+    for feature in ("table inet", "hook ingress", "flags dynamic\n", "flags dynamic,timeout", "ct count over",
+                    "synproxy", "notrack", "limit rate"):
+        assert feature in PROBE_SCRIPT, feature
+    assert "table inet hostprep " not in PROBE_SCRIPT and "table netdev hostprep " not in PROBE_SCRIPT
+
+
+def test_auto_takes_iptables_when_the_kernel_refuses_the_probe(fake_runner):
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (nf_tables)\n", ""), PROBE: NFT_REFUSES})
+    chosen = choose(runner)
+    assert (type(chosen.backend), chosen.backend.variant, chosen.why, chosen.detail) == (
+        IptablesBackend, "nft", "auto",
+        "nft -c refused the probe: /dev/stdin:20:37-44: Error: Could not process rule: No such file or directory")
+    assert [c[0] for c in runner.calls] == [list(PROBE), ["iptables", "-V"]]
+
+
+def test_auto_takes_iptables_without_nft(fake_runner):
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.7 (legacy)\n", "")},
+                         installed={"iptables", "iptables-legacy-save", "iptables-legacy-restore"})
+    # auto falls to iptables, which needs nft too (its ingress table): the error names it
+    with pytest.raises(NoBackend) as err:
+        choose(runner)
+    assert "tried iptables (legacy variant) (" in err.value.problem
+    assert [c[0] for c in runner.calls] == [["iptables", "-V"]]     # no nft -c without nft
+
+
+@pytest.mark.parametrize("remembered, kind, variant", [
+    ("nftables", NftBackend, "nftables"), ("legacy", IptablesBackend, "legacy"), ("nft", IptablesBackend, "nft")])
+def test_the_remembered_backend_wins_over_auto(fake_runner, remembered, kind, variant):
+    # iptables -V would say nf_tables and nft -c would accept: neither is asked
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.9 (nf_tables)\n", "")})
+    chosen = choose(runner, remembered=remembered)
+    assert (type(chosen.backend), chosen.backend.variant, chosen.why, runner.calls) == (
+        kind, variant, "remembered", [])
+
+
+@pytest.mark.parametrize("asked, kind", [("nft", NftBackend), ("iptables", IptablesBackend),
+                                         ("iptables-legacy", IptablesBackend)])
+def test_backend_flag_wins_over_remembered_and_env(fake_runner, monkeypatch, asked, kind):
+    monkeypatch.setenv("HOSTPREP_BACKEND", "iptables-nft" if asked == "nft" else "nft")
+    runner = fake_runner({("iptables", "-V"): (0, "iptables v1.8.7 (legacy)\n", "")})
+    chosen = choose(runner, asked, remembered="nftables" if asked != "nft" else "nft")
+    assert (type(chosen.backend), chosen.why, chosen.detail) == (kind, "asked", f"--backend {asked}")
+    assert list(PROBE) not in [c[0] for c in runner.calls]
+
+
+@pytest.mark.parametrize("env, kind", [("nft", NftBackend), ("iptables-legacy", IptablesBackend)])
+def test_env_wins_over_remembered(fake_runner, monkeypatch, env, kind):
+    monkeypatch.setenv("HOSTPREP_BACKEND", env)
+    runner = fake_runner()
+    chosen = choose(runner, remembered="legacy" if env == "nft" else "nftables")
+    assert (type(chosen.backend), chosen.why, chosen.detail, runner.calls) == (
+        kind, "asked", f"HOSTPREP_BACKEND {env}", [])
 
 
 def test_for_host_with_a_variant_asked_for_tries_it_alone(fake_runner, monkeypatch):
@@ -237,3 +308,15 @@ def test_for_host_with_a_variant_asked_for_tries_it_alone(fake_runner, monkeypat
         for_host(runner, "iptables-nft")
     assert "tried iptables (nft variant) (" in err.value.problem
     assert for_host(runner, "legacy").variant == "legacy"
+
+
+def test_a_boot_unit_loads_the_remembered_backend_whatever_its_env_says(fake_runner, monkeypatch):
+    """hostprep boot (env=False): the unit's HOSTPREP_BACKEND is a copy of an older apply's
+    environment; the record of the last apply says which backend holds hostprep."""
+    monkeypatch.setenv("HOSTPREP_BACKEND", "nft")
+    runner = fake_runner()
+    chosen = choose(runner, remembered="legacy", env=False)
+    assert (type(chosen.backend), chosen.backend.variant, chosen.why, runner.calls) == (
+        IptablesBackend, "legacy", "remembered", [])
+    # --backend on the command line still wins
+    assert type(choose(runner, "nft", remembered="legacy", env=False).backend) is NftBackend

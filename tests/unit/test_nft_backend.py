@@ -209,7 +209,7 @@ def test_choosing(fake_runner, monkeypatch):
     assert type(for_host(runner, "nft")) is NftBackend
     assert (type(for_host(runner, "iptables")), for_host(runner, "iptables").name) == (IptablesBackend, "iptables-nft")
     assert for_host(runner, "legacy").name == "iptables-legacy"
-    assert type(for_host(runner)) is IptablesBackend                        # auto: iptables (README says why)
+    assert type(for_host(runner)) is NftBackend                             # auto: nft -c accepted the probe
     assert type(for_host(runner, remembered=NATIVE)) is NftBackend          # the last apply's backend
     assert type(for_host(runner, "iptables", remembered=NATIVE)) is IptablesBackend   # asked for wins
     monkeypatch.setenv("HOSTPREP_BACKEND", "nft")
