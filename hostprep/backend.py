@@ -734,7 +734,10 @@ def for_variant(runner: Runner, variant: str | None) -> FirewallBackend:
 # What hostprep's nft script needs from nft and the kernel, in one script checked with
 # ``nft -c`` (the kernel validates the whole transaction and aborts it: nothing changes):
 # an inet table, a netdev ingress hook (on lo: every namespace has it), dynamic sets with
-# and without timeout (the limiters), ct count, synproxy, notrack.  RHEL 9's 5.14 has all.
+# and without timeout (the limiters, the flooded set), interval sets, concatenations,
+# ct count, limit rate over, synproxy, notrack at ingress, fib saddr type, the bogus-flag
+# set lookup: every statement rules/hostprep.nft.j2 and ingress.nft.j2 use (README's table
+# of kernel features).  RHEL 9's 5.14 has all (synproxy: CONFIG_NFT_SYNPROXY, see README).
 PROBE_SCRIPT = """table inet hostprep_probe {
 	set cl {
 		type ipv4_addr
@@ -756,12 +759,34 @@ PROBE_SCRIPT = """table inet hostprep_probe {
 		tcp dport 9 ct state invalid,untracked synproxy mss 1460 wscale 7 timestamp sack-perm
 		tcp dport 9 add @cl { ip saddr ct count over 4 } drop
 		tcp dport 9 update @rl { ip6 saddr limit rate 5/second burst 5 packets } accept
+		tcp dport 9 ip saddr { 10.0.0.0/8, 192.0.2.0/24 } drop
+	}
+	chain output {
+		type filter hook output priority filter; policy accept;
+		tcp flags & (fin|syn|rst|ack) == syn fib saddr type != local ct state new accept
 	}
 }
 table netdev hostprep_probe {
+	set cookie4 {
+		type ipv4_addr . inet_service
+		elements = { 192.0.2.1 . 9 }
+	}
+	set flooded4 {
+		type ipv4_addr
+		size 64
+		flags dynamic,timeout
+		timeout 10s
+	}
 	chain ingress {
 		type filter hook ingress device "lo" priority -500; policy accept;
 		ip frag-off & 0x3fff != 0 drop
+		meta protocol ip6 exthdr frag exists drop
+		tcp flags & (fin | syn | rst | psh | ack | urg) { 0x0, 0x3 } drop
+		tcp flags & (fin | syn | rst | ack) == syn ip daddr . tcp dport @cookie4 jump syn4
+	}
+	chain syn4 {
+		limit rate over 200/second burst 400 packets update @flooded4 { ip daddr } counter notrack return
+		ip daddr @flooded4 counter notrack return
 	}
 }
 """

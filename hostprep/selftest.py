@@ -65,7 +65,7 @@ from rich.table import Table
 
 from hostprep import nic as nicmod
 from hostprep import render, settings, validate
-from hostprep.backend import IptablesBackend, detect_variant, resolve_choice
+from hostprep.backend import IptablesBackend, choose
 from hostprep.envfiles import PORTS, load_container
 from hostprep.errors import CommandFailed, HostprepError, InputError, RefusedError
 from hostprep.model import SET_PREFIX, Container, Network, Policy
@@ -800,13 +800,10 @@ class InSandbox:
 
 def backend_name(runner, asked: str | None) -> str:
     """The backend the sandbox runs (nft, iptables-nft, iptables-legacy): --backend, else
-    HOSTPREP_BACKEND, else iptables as ``iptables -V`` says.  (Not yet the automatic choice of
-    apply, backend.choose: the native backend fails 6 of the 39 default probes until it drops
-    bogus TCP flags at ingress, issue 12's part that the native backend does not have yet.)"""
-    choice = resolve_choice(asked) or resolve_choice(os.environ.get("HOSTPREP_BACKEND"), "HOSTPREP_BACKEND")
-    if choice in ("nft", "iptables-nft", "iptables-legacy"):
-        return choice
-    return "iptables-" + detect_variant(runner)
+    HOSTPREP_BACKEND, else apply's automatic choice (backend.choose: the native nft backend
+    where ``nft -c`` accepts its probe script, iptables otherwise); not the host's remembered
+    backend: the sandbox is a host of its own."""
+    return choose(runner, asked).backend.name
 
 
 def read_counters(sb: InSandbox, variant: str, families: tuple[int, ...]) -> Counters:
