@@ -166,7 +166,8 @@ def test_an_interrupted_change_is_recovered_by_the_next_one(store, FakeRunner):
     txn.save_snapshot(store, "20260101T000000-1", snap)
     write(txn.inflight_file(store), json.dumps({"id": "20260101T000000-1", "pid": 1, "command": "hostprep killed"}))
     write(store.paths.settings_file, '{"interface": "half"}\n')
-    report, problems = status.transaction_section(None, store, FakeRunner())
+    tx = status.transaction_section(None, store, FakeRunner())
+    report, problems = tx.report, tx.problems
     assert report["interrupted"]["running"] is False and report["interrupted"]["id"] == "20260101T000000-1"
     assert len(problems) == 1 and "was interrupted" in problems[0]
     with txn.change(None, store, "hostprep next", firewall=False) as ch:
@@ -282,7 +283,8 @@ def test_status_section_shows_the_pending_deadline(store, FakeRunner):
     write(timers.pending_file(store), json.dumps({"id": "S1", "command": "hostprep apply --confirm 60",
                                                "deadline": time.time() + 59.5, "deadline_text": "12:00:00",
                                                "mechanism": "process", "watcher_pid": 999999999}))
-    report, problems = status.transaction_section(None, store, FakeRunner())
+    tx = status.transaction_section(None, store, FakeRunner())
+    report, problems = tx.report, tx.problems
     assert report["pending"]["seconds_left"] in (58, 59)
     assert report["pending"]["timer_alive"] is False
     assert problems[0].startswith("change S1 (hostprep apply --confirm 60) waits for 'hostprep confirm' until 12:00:00")
@@ -351,20 +353,21 @@ def test_status_says_the_last_change_was_rolled_back_until_the_next_change(store
     """A session lost during --confirm: the next session's status tells what the timer did
     (found by the Vagrant bed: status said nothing of it)."""
     seed(store)
-    assert status.transaction_section(None, store, FakeRunner())[0]["rolled_back"] is None
+    assert status.transaction_section(None, store, FakeRunner()).report["rolled_back"] is None
     with txn.change(None, store, "hostprep apply --confirm 1", firewall=False) as ch:
         write(store.paths.settings_file, '{"interface": "eth2"}\n')
     write(timers.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 1",
                                                "deadline": time.time() - 1, "deadline_text": "then",
                                                "mechanism": "process", "watcher_pid": None}))
     txn.rollback(None, store, FakeRunner(), "hostprep rollback (deadline)", due=ch.id)
-    report, problems = status.transaction_section(None, store, FakeRunner())
+    tx = status.transaction_section(None, store, FakeRunner())
+    report, problems = tx.report, tx.problems
     gone = report["rolled_back"]
     assert (gone["id"], gone["command"], gone["why"], problems) == (
         ch.id, "hostprep apply --confirm 1", "deadline passed without 'hostprep confirm'", [])
     with txn.change(None, store, "hostprep apply", firewall=False):
         pass
-    assert status.transaction_section(None, store, FakeRunner())[0]["rolled_back"] is None
+    assert status.transaction_section(None, store, FakeRunner()).report["rolled_back"] is None
 
 
 def test_a_failed_arming_leaves_no_pending_change_behind(store, monkeypatch):
