@@ -14,6 +14,8 @@ holds what was loaded is the subject of tests/kernel).
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,22 @@ def env_file(tmp_path: Path, fname: str, **values) -> Path:
     path = tmp_path / fname
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     return path
+
+
+def waiting_change(store, command: str, *, seconds: float, deadline_text: str) -> str:
+    """A change (``command``, rewriting settings.json) left waiting for 'hostprep confirm' for
+    ``seconds`` (negative: its deadline has passed), as ``apply --confirm`` leaves it with the
+    process mechanism; returns the change id."""
+    from hostprep import timers, txn
+
+    with txn.change(None, store, command, firewall=False) as ch:
+        store.paths.settings_file.parent.mkdir(parents=True, exist_ok=True)
+        store.paths.settings_file.write_text('{"interface": "eth2"}\n')
+    timers.pending_file(store).parent.mkdir(parents=True, exist_ok=True)
+    timers.pending_file(store).write_text(json.dumps({
+        "id": ch.id, "command": command, "deadline": time.time() + seconds, "deadline_text": deadline_text,
+        "mechanism": "process", "watcher_pid": None}))
+    return ch.id
 
 
 def tcp(dst: str, dport: int, timeout: float = QUIET, **kw) -> dict:
