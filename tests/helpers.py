@@ -1,8 +1,11 @@
 """Helpers shared by the test directories (import as ``from tests.helpers import ...``).
 
-Kernel tests: ``env_file`` (a .env file of KEY=value lines), ``QUIET``/``ANSWER`` (the
-timeouts of a probe that must get no answer / must be answered: a veth round trip is
-under 1 ms) and ``tcp`` (one TCP probe for hostprep.probe).
+Kernel tests: ``env_file`` (a .env file of KEY=value lines), ``finesse_env`` (a Finesse
+component's .env), ``QUIET``/``ANSWER`` (the timeouts of a probe that must get no answer /
+must be answered: a veth round trip is under 1 ms) and ``tcp`` (one TCP probe for
+hostprep.probe).
+
+Unit tests: ``waiting_change`` (a change left waiting for 'hostprep confirm').
 
 ``FakeKernel``: the firewall backend over an in-memory kernel for the unit tests.
 It is an ``IptablesBackend`` whose primitives (one command each: save, restore,
@@ -33,6 +36,11 @@ def env_file(tmp_path: Path, fname: str, **values) -> Path:
     path = tmp_path / fname
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     return path
+
+
+def finesse_env(tmp_path: Path, fname: str = "finesse.env", **values) -> Path:
+    """A Finesse component's .env (TEMPLATE_TYPE=finesse) with one KEY=value line per keyword."""
+    return env_file(tmp_path, fname, TEMPLATE_TYPE="finesse", **values)
 
 
 def waiting_change(store, command: str, *, seconds: float, deadline_text: str) -> str:

@@ -40,7 +40,7 @@ from hostprep.observed import parse_nft_json, target_of
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6
 
 from bgproc import Bg
-from tests.helpers import ANSWER, QUIET, env_file, tcp
+from tests.helpers import ANSWER, QUIET, env_file, finesse_env, tcp
 
 WAIT = 0.5      # how long a burst waits for answers: below the 1 s SYN retransmission timeout
 SRC_A, SRC_B = INET_EXTRA4          # 203.0.113.7, 203.0.113.8: two distinct internet clients
@@ -73,10 +73,6 @@ def ccount(host, name: str, what: str, family: int = 4) -> int:
 
 def deny_count(host, family: int = 4) -> int:
     return host.counter(family, DENY, DENY_RULE)
-
-
-def finesse_env(tmp_path: Path, fname: str = "finesse.env", **values) -> Path:
-    return env_file(tmp_path, fname, TEMPLATE_TYPE="finesse", **values)
 
 
 def up(host, name: str, env: Path | None, core: Path | None = None, installer: Path | None = None,
