@@ -231,6 +231,11 @@ class FakeNft:
             if dev:
                 rule["expr"].append({"match": {"op": "==", "left": {"meta": {"key": f"{dev.group(1)}ifname"}},
                                                "right": dev.group(2)}})
+            lookup = re.search(r"\b(ip6?) saddr (@\S+)", s)
+            if lookup:
+                rule["expr"].append({"match": {"op": "==", "left": {"payload": {"protocol": lookup.group(1),
+                                                                               "field": "saddr"}},
+                                               "right": lookup.group(2)}})
             rule["expr"].append({"counter": {"packets": 0, "bytes": 0}})
             j = re.search(r"\bjump (\S+)", s)
             if j:
