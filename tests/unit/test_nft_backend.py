@@ -13,6 +13,7 @@ from hostprep.backend import (NATIVE, IptablesBackend, NftBackend, for_host, nam
 from hostprep.errors import CommandFailed, InputError
 from hostprep.model import Container, Limits, PingSource, Policy
 from hostprep.observed import parse_nft_json
+from hostprep.plan import SetPlan, plan_sets, wanted_sets
 from hostprep.paths import Paths
 from hostprep.state import Store
 from tests.helpers import FakeNft
@@ -161,13 +162,41 @@ def test_parse_json_sets_counters_device():
     assert table.device == "eth1"
     # NAME.addr and NAME.net read back as the one list NAME
     assert table.sets == {c.set_name("ex"): frozenset({"192.0.2.0/24", "198.51.100.9/32"})}
+    assert [r.spec for r in table.observed[4].chain_rules("INPUT")] == ["-i eth1 -j HOSTPREP-IN"]
+    assert [r.spec for r in table.observed[6].chain_rules("OUTPUT")] == ["-o eth1 -j HOSTPREP-OUT"]
     # and their two rules as the one exempt rule of each port, as the script's view has it
     want = render.nft_desired(render.desired(Policy("eth1"), (c,)))
     assert [r.spec for r in table.observed[4].chain_rules("HOSTPREP-C-finesse")] == \
         list(want.ruleset(4).chain("HOSTPREP-C-finesse").specs)
     assert sum("finesse exempt" in r.spec for r in table.observed[4].chain_rules("HOSTPREP-C-finesse")) == 2
-    assert [r.spec for r in table.observed[4].chain_rules("INPUT")] == ["-i eth1 -j HOSTPREP-IN"]
-    assert [r.spec for r in table.observed[6].chain_rules("OUTPUT")] == ["-o eth1 -j HOSTPREP-OUT"]
+    # the plan compares the list read back with the list wanted: nothing to do
+    assert plan_sets(wanted_sets(want), table.sets) == SetPlan()
+
+
+def test_parse_json_merges_the_two_sets_of_a_list_and_sums_the_counters_of_its_rule():
+    import json
+    ex = "hostprep-0123abcd-ex4"
+    m = {"protocol": "ip", "field": "saddr"}
+
+    def rule(part, packets):
+        return {"rule": {"chain": "HOSTPREP-C-fin-v4", "comment": "hostprep containers: fin exempt", "expr": [
+            {"match": {"op": "==", "left": {"payload": m}, "right": f"@{ex}{part}"}},
+            {"counter": {"packets": packets, "bytes": 60 * packets}}, {"accept": None}]}}
+    data = {"nftables": [
+        {"set": {"name": ex + ".addr", "type": "ipv4_addr", "elem": ["192.0.2.7", "192.0.2.6", "198.51.100.1"]}},
+        {"set": {"name": ex + ".net", "type": "ipv4_addr", "flags": ["interval"],
+                 "elem": [{"prefix": {"addr": "203.0.113.0", "len": 24}},
+                          {"range": ["198.51.100.2", "198.51.100.3"]}]}},
+        {"chain": {"name": "HOSTPREP-C-fin-v4"}}, rule(".addr", 3), rule(".net", 4),
+        {"rule": {"chain": "HOSTPREP-C-fin-v4", "comment": "hostprep containers: fin exempt",
+                  "expr": [{"counter": {"packets": 1, "bytes": 60}}, {"accept": None}]}}]}
+    table = parse_nft_json(json.dumps(data), (4,), "hostprep-")
+    assert table.sets == {ex: frozenset({"192.0.2.6/31", "198.51.100.1/32", "198.51.100.2/31", "203.0.113.0/24"})}
+    # the .net rule right after the .addr rule is the same rule; a third one (not a .net lookup) is not
+    assert [(r.spec, r.counter.packets) for r in table.observed[4].chain_rules("HOSTPREP-C-fin")] == [
+        ('-m comment --comment "hostprep containers: fin exempt" -j ACCEPT', 7),
+        ('-m comment --comment "hostprep containers: fin exempt" -j ACCEPT', 1)]
+    assert table.counters["hostprep containers: fin exempt"].packets == 8
 
 
 def test_parse_json_shows_a_rule_hostprep_did_not_write_as_foreign():
