@@ -59,7 +59,7 @@ def run_in(box: Sandbox, root: Path, backend: str, *args: str) -> float:
 
 def set_size(box: Sandbox, backend: str) -> int:
     if backend == "nft":
-        # the interval set merges adjacent addresses: count the addresses it covers
+        # the list read back (its .addr and .net sets, merged): count the addresses it covers
         out = subprocess.run(["ip", "netns", "exec", box.host, "nft", "-j", "list", "table", "inet", "hostprep"],
                              capture_output=True, text=True, check=True).stdout
         sets = parse_nft_json(out, (4, 6), SET_PREFIX).sets

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Benchmark: the kernel's cost per packet of an exempt-list lookup at 10 vs 100,000 entries,
-native nft (interval set) vs iptables-nft and iptables-legacy (ipset hash:net), one run.
+native nft (hash set of the addresses) vs iptables-nft and iptables-legacy (ipset hash:net), one run.
 
 Issue 13 item 6: "per-packet cost of an exempt lookup at 10 vs 100,000 entries", goal
 "flat from 10 to 100,000 entries (ratio <= 1.1)".
@@ -17,8 +17,10 @@ How it measures (as root, inside throwaway namespaces only):
   status`` must say everything desired is live before the bench touches anything.
 * The larger lists (100,000 is above the 65,536 one env-file list may hold, so ``container
   up`` refuses it) are loaded by the bench into a set of its own in the sandbox host, with
-  hostprep's declaration: for nft the same ``type``/``flags`` in hostprep's table, for ipset
-  hostprep's own ``ipset restore`` text (``hostprep.plan.ipset_fill_script``).  Members are
+  hostprep's declaration: for nft the same ``type``/``flags`` as hostprep's set, declared in
+  hostprep's table with its elements as hostprep's script does (``set NAME { type ...;
+  elements = { ... } }``; /32s only, so hostprep's NAME.addr hash set: render.nft_set_parts), for
+  ipset hostprep's own ``ipset restore`` text (``hostprep.plan.ipset_fill_script``).  Members are
   distinct, never adjacent /32s spread over 100.64.0.0/10 (RFC 6598 shared address space:
   not routed on the internet, not in hostprep's spoof list; no packet is sent to them), so
   nothing merges and the set really holds N entries (read back and checked).
@@ -28,8 +30,9 @@ How it measures (as root, inside throwaway namespaces only):
   set); ``none`` no exempt rule at all; ``linear L`` (the contrast that shows the method sees a
   per-packet cost when there is one) L rules of one source each, walked by every miss; and
   ``floor``: the bench's own ingress drop on eth1, before hostprep, conntrack and routing
-  (what sending and the veth cost); on native also ``hash N``: the same /32 members in a set
-  without ``flags interval`` (the contrast: a hash lookup).
+  (what sending and the veth cost); on native also ``interval N``: the same /32 members in a
+  set with ``flags interval`` (the contrast: hostprep's declaration before the lists were split
+  into NAME.addr and NAME.net, an rbtree lookup that grows with the list).
 * Traffic: ``bench/lookup_sender.c`` (compiled here) in the sandbox's internet namespace
   sends SYNs to 198.51.100.10:8445 with an AF_PACKET socket, at most ``--rate`` packets/s,
   ``--packets`` per block.  "hit": from the members of the set measured (all of them up to
@@ -214,7 +217,7 @@ class Native:
         self.current: list[int] = []  # handles of the rules now in the exempt rule's place
         self.after = 0                # handle of the rule after it (never touched)
         self.sets: dict[int, str] = {}
-        self.hashes: dict[int, str] = {}    # the same /32 members in a set without `flags interval`
+        self.intervals: dict[int, str] = {}  # the same /32 members in a set with `flags interval`
 
     def prepare(self, lists: Lists, sizes: list[int]) -> list[str]:
         table = self.h.nft_json("table", "inet", "hostprep")
@@ -225,6 +228,9 @@ class Native:
             raise BenchError("native: no IPv4 rule commented '" + EXEMPT_COMMENT + "' in inet hostprep")
         rules = [o["rule"] for o in table if "rule" in o and o["rule"]["chain"] == self.chain]
         at = next(i for i, r in enumerate(rules) if r.get("comment") == EXEMPT_COMMENT)
+        if sum(r.get("comment") == EXEMPT_COMMENT for r in rules) != 1:
+            raise BenchError("native: more than one exempt rule in " + self.chain + " (hostprep's list "
+                             "has networks too: NAME.net); the bench's small list must be /32s only")
         self.current, self.after = [rules[at]["handle"]], rules[at + 1]["handle"]
         # The exempt rule as text (nft 1.0.6 cannot read back some of hostprep's other rules as it
         # lists them, "tcp flags syn / fin,syn,rst,ack"; they are never touched).
@@ -238,29 +244,28 @@ class Native:
         self.sets[sizes[0]] = self.set
         for n in sizes[1:]:
             name = f"hpbench-{n}"
-            lines = [f"add set inet hostprep {name} {{ type {decl['type']}; "
-                     + (f"flags {flags}; " if flags else "") + "}"]
-            ms = lists.members[n]
-            lines += [f"add element inet hostprep {name} {{ {', '.join(ms[i:i + 5000])} }}"
-                      for i in range(0, len(ms), 5000)]
             t0 = time.perf_counter()
-            self.h.nft("\n".join(lines) + "\n")
-            notes.append(f"bench set {name}: {n:,} entries loaded in {time.perf_counter() - t0:.1f} s (nft -f)")
+            self.declare(name, decl["type"], flags, lists.members[n])
+            notes.append(f"bench set {name}: {n:,} entries loaded in {time.perf_counter() - t0:.1f} s (nft -f, "
+                         "declared as hostprep declares its sets)")
             self.sets[n] = name
         for n in sizes:
-            name = f"hpbench-hash-{n}"
-            ms = lists.members[n]
-            self.h.nft("\n".join([f"add set inet hostprep {name} {{ type {decl['type']}; }}"]
-                                 + [f"add element inet hostprep {name} {{ {', '.join(ms[i:i + 5000])} }}"
-                                    for i in range(0, len(ms), 5000)]) + "\n")
-            self.hashes[n] = name
-        for n, name in list(self.sets.items()) + list(self.hashes.items()):
+            name = f"hpbench-interval-{n}"
+            self.declare(name, decl["type"], "interval", lists.members[n])
+            self.intervals[n] = name
+        for n, name in list(self.sets.items()) + list(self.intervals.items()):
             got = self.entries(name)
             if got != n:
                 raise BenchError(f"native: set {name} holds {got} entries, not {n}")
         self.h.nft(f"table inet {BENCH_TABLE} {{\n chain end {{\n  type filter hook input priority 50; policy accept;\n"
                    f"  iifname \"{EXT}\" ip daddr {HOST_EXT4} tcp dport {PORT} counter drop\n }}\n}}\n")
         return notes
+
+    def declare(self, name: str, type_: str, flags: str, members: list[str]) -> None:
+        """A set in hostprep's table, declared with its elements the way rules/hostprep.nft.j2 does."""
+        self.h.nft(f"table inet hostprep {{\n\tset {name} {{\n\t\ttype {type_}\n"
+                   + (f"\t\tflags {flags}\n" if flags else "")
+                   + f"\t\telements = {{ {', '.join(members)} }}\n\t}}\n}}\n")
 
     def entries(self, name: str) -> int:
         obj = self.h.nft_json("set", "inet", "hostprep", name)
@@ -270,8 +275,8 @@ class Native:
         """The rules in the exempt rule's place replaced in one transaction, as ``config`` says; their
         handles from nft's echo (a listing of hostprep's table reads every element of its sets:
         seconds with 100,000)."""
-        if config in ("set", "hash"):
-            name = (self.sets if config == "set" else self.hashes)[size]
+        if config in ("set", "interval"):
+            name = (self.sets if config == "set" else self.intervals)[size]
             new = [self.rule.replace(f"@{self.set} ", f"@{name} ")]
         elif config == "linear":
             m = self.rule.split(" ip saddr ")[0]
@@ -456,8 +461,8 @@ def configs(sizes: list[int], linear: int, native: bool) -> list[tuple[str, int,
     """(config, size, kinds) measured every round."""
     out = [("floor", 0, ("miss",)), ("none", 0, ("miss",))]
     out += [("set", n, ("hit", "miss")) for n in sizes]
-    if native:      # the contrast for nft: the same /32 members in a hash set (no intervals)
-        out += [("hash", n, ("hit", "miss")) for n in sizes]
+    if native:      # the contrast for nft: the same /32 members in an interval set (the old declaration)
+        out += [("interval", n, ("hit", "miss")) for n in sizes]
     if linear:
         out.append(("linear", linear, ("miss",)))
     return out
@@ -538,7 +543,7 @@ def run_backend(backend: str, args: argparse.Namespace, lists: Lists, exe: Path,
                     if config != "floor":
                         # since the switch: the exempt rule matched exactly the hits, the linear rules nothing
                         ex, lin = fw.chain_counts()
-                        want_ex = hits if config in ("set", "hash") else 0
+                        want_ex = hits if config in ("set", "interval") else 0
                         if (ex, lin) != (want_ex, 0):
                             raise BenchError(f"{backend} round {rnd + 1}, {label(config, size)}: exempt rule "
                                              f"{ex} packets (expected {want_ex}), linear rules {lin} (expected 0)")
@@ -567,7 +572,7 @@ def med_q(values: list[float]) -> tuple[float, str]:
 
 def report(results: list[Result], args: argparse.Namespace) -> None:
     small, big = args.entries[0], args.entries[-1]
-    rows = [("floor", "miss"), ("none", "miss")] + [(f"{c} {n}", k) for c in ("set", "hash") for n in args.entries
+    rows = [("floor", "miss"), ("none", "miss")] + [(f"{c} {n}", k) for c in ("set", "interval") for n in args.entries
                                                     for k in ("hit", "miss")]
     if args.linear:
         rows.append((f"linear {args.linear}", "miss"))
@@ -590,21 +595,21 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     print(f"ratios {big:,} vs {small:,} entries, round by round (median, quartiles); goal <= 1.1")
     for r in results:
         floor = r.per[("floor", "miss")]
-        for config in ("set", "hash"):
+        for config in ("set", "interval"):
             for kind in ("hit", "miss"):
                 if (f"{config} {big}", kind) not in r.per:
                     continue
                 a, b = r.per[(f"{config} {big}", kind)], r.per[(f"{config} {small}", kind)]
                 tot, tq = med_q([x / y for x, y in zip(a, b)])
                 rec, rq = med_q([(x - f) / (y - f) for x, y, f in zip(a, b, floor)])
-                what = "hostprep's set" if config == "set" else "hash set (contrast)"
+                what = "hostprep's set" if config == "set" else "interval (contrast)"
                 print(f"  {r.backend:<16} {what:<20} {kind:<5} total {tot:.3f} ({tq})  receiver {rec:.3f} ({rq})")
     print()
     print("the lookup itself: miss with the set minus no exempt rule at all, ns per packet (median of rounds)")
     for r in results:
         none = r.per[("none", "miss")]
         parts = [f"{c} {n:,}: {statistics.median([x - y for x, y in zip(r.per[(f'{c} {n}', 'miss')], none)]):+.0f}"
-                 for c in ("set", "hash") for n in args.entries if (f"{c} {n}", "miss") in r.per]
+                 for c in ("set", "interval") for n in args.entries if (f"{c} {n}", "miss") in r.per]
         if args.linear:
             lin = statistics.median([x - y for x, y in zip(r.per[(f"linear {args.linear}", "miss")], none)])
             parts.append(f"linear {args.linear} rules: {lin:+.0f}")
