@@ -252,7 +252,7 @@ def _elem_network(elem) -> str | None:
 class NftTable:
     """hostprep's ``inet hostprep`` table as the nft backend reads it back: a per-family view in
     the shape the plan and status take (chains without the family suffix, each rule shown as
-    render.nft_view_spec shows it, with its counter), the interval sets' members, the NIC the
+    render.nft_view_spec shows it, with its counter), the lists' members (NAME.addr and NAME.net as one), the NIC the
     base chains jump on."""
 
     observed: dict[int, Observed]
