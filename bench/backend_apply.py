@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: the time of one ``container up`` with 10 / 1,000 / 65,536 exempt entries, on the
-iptables backend (nft variant: ipset + iptables-restore per family) and on the native nft
-backend (one ``nft -f`` with an interval set), side by side in one run, as ratios nft/iptables.
+iptables backend (nft and legacy variants: ipset + iptables-restore per family) and on the native
+nft backend (one ``nft -f`` with an interval set), side by side in one run, as ratios nft/iptables-nft
+and nft/iptables-legacy.
 
 65,536 is the most one list may hold (hostprep.model.MAX_LIST_ENTRIES, issue 10 item 14), so
 the issue's 100,000 is measured at that cap.
@@ -38,7 +39,7 @@ from hostprep.runner import Runner  # noqa: E402
 from hostprep.sandbox import Sandbox  # noqa: E402
 
 PY = sys.executable
-BACKENDS = ("iptables-nft", "nft")
+BACKENDS = ("iptables-nft", "iptables-legacy", "nft")
 
 
 def fillers(n: int) -> list[str]:
@@ -58,7 +59,7 @@ def run_in(box: Sandbox, root: Path, backend: str, *args: str) -> float:
 
 def set_size(box: Sandbox, backend: str) -> int:
     if backend == "nft":
-        # the interval set merges adjacent addresses: count the addresses it covers
+        # the list read back (its .addr and .net sets, merged): count the addresses it covers
         out = subprocess.run(["ip", "netns", "exec", box.host, "nft", "-j", "list", "table", "inet", "hostprep"],
                              capture_output=True, text=True, check=True).stdout
         sets = parse_nft_json(out, (4, 6), SET_PREFIX).sets
@@ -100,11 +101,13 @@ def main() -> int:
                 box.destroy(runner)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("container up with N exempt entries (seconds, end to end), iptables-nft vs native nft, one run")
-    print(f"{'entries':>8}  {'iptables-nft':>12}  {'nft':>8}  {'nft/iptables':>12}")
+    print("container up with N exempt entries (seconds, end to end), iptables-nft, iptables-legacy, native nft, "
+          "one run")
+    print(f"{'entries':>8}  {'iptables-nft':>12}  {'iptables-legacy':>15}  {'nft':>8}  {'nft/ipt-nft':>11}  "
+          f"{'nft/ipt-legacy':>14}")
     for n in sizes:
-        a, b = times[("iptables-nft", n)], times[("nft", n)]
-        print(f"{n:>8,}  {a:>12.2f}  {b:>8.2f}  {b / a:>11.2f}x")
+        a, b, c = times[("iptables-nft", n)], times[("iptables-legacy", n)], times[("nft", n)]
+        print(f"{n:>8,}  {a:>12.2f}  {b:>15.2f}  {c:>8.2f}  {c / a:>10.2f}x  {c / b:>13.2f}x")
     base = sizes[0]
     for backend in BACKENDS:
         print(f"{backend}: {sizes[-1]:,} vs {base:,} entries: "

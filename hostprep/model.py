@@ -268,6 +268,11 @@ class Desired:
 CONTAINER_DISPATCH = "HOSTPREP-CONTAINERS"
 CONTAINER_CHAIN_PREFIX = "HOSTPREP-C-"
 SET_PREFIX = "hostprep-"
+# The native backend keeps one list in two nft sets (render.nft_set_parts): NAME.addr, its
+# single addresses in a hash set (a lookup that does not grow with the list), and NAME.net,
+# its networks in an interval set.  They read back as the one list NAME
+# (observed.parse_nft_json); a rule on the .net set is shown as part of the one before it.
+NFT_SET_PARTS = (".addr", ".net")
 _CONTAINER_NAME = __import__("re").compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _SHORTENED = __import__("re").compile(r".{8}-[0-9a-f]{8}")
 

@@ -14,7 +14,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from hostprep.model import PREFIX
+from hostprep.model import NFT_SET_PARTS, PREFIX
 
 
 def target_of(spec: str) -> str | None:
@@ -254,7 +254,7 @@ def _elem_network(elem) -> str | None:
 class NftTable:
     """hostprep's ``inet hostprep`` table as the nft backend reads it back: a per-family view in
     the shape the plan and status take (chains without the family suffix, each rule shown as
-    render.nft_view_spec shows it, with its counter), the interval sets' members, the NIC the
+    render.nft_view_spec shows it, with its counter), the lists' members (NAME.addr and NAME.net as one), the NIC the
     base chains jump on."""
 
     observed: dict[int, Observed]
@@ -277,12 +277,12 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
         if "set" in obj:
             s = obj["set"]
             if s["name"].startswith(set_prefix):
-                members: set[str] = set()
+                # NAME.addr and NAME.net (render.nft_set_parts) are the one list NAME
+                members = sets.setdefault(_set_list_name(s["name"]), set())
                 for e in s.get("elem", []):
                     net = _elem_network(e)
                     if net:
                         members.update(net.split(","))
-                sets[s["name"]] = members
             else:
                 limiters[s["name"]] = len(s.get("elem", []))
         elif "chain" in obj:
@@ -318,7 +318,12 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
                 spec = f"-m comment --comment {json.dumps(json.dumps(r.get('expr', [])))} -j FOREIGN"
             if comment is not None and target is None:
                 counters[comment] = counters.get(comment, Counter()) + counter
-            raw.setdefault(r["chain"], []).append((spec, target, counter))
+            items = raw.setdefault(r["chain"], [])
+            if _looks_up_net_part(r) and items and items[-1][0] == spec:
+                # a list's networks (NAME.net) after its addresses: one rule, as on iptables
+                items[-1] = (spec, target, items[-1][2] + counter)
+                continue
+            items.append((spec, target, counter))
     chains: dict[int, list[str]] = {fam: [] for fam in families}
     rules: dict[int, list[LiveRule]] = {fam: [] for fam in families}
     base: dict[int, list[LiveRule]] = {fam: [] for fam in families}
@@ -336,7 +341,23 @@ def parse_nft_json(text: str, families: tuple[int, ...], set_prefix: str) -> Nft
                               tuple(sorted(base[fam], key=lambda r: ("INPUT", "FORWARD", "OUTPUT").index(r.chain))
                                     + rules[fam]))
                 for fam in families}
-    return NftTable(observed, {k: frozenset(v) for k, v in sets.items()}, device, counters, limiters)
+    return NftTable(observed, {k: frozenset(str(n) for n in ipaddress.collapse_addresses(
+        ipaddress.ip_network(m) for m in v)) for k, v in sets.items()}, device, counters, limiters)
+
+
+def _set_list_name(name: str) -> str:
+    """The list an nft set holds part of: ``hostprep-x-ex4.addr`` -> ``hostprep-x-ex4``."""
+    for part in NFT_SET_PARTS:
+        if name.endswith(part):
+            return name[:-len(part)]
+    return name
+
+
+def _looks_up_net_part(rule: dict) -> bool:
+    """The rule matches against a list's interval set (``@NAME.net``)."""
+    return any(isinstance(e.get("match"), dict) and isinstance(e["match"].get("right"), str)
+               and e["match"]["right"].startswith("@") and e["match"]["right"].endswith(NFT_SET_PARTS[1])
+               for e in rule.get("expr", []))
 
 
 def _splice(chains: dict[str, list[tuple]]) -> dict[str, list[tuple]]:

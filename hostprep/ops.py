@@ -111,13 +111,13 @@ def _ban_action_follows(store: Store, backend: FirewallBackend, command: str) ->
 
 def _kernel_part(store: Store, command: str) -> KernelResult:
     """Write, load and read back the kernel profile (inside the caller's change)."""
-    report, notes = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
-    bad = [r for r in report if r.state in ("drift", "overridden")]
+    applied = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
+    bad = [r for r in applied.report if r.state in ("drift", "overridden")]
     store.save_settings(Settings(kernel=True))
-    ok = sum(1 for r in report if r.state == "ok")
+    ok = sum(1 for r in applied.report if r.state == "ok")
     store.journal(command, f"kernel profile: {ok} keys live",
                   "ok" if not bad else f"{len(bad)} keys overridden or drifting")
-    return KernelResult(report, notes, bad)
+    return KernelResult(applied.report, applied.notes, bad)
 
 
 def _persistence_part(store: Store, interface: str | None) -> PersistResult:
@@ -496,7 +496,7 @@ def boot(backend: FirewallBackend, store: Store, runner: Runner,
         kstate = sysctl.KernelState(store.paths).load()
         if kstate and kstate.get("applied"):
             with store.lock():
-                report, _ = sysctl.apply_kernel(sysctl.Kernel(), store.paths)
+                report = sysctl.apply_kernel(sysctl.Kernel(), store.paths).report
             bad_keys = [r.key for r in report if r.state in ("drift", "overridden")]
             notes.append(f"kernel profile: {sum(1 for r in report if r.state == 'ok')} keys live"
                          + (f", NOT live: {', '.join(bad_keys)}" if bad_keys else ""))

@@ -7,6 +7,7 @@ so that the plan can diff it against the live ruleset.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import ipaddress
 import re
@@ -17,7 +18,8 @@ from hostprep import validate
 from hostprep.data import data_dir
 from hostprep.model import (BAN_SET_MAXELEM, BOGUS_TCP_FLAGS, BUILTIN_CHAINS, SPOOF_SOURCES, SYNPROXY_BURST,
                             SYNPROXY_HOLD_S, SYNPROXY_OPTIONS, SYNPROXY_RATE, BanSet, Chain, Container, Desired,
-                            IpSet, NftIngress, Policy, Rule, Ruleset, bogus_flag_bytes, nft_tcp_flags)
+                            IpSet, NFT_SET_PARTS, NftIngress, Policy, Rule, Ruleset, bogus_flag_bytes,
+                            nft_tcp_flags)
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(data_dir("rules"))),
@@ -146,9 +148,45 @@ NFT_BASE_CHAINS = {"input": "INPUT", "forward": "FORWARD", "output": "OUTPUT"}
 
 
 def _set_members(c: Container, kind: str) -> list[str]:
-    """The members of an nft interval set: overlapping and adjacent networks merged (an
-    interval set refuses overlapping elements; ipset's hash:net took them)."""
+    """A list's networks merged (overlapping and adjacent ones), as an anonymous set of the
+    ban table's rules takes them (rules/ban.nft.j2: a ban never drops a load balancer)."""
     return [str(n) for n in ipaddress.collapse_addresses(c.networks(kind))]
+
+
+@dataclasses.dataclass(frozen=True)
+class NftSetPart:
+    """One nft set of an exempt or load-balancer list: ``interval`` False, the single addresses
+    (/32, /128) in a hash set (a lookup that does not grow with the list); True, the networks in
+    an interval set (its lookup grows with the number of networks, O(log n))."""
+
+    name: str
+    interval: bool
+    members: tuple[str, ...]
+
+
+def nft_set_parts(c: Container, kind: str) -> list[NftSetPart]:
+    """A list as the native backend declares it: its single addresses in the hash set
+    ``NAME.addr``, its networks in the interval set ``NAME.net`` (model.NFT_SET_PARTS); a part
+    with no member is left out.  Overlapping and adjacent networks are merged (an interval set
+    refuses overlapping elements; ipset's hash:net took them); an address inside one of the
+    networks is left to the network.  Both sets read back as one list (observed.parse_nft_json)."""
+    nets = c.networks(kind)
+    full = 32 if c.family == 4 else 128
+    merged = list(ipaddress.collapse_addresses(n for n in nets if n.prefixlen < full))
+    starts = [int(n.network_address) for n in merged]
+    ends = [int(n.broadcast_address) for n in merged]
+
+    def covered(a: int) -> bool:
+        i = bisect.bisect_right(starts, a) - 1
+        return i >= 0 and a <= ends[i]
+
+    addrs = sorted({int(n.network_address) for n in nets if n.prefixlen == full})
+    addrs = [a for a in addrs if not covered(a)]
+    name = c.set_name(kind)
+    parts = [NftSetPart(name + NFT_SET_PARTS[0], False,
+                        tuple(str(ipaddress.ip_address(a)) for a in addrs)),   # no /32: not an interval
+             NftSetPart(name + NFT_SET_PARTS[1], True, tuple(str(n) for n in merged))]
+    return [p for p in parts if p.members]
 
 
 def _source_mask(c: Container) -> str:
@@ -188,7 +226,7 @@ def nft_backend_text(policy: Policy, containers: tuple[Container, ...] = ()) -> 
              "containers": [c for c in containers if c.family == fam]} for fam in (4, 6)]
     script = _ENV.get_template("hostprep.nft.j2").render(
         iface=policy.interface, ddos=not policy.skip_ddos, spoof=not policy.allow_private, fams=fams,
-        set_members=_set_members, limiter_set=nft_limiter_set, source_mask=_source_mask, nft_rate=_nft_rate,
+        set_parts=nft_set_parts, limiter_set=nft_limiter_set, source_mask=_source_mask, nft_rate=_nft_rate,
         synproxy={fam: nft_synproxy_options(fam) for fam in (4, 6)},
         # rules/ingress.nft.j2, included as the netdev table
         bogus_patterns=BOGUS_TCP_FLAGS, bogus_values=[nft_tcp_flags(v) for v in bogus_flag_bytes()],
@@ -279,6 +317,7 @@ _NFT_VERDICT = re.compile(r"\b(accept|drop|return)\s+comment \"")
 _NFT_SYNPROXY = re.compile(r"\bsynproxy\b[^\"]*comment \"")
 _NFT_IFNAME = re.compile(r'\b([io])ifname "([^"]+)"')
 _NFT_LOG = re.compile(r"\blog prefix \"[^\"]*\"\s+comment \"")
+_NFT_NET_PART = re.compile(r"@\S+" + re.escape(NFT_SET_PARTS[1]) + r"\s")
 
 
 def nft_view_spec(comment: str | None, verdict: str | None, target: str | None = None) -> str | None:
@@ -359,6 +398,8 @@ def nft_view(script: str) -> dict[int, Ruleset]:
             spec = f"-{dev.group(1)[0]} {dev.group(2)} {spec}"      # "-i eth1 -j HOSTPREP-IN", as iptables
         if spec is None:
             raise ValueError(f"rule without comment or jump in rendered nft rules: {line!r}")
+        if _NFT_NET_PART.search(line) and raw[current] and raw[current][-1][0] == spec:
+            continue        # a list's networks (NAME.net) after its addresses: one rule, as on iptables
         raw[current].append((spec, target, None))
     chains: dict[int, dict[str, list[Rule]]] = {4: {}, 6: {}}
     jumps: dict[int, list[Rule]] = {4: [], 6: []}

@@ -8,6 +8,7 @@ missing or different (``problems`` says what), 2 on error (raised, not returned)
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from hostprep import attack, persist, records, render, selinux, snapshot, sysctl, timers, txn
 from hostprep import fail2ban as f2b
@@ -21,6 +22,16 @@ from hostprep.runner import Runner
 from hostprep.state import Store, read_json, read_text
 
 SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the status report: its JSON-able dict, and the lines it adds to the report's
+    ``problems`` (exit 1) or ``warnings``."""
+
+    report: dict
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def service_warnings(runner: Runner) -> list[str]:
@@ -175,18 +186,21 @@ def collect(runner: Runner, backend: FirewallBackend, store: Store, chosen=None)
     if desired is not None:
         sets = planmod.plan_sets(planmod.wanted_sets(desired), snap.sets)
         problems.extend(sets.notes())
-    report["kernel"], kernel_problems = kernel_section(store)
-    problems.extend(kernel_problems)
-    report["selinux"], selinux_warnings = selinux_section(store)
-    warnings.extend(selinux_warnings)
+    kernel = kernel_section(store)
+    report["kernel"] = kernel.report
+    problems.extend(kernel.problems)
+    sel = selinux_section(store)
+    report["selinux"] = sel.report
+    warnings.extend(sel.warnings)
     nplan = planmod.plan_nft(desired, snap.nft, record.nft if record else None)
     if desired is not None and nplan.action != "none":
         problems.append(f"nft ingress table: {nplan.reason}")
     try:
-        report["transaction"], tx_problems = transaction_section(backend, store, runner)
+        tx = transaction_section(backend, store, runner)
     except HostprepError as err:
-        report["transaction"], tx_problems = {"error": err.line()}, [f"transaction state: {err.line()}"]
-    problems.extend(tx_problems)
+        tx = Section({"error": err.line()}, problems=[f"transaction state: {err.line()}"])
+    report["transaction"] = tx.report
+    problems.extend(tx.problems)
     firewall_problems = [p for p in problems if p.startswith(("IPv", "container ", "ipset ", "nft "))]
     # The units were written for the remembered NIC: a flush keeps both (and the units load nothing).
     report["persistence"] = persist.report(store.paths, iface)
@@ -231,36 +245,36 @@ def verdict(report: dict) -> dict:
     return {"state": state, "problems": len(report["problems"]), "firewall_problems": len(firewall)}
 
 
-def kernel_section(store: Store) -> tuple[dict, list[str]]:
+def kernel_section(store: Store) -> Section:
     """Each profile key: desired, live, source file; drift is a problem (exit 1)."""
 
     state = sysctl.KernelState(store.paths).load()
     if not state or not state.get("applied"):
-        return {"applied": False}, []
+        return Section({"applied": False})
     keys = sysctl.check(sysctl.Kernel(), store.paths)
     problems = [f"kernel: {k.key} {k.state}: wanted {k.desired}, {k.detail}" for k in keys
                 if k.state in ("drift", "overridden")]
     if not (store.paths.root / "etc/sysctl.d" / sysctl.DROPIN_NAME).is_file():
         problems.append(f"kernel: the drop-in {sysctl.DROPIN_NAME} is missing: run 'hostprep apply -k'")
-    return {"applied": True, "dropin": str(store.paths.root / "etc/sysctl.d" / sysctl.DROPIN_NAME),
-            "keys": [k.as_dict() for k in keys]}, problems
+    return Section({"applied": True, "dropin": str(store.paths.root / "etc/sysctl.d" / sysctl.DROPIN_NAME),
+                    "keys": [k.as_dict() for k in keys]}, problems=problems)
 
 
-def selinux_section(store: Store) -> tuple[dict, list[str]]:
+def selinux_section(store: Store) -> Section:
 
     fs, config = selinux.default_paths(store.paths.root)
     state = selinux.read_state(fs, config)
     # Not installed at all: the details line says so; advice belongs to apply's refusal.
     warnings = [] if state.runtime == "enforcing" or not state.installed else \
         [f"SELinux is not enforcing: {state.describe()}"]
-    return state.as_dict(), warnings
+    return Section(state.as_dict(), warnings=warnings)
 
 
 def exit_code(report: dict) -> int:
     return 1 if report["problems"] else 0
 
 
-def transaction_section(backend, store: Store, runner: Runner) -> tuple[dict, list[str]]:
+def transaction_section(backend, store: Store, runner: Runner) -> Section:
     """A change waiting for confirmation, an interrupted one, the change 'rollback' undoes."""
     out: dict = {"pending": None, "interrupted": None, "rollback_available": None, "rolled_back": None}
     problems: list[str] = []
@@ -310,4 +324,4 @@ def transaction_section(backend, store: Store, runner: Runner) -> tuple[dict, li
     last = read_text(snapshot.last_file(store))
     if last and snapshot.snapshot_file(store, last.strip()).is_file() and not marker:
         out["rollback_available"] = last.strip()
-    return out, problems
+    return Section(out, problems=problems)

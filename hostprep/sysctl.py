@@ -218,10 +218,18 @@ class KernelState:
         write_atomic(self.file, json.dumps(data, indent=2) + "\n")
 
 
-def apply_kernel(kernel: Kernel, paths: Paths) -> tuple[list[KeyReport], list[str]]:
+@dataclass(frozen=True)
+class KernelApplied:
+    """What ``apply_kernel`` did: every key read back, and notes for the admin."""
+
+    report: list[KeyReport]
+    notes: list[str]
+
+
+def apply_kernel(kernel: Kernel, paths: Paths) -> KernelApplied:
     """Install the drop-in, load every key, read every key back.
 
-    Returns (the read-back report, notes).  Keys the kernel lacks are reported and
+    Returns the read-back report and notes (``KernelApplied``).  Keys the kernel lacks are reported and
     skipped; a key the kernel refuses is an error after the others are loaded.
     """
     settings = profile()
@@ -255,7 +263,7 @@ def apply_kernel(kernel: Kernel, paths: Paths) -> tuple[list[KeyReport], list[st
     if errors:
         raise CommandFailed("apply -k", "the kernel refused: " + "; ".join(errors),
                             f"the other keys are loaded; fix or report these ({state.dropin})")
-    return report, notes
+    return KernelApplied(report, notes)
 
 
 def flush_kernel(kernel: Kernel, paths: Paths) -> list[str]:

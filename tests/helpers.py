@@ -1,8 +1,11 @@
 """Helpers shared by the test directories (import as ``from tests.helpers import ...``).
 
-Kernel tests: ``env_file`` (a .env file of KEY=value lines), ``QUIET``/``ANSWER`` (the
-timeouts of a probe that must get no answer / must be answered: a veth round trip is
-under 1 ms) and ``tcp`` (one TCP probe for hostprep.probe).
+Kernel tests: ``env_file`` (a .env file of KEY=value lines), ``finesse_env`` (a Finesse
+component's .env), ``QUIET``/``ANSWER`` (the timeouts of a probe that must get no answer /
+must be answered: a veth round trip is under 1 ms) and ``tcp`` (one TCP probe for
+hostprep.probe).
+
+Unit tests: ``waiting_change`` (a change left waiting for 'hostprep confirm').
 
 ``FakeKernel``: the firewall backend over an in-memory kernel for the unit tests.
 It is an ``IptablesBackend`` whose primitives (one command each: save, restore,
@@ -14,6 +17,8 @@ holds what was loaded is the subject of tests/kernel).
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +36,27 @@ def env_file(tmp_path: Path, fname: str, **values) -> Path:
     path = tmp_path / fname
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     return path
+
+
+def finesse_env(tmp_path: Path, fname: str = "finesse.env", **values) -> Path:
+    """A Finesse component's .env (TEMPLATE_TYPE=finesse) with one KEY=value line per keyword."""
+    return env_file(tmp_path, fname, TEMPLATE_TYPE="finesse", **values)
+
+
+def waiting_change(store, command: str, *, seconds: float, deadline_text: str) -> str:
+    """A change (``command``, rewriting settings.json) left waiting for 'hostprep confirm' for
+    ``seconds`` (negative: its deadline has passed), as ``apply --confirm`` leaves it with the
+    process mechanism; returns the change id."""
+    from hostprep import timers, txn
+
+    with txn.change(None, store, command, firewall=False) as ch:
+        store.paths.settings_file.parent.mkdir(parents=True, exist_ok=True)
+        store.paths.settings_file.write_text('{"interface": "eth2"}\n')
+    timers.pending_file(store).parent.mkdir(parents=True, exist_ok=True)
+    timers.pending_file(store).write_text(json.dumps({
+        "id": ch.id, "command": command, "deadline": time.time() + seconds, "deadline_text": deadline_text,
+        "mechanism": "process", "watcher_pid": None}))
+    return ch.id
 
 
 def tcp(dst: str, dport: int, timeout: float = QUIET, **kw) -> dict:
@@ -276,6 +302,11 @@ class FakeNft:
             if dev:
                 rule["expr"].append({"match": {"op": "==", "left": {"meta": {"key": f"{dev.group(1)}ifname"}},
                                                "right": dev.group(2)}})
+            lookup = re.search(r"\b(ip6?) saddr (@\S+)", s)
+            if lookup:
+                rule["expr"].append({"match": {"op": "==", "left": {"payload": {"protocol": lookup.group(1),
+                                                                               "field": "saddr"}},
+                                               "right": lookup.group(2)}})
             rule["expr"].append({"counter": {"packets": 0, "bytes": 0}})
             j = re.search(r"\bjump (\S+)", s)
             if j:

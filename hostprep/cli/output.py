@@ -562,6 +562,20 @@ def run_with_progress(work):
         return work(progress)
 
 
+def _selftest_tail(report: dict, *, hint: str = "") -> None:
+    """The end of both selftest views: how to remove a kept sandbox, then the summary line
+    (``hint`` after it when every probe passed)."""
+    if report["sandbox"]["kept"]:
+        out.print(f"kept (--keep): remove with: hostprep sandbox down --name {report['sandbox']['name']} "
+                  f"--root {report['sandbox']['root']}", markup=False)
+    n = len(report["probes"])
+    if report["ok"]:
+        out.print(f"selftest: all {n} probes as expected ({report['seconds']} s){hint}")
+    else:
+        say(err, "bold red", "selftest:", f"{report['mismatches']} of {n} probes not as expected "
+                  f"({report['seconds']} s)")
+
+
 def print_selftest(report: dict) -> None:
     s = report["settings"]
     out.print(f"selftest: sandbox {', '.join(report['sandbox']['namespaces'])} (backend {report['backend']}); "
@@ -576,15 +590,7 @@ def print_selftest(report: dict) -> None:
     for note in report["notes"]:
         out.print(f"note: {note}", markup=False)
     out.print(selftest.report_table(report))
-    if report["sandbox"]["kept"]:
-        out.print(f"kept (--keep): remove with: hostprep sandbox down --name {report['sandbox']['name']} "
-                  f"--root {report['sandbox']['root']}", markup=False)
-    n = len(report["probes"])
-    if report["ok"]:
-        out.print(f"selftest: all {n} probes as expected ({report['seconds']} s)")
-    else:
-        say(err, "bold red", "selftest:", f"{report['mismatches']} of {n} probes not as expected "
-                  f"({report['seconds']} s)")
+    _selftest_tail(report)
 
 
 def print_selftest_compact(report: dict) -> None:
@@ -599,12 +605,4 @@ def print_selftest_compact(report: dict) -> None:
                                 *((", ", (f"{failed} FAILED", "bold red")) if failed else ())))
     if report["mismatches"]:
         out.print(selftest.report_table(report, only_failed=True))
-    if report["sandbox"]["kept"]:
-        out.print(f"kept (--keep): remove with: hostprep sandbox down --name {report['sandbox']['name']} "
-                  f"--root {report['sandbox']['root']}")
-    n = len(report["probes"])
-    if report["ok"]:
-        out.print(f"selftest: all {n} probes as expected ({report['seconds']} s); --json or a pipe shows each probe")
-    else:
-        say(err, "bold red", "selftest:", f"{report['mismatches']} of {n} probes not as expected "
-                  f"({report['seconds']} s)")
+    _selftest_tail(report, hint="; --json or a pipe shows each probe")

@@ -590,7 +590,7 @@ def c_lines(host, state: dict, name: str, fam: int = 4) -> list[str]:
 
 def c_sets(host, state: dict, each=None) -> dict:
     """hostprep's exempt/load-balancer sets in a state: ipset blocks (``each``: members), or the native
-    table's interval sets (name -> its members line, conftest.Host.nft_state)."""
+    table's list sets, NAME.addr and NAME.net (name -> its members line, conftest.Host.nft_state)."""
     if host.native:
         return {ln.split(":")[0][len("set "):]: ln for ln in (state["nft"] or "").splitlines()
                 if ln.startswith("set hostprep-")}

@@ -40,7 +40,7 @@ from hostprep.observed import parse_nft_json, target_of
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6
 
 from bgproc import Bg
-from tests.helpers import ANSWER, QUIET, env_file, tcp
+from tests.helpers import ANSWER, QUIET, env_file, finesse_env, tcp
 
 WAIT = 0.5      # how long a burst waits for answers: below the 1 s SYN retransmission timeout
 SRC_A, SRC_B = INET_EXTRA4          # 203.0.113.7, 203.0.113.8: two distinct internet clients
@@ -73,10 +73,6 @@ def ccount(host, name: str, what: str, family: int = 4) -> int:
 
 def deny_count(host, family: int = 4) -> int:
     return host.counter(family, DENY, DENY_RULE)
-
-
-def finesse_env(tmp_path: Path, fname: str = "finesse.env", **values) -> Path:
-    return env_file(tmp_path, fname, TEMPLATE_TYPE="finesse", **values)
 
 
 def up(host, name: str, env: Path | None, core: Path | None = None, installer: Path | None = None,
@@ -330,6 +326,34 @@ def test_exempt_source_never_limited(host, tmp_path):
     assert set(b) == {"refused", "timeout"}, res
     assert ccount(host, "fin", "within rate") == b.count("refused")
     assert ccount(host, "fin", "rate drop") == b.count("timeout")
+
+
+def test_exempt_address_and_exempt_network_both_never_limited(host, tmp_path):
+    """One list with an address and a network: on the native backend the address is in the
+    list's hash set (NAME.addr), the network in its interval set (NAME.net); both exempt, one
+    exempt rule in the view with both lookups counted, the list read back as one."""
+    host.apply()
+    burst_size, rate, sent = 2, 1, 10
+    net_b = f"{SRC_B}/31"                    # 203.0.113.8/31: SRC_B through the network
+    core = env_file(tmp_path, "core.env", NGX_RATELIMIT_DISABLE_IPS=f"{SRC_A}|{net_b}")
+    up(host, "fin", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=BIG, IPTABLES_HASH_LIMIT_UPTO=rate,
+                                IPTABLES_HASH_LIMIT_BURST=burst_size), core)
+    res = burst(host, HOST_EXT4, 8445, [SRC_A, SRC_B], sent)
+    assert res["outcomes"] == {SRC_A: ["refused"] * sent, SRC_B: ["refused"] * sent}, res
+    assert ccount(host, "fin", "exempt") == 2 * sent
+    assert ccount(host, "fin", "within rate") == 0
+    specs = host.observed(4).chain_specs(chain("fin"))
+    assert sum(comment("fin", "exempt") in s for s in specs) == 1
+    name = f"hostprep-{hashlib.sha256(b'fin').hexdigest()[:8]}-ex4"
+    if host.native:
+        out = host.run(host.box.host, ["nft", "-j", "list", "table", "inet", "hostprep"]).stdout
+        decl = {o["set"]["name"]: (o["set"].get("flags", []), o["set"].get("elem"))
+                for o in json.loads(out)["nftables"] if "set" in o and o["set"]["name"].startswith(name)}
+        assert decl == {name + ".addr": ([], [SRC_A]),
+                        name + ".net": (["interval"], [{"prefix": {"addr": SRC_B, "len": 31}}])}
+        assert parse_nft_json(out, (4, 6), "hostprep-").sets[name] == frozenset({f"{SRC_A}/32", net_b})
+    st = host.hostprep("status")
+    assert "everything desired is live" in st.stdout, st.stdout
 
 
 def test_restricted_only_load_balancers_get_in(host, tmp_path):
@@ -950,7 +974,8 @@ def test_wide_exempt_only_with_the_flag(host, tmp_path):
     up(host, "fin", finesse_env(tmp_path), core, None, "--allow-wide-exempt")
     name = f"hostprep-{hashlib.sha256(b'fin').hexdigest()[:8]}-ex4"
     if host.native:
-        listing = host.run(host.box.host, ["nft", "list", "set", "inet", "hostprep", name]).stdout
+        # a network: the list's interval set (its addresses would be in NAME.addr, a hash set)
+        listing = host.run(host.box.host, ["nft", "list", "set", "inet", "hostprep", name + ".net"]).stdout
         assert "elements = { 0.0.0.0/1 }" in listing
     else:
         assert f"add {name} 0.0.0.0/1" in ipsets(host)[name]

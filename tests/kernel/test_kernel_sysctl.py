@@ -317,6 +317,19 @@ def test_a_live_value_changed_by_hand_is_drift(k):
     assert k.status()[0] == 0
 
 
+def test_boot_loads_the_profile_again(k):
+    """What a reboot runs (hostprep.service: ``hostprep boot``) puts the recorded profile back."""
+    k.hostprep("apply", "-k")
+    live = len(PROFILE) - len(k.missing()) - len(k.machine_wide())
+    k.ns_write("net.ipv4.tcp_rfc1337", "0")
+    key_path(k.standin, "vm.swappiness").write_text("30\n")
+    res = k.hostprep("boot")
+    assert f"kernel profile: {live} keys live" in res.stdout + res.stderr, res.stdout + res.stderr
+    assert (k.ns_values(["net.ipv4.tcp_rfc1337"]), k.standin_values()["vm.swappiness"]) == (
+        {"net.ipv4.tcp_rfc1337": "1"}, "1")
+    assert k.status()[0] == 0
+
+
 # -- flush --kernel -------------------------------------------------------------------
 
 

@@ -173,3 +173,25 @@ def test_a_slow_step_shows_a_spinner_on_a_terminal_only(monkeypatch):
         with common.working("container finesse: reading and checking the env files [1/2]"):
             time.sleep(0.3)
         assert ("container finesse: reading and checking the env files [1/2]" in buf.getvalue()) == terminal
+
+
+def selftest_report(*, ok: bool) -> dict:
+    return {"backend": "nft", "containers": [], "notes": [], "probes": [], "ok": ok, "seconds": 12.5,
+            "mismatches": 0 if ok else 3,
+            "settings": {"source": "flags", "skip_ddos": False, "allow_private": False, "ping_from_in_sandbox": []},
+            "sandbox": {"name": "hp[sb]", "namespaces": ["hp[sb]"], "external_nic": "eth1", "kept": True,
+                        "root": "/tmp/[root]"}}
+
+
+def test_both_selftest_views_end_with_the_kept_line_and_the_summary(capsys):
+    kept = "kept (--keep): remove with: hostprep sandbox down --name hp[sb] --root /tmp/[root]"
+    for view, hint in ((output.print_selftest, ""), (output.print_selftest_compact,
+                                                      "; --json or a pipe shows each probe")):
+        view(selftest_report(ok=True))
+        captured = capsys.readouterr()
+        assert (captured.out.splitlines()[-2:], captured.err) == \
+            ([kept, f"selftest: all 0 probes as expected (12.5 s){hint}"], "")
+        view(selftest_report(ok=False))
+        captured = capsys.readouterr()
+        assert (captured.out.splitlines()[-1], captured.err) == \
+            (kept, "selftest: 3 of 0 probes not as expected (12.5 s)\n")

@@ -13,6 +13,7 @@ from hostprep.backend import (NATIVE, IptablesBackend, NftBackend, for_host, nam
 from hostprep.errors import CommandFailed, InputError
 from hostprep.model import Container, Limits, PingSource, Policy
 from hostprep.observed import parse_nft_json
+from hostprep.plan import SetPlan, plan_sets, wanted_sets
 from hostprep.paths import Paths
 from hostprep.state import Store
 from tests.helpers import FakeNft
@@ -77,15 +78,46 @@ def test_the_view_has_the_chains_of_the_iptables_rules():
                                                               comments[i - 1] == c)], chain.name
 
 
-def test_exempt_list_is_an_interval_set_with_overlaps_merged():
-    c = container(exempt=(NET("192.0.2.0/25"), NET("192.0.2.128/25"), NET("192.0.2.7/32"), NET("198.51.100.9/32")))
+def test_exempt_addresses_in_a_hash_set_networks_in_an_interval_set():
+    c = container(ports=(443,), exempt=(NET("192.0.2.0/25"), NET("192.0.2.128/25"), NET("192.0.2.7/32"),
+                                        NET("198.51.100.9/32"), NET("198.51.100.8/32")))
     text = render.nft_backend_text(Policy("eth1"), (c,))
-    assert (f"set {c.set_name('ex')} {{\n\t\ttype ipv4_addr\n\t\tflags interval\n"
-            f"\t\telements = {{ 192.0.2.0/24, 198.51.100.9/32 }}\n\t}}") in text
-    assert f"ip saddr @{c.set_name('ex')} counter accept" in text
+    ex = c.set_name("ex")
+    # the addresses (one inside 192.0.2.0/24 left to it; adjacent ones not merged) in a set
+    # without flags: a hash lookup; the networks merged in an interval set
+    assert (f"set {ex}.addr {{\n\t\ttype ipv4_addr\n"
+            f"\t\telements = {{ 198.51.100.8, 198.51.100.9 }}\n\t}}") in text
+    assert (f"set {ex}.net {{\n\t\ttype ipv4_addr\n\t\tflags interval\n"
+            f"\t\telements = {{ 192.0.2.0/24 }}\n\t}}") in text
+    # the addresses looked up first, then the networks, both the one exempt rule
+    m = "meta l4proto tcp ct original proto-dst 443 ip saddr"
+    assert (f"\t\t{m} @{ex}.addr counter accept comment \"hostprep containers: finesse exempt\"\n"
+            f"\t\t{m} @{ex}.net counter accept comment \"hostprep containers: finesse exempt\"\n") in text
     d = render.nft_desired(render.desired(Policy("eth1"), (c,)))
     assert [(s.name, [str(m) for m in s.members]) for s in d.sets] == \
-        [(c.set_name("ex"), ["192.0.2.0/24", "198.51.100.9/32"])]
+        [(ex, ["192.0.2.0/24", "198.51.100.8/31"])]
+    # the view (what plan, status and the container log see): one exempt rule, as on iptables
+    specs = d.ruleset(4).chain("HOSTPREP-C-finesse").specs
+    assert specs.count('-m comment --comment "hostprep containers: finesse exempt" -j ACCEPT') == 1
+    ipt = render.desired(Policy("eth1"), (c,)).ruleset(4).chain("HOSTPREP-C-finesse").specs
+    assert [s.split('"')[1] for s in specs] == [s.split('"')[1] for s in ipt if "--comment" in s]
+
+
+@pytest.mark.parametrize("members, parts", [
+    (("192.0.2.7/32",), [".addr"]), (("192.0.2.0/24",), [".net"]), (("192.0.2.0/24", "192.0.2.9/32"), [".net"])])
+def test_a_part_without_members_is_left_out(members, parts):
+    c = container(ports=(443,), load_balancers=tuple(NET(m) for m in members))
+    assert [p.name for p in render.nft_set_parts(c, "lb")] == [c.set_name("lb") + x for x in parts]
+    text = render.nft_backend_text(Policy("eth1"), (c,))
+    assert text.count(" load balancer\"\n") == len(parts)
+    assert text.count(f"set {c.set_name('lb')}") == len(parts)
+
+
+def test_ipv6_addresses_are_the_128s():
+    c = container("f6", "2001:db8::10", (443,), exempt=(NET("2001:db8::7/128"), NET("2001:db8:1::/48")))
+    assert [(p.name, p.interval, p.members) for p in render.nft_set_parts(c, "ex")] == [
+        (c.set_name("ex") + ".addr", False, ("2001:db8::7",)),
+        (c.set_name("ex") + ".net", True, ("2001:db8:1::/48",))]
 
 
 def test_limits_are_bounded_dynamic_sets_and_ct_count():
@@ -127,11 +159,45 @@ def test_parse_json_sets_counters_device():
     fake.tables = FakeNft.apply(render.nft_backend_text(Policy("eth1"), (c,)), {})
     table = parse_nft_json(fake.json("inet hostprep"), (4, 6), "hostprep-")
     assert table.device == "eth1"
+    # NAME.addr and NAME.net read back as the one list NAME
     assert table.sets == {c.set_name("ex"): frozenset({"192.0.2.0/24", "198.51.100.9/32"})}
     assert [r.spec for r in table.observed[4].chain_rules("INPUT")] == ["-i eth1 -j HOSTPREP-IN"]
     # and the jump for the SYN synproxy sends for a valid cookie (the ddos group)
     assert [r.spec for r in table.observed[6].chain_rules("OUTPUT")] == ["-o eth1 -j HOSTPREP-OUT",
                                                                          "-j HOSTPREP-CONTAINERS"]
+    # and their two rules as the one exempt rule of each port, as the script's view has it
+    want = render.nft_desired(render.desired(Policy("eth1"), (c,)))
+    assert [r.spec for r in table.observed[4].chain_rules("HOSTPREP-C-finesse")] == \
+        list(want.ruleset(4).chain("HOSTPREP-C-finesse").specs)
+    assert sum("finesse exempt" in r.spec for r in table.observed[4].chain_rules("HOSTPREP-C-finesse")) == 2
+    # the plan compares the list read back with the list wanted: nothing to do
+    assert plan_sets(wanted_sets(want), table.sets) == SetPlan()
+
+
+def test_parse_json_merges_the_two_sets_of_a_list_and_sums_the_counters_of_its_rule():
+    import json
+    ex = "hostprep-0123abcd-ex4"
+    m = {"protocol": "ip", "field": "saddr"}
+
+    def rule(part, packets):
+        return {"rule": {"chain": "HOSTPREP-C-fin-v4", "comment": "hostprep containers: fin exempt", "expr": [
+            {"match": {"op": "==", "left": {"payload": m}, "right": f"@{ex}{part}"}},
+            {"counter": {"packets": packets, "bytes": 60 * packets}}, {"accept": None}]}}
+    data = {"nftables": [
+        {"set": {"name": ex + ".addr", "type": "ipv4_addr", "elem": ["192.0.2.7", "192.0.2.6", "198.51.100.1"]}},
+        {"set": {"name": ex + ".net", "type": "ipv4_addr", "flags": ["interval"],
+                 "elem": [{"prefix": {"addr": "203.0.113.0", "len": 24}},
+                          {"range": ["198.51.100.2", "198.51.100.3"]}]}},
+        {"chain": {"name": "HOSTPREP-C-fin-v4"}}, rule(".addr", 3), rule(".net", 4),
+        {"rule": {"chain": "HOSTPREP-C-fin-v4", "comment": "hostprep containers: fin exempt",
+                  "expr": [{"counter": {"packets": 1, "bytes": 60}}, {"accept": None}]}}]}
+    table = parse_nft_json(json.dumps(data), (4,), "hostprep-")
+    assert table.sets == {ex: frozenset({"192.0.2.6/31", "198.51.100.1/32", "198.51.100.2/31", "203.0.113.0/24"})}
+    # the .net rule right after the .addr rule is the same rule; a third one (not a .net lookup) is not
+    assert [(r.spec, r.counter.packets) for r in table.observed[4].chain_rules("HOSTPREP-C-fin")] == [
+        ('-m comment --comment "hostprep containers: fin exempt" -j ACCEPT', 7),
+        ('-m comment --comment "hostprep containers: fin exempt" -j ACCEPT', 1)]
+    assert table.counters["hostprep containers: fin exempt"].packets == 8
 
 
 def test_parse_json_shows_a_rule_hostprep_did_not_write_as_foreign():

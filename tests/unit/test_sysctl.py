@@ -431,7 +431,8 @@ def record(paths: Paths) -> dict:
 def test_apply_writes_every_present_key_and_records_previous_values(tmp_path, paths):
     missing = {"net.core.netdev_max_backlog", "net.core.bpf_jit_harden", "kernel.yama.ptrace_scope"}
     k = fake_kernel(tmp_path, {key: (None if key in missing else stock(key)) for key in profile_map()})
-    report, notes = sysctl.apply_kernel(k, paths)
+    applied = sysctl.apply_kernel(k, paths)
+    report, notes = applied.report, applied.notes
 
     want = profile_map()
     assert {key: k.read(key) for key in want} == {key: (None if key in missing else v) for key, v in want.items()}
@@ -450,7 +451,8 @@ def test_a_directory_where_a_key_should_be_is_treated_as_missing(tmp_path, paths
     k = fake_kernel(tmp_path)
     k.path("net.ipv4.tcp_rfc1337").unlink()
     k.path("net.ipv4.tcp_rfc1337").mkdir()
-    report, notes = sysctl.apply_kernel(k, paths)
+    applied = sysctl.apply_kernel(k, paths)
+    report, notes = applied.report, applied.notes
     assert states(report)["net.ipv4.tcp_rfc1337"] == "missing"
     assert notes == ["net.ipv4.tcp_rfc1337 is not in this kernel: skipped (written as '-net.ipv4.tcp_rfc1337')"]
 
@@ -462,7 +464,7 @@ def test_a_second_apply_keeps_the_first_previous_values(tmp_path, paths):
     # someone changes values by hand, then apply -k runs again
     k.path("vm.swappiness").write_text("30\n")
     k.path("net.ipv4.tcp_syn_retries").write_text("4\n")
-    report, _ = sysctl.apply_kernel(k, paths)
+    report = sysctl.apply_kernel(k, paths).report
     assert record(paths) == first
     assert record(paths)["previous"]["vm.swappiness"] == "60"
     assert (k.read("vm.swappiness"), k.read("net.ipv4.tcp_syn_retries")) == ("1", "2")

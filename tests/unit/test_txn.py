@@ -21,7 +21,7 @@ from hostprep.errors import InputError, RefusedError, StateError
 from hostprep.model import Policy
 from hostprep.paths import Paths
 from hostprep.state import Store
-from tests.helpers import FakeKernel
+from tests.helpers import FakeKernel, waiting_change
 
 
 
@@ -166,7 +166,8 @@ def test_an_interrupted_change_is_recovered_by_the_next_one(store, FakeRunner):
     txn.save_snapshot(store, "20260101T000000-1", snap)
     write(txn.inflight_file(store), json.dumps({"id": "20260101T000000-1", "pid": 1, "command": "hostprep killed"}))
     write(store.paths.settings_file, '{"interface": "half"}\n')
-    report, problems = status.transaction_section(None, store, FakeRunner())
+    tx = status.transaction_section(None, store, FakeRunner())
+    report, problems = tx.report, tx.problems
     assert report["interrupted"]["running"] is False and report["interrupted"]["id"] == "20260101T000000-1"
     assert len(problems) == 1 and "was interrupted" in problems[0]
     with txn.change(None, store, "hostprep next", firewall=False) as ch:
@@ -282,7 +283,8 @@ def test_status_section_shows_the_pending_deadline(store, FakeRunner):
     write(timers.pending_file(store), json.dumps({"id": "S1", "command": "hostprep apply --confirm 60",
                                                "deadline": time.time() + 59.5, "deadline_text": "12:00:00",
                                                "mechanism": "process", "watcher_pid": 999999999}))
-    report, problems = status.transaction_section(None, store, FakeRunner())
+    tx = status.transaction_section(None, store, FakeRunner())
+    report, problems = tx.report, tx.problems
     assert report["pending"]["seconds_left"] in (58, 59)
     assert report["pending"]["timer_alive"] is False
     assert problems[0].startswith("change S1 (hostprep apply --confirm 60) waits for 'hostprep confirm' until 12:00:00")
@@ -315,17 +317,13 @@ def test_cli_confirm_option_is_bounded():
 
 def test_a_rollback_killed_half_way_is_finished_and_confirm_refuses(store, FakeRunner):
     before = seed(store)
-    with txn.change(None, store, "hostprep apply --confirm 60", firewall=False) as ch:
-        write(store.paths.settings_file, '{"interface": "eth2"}\n')
-    write(timers.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 60",
-                                               "deadline": time.time() + 60, "deadline_text": "soon",
-                                               "mechanism": "process", "watcher_pid": None}))
+    change_id = waiting_change(store, "hostprep apply --confirm 60", seconds=60, deadline_text="soon")
     # what rollback() writes before it restores; the process then died
-    write(txn.inflight_file(store), json.dumps({"id": ch.id, "kind": "rollback", "pid": 1,
+    write(txn.inflight_file(store), json.dumps({"id": change_id, "kind": "rollback", "pid": 1,
                                                 "command": "hostprep apply --confirm 60"}))
     with pytest.raises(RefusedError) as exc:
         txn.confirm(store, FakeRunner())
-    assert exc.value.problem == (f"change {ch.id} (hostprep apply --confirm 60) was being rolled back (PID 1) when "
+    assert exc.value.problem == (f"change {change_id} (hostprep apply --confirm 60) was being rolled back (PID 1) when "
                                  "that was interrupted; the rollback is finished (1 items); nothing is left to confirm")
     assert {p: p.read_text() for p in before} == before
     assert (timers.pending_file(store).exists(), txn.inflight_file(store).exists(), snapshot.last_file(store).exists()) \
@@ -334,15 +332,11 @@ def test_a_rollback_killed_half_way_is_finished_and_confirm_refuses(store, FakeR
 
 def test_confirm_after_the_rollback_says_when_and_why(store, FakeRunner):
     seed(store)
-    with txn.change(None, store, "hostprep apply --confirm 1", firewall=False) as ch:
-        write(store.paths.settings_file, '{"interface": "eth2"}\n')
-    write(timers.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 1",
-                                               "deadline": time.time() - 1, "deadline_text": "then",
-                                               "mechanism": "process", "watcher_pid": None}))
-    txn.rollback(None, store, FakeRunner(), "hostprep rollback (deadline)", due=ch.id)
+    change_id = waiting_change(store, "hostprep apply --confirm 1", seconds=-1, deadline_text="then")
+    txn.rollback(None, store, FakeRunner(), "hostprep rollback (deadline)", due=change_id)
     with pytest.raises(InputError) as exc:
         txn.confirm(store, FakeRunner())
-    assert exc.value.problem.startswith(f"no change waits for confirmation: change {ch.id} (hostprep apply "
+    assert exc.value.problem.startswith(f"no change waits for confirmation: change {change_id} (hostprep apply "
                                         "--confirm 1) was rolled back at ")
     assert exc.value.problem.endswith("(deadline passed without 'hostprep confirm')")
 
@@ -351,20 +345,17 @@ def test_status_says_the_last_change_was_rolled_back_until_the_next_change(store
     """A session lost during --confirm: the next session's status tells what the timer did
     (found by the Vagrant bed: status said nothing of it)."""
     seed(store)
-    assert status.transaction_section(None, store, FakeRunner())[0]["rolled_back"] is None
-    with txn.change(None, store, "hostprep apply --confirm 1", firewall=False) as ch:
-        write(store.paths.settings_file, '{"interface": "eth2"}\n')
-    write(timers.pending_file(store), json.dumps({"id": ch.id, "command": "hostprep apply --confirm 1",
-                                               "deadline": time.time() - 1, "deadline_text": "then",
-                                               "mechanism": "process", "watcher_pid": None}))
-    txn.rollback(None, store, FakeRunner(), "hostprep rollback (deadline)", due=ch.id)
-    report, problems = status.transaction_section(None, store, FakeRunner())
+    assert status.transaction_section(None, store, FakeRunner()).report["rolled_back"] is None
+    change_id = waiting_change(store, "hostprep apply --confirm 1", seconds=-1, deadline_text="then")
+    txn.rollback(None, store, FakeRunner(), "hostprep rollback (deadline)", due=change_id)
+    tx = status.transaction_section(None, store, FakeRunner())
+    report, problems = tx.report, tx.problems
     gone = report["rolled_back"]
     assert (gone["id"], gone["command"], gone["why"], problems) == (
-        ch.id, "hostprep apply --confirm 1", "deadline passed without 'hostprep confirm'", [])
+        change_id, "hostprep apply --confirm 1", "deadline passed without 'hostprep confirm'", [])
     with txn.change(None, store, "hostprep apply", firewall=False):
         pass
-    assert status.transaction_section(None, store, FakeRunner())[0]["rolled_back"] is None
+    assert status.transaction_section(None, store, FakeRunner()).report["rolled_back"] is None
 
 
 def test_a_failed_arming_leaves_no_pending_change_behind(store, monkeypatch):
