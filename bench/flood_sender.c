@@ -35,6 +35,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "packet_util.h"
+
 #define BATCH 64
 #define FRAME 58 /* 14 Ethernet + 20 IPv4 + 24 TCP (with an MSS option, as real stacks send) */
 
@@ -42,24 +44,6 @@ static uint64_t rng;
 static uint32_t next_rand(void) {
     rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
     return (uint32_t)rng;
-}
-
-static uint32_t sum16(const uint8_t *p, size_t n, uint32_t acc) {
-    for (size_t i = 0; i + 1 < n; i += 2) acc += (uint32_t)(p[i] << 8 | p[i + 1]);
-    if (n & 1) acc += (uint32_t)(p[n - 1] << 8);
-    return acc;
-}
-
-static uint16_t fold(uint32_t acc) {
-    while (acc >> 16) acc = (acc & 0xffff) + (acc >> 16);
-    return (uint16_t)~acc;
-}
-
-static int parse_mac(const char *s, uint8_t *mac) {
-    unsigned int b[6];
-    if (sscanf(s, "%x:%x:%x:%x:%x:%x", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5]) != 6) return -1;
-    for (int i = 0; i < 6; i++) mac[i] = (uint8_t)b[i];
-    return 0;
 }
 
 static double now(void) {
