@@ -28,6 +28,7 @@ systemd runs, ``systemctl daemon-reload`` follows.  Nothing here saves a ruleset
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import jinja2
 
-from hostprep import render
+from hostprep import render, validate
 from hostprep.backend import VARIANTS, detect_variant
 from hostprep.errors import StateError
 from hostprep.netns import same_netns_as_init
@@ -137,6 +138,9 @@ def failsafe_tool(variant: str, family: int) -> str:
             or f"/usr/sbin/{specific}")
 
 
+_UNIT_WORD = re.compile(r"/[A-Za-z0-9._@+/-]*")
+
+
 def failsafe_command(variant: str, family: int, interface: str, file: Path | str) -> str:
     """The unit command that loads the fail-safe of ``family`` unless it is live already.
 
@@ -145,15 +149,18 @@ def failsafe_command(variant: str, family: int, interface: str, file: Path | str
     --noflush`` file inserts its jumps again each time (a restore file cannot delete a rule
     that may not be there: the whole file would fail), so the load is skipped when the jump
     from INPUT into the fail-safe is there (``-C``).  /bin/sh only, no Python.  The interface
-    name is validated (validate.interface_name); a path that /bin/sh or systemd would split or
-    expand is refused here (StateError), nothing written."""
+    name is validated (validate.interface_name, again here); a path with anything but letters,
+    digits and ``/._@+-`` (what /bin/sh or systemd could split or expand) is refused here
+    (StateError), nothing written."""
     restore = failsafe_tool(variant, family)
     check = restore.removesuffix("-restore")
     for word in (restore, str(file)):
-        if any(c.isspace() or c in "\"'\\%$;`" for c in word):
+        # an allow-list, not a list of the characters sh or systemd treat specially
+        if not _UNIT_WORD.fullmatch(word):
             raise StateError(word, "cannot be written into the fail-safe's unit line (/bin/sh and systemd "
-                             "would split or expand it)", "use a HOSTPREP_ROOT without spaces, quotes, '%', "
-                             "'$', ';' or '`'")
+                             "could split or expand it)", "use a HOSTPREP_ROOT made of letters, digits and "
+                             "'/._@+-' only")
+    validate.interface_name(interface)
     return (f"/bin/sh -c '{check} -w -C INPUT -i {interface} -j {render.FAILSAFE_CHAIN} 2>/dev/null"
             f" || exec {restore} --noflush {file}'")
 

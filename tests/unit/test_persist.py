@@ -544,7 +544,7 @@ def test_logrotate_debug_run(paths, runner, tmp_path):
         f"rotating log {log}/iptables_logs/fin.log, log->rotateCount is 6"]
 
 
-@pytest.mark.parametrize("bad", ["a b", "a$b", "a'b", "a%b", "a;b"])
+@pytest.mark.parametrize("bad", ["a b", "a$b", "a'b", "a%b", "a;b", "a|b", "a*b", "a(b", "a~b", "a[b", "a&b"])
 def test_a_root_the_failsafe_line_cannot_carry_is_refused_and_nothing_written(tmp_path, runner, bad):
     root = tmp_path / bad
     root.mkdir()
