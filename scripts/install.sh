@@ -127,7 +127,7 @@ if [ "$mode" = test ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
     .venv/bin/python -m pip install -q ".[test]"
     echo "hostprep installed for development in $src/.venv ($(.venv/bin/hostprep --version))"
-    echo "next: .venv/bin/python -m pytest -q -rfEs   (about 12 minutes as root on 2 cores: unit and kernel tests)"
+    echo "next: .venv/bin/python -m pytest -q -rfEs   (about 20 minutes as root on 2 cores: unit tests, kernel tests on three backends)"
     exit 0
 fi
 
