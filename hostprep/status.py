@@ -85,7 +85,8 @@ def _container_report(c, observed: Observed | None, desired_rs) -> dict:
         "load_balancers": len(c.networks("lb")), "exempt": len(c.networks("ex")),
         "present": (want is not None and live == want.specs) if c.hardening else None,
         "accepted_within_rate": packets("within rate"),
-        "dropped_connlimit": packets("connlimit drop"),
+        # over the limit, or (native backend) not countable: the connection-count set was full
+        "dropped_connlimit": packets("connlimit drop") + packets("connlimit full"),
         "dropped_rate": packets("rate drop"),
         "dropped_restricted": packets("restricted to load balancers"),
         "files": [f.path for f in c.files],

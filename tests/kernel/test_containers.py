@@ -36,6 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hostprep.observed import parse_nft_json, target_of
 from hostprep.sandbox import HOST_EXT4, HOST_EXT6, INET_EXTRA4, INET_EXTRA6
 
@@ -308,6 +310,35 @@ def test_connection_limit_per_source(host, tmp_path):
     assert deny_count(host) == 0
 
 
+def test_a_full_connection_count_set_drops_a_new_source_on_native(host, tmp_path):
+    """Native backend: a port's connection-count set has a bound (iptables' connlimit has none);
+    when it is full, a new source's ``add @cl ... ct count over N`` fails and does not match, and
+    the next rule drops that source ("connlimit full"): fail closed, not let through uncounted.
+    The set's bound is made 1 here (the table reloaded with it) so one held connection fills it."""
+    if not host.native:
+        pytest.skip("the native backend's connection-count set; iptables' connlimit has no bound")
+    host.apply()
+    up(host, "fin", finesse_env(tmp_path, IPTABLES_CONNECTION_LIMIT_ABOVE=3,
+                                IPTABLES_HASH_LIMIT_UPTO=100, IPTABLES_HASH_LIMIT_BURST=100))
+    listing = host.run(host.box.host, ["nft", "-s", "list", "table", "inet", "hostprep"]).stdout
+    small, n = re.subn(r"(set cl4_\S+ \{[^}]*?size )\d+", r"\g<1>1", listing)
+    assert n == 1, listing
+    host.run(host.box.host, ["nft", "-f", "-"], input="table inet hostprep\ndelete table inet hostprep\n" + small)
+    listener = holder = None
+    try:
+        listener = Bg(host.box.host, LISTENER, HOST_EXT4, "8445")
+        assert listener.readline() == "listening", listener.stderr()
+        holder = Bg(host.box.inet, HOLDER, HOST_EXT4, "8445", SRC_A, "1")
+        assert json.loads(holder.readline()) == ["connected"]       # SRC_A holds the set's one entry
+        other = host.probe1(host.box.inet, **tcp(HOST_EXT4, 8445, QUIET, src=SRC_B))
+        assert other["answered"] is False
+        assert ccount(host, "fin", "connlimit full") >= 1
+        assert ccount(host, "fin", "within rate") == 1                # SRC_A's one connection only
+        assert ccount(host, "fin", "connlimit drop") == 0
+    finally:
+        kill_all(holder, listener)
+
+
 # --------------------------------------------------------------------------- 3. exempt, restricted
 
 def test_exempt_source_never_limited(host, tmp_path):
@@ -522,7 +553,9 @@ def test_container_log_lists_rules_and_files_and_journal(host, tmp_path):
 
     up(host, "fin", env, core, installer)
     live = container_save_lines(host, "fin")
-    assert len(live) == 1 + 6            # dispatch + exempt, connlimit log/drop, within rate, rate log/drop
+    # dispatch + exempt, connlimit log/drop, within rate, rate log/drop (native: and the drop of a
+    # source its full connection-count set could not take)
+    assert len(live) == 1 + (7 if host.native else 6)
     text = log.read_text()
     # the order of the lines in the log is not specified: compared as sorted lists (duplicates count)
     assert logged(text, "added") == sorted(live)
