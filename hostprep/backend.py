@@ -637,12 +637,21 @@ class NftBackend:
         return Observed(obs.family, obs.chains + tuple(n for n in extra if n not in obs.chains), obs.rules)
 
     # -- primitives -------------------------------------------------------------
+    @staticmethod
+    def loads_script(script: str) -> bool:
+        """``script`` is one this backend wrote: rendered (render.nft_desired) or previous_script's."""
+        return script.startswith((render.NFT_HEADER, NFT_REMOVE_OWN))
+
     def script(self, plan: ApplyPlan) -> str:
         """The one transaction of ``plan``: the desired script, or both tables deleted."""
         want = plan.desired.nft if plan.desired is not None else None
         if want is None:
             return NFT_REMOVE
-        assert want.script.startswith(render.NFT_HEADER), "plan not made through NftBackend.target"
+        if not self.loads_script(want.script):
+            # only a snapshot's script can get here unrendered (a hand-edited or older snapshot)
+            raise CommandFailed("nft script", "the nft script to load (a rollback snapshot's) is not one the "
+                                "native backend wrote", "nothing was loaded; remove the change's snapshot "
+                                "(rollback/ under hostprep's state directory) and run 'hostprep apply' to converge")
         if not (self.sys_net / want.device).exists():
             # The external NIC is absent (boot before it appears): an ingress hook on a missing
             # device makes kernels before 6.x refuse the whole transaction.  The inet table (it
@@ -677,8 +686,9 @@ class NftBackend:
         inet = self._list(["-s", "list", "table", *INET_TABLE]) or ""
         ingress = self._list(["-s", "list", "table", *NFT_TABLE]) or ""
         bans = self._list(["-s", "-t", "list", "table", *BAN_TABLE])
-        return NFT_REMOVE_OWN + inet + ingress + (render.ban_restore_text(bans) if bans is not None
-                                                  else NFT_REMOVE_BANS)
+        # the ingress table last, after the mark: script() leaves it out while the NIC is absent
+        return (NFT_REMOVE_OWN + inet + (render.ban_restore_text(bans) if bans is not None else NFT_REMOVE_BANS)
+                + (render.NFT_INGRESS_MARK + "\n" + ingress if ingress else ""))
 
     def ban_leftovers(self, previous: str) -> str:
         """The ban sets and chains a change made that ``previous`` (previous_script) does not

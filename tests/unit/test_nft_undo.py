@@ -1,5 +1,6 @@
-"""The native backend's undo (review of s5/merge, finding 1): an undone load puts back the
-iptables part (the fail-safe) it removed."""
+"""The native backend's undo and its snapshots (review of s5/merge, findings 1 and 2): an undone
+load puts back the iptables part (the fail-safe) it removed, and a snapshot holds a script the
+native backend loads, also when the live tables drifted from the record."""
 
 from __future__ import annotations
 
@@ -167,3 +168,85 @@ def test_a_failed_removal_of_the_iptables_part_is_undone(tmp_path: Path, proc: P
         be.load(plan, staged)
     assert "ROLLBACK FAILED" not in err.value.problem and "the previous rules are back" in err.value.problem
     assert ipt.chains == before and fake.tables == {}
+
+
+# -- snapshots (finding 2) --------------------------------------------------------------------
+
+def ping_policy() -> Policy:
+    return Policy("eth1", ping=(PingSource("198.51.100.1", (ipaddress.ip_network("198.51.100.1/32"),)),))
+
+
+def drift(fake: FakeNft) -> None:
+    """A hand edit of the live table: one rule's comment changed (status would advise apply)."""
+    text = fake.tables["inet hostprep"]
+    assert 'comment "hostprep' in text
+    fake.tables["inet hostprep"] = text.replace('comment "hostprep', 'comment "handmade hostprep', 1)
+
+
+def test_a_snapshot_of_drifted_tables_restores_them(tmp_path: Path, proc: Path):
+    fake = FakeNft()
+    be = native(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    drift(fake)
+    drifted = dict(fake.tables)
+    snap = snapshot.take(be, store, firewall=True, kernel=False, command="hostprep apply -i eth1 -p ...")
+    assert snap.backend == NATIVE and NftBackend.loads_script(snap.nft.script)
+    ops.apply(store, "hostprep apply -i eth1 -p 198.51.100.1", backend=be, desired=render.desired(ping_policy()),
+              kernel=False)
+    assert fake.tables != drifted
+    snapshot.restore(be, store, snap, sys_net=proc.parent / "sys/class/net")
+    assert fake.tables == drifted
+
+
+def test_a_snapshot_of_drifted_tables_restores_them_without_the_nic(tmp_path: Path, proc: Path):
+    fake = FakeNft()
+    be = native(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    drift(fake)
+    drifted = dict(fake.tables)
+    snap = snapshot.take(be, store, firewall=True, kernel=False, command="hostprep apply")
+    ops.apply(store, "hostprep apply -i eth1 -p 198.51.100.1", backend=be, desired=render.desired(ping_policy()),
+              kernel=False)
+    (proc.parent / "sys/class/net/eth1").rmdir()          # the NIC went away before the rollback
+    notes = snapshot.restore(be, store, snap, sys_net=proc.parent / "sys/class/net")
+    assert "nft table: eth1 is not present, left to hostprep-nic@" in notes
+    assert fake.tables["inet hostprep"] == drifted["inet hostprep"]
+    loaded = [inp for a, inp, m in fake.calls if m and a[:3] == ["nft", "-f", "-"]][-1]
+    assert "table netdev hostprep {" not in loaded        # no ingress hook on a missing device
+
+
+def corrupt(tmp_path: Path, proc: Path) -> tuple[Store, dict]:
+    fake = FakeNft()
+    be = native(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    snap = snapshot.take(be, store, firewall=True, kernel=False, command="hostprep apply").to_dict()
+    # what an earlier hostprep stored when the live table drifted: the iptables ingress-table shape
+    snap["nft"]["script"] = "table netdev hostprep\ndelete table netdev hostprep\n" + snap["nft"]["text"]
+    return store, snap
+
+
+def test_a_corrupt_native_snapshot_is_one_line_not_a_traceback(tmp_path: Path, proc: Path):
+    store, snap = corrupt(tmp_path, proc)
+    cid = "20261206T013000-1-abc"
+    snapshot.rollback_dir(store).mkdir(parents=True, exist_ok=True)
+    write_atomic(snapshot.snapshot_file(store, cid), json.dumps(snap) + "\n")
+    with pytest.raises(StateError) as err:
+        snapshot.load_snapshot(store, cid)
+    assert "nft script is not one the native backend wrote" in err.value.line()
+    assert str(snapshot.snapshot_file(store, cid)) in err.value.line() and "\n" not in err.value.line()
+
+
+def test_a_corrupt_script_reaching_the_backend_is_command_failed(tmp_path: Path, proc: Path):
+    store, snap = corrupt(tmp_path, proc)
+    fake = FakeNft()
+    be = native(fake, proc)
+    ops.apply(store, "hostprep apply -i eth1 -p 198.51.100.1", backend=be, desired=render.desired(ping_policy()),
+              kernel=False)
+    before = dict(fake.tables)
+    with pytest.raises(CommandFailed) as err:      # a HostprepError: txn._fail and recover catch it
+        snapshot.restore(be, store, snapshot.Snapshot.from_dict(snap), sys_net=proc.parent / "sys/class/net")
+    assert "not one the native backend wrote" in err.value.line() and "\n" not in err.value.line()
+    assert fake.tables == before
