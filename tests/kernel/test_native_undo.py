@@ -4,6 +4,8 @@ fail-safe live, never the external NIC open."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import tool
 from tests.helpers import QUIET
@@ -30,4 +32,28 @@ def test_a_boot_whose_read_back_differs_keeps_the_failsafe(host):
     assert "injected difference at read-back" in res.stdout + res.stderr
     assert [host.ruleset_text(fam) for fam in (4, 6)] == before       # the fail-safe, as it was
     assert host.run(host.box.host, ["nft", "list", "table", "inet", "hostprep"], check=False).returncode != 0
+    assert host.probe1(host.box.inet, kind="tcp", dst=HOST4, dport=22, timeout=QUIET)["answered"] is False
+
+
+def unordered(listing: str) -> str:
+    """The listing with the elements of each anonymous set sorted: nft lists a reloaded set's
+    elements in another order (the same set)."""
+    return re.sub(r"\{ ([^{}\n]*) \}", lambda m: "{ " + ", ".join(sorted(m[1].split(", "))) + " }", listing)
+
+
+def test_rollback_to_a_snapshot_of_drifted_tables_puts_them_back(host):
+    """The live table differs from the record (a hand edit): the snapshot holds what puts the
+    live tables back (previous_script), and the rollback loads it (finding 2)."""
+    if not host.native:
+        pytest.skip("the native backend's snapshots")
+    host.apply()
+    host.run(host.box.host, ["nft", "add", "rule", "inet", "hostprep", "HOSTPREP-DENY-v4", "tcp", "dport", "9",
+                             "counter", "drop", "comment", '"handmade"'])
+    drifted = host.nft_state()
+    assert "handmade" in drifted
+    host.apply("-p", "198.51.100.20")
+    assert "handmade" not in host.nft_state()
+    res = host.hostprep("rollback", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert unordered(host.nft_state()) == unordered(drifted)
     assert host.probe1(host.box.inet, kind="tcp", dst=HOST4, dport=22, timeout=QUIET)["answered"] is False
