@@ -39,6 +39,11 @@ VARIANTS = ("nft", "legacy")
 NFT_TABLE = ("netdev", "hostprep")
 
 
+def _undo_state(failed: list[str]) -> str:
+    """How an undo ended, for the error of the load it undid."""
+    return "the previous rules are back" if not failed else "ROLLBACK FAILED: " + "; ".join(failed)
+
+
 def detect_variant(runner: Runner, override: str | None = None) -> str:
     """The iptables variant: ``override`` ("nft"/"legacy"), else what ``iptables -V`` says."""
     if override:
@@ -71,6 +76,9 @@ class Staged:
     loaded: list[int] = field(default_factory=list)    # families loaded
     nft_touched: bool = False
     previous: str | None = None                        # nft backend: the script that puts back plan.live
+    # nft backend: hostprep's iptables part load() removed (the fail-safe included), as
+    # (iptables backend, family, Ruleset) each, for undo() to put back after the nft tables
+    iptables_removed: list = field(default_factory=list)
 
 
 class FirewallBackend(Protocol):
@@ -512,26 +520,37 @@ class NftBackend:
         # The tables are in (nft -f returns 0 only once the kernel committed the whole
         # transaction); read back before the iptables part goes: never neither.
         if script != NFT_REMOVE and self._list(["list", "table", *INET_TABLE]) is None:
-            self.undo(plan, staged)
-            raise CommandFailed("nft -f", "the kernel does not list table inet hostprep after loading it; the "
-                                "previous rules are back", "run 'hostprep status' and report this")
+            raise CommandFailed("nft -f", "the kernel does not list table inet hostprep after loading it; "
+                                + _undo_state(self.undo(plan, staged)), "run 'hostprep status' and report this")
         faults.hit("before-release")
         try:
-            self.remove_iptables_part()      # applied or flushed: hostprep's iptables part goes too
+            # applied or flushed: hostprep's iptables part goes too; what went is kept for undo()
+            self.remove_iptables_part(staged.iptables_removed)
         except HostprepError as err:
             raise CommandFailed(err.field, f"{err.problem}; removing hostprep's iptables chains after the nft "
-                                "load failed", "the change is undone; fix the cause and run again") from None
+                                f"load failed; {_undo_state(self.undo(plan, staged))}",
+                                "fix the cause and run again") from None
 
     def undo(self, plan: ApplyPlan, staged: Staged) -> list[str]:
-        """The tables as they were in ``plan.live``, in one ``nft -f`` again."""
-        if not staged.nft_touched:
-            return []
-        try:
-            script = NFT_REMOVE if staged.previous is None else staged.previous + self.ban_leftovers(staged.previous)
-            self.runner.run(["nft", "-f", "-"], input=script, mutates=True)
-        except HostprepError as err:
-            return [f"nft: {err}"]
-        return []
+        """The tables as they were in ``plan.live``, in one ``nft -f`` again; then hostprep's iptables
+        part load() removed (the fail-safe a boot unit loaded) put back as it was, so that a boot
+        whose load is undone keeps the fail-safe.  Returns what could not be put back."""
+        failed: list[str] = []
+        if staged.nft_touched:
+            try:
+                script = NFT_REMOVE if staged.previous is None else \
+                    staged.previous + self.ban_leftovers(staged.previous)
+                self.runner.run(["nft", "-f", "-"], input=script, mutates=True)
+            except HostprepError as err:
+                failed.append(f"nft: {err}")
+        for be, fam, before in staged.iptables_removed:
+            try:
+                be.restore(fam, planmod.restore_text(planmod.plan_family(before, be.observe_family(fam)), before))
+            except HostprepError as err:
+                failed.append(f"{be.name} IPv{fam} (hostprep's iptables chains): {err}")
+        if not failed:
+            staged.iptables_removed.clear()
+        return failed
 
     def finish(self, plan: ApplyPlan, staged: Staged) -> list[str]:
         """Nothing to clean up: the sets live in the table, the iptables part went in load()."""
@@ -581,15 +600,19 @@ class NftBackend:
     def _iptables(self) -> list["IptablesBackend"]:
         return installed_variants(self.runner, self.proc)
 
-    def remove_iptables_part(self) -> None:
+    def remove_iptables_part(self, removed: list | None = None) -> None:
         """hostprep's chains and jumps in iptables removed, once the nft tables hold the policy: the
         fail-safe a boot unit loaded (an iptables-restore file), or what an iptables apply left.
-        New rules in before the old go; if this fails, verify finds them and the change is undone."""
+        New rules in before the old go.  Each part removed is appended to ``removed`` as
+        (backend, family, Ruleset) as soon as it is gone, for undo() to put back."""
         for be in self._iptables():
             for fam in self.families():
                 obs = be.observe_family(fam)
                 if obs.our_chains or obs.our_jumps:
+                    before = planmod.ruleset_from_observed(obs)
                     be.restore(fam, planmod.restore_text(planmod.plan_family(None, obs), None))
+                    if removed is not None:
+                        removed.append((be, fam, before))
 
     def iptables_leftovers(self) -> dict[int, tuple[str, ...]]:
         """hostprep's chains in the iptables filter tables (either variant), per family."""
@@ -614,12 +637,21 @@ class NftBackend:
         return Observed(obs.family, obs.chains + tuple(n for n in extra if n not in obs.chains), obs.rules)
 
     # -- primitives -------------------------------------------------------------
+    @staticmethod
+    def loads_script(script: str) -> bool:
+        """``script`` is one this backend wrote: rendered (render.nft_desired) or previous_script's."""
+        return script.startswith((render.NFT_HEADER, NFT_REMOVE_OWN))
+
     def script(self, plan: ApplyPlan) -> str:
         """The one transaction of ``plan``: the desired script, or both tables deleted."""
         want = plan.desired.nft if plan.desired is not None else None
         if want is None:
             return NFT_REMOVE
-        assert want.script.startswith(render.NFT_HEADER), "plan not made through NftBackend.target"
+        if not self.loads_script(want.script):
+            # only a snapshot's script can get here unrendered (a hand-edited or older snapshot)
+            raise CommandFailed("nft script", "the nft script to load (a rollback snapshot's) is not one the "
+                                "native backend wrote", "nothing was loaded; remove the change's snapshot "
+                                "(rollback/ under hostprep's state directory) and run 'hostprep apply' to converge")
         if not (self.sys_net / want.device).exists():
             # The external NIC is absent (boot before it appears): an ingress hook on a missing
             # device makes kernels before 6.x refuse the whole transaction.  The inet table (it
@@ -654,8 +686,9 @@ class NftBackend:
         inet = self._list(["-s", "list", "table", *INET_TABLE]) or ""
         ingress = self._list(["-s", "list", "table", *NFT_TABLE]) or ""
         bans = self._list(["-s", "-t", "list", "table", *BAN_TABLE])
-        return NFT_REMOVE_OWN + inet + ingress + (render.ban_restore_text(bans) if bans is not None
-                                                  else NFT_REMOVE_BANS)
+        # the ingress table last, after the mark: script() leaves it out while the NIC is absent
+        return (NFT_REMOVE_OWN + inet + (render.ban_restore_text(bans) if bans is not None else NFT_REMOVE_BANS)
+                + (render.NFT_INGRESS_MARK + "\n" + ingress if ingress else ""))
 
     def ban_leftovers(self, previous: str) -> str:
         """The ban sets and chains a change made that ``previous`` (previous_script) does not

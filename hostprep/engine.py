@@ -57,6 +57,8 @@ def verify(backend: FirewallBackend, desired: Desired | None, *, keep_nft: bool 
     # finish() after this check; only missing or differing wanted sets count.
     wanted_sets = planmod.SetPlan(leftover.sets.create, leftover.sets.replace)
     problems = [n for fam, p in leftover.families.items() for n in p.notes] + wanted_sets.notes()
+    if faults.differs("read-back"):
+        problems.append("injected difference at read-back (HOSTPREP_FAULT)")
     if keep_nft:
         return snap, problems
     if desired and desired.nft and (snap.nft is None or snap.nft.device != desired.nft.device):

@@ -10,6 +10,8 @@ host, where every call here is a no-op).  Points, in the order a change passes t
                     iptables, read back), the old backend's part not yet removed
                     (the native backend passes it after every nft -f: its load
                     removes hostprep's iptables chains itself)
+  read-back         the read-back after a load (engine.verify); action "differ" makes it
+                    report a difference, so that the load is undone (the boot ladder's path)
   before-record     every family loaded and read back, nothing recorded yet
   record            the write of the record itself (actions enospc / erofs)
   after-record      recorded, the change not yet closed
@@ -20,6 +22,7 @@ Actions:
   kill    SIGKILL this process, right here
   enospc  / erofs   raise the OSError a full disk / a read-only mount gives
   fail    raise a plain error
+  differ  (read-back only) the read-back reports a difference (see differs())
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import signal
 import time
 from pathlib import Path
 
-POINTS = ("locked", "before-load", "between-families", "before-release", "before-record", "record", "after-record")
+POINTS = ("locked", "before-load", "between-families", "before-release", "read-back", "before-record", "record",
+          "after-record")
 
 
 def _wanted(point: str) -> str | None:
@@ -41,6 +45,11 @@ def _wanted(point: str) -> str | None:
             if p.strip() == point:
                 return action.strip()
     return None
+
+
+def differs(point: str) -> bool:
+    """Whether HOSTPREP_FAULT asks ``point`` (a read-back) to report a difference."""
+    return _wanted(point) == "differ"
 
 
 def hit(point: str) -> None:

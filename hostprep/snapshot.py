@@ -1,11 +1,13 @@
 """The snapshot of a change: hostprep's part of the host before it, saved, checked, restored.
 
 A snapshot (``rollback/<id>.json``) holds the chains and jumps of both families,
-the ipsets and the nft table (``firewall``), with -k the profile's sysctls, and
-the state files hostprep owns.  ``take`` makes one, ``load_snapshot`` reads one
-back refusing anything hostprep does not own (a tampered file restores nothing),
-``restore`` brings the host back to it through the engine (plan, load, read
-back, undo) and makes the installed boot units follow the restored record.
+the ipsets and the nft table (``firewall``; on the native backend its script is one
+NftBackend loads as it is: the recorded render, or previous_script when the live tables
+drifted), with -k the profile's sysctls, and the state files hostprep owns.  ``take``
+makes one, ``load_snapshot`` reads one back refusing anything hostprep does not own (a
+tampered file restores nothing) or cannot load (a native snapshot's foreign nft script),
+``restore`` brings the host back to it through the engine (plan, load, read back, undo)
+and makes the installed boot units follow the restored record.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from hostprep import engine, persist, records, sysctl
 from hostprep import plan as planmod
-from hostprep.backend import for_variant
+from hostprep.backend import NATIVE, NftBackend, for_variant
 from hostprep.errors import CommandFailed, InputError, StateError
 from hostprep.model import BanSet, Chain, IpSet, NftIngress, Rule, Ruleset, container_name, is_ban_set
 from hostprep.plan import NftRecord
@@ -206,8 +208,14 @@ def take(backend, store: Store, *, firewall: bool, kernel: bool, command: str = 
             snap["nft"] = None
         else:
             rec = record.nft if record is not None else None
-            script = rec.script if rec is not None and rec.live == live.nft.text and rec.script else \
-                "table netdev hostprep\ndelete table netdev hostprep\n" + live.nft.text
+            if rec is not None and rec.live == live.nft.text and rec.script:
+                script = rec.script
+            elif backend.variant == NATIVE:
+                # the live tables drifted from the record: what puts them back as they are now
+                # (inet, bans, ingress), a script NftBackend loads as it is
+                script = backend.previous_script(live) or ""
+            else:
+                script = "table netdev hostprep\ndelete table netdev hostprep\n" + live.nft.text
             snap["nft"] = {"device": live.nft.device, "text": live.nft.text, "script": script}
     if kernel:
         k = sysctl.Kernel()
@@ -279,6 +287,10 @@ def load_snapshot(store: Store, cid: str) -> Snapshot:
     if bad or typed is None:
         raise StateError(str(snapshot_file(store, cid)), "not a snapshot this hostprep can read",
                          "remove it; run 'hostprep apply' to converge")
+    if typed.backend == NATIVE and typed.nft is not None and not NftBackend.loads_script(typed.nft.script):
+        # an iptables-shaped nft script (older hostprep) or a hand edit: the native backend cannot load it
+        raise StateError(str(snapshot_file(store, cid)), "its nft script is not one the native backend wrote",
+                         "nothing was restored; remove it and run 'hostprep apply' to converge")
     return typed
 
 
@@ -310,7 +322,8 @@ def restore(backend, store: Store, snap: Snapshot, sys_net: Path = Path("/sys/cl
         be = backend_for(snap, backend)
         target = snapshot_target(snap)
         rec = NftRecord(target.nft.script, snap.nft.text) if target.nft else None
-        if target.nft is not None and not (sys_net / target.nft.device).exists():
+        # (the native backend's script() leaves out the ingress table itself while the NIC is absent)
+        if target.nft is not None and be.variant != NATIVE and not (sys_net / target.nft.device).exists():
             # Kernels before 6.x refuse an ingress hook on a missing device; the
             # iptables part (matching the NIC by name) is restored all the same and
             # hostprep-nic@ adds the table when the NIC appears.
@@ -319,6 +332,8 @@ def restore(backend, store: Store, snap: Snapshot, sys_net: Path = Path("/sys/cl
             if live_nft is not None:
                 target = dataclasses.replace(target, nft=NftIngress(live_nft.device, ""))
                 rec = NftRecord("", live_nft.text)
+            notes.append(f"nft table: {snap.nft.device} is not present, left to hostprep-nic@")
+        elif target.nft is not None and not (sys_net / target.nft.device).exists():
             notes.append(f"nft table: {snap.nft.device} is not present, left to hostprep-nic@")
         holders = engine.holding_others(be)      # the backend switched to, if the change was a switch
         plan = engine.make_plan(be, target, rec)
