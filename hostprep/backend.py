@@ -562,12 +562,18 @@ class NftBackend:
         return warnings
 
     def part(self) -> list[str]:
-        """The ``inet hostprep`` table (the netdev ingress table is shared with the iptables backend)."""
-        return ["nft: table inet hostprep"] if self._list(["list", "table", *INET_TABLE]) is not None else []
+        """The ``inet hostprep`` table and the ban table ``inet hostprep_ban`` (fail2ban's bans: on
+        the iptables backend they are ipsets, so a ban table there is only a left-over that still
+        drops); the netdev ingress table is shared with the iptables backend."""
+        return [f"nft: table {' '.join(t)}" for t in (INET_TABLE, BAN_TABLE)
+                if self._list(["list", "table", *t]) is not None]
 
     def release(self) -> None:
-        """``table inet hostprep`` deleted in one ``nft -f`` (declared first: absent is no error)."""
-        self._nft_f(["nft", "-f", "-"], "table inet hostprep\ndelete table inet hostprep\n", mutates=True)
+        """``table inet hostprep`` and the ban table deleted in one ``nft -f`` (each declared first:
+        absent is no error).  A switch releases them only once the new backend is in and read back
+        (engine.converge); the bans in the ban sets are not carried over (as the ipsets are not)."""
+        self._nft_f(["nft", "-f", "-"], "table inet hostprep\ndelete table inet hostprep\n" + NFT_REMOVE_BANS,
+                    mutates=True)
 
     def others(self) -> list["FirewallBackend"]:
         """The iptables variants whose save and restore tools are installed, the one holding hostprep's

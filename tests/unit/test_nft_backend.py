@@ -479,3 +479,74 @@ def test_a_kernel_without_nft_synproxy_is_named_with_the_fix(tmp_path: Path, pro
     assert "this kernel has no nft synproxy, CONFIG_NFT_SYNPROXY" in err.value.problem
     assert err.value.fix.startswith("use --backend iptables on this host")
     assert (fake.tables, fake.mutating()) == ({}, [])
+
+
+# -- the ban table across a switch, flush on iptables (review finding 3) ------------------------
+
+
+def native_with_bans(tmp_path: Path, proc: Path, ban: bool = True):
+    """A native host with a fail2ban container and (``ban``) one ban in its set."""
+    fake = FakeNft()
+    be = backend(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    fin = container(fail2ban=True)
+    ops.container_up(be, store, fin, "hostprep container up finesse")
+    if ban:
+        fake.ban(fin.ban_set().name, "192.0.2.7")
+    return fake, be, store, fin
+
+
+def test_the_ban_table_is_part_of_the_native_backend_and_goes_with_its_release(tmp_path: Path, proc: Path):
+    fake, be, _, _ = native_with_bans(tmp_path, proc)
+    assert be.part() == ["nft: table inet hostprep", "nft: table inet hostprep_ban"]
+    fake.tables.pop("inet hostprep")            # a ban table left alone (an iptables host after the old switch)
+    assert be.part() == ["nft: table inet hostprep_ban"]
+    fake.calls.clear()
+    be.release()
+    assert fake.mutating() == [["nft", "-f", "-"]]
+    assert "inet hostprep_ban" not in fake.tables and "inet hostprep" not in fake.tables and be.part() == []
+    be.release()                                 # nothing left: still no error (each table declared first)
+
+
+def test_a_switch_to_iptables_removes_the_ban_table_after_the_load_and_a_rollback_brings_it_back(
+        tmp_path: Path, proc: Path, monkeypatch):
+    """nft -> iptables: the ban table goes with inet hostprep, only after the iptables rules are in
+    and read back; the snapshot (taken through the native backend, which holds hostprep) puts it back
+    with its sets (empty: a snapshot holds no bans)."""
+    from hostprep import engine, snapshot
+    from tests.helpers import FakeKernel
+    # (the ban after the snapshot: FakeNft lists a set's members with -t too, which nft does not)
+    fake, nft, store, fin = native_with_bans(tmp_path, proc, ban=False)
+    d = render.desired(Policy("eth1"), (fin,))
+    ipt = FakeKernel(nft=None)          # iptables holds nothing of hostprep before the switch
+    ipt.other_backends = [nft]
+    snap = snapshot.take(ipt, store, firewall=True, kernel=False, command="hostprep apply --backend iptables")
+    fake.ban(fin.ban_set().name, "192.0.2.7")
+    assert snap.backend == NATIVE
+    order: list[str] = []
+    monkeypatch.setattr(engine, "verify", lambda b, want, keep_nft=False: (order.append("verify"), (b.observe(), []))[1])
+    real_release = nft.release
+    monkeypatch.setattr(nft, "release", lambda: (order.append("release"), real_release())[1])
+    out = engine.converge(ipt, store, d, "hostprep apply --backend iptables-nft", recorded_nft=None)
+    assert order == ["verify", "release"]
+    assert "inet hostprep_ban" not in fake.tables and "inet hostprep" not in fake.tables
+    assert out.summary.endswith("then removed nft: table inet hostprep; nft: table inet hostprep_ban")
+    # the rollback of that switch: the native backend with its ban table, the ban set back (empty)
+    snapshot.restore(nft, store, snap, sys_net=proc.parent / "sys/class/net")
+    assert nft.part() == ["nft: table inet hostprep", "nft: table inet hostprep_ban"]
+    assert nft.observe().sets[fin.ban_set().name] == frozenset()
+
+
+def test_flush_on_iptables_removes_a_ban_table_left_behind(tmp_path: Path, proc: Path):
+    from tests.helpers import FakeKernel
+    fake, nft, store, _ = native_with_bans(tmp_path, proc)
+    fake.tables.pop("inet hostprep")
+    ipt = FakeKernel()
+    ipt.other_backends = [nft]
+    fake.calls.clear()
+    ops.flush(ipt, store, "hostprep flush")
+    assert fake.mutating() == [["nft", "-f", "-"]]
+    assert "inet hostprep_ban" not in fake.tables
+    assert "nft: table inet hostprep_ban" in (tmp_path / "var/log/hostprep/journal.log").read_text().splitlines()[-1]
+
