@@ -550,3 +550,18 @@ def test_flush_on_iptables_removes_a_ban_table_left_behind(tmp_path: Path, proc:
     assert "inet hostprep_ban" not in fake.tables
     assert "nft: table inet hostprep_ban" in (tmp_path / "var/log/hostprep/journal.log").read_text().splitlines()[-1]
 
+
+def test_the_limiters_fill_is_read_with_a_ban_table_too(tmp_path: Path, proc: Path):
+    """Review finding 6: with a fail2ban container the ban table is merged into the view; the
+    limiters' entries (status's "bound reached") must stay, the same as without it."""
+    fake = FakeNft()
+    be = backend(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    ops.container_up(be, store, container(), "hostprep container up finesse")
+    without = be.observe().nft.limiters
+    assert without and "inet hostprep_ban" not in fake.tables
+    ops.container_up(be, store, container(fail2ban=True), "hostprep container up finesse --fail2ban")
+    assert "inet hostprep_ban" in fake.tables
+    assert be.observe().nft.limiters == without
+
