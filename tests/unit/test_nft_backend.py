@@ -565,3 +565,34 @@ def test_the_limiters_fill_is_read_with_a_ban_table_too(tmp_path: Path, proc: Pa
     assert "inet hostprep_ban" in fake.tables
     assert be.observe().nft.limiters == without
 
+
+# -- container commands never switch backends (review finding 5) ------------------------------
+
+
+def test_container_up_and_down_refuse_another_backend_than_the_one_holding_hostprep(tmp_path: Path, proc: Path):
+    """applied.json says nft (native); a container command on iptables (HOSTPREP_BACKEND=iptables-nft
+    or --backend) is refused in one line naming both and the fix, before anything is touched."""
+    from tests.helpers import FakeKernel
+    fake = FakeNft()
+    be = backend(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    ops.container_up(be, store, container(), "hostprep container up finesse")
+    tables, registry = dict(fake.tables), store.containers()
+    journal = (tmp_path / "var/log/hostprep/journal.log").read_text()
+    ipt = FakeKernel(variant="nft")
+    ipt.other_backends = [be]
+    for call in (lambda: ops.container_up(ipt, store, container("ids", "203.0.113.11", (8553,)), "up ids"),
+                 lambda: ops.container_down(ipt, store, "finesse", "down finesse"),
+                 lambda: ops.container_up_plan(ipt, store, container("ids", "203.0.113.11", (8553,)))):
+        with pytest.raises(InputError) as err:
+            call()
+        line = err.value.line()
+        assert "\n" not in line and err.value.field == "--backend/HOSTPREP_BACKEND"
+        assert "asks for the iptables-nft backend but hostprep is held by nft" in line
+        assert "run 'hostprep apply --backend iptables-nft' to switch (it asks first)" in line
+    assert (fake.tables, store.containers(), ipt.loads, ipt.nft_loads) == (tables, registry, [], 0)
+    assert (tmp_path / "var/log/hostprep/journal.log").read_text() == journal
+    # the backend holding hostprep: no refusal
+    ops.container_down(be, store, "finesse", "hostprep container down finesse")
+    assert store.containers() == {}
