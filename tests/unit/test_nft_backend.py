@@ -596,3 +596,34 @@ def test_container_up_and_down_refuse_another_backend_than_the_one_holding_hostp
     # the backend holding hostprep: no refusal
     ops.container_down(be, store, "finesse", "hostprep container down finesse")
     assert store.containers() == {}
+
+
+def test_the_cli_refuses_a_container_command_on_another_backend_in_one_line(tmp_path: Path, proc: Path,
+                                                                             monkeypatch):
+    """`HOSTPREP_BACKEND=nft hostprep container down finesse` on a host hardened with iptables-nft
+    (nft meant iptables-nft before the native backend): one error line, exit 2, no nft -f, no
+    iptables restore, the registry as it was."""
+    from typer.testing import CliRunner
+    from hostprep import cli
+    from hostprep.cli import container as container_cli
+    root = tmp_path / "root"
+    store = Store(Paths(root))
+    fake = FakeNft()
+    be = backend(fake, proc)
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    ops.container_up(be, store, container(), "hostprep container up finesse")
+    # the record of a host hardened with iptables-nft ("nft", as records always said)
+    store.save_applied({**store.applied(), "backend": "nft"})
+    tables = dict(fake.tables)
+    fake.calls.clear()
+    monkeypatch.setattr(container_cli, "Runner", lambda *a, **kw: fake)
+    monkeypatch.setattr(container_cli, "need_root", lambda what: None)
+    monkeypatch.setenv("HOSTPREP_ROOT", str(root))
+    monkeypatch.setenv("HOSTPREP_BACKEND", "nft")
+    res = CliRunner().invoke(cli.app, ["container", "down", "finesse"])
+    assert res.exit_code == 2, res.output
+    assert res.output == ("error: --backend/HOSTPREP_BACKEND: container down asks for the nft backend but hostprep "
+                          "is held by iptables-nft (the last apply); container commands never switch backends "
+                          "(run 'hostprep apply --backend nft' to switch (it asks first), or drop --backend / unset "
+                          "HOSTPREP_BACKEND to stay on iptables-nft; nothing was changed)\n")
+    assert (fake.mutating(), fake.tables, list(store.containers())) == ([], tables, ["finesse"])
