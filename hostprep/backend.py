@@ -742,8 +742,10 @@ def for_variant(runner: Runner, variant: str | None) -> FirewallBackend:
 # an inet table, a netdev ingress hook (on lo: every namespace has it), dynamic sets with
 # and without timeout (the limiters, the flooded set), interval sets, concatenations,
 # ct count, limit rate over, synproxy, notrack at ingress, fib saddr type, the bogus-flag
-# set lookup: every statement rules/hostprep.nft.j2 and ingress.nft.j2 use (README's table
-# of kernel features).  RHEL 9's 5.14 has all (synproxy: CONFIG_NFT_SYNPROXY, see README).
+# set lookup, tcp option maxseg (size range and missing), ct original daddr and proto-dst,
+# log prefix, ip6 hoplimit: the statements rules/hostprep.nft.j2 and ingress.nft.j2 use
+# (README's table of kernel features; accepted by ``nft -c`` here: nftables 1.0.6, Linux
+# 6.18).  RHEL 9's 5.14 has all (synproxy: CONFIG_NFT_SYNPROXY, see README).
 PROBE_SCRIPT = """table inet hostprep_probe {
 	set cl {
 		type ipv4_addr
@@ -766,6 +768,10 @@ PROBE_SCRIPT = """table inet hostprep_probe {
 		tcp dport 9 add @cl { ip saddr ct count over 4 } drop
 		tcp dport 9 update @rl { ip6 saddr limit rate 5/second burst 5 packets } accept
 		tcp dport 9 ip saddr { 10.0.0.0/8, 192.0.2.0/24 } drop
+		meta l4proto tcp ct state new tcp option maxseg size != 536-65535 drop
+		meta l4proto tcp ct state new tcp option maxseg missing drop
+		ct original ip daddr 192.0.2.1 meta l4proto tcp ct original proto-dst 9 limit rate 1/minute burst 5 packets log prefix "hostprep probe " drop
+		icmpv6 type nd-neighbor-solicit ip6 hoplimit 255 accept
 	}
 	chain output {
 		type filter hook output priority filter; policy accept;
