@@ -475,6 +475,11 @@ def test_the_ban_table_goes_with_a_switch_to_iptables_and_with_flush_on_iptables
         assert "nft: table inet hostprep_ban" in " ".join(res.stdout.split()), res.stdout
         assert ban_table(host) is None
         assert "ipset" in (proxy.conf / "action.d/hostprep-ban.conf").read_text()
+        # the ban is not carried over (README "Choosing a backend"): the new ipset is empty, SRC_A answered
+        saved = host.run(host.box.host, ["ipset", "save"]).stdout.splitlines()
+        bans = [ln.split()[1] for ln in saved if ln.startswith("create ") and ln.split()[1].endswith("-bn4")]
+        assert len(bans) == 1 and not [ln for ln in saved if ln.startswith(f"add {bans[0]} ")], saved
+        assert proxy.answered(HOST_EXT4, 8445, SRC_A, ANSWER) is True
         host.hostprep("flush", env={"HOSTPREP_BACKEND": "iptables-nft"})
     else:
         host.run(host.box.host, ["nft", "-f", "-"], input=LEFTOVER_BAN_TABLE)
