@@ -581,12 +581,18 @@ class NftBackend:
         return warnings
 
     def part(self) -> list[str]:
-        """The ``inet hostprep`` table (the netdev ingress table is shared with the iptables backend)."""
-        return ["nft: table inet hostprep"] if self._list(["list", "table", *INET_TABLE]) is not None else []
+        """The ``inet hostprep`` table and the ban table ``inet hostprep_ban`` (fail2ban's bans: on
+        the iptables backend they are ipsets, so a ban table there is only a left-over that still
+        drops); the netdev ingress table is shared with the iptables backend."""
+        return [f"nft: table {' '.join(t)}" for t in (INET_TABLE, BAN_TABLE)
+                if self._list(["list", "table", *t]) is not None]
 
     def release(self) -> None:
-        """``table inet hostprep`` deleted in one ``nft -f`` (declared first: absent is no error)."""
-        self._nft_f(["nft", "-f", "-"], "table inet hostprep\ndelete table inet hostprep\n", mutates=True)
+        """``table inet hostprep`` and the ban table deleted in one ``nft -f`` (each declared first:
+        absent is no error).  A switch releases them only once the new backend is in and read back
+        (engine.converge); the bans in the ban sets are not carried over (as the ipsets are not)."""
+        self._nft_f(["nft", "-f", "-"], "table inet hostprep\ndelete table inet hostprep\n" + NFT_REMOVE_BANS,
+                    mutates=True)
 
     def others(self) -> list["FirewallBackend"]:
         """The iptables variants whose save and restore tools are installed, the one holding hostprep's
@@ -769,8 +775,10 @@ def for_variant(runner: Runner, variant: str | None) -> FirewallBackend:
 # an inet table, a netdev ingress hook (on lo: every namespace has it), dynamic sets with
 # and without timeout (the limiters, the flooded set), interval sets, concatenations,
 # ct count, limit rate over, synproxy, notrack at ingress, fib saddr type, the bogus-flag
-# set lookup: every statement rules/hostprep.nft.j2 and ingress.nft.j2 use (README's table
-# of kernel features).  RHEL 9's 5.14 has all (synproxy: CONFIG_NFT_SYNPROXY, see README).
+# set lookup, tcp option maxseg (size range and missing), ct original daddr and proto-dst,
+# log prefix, ip6 hoplimit: the statements rules/hostprep.nft.j2 and ingress.nft.j2 use
+# (README's table of kernel features; accepted by ``nft -c`` here: nftables 1.0.6, Linux
+# 6.18).  RHEL 9's 5.14 has all (synproxy: CONFIG_NFT_SYNPROXY, see README).
 PROBE_SCRIPT = """table inet hostprep_probe {
 	set cl {
 		type ipv4_addr
@@ -793,6 +801,10 @@ PROBE_SCRIPT = """table inet hostprep_probe {
 		tcp dport 9 add @cl { ip saddr ct count over 4 } drop
 		tcp dport 9 update @rl { ip6 saddr limit rate 5/second burst 5 packets } accept
 		tcp dport 9 ip saddr { 10.0.0.0/8, 192.0.2.0/24 } drop
+		meta l4proto tcp ct state new tcp option maxseg size != 536-65535 drop
+		meta l4proto tcp ct state new tcp option maxseg missing drop
+		ct original ip daddr 192.0.2.1 meta l4proto tcp ct original proto-dst 9 limit rate 1/minute burst 5 packets log prefix "hostprep probe " drop
+		icmpv6 type nd-neighbor-solicit ip6 hoplimit 255 accept
 	}
 	chain output {
 		type filter hook output priority filter; policy accept;

@@ -379,7 +379,8 @@ def _splice(chains: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
 def merge_ban_table(table: NftTable | None, ban: NftTable, families: tuple[int, ...]) -> NftTable:
     """``inet hostprep`` and the ban table (``inet hostprep_ban``, rules/ban.nft.j2) as one view:
     the ban table's jumps from INPUT/FORWARD after hostprep's own (as render.nft_view reads the
-    script, which holds it after ``inet hostprep``), its chain HOSTPREP-BAN, its sets (the bans)."""
+    script, which holds it after ``inet hostprep``), its chain HOSTPREP-BAN, its sets (the bans);
+    the limiters' fill stays ``inet hostprep``'s."""
     order = ("INPUT", "FORWARD", "OUTPUT")
     observed: dict[int, Observed] = {}
     for fam in families:
@@ -395,4 +396,6 @@ def merge_ban_table(table: NftTable | None, ban: NftTable, families: tuple[int, 
     counters = dict(table.counters) if table is not None else {}
     for k, v in ban.counters.items():
         counters[k] = counters.get(k, Counter()) + v
-    return NftTable(observed, sets, (table.device if table is not None else "") or ban.device, counters)
+    # the limiters' fill (attack.section's "bound reached" on the native backend) is hostprep's table's
+    limiters = dict(table.limiters) if table is not None else {}
+    return NftTable(observed, sets, (table.device if table is not None else "") or ban.device, counters, limiters)

@@ -29,7 +29,7 @@ from hostprep import attack, engine
 from hostprep import fail2ban as f2b
 from hostprep import nic as nicmod
 from hostprep import persist, records, render, settings, sysctl, timers, txn
-from hostprep.backend import FirewallBackend
+from hostprep.backend import FirewallBackend, name_of
 from hostprep.engine import Outcome
 from hostprep.errors import HostprepError, InputError
 from hostprep.model import CONTAINER_DISPATCH, Container, Desired, Policy
@@ -289,8 +289,24 @@ def container_diff(before: LiveState, desired: Desired, previous: Container | No
     return ContainerDiff(added, removed, kept)
 
 
+def same_backend(backend: FirewallBackend, store: Store, command: str) -> None:
+    """Refused unless ``backend`` is the one holding hostprep (applied.json's "backend"): a container
+    command never switches backends (only ``apply`` does, after BACKEND SWITCH and its prompt).
+    ``backend`` differs only when asked for (--backend or HOSTPREP_BACKEND): without that,
+    backend.choose takes the remembered one."""
+    record = records.load_applied(store, tolerant=True)
+    if record is None or record.backend in (None, backend.variant):
+        return
+    held = name_of(record.backend)
+    raise InputError("--backend/HOSTPREP_BACKEND", f"{command} asks for the {backend.name} backend but hostprep "
+                     f"is held by {held} (the last apply); container commands never switch backends",
+                     f"run 'hostprep apply --backend {backend.name}' to switch (it asks first), or drop "
+                     f"--backend / unset HOSTPREP_BACKEND to stay on {held}; nothing was changed")
+
+
 def container_up_plan(backend: FirewallBackend, store: Store, c: Container) -> ContainerPreview:
     """What ``container up`` would do (for --dry-run): the plan, and the lines added and removed."""
+    same_backend(backend, store, "container up")
     desired, previous = container_desired(store, c)
     record = records.load_applied(store, tolerant=True)
     plan = engine.make_plan(backend, desired, record.nft if record else None)
@@ -300,7 +316,9 @@ def container_up_plan(backend: FirewallBackend, store: Store, c: Container) -> C
 
 def container_up(backend: FirewallBackend, store: Store, c: Container, command: str, *,
                  confirm: int | None = None, jail=None) -> ContainerResult:
-    """Open (or replace) one container's rules in one change; its record is saved, its log rewritten."""
+    """Open (or replace) one container's rules in one change; its record is saved, its log rewritten.
+    Refused when ``backend`` is not the one holding hostprep (same_backend)."""
+    same_backend(backend, store, "container up")
     with txn.change(backend, store, command, confirm=confirm) as ch:
         desired, previous = container_desired(store, c)
         outcome = converge_and_record(backend, store, desired, command, record_nic=False)
@@ -316,7 +334,9 @@ def container_up(backend: FirewallBackend, store: Store, c: Container, command: 
 
 def container_down(backend: FirewallBackend, store: Store, name: str, command: str, *,
                    confirm: int | None = None) -> ContainerResult:
-    """Remove exactly one container's rules (and sets) in one change; its record goes, its log says so."""
+    """Remove exactly one container's rules (and sets) in one change; its record goes, its log says so.
+    Refused when ``backend`` is not the one holding hostprep (same_backend)."""
+    same_backend(backend, store, "container down")
     with txn.change(backend, store, command, confirm=confirm) as ch:
         registry = store.containers()
         if name not in registry:

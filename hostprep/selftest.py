@@ -11,8 +11,9 @@ probe twice: by the answer the peer saw, and by the hostprep rule counter the
 packet must have matched (``iptables-save -c``, or on the native nft backend
 ``nft -j list table inet hostprep`` seen per family as ``status`` sees it, and
 ``nft list table netdev hostprep`` of the sandbox host, read before and after each
-phase).  The backend is ``--backend``/``HOSTPREP_BACKEND``, else iptables as
-``iptables -V`` says.  The sandbox is destroyed in ``finally`` and on SIGINT/SIGTERM;
+phase).  The backend is ``--backend``/``HOSTPREP_BACKEND``, else apply's automatic
+choice (``backend_name``: the native nft backend where ``nft -c`` accepts the probe
+script, iptables as ``iptables -V`` says otherwise).  The sandbox is destroyed in ``finally`` and on SIGINT/SIGTERM;
 its namespaces carry the run's pid, so concurrent runs never share one.
 
 The module has a pure part (the matrix: ``Probe``, ``CounterCheck``,

@@ -14,7 +14,7 @@ from hostprep import engine
 from hostprep import fail2ban as f2b
 from hostprep import nic as nicmod
 from hostprep import ops, persist, records, render, selinux, settings
-from hostprep.backend import FirewallBackend, name_of
+from hostprep.backend import VARIANTS, FirewallBackend, name_of
 from hostprep.errors import HostprepError, InputError, RefusedError, StateError
 from hostprep.model import Desired, Policy
 from hostprep.observed import LiveState, Observed
@@ -134,6 +134,19 @@ class Prepared:
     desired: Desired
 
 
+def switch_message(recorded: str, be: FirewallBackend) -> str:
+    """What apply says (after BACKEND SWITCH:) when ``be`` is not the backend applied.json records."""
+    old = name_of(recorded)
+    if recorded in VARIANTS and be.variant in VARIANTS:
+        # iptables-nft <-> iptables-legacy: IptablesBackend.others() has only the native backend,
+        # so nothing of the other variant is removed (README "Choosing a backend", Not done)
+        return (f"the hardening is loaded with {be.name}; {old}'s chains are NOT removed (a switch between "
+                f"the iptables variants removes nothing of the other): both judge every packet until you "
+                f"remove {old}'s hostprep chains by hand; the ipsets are shared")
+    return (f"the hardening moves from {old} to {be.name} in one change: {be.name}'s rules are loaded and "
+            f"read back first, then {old}'s are removed; 'hostprep rollback' (or --confirm) brings {old} back")
+
+
 def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, force: bool,
                      backend: Optional[str], switch_nic: bool = False) -> Prepared | None:
     """Guards, the NIC shown, the admin's yes; returns what to apply, or None after a dry run."""
@@ -163,9 +176,7 @@ def prepare_firewall(policy: Policy, store: Store, *, yes: bool, dry_run: bool, 
         if record is not None and record.backend not in (None, be.variant):
             switching = name_of(record.backend)
     if switching:
-        say(err, "yellow", "BACKEND SWITCH:", f"the hardening moves from {switching} to {be.name} in one change: "
-            f"{be.name}'s rules are loaded and read back first, then {switching}'s are removed; 'hostprep "
-            f"rollback' (or --confirm) brings {switching} back")
+        say(err, "yellow", "BACKEND SWITCH:", switch_message(record.backend, be))
     desired = render.desired(policy, containers)
     if dry_run:
         try:

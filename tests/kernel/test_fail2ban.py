@@ -443,3 +443,48 @@ def test_at_boot_fail2ban_restores_its_ban_into_hostprep_set_in_either_order(hos
         assert st.returncode == 0, st.stdout + st.stderr
     finally:
         again.stop()
+
+
+LEFTOVER_BAN_TABLE = """table inet hostprep_ban {
+	set hostprep-leftover-bn4 {
+		type ipv4_addr
+		flags timeout
+	}
+	chain input {
+		type filter hook input priority -10; policy accept;
+		ip saddr @hostprep-leftover-bn4 drop
+	}
+}
+"""
+
+
+def test_the_ban_table_goes_with_a_switch_to_iptables_and_with_flush_on_iptables(host, proxy):
+    """Review finding 3.  Native: apply --backend iptables-nft removes inet hostprep_ban with
+    inet hostprep (after the iptables rules are in and read back) and fail2ban's action becomes the
+    ipset one.  iptables: a ban table left behind (by a switch before the fix) is named by status
+    and removed by flush."""
+    host.apply()
+    if host.native:
+        proxy.make_wd("finesse")
+        proxy.start()
+        up_f2b(host, proxy, "finesse", NGX_CLIENT_BLOCK_DURATION=600)
+        proxy.block("finesse", SRC_A)
+        proxy.until(False, HOST_EXT4, 8445, SRC_A, seconds=4)
+        assert ban_table(host) is not None
+        res = host.apply("--backend", "iptables-nft")
+        assert "nft: table inet hostprep_ban" in " ".join(res.stdout.split()), res.stdout
+        assert ban_table(host) is None
+        assert "ipset" in (proxy.conf / "action.d/hostprep-ban.conf").read_text()
+        # the ban is not carried over (README "Choosing a backend"): the new ipset is empty, SRC_A answered
+        saved = host.run(host.box.host, ["ipset", "save"]).stdout.splitlines()
+        bans = [ln.split()[1] for ln in saved if ln.startswith("create ") and ln.split()[1].endswith("-bn4")]
+        assert len(bans) == 1 and not [ln for ln in saved if ln.startswith(f"add {bans[0]} ")], saved
+        assert proxy.answered(HOST_EXT4, 8445, SRC_A, ANSWER) is True
+        host.hostprep("flush", env={"HOSTPREP_BACKEND": "iptables-nft"})
+    else:
+        host.run(host.box.host, ["nft", "-f", "-"], input=LEFTOVER_BAN_TABLE)
+        assert ban_table(host) is not None
+        problems = json.loads(host.hostprep("status", "--json", check=False).stdout)["problems"]
+        assert any("nft: table inet hostprep_ban" in p for p in problems), problems
+        host.hostprep("flush")
+        assert ban_table(host) is None

@@ -248,7 +248,8 @@ def test_auto_takes_nft_when_nft_c_accepts_the_probe(fake_runner):
 
 def test_the_probe_uses_every_feature_the_nft_script_needs():
     for feature in ("table inet", "hook ingress", "flags dynamic\n", "flags dynamic,timeout", "ct count over",
-                    "synproxy", "notrack", "limit rate"):
+                    "synproxy", "notrack", "limit rate", "tcp option maxseg size !=", "tcp option maxseg missing",
+                    "ct original ip daddr", "ct original proto-dst", "log prefix", "ip6 hoplimit 255"):
         assert feature in PROBE_SCRIPT, feature
     assert "table inet hostprep " not in PROBE_SCRIPT and "table netdev hostprep " not in PROBE_SCRIPT
 
@@ -320,3 +321,23 @@ def test_a_boot_unit_loads_the_remembered_backend_whatever_its_env_says(fake_run
         IptablesBackend, "legacy", "remembered", [])
     # --backend on the command line still wins
     assert type(choose(runner, "nft", remembered="legacy", env=False).backend) is NftBackend
+
+
+def test_apply_says_what_a_switch_really_does():
+    """Review finding 8: between the iptables variants nothing of the old one is removed (others()
+    has only the native backend); between iptables and nft the old part goes after the read-back."""
+    from hostprep.cli.apply import switch_message
+    runner = object()
+    legacy_to_nft = switch_message("legacy", IptablesBackend(runner, "nft"))
+    assert "iptables-legacy's chains are NOT removed" in legacy_to_nft and "moves from" not in legacy_to_nft
+    assert "iptables-nft's chains are NOT removed" in switch_message("nft", IptablesBackend(runner, "legacy"))
+    class Everything:           # every tool installed: still, the only other backend is the native one
+        def which(self, binary):
+            return f"/usr/sbin/{binary}"
+    assert [type(o) for o in IptablesBackend(Everything(), "nft").others()] == [NftBackend]
+    to_native = switch_message("nft", NftBackend(runner))
+    assert to_native == ("the hardening moves from iptables-nft to nft in one change: nft's rules are loaded and "
+                         "read back first, then iptables-nft's are removed; 'hostprep rollback' (or --confirm) "
+                         "brings iptables-nft back")
+    assert switch_message("nftables", IptablesBackend(runner, "legacy")).startswith(
+        "the hardening moves from nft to iptables-legacy in one change")

@@ -484,3 +484,151 @@ def test_a_kernel_without_nft_synproxy_is_named_with_the_fix(tmp_path: Path, pro
     assert "this kernel has no nft synproxy, CONFIG_NFT_SYNPROXY" in err.value.problem
     assert err.value.fix.startswith("use --backend iptables on this host")
     assert (fake.tables, fake.mutating()) == ({}, [])
+
+
+# -- the ban table across a switch, flush on iptables (review finding 3) ------------------------
+
+
+def native_with_bans(tmp_path: Path, proc: Path, ban: bool = True):
+    """A native host with a fail2ban container and (``ban``) one ban in its set."""
+    fake = FakeNft()
+    be = backend(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    fin = container(fail2ban=True)
+    ops.container_up(be, store, fin, "hostprep container up finesse")
+    if ban:
+        fake.ban(fin.ban_set().name, "192.0.2.7")
+    return fake, be, store, fin
+
+
+def test_the_ban_table_is_part_of_the_native_backend_and_goes_with_its_release(tmp_path: Path, proc: Path):
+    fake, be, _, _ = native_with_bans(tmp_path, proc)
+    assert be.part() == ["nft: table inet hostprep", "nft: table inet hostprep_ban"]
+    fake.tables.pop("inet hostprep")            # a ban table left alone (an iptables host after the old switch)
+    assert be.part() == ["nft: table inet hostprep_ban"]
+    fake.calls.clear()
+    be.release()
+    assert fake.mutating() == [["nft", "-f", "-"]]
+    assert "inet hostprep_ban" not in fake.tables and "inet hostprep" not in fake.tables and be.part() == []
+    be.release()                                 # nothing left: still no error (each table declared first)
+
+
+def test_a_switch_to_iptables_removes_the_ban_table_after_the_load_and_a_rollback_brings_it_back(
+        tmp_path: Path, proc: Path, monkeypatch):
+    """nft -> iptables: the ban table goes with inet hostprep, only after the iptables rules are in
+    and read back; the snapshot (taken through the native backend, which holds hostprep) puts it back
+    with its sets (empty: a snapshot holds no bans)."""
+    from hostprep import engine, snapshot
+    from tests.helpers import FakeKernel
+    # (the ban after the snapshot: FakeNft lists a set's members with -t too, which nft does not)
+    fake, nft, store, fin = native_with_bans(tmp_path, proc, ban=False)
+    d = render.desired(Policy("eth1"), (fin,))
+    ipt = FakeKernel(nft=None)          # iptables holds nothing of hostprep before the switch
+    ipt.other_backends = [nft]
+    snap = snapshot.take(ipt, store, firewall=True, kernel=False, command="hostprep apply --backend iptables")
+    fake.ban(fin.ban_set().name, "192.0.2.7")
+    assert snap.backend == NATIVE
+    order: list[str] = []
+    monkeypatch.setattr(engine, "verify", lambda b, want, keep_nft=False: (order.append("verify"), (b.observe(), []))[1])
+    real_release = nft.release
+    monkeypatch.setattr(nft, "release", lambda: (order.append("release"), real_release())[1])
+    out = engine.converge(ipt, store, d, "hostprep apply --backend iptables-nft", recorded_nft=None)
+    assert order == ["verify", "release"]
+    assert "inet hostprep_ban" not in fake.tables and "inet hostprep" not in fake.tables
+    assert out.summary.endswith("then removed nft: table inet hostprep; nft: table inet hostprep_ban")
+    # the rollback of that switch: the native backend with its ban table, the ban set back (empty)
+    snapshot.restore(nft, store, snap, sys_net=proc.parent / "sys/class/net")
+    assert nft.part() == ["nft: table inet hostprep", "nft: table inet hostprep_ban"]
+    assert nft.observe().sets[fin.ban_set().name] == frozenset()
+
+
+def test_flush_on_iptables_removes_a_ban_table_left_behind(tmp_path: Path, proc: Path):
+    from tests.helpers import FakeKernel
+    fake, nft, store, _ = native_with_bans(tmp_path, proc)
+    fake.tables.pop("inet hostprep")
+    ipt = FakeKernel()
+    ipt.other_backends = [nft]
+    fake.calls.clear()
+    ops.flush(ipt, store, "hostprep flush")
+    assert fake.mutating() == [["nft", "-f", "-"]]
+    assert "inet hostprep_ban" not in fake.tables
+    assert "nft: table inet hostprep_ban" in (tmp_path / "var/log/hostprep/journal.log").read_text().splitlines()[-1]
+
+
+def test_the_limiters_fill_is_read_with_a_ban_table_too(tmp_path: Path, proc: Path):
+    """Review finding 6: with a fail2ban container the ban table is merged into the view; the
+    limiters' entries (status's "bound reached") must stay, the same as without it."""
+    fake = FakeNft()
+    be = backend(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    ops.container_up(be, store, container(), "hostprep container up finesse")
+    without = be.observe().nft.limiters
+    assert without and "inet hostprep_ban" not in fake.tables
+    ops.container_up(be, store, container(fail2ban=True), "hostprep container up finesse --fail2ban")
+    assert "inet hostprep_ban" in fake.tables
+    assert be.observe().nft.limiters == without
+
+
+# -- container commands never switch backends (review finding 5) ------------------------------
+
+
+def test_container_up_and_down_refuse_another_backend_than_the_one_holding_hostprep(tmp_path: Path, proc: Path):
+    """applied.json says nft (native); a container command on iptables (HOSTPREP_BACKEND=iptables-nft
+    or --backend) is refused in one line naming both and the fix, before anything is touched."""
+    from tests.helpers import FakeKernel
+    fake = FakeNft()
+    be = backend(fake, proc)
+    store = Store(Paths(tmp_path))
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    ops.container_up(be, store, container(), "hostprep container up finesse")
+    tables, registry = dict(fake.tables), store.containers()
+    journal = (tmp_path / "var/log/hostprep/journal.log").read_text()
+    ipt = FakeKernel(variant="nft")
+    ipt.other_backends = [be]
+    for call in (lambda: ops.container_up(ipt, store, container("ids", "203.0.113.11", (8553,)), "up ids"),
+                 lambda: ops.container_down(ipt, store, "finesse", "down finesse"),
+                 lambda: ops.container_up_plan(ipt, store, container("ids", "203.0.113.11", (8553,)))):
+        with pytest.raises(InputError) as err:
+            call()
+        line = err.value.line()
+        assert "\n" not in line and err.value.field == "--backend/HOSTPREP_BACKEND"
+        assert "asks for the iptables-nft backend but hostprep is held by nft" in line
+        assert "run 'hostprep apply --backend iptables-nft' to switch (it asks first)" in line
+    assert (fake.tables, store.containers(), ipt.loads, ipt.nft_loads) == (tables, registry, [], 0)
+    assert (tmp_path / "var/log/hostprep/journal.log").read_text() == journal
+    # the backend holding hostprep: no refusal
+    ops.container_down(be, store, "finesse", "hostprep container down finesse")
+    assert store.containers() == {}
+
+
+def test_the_cli_refuses_a_container_command_on_another_backend_in_one_line(tmp_path: Path, proc: Path,
+                                                                             monkeypatch):
+    """`HOSTPREP_BACKEND=nft hostprep container down finesse` on a host hardened with iptables-nft
+    (nft meant iptables-nft before the native backend): one error line, exit 2, no nft -f, no
+    iptables restore, the registry as it was."""
+    from typer.testing import CliRunner
+    from hostprep import cli
+    from hostprep.cli import container as container_cli
+    root = tmp_path / "root"
+    store = Store(Paths(root))
+    fake = FakeNft()
+    be = backend(fake, proc)
+    ops.apply(store, "hostprep apply -i eth1", backend=be, desired=render.desired(Policy("eth1")), kernel=False)
+    ops.container_up(be, store, container(), "hostprep container up finesse")
+    # the record of a host hardened with iptables-nft ("nft", as records always said)
+    store.save_applied({**store.applied(), "backend": "nft"})
+    tables = dict(fake.tables)
+    fake.calls.clear()
+    monkeypatch.setattr(container_cli, "Runner", lambda *a, **kw: fake)
+    monkeypatch.setattr(container_cli, "need_root", lambda what: None)
+    monkeypatch.setenv("HOSTPREP_ROOT", str(root))
+    monkeypatch.setenv("HOSTPREP_BACKEND", "nft")
+    res = CliRunner().invoke(cli.app, ["container", "down", "finesse"])
+    assert res.exit_code == 2, res.output
+    assert res.output == ("error: --backend/HOSTPREP_BACKEND: container down asks for the nft backend but hostprep "
+                          "is held by iptables-nft (the last apply); container commands never switch backends "
+                          "(run 'hostprep apply --backend nft' to switch (it asks first), or drop --backend / unset "
+                          "HOSTPREP_BACKEND to stay on iptables-nft; nothing was changed)\n")
+    assert (fake.mutating(), fake.tables, list(store.containers())) == ([], tables, ["finesse"])
