@@ -689,9 +689,11 @@ class NftBackend:
         """A script that puts the live tables back as they are now (None: there are none)."""
         if live.nft is None:
             return None
-        inet = self._list(["-s", "list", "table", *INET_TABLE]) or ""
+        # nft_loadable: nft lists some of hostprep's lines in a form it refuses to read back
+        inet = render.nft_loadable(self._list(["-s", "list", "table", *INET_TABLE]) or "")
         ingress = self._list(["-s", "list", "table", *NFT_TABLE]) or ""
         bans = self._list(["-s", "-t", "list", "table", *BAN_TABLE])
+        bans = render.nft_loadable(bans) if bans is not None else None
         # the ingress table last, after the mark: script() leaves it out while the NIC is absent
         return (NFT_REMOVE_OWN + inet + (render.ban_restore_text(bans) if bans is not None else NFT_REMOVE_BANS)
                 + (render.NFT_INGRESS_MARK + "\n" + ingress if ingress else ""))

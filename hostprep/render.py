@@ -310,6 +310,18 @@ def ban_set_line(ban: BanSet) -> str:
     return f"add set {' '.join(BAN_TABLE)} {ban.name} {{ type {kind}; size {BAN_SET_MAXELEM}; flags timeout; }}"
 
 
+_CT_ORIG_PORT = re.compile(r"(?<!meta l4proto tcp )\bct original proto-dst ")
+
+
+def nft_loadable(listing: str) -> str:
+    """``nft -s list table ...`` made loadable again: nft (1.0.6) lists ``meta l4proto tcp ct
+    original proto-dst 8445 tcp flags ...`` without its ``meta l4proto tcp`` (the later ``tcp``
+    implies it) and then refuses its own line ("Can't parse symbolic invalid expressions").
+    hostprep's ``ct original proto-dst`` matches are all TCP (container ports), so the
+    protocol is put back before each one that lost it."""
+    return _CT_ORIG_PORT.sub("meta l4proto tcp ct original proto-dst ", listing)
+
+
 _NFT_CHAIN = re.compile(r"^\s*chain (\S+) \{")
 _NFT_COMMENT = re.compile(r'comment "([^"]*)"\s*$')
 _NFT_JUMP = re.compile(r'\b(?:jump|goto) (\S+)(?:\s+comment "[^"]*")?\s*$')

@@ -632,3 +632,15 @@ def test_the_cli_refuses_a_container_command_on_another_backend_in_one_line(tmp_
                           "(run 'hostprep apply --backend nft' to switch (it asks first), or drop --backend / unset "
                           "HOSTPREP_BACKEND to stay on iptables-nft; nothing was changed)\n")
     assert (fake.mutating(), fake.tables, list(store.containers())) == ([], tables, ["finesse"])
+
+
+def test_a_listing_is_made_loadable_again():
+    """nft 1.0.6 lists ``meta l4proto tcp ct original proto-dst 8445 tcp flags ...`` without its
+    ``meta l4proto tcp`` and then refuses that line: nft_loadable puts it back, once."""
+    listed = ("\t\tct original proto-dst 8445 tcp flags syn / fin,syn,rst,ack counter drop\n"
+              "\t\tmeta l4proto tcp ct original proto-dst 8445 ip saddr @x counter accept\n")
+    fixed = render.nft_loadable(listed)
+    assert fixed.splitlines() == [
+        "\t\tmeta l4proto tcp ct original proto-dst 8445 tcp flags syn / fin,syn,rst,ack counter drop",
+        "\t\tmeta l4proto tcp ct original proto-dst 8445 ip saddr @x counter accept"]
+    assert render.nft_loadable(fixed) == fixed
