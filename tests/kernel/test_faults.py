@@ -719,7 +719,8 @@ def test_container_moved_to_ipv6_log_names_every_rule(host, tmp_path):
     v4 = container_lines(host, 4)
     res = host.hostprep(*fin_up(tmp_path, 6))
     v6 = container_lines(host, 6)
-    assert (len(v4), len(v6), container_lines(host, 4)) == (7, 7, [])
+    n = 8 if host.native else 7        # native: and the drop of a source the full count set refuses
+    assert (len(v4), len(v6), container_lines(host, 4)) == (n, n, [])
     text = (host.root / "var/log/hostprep/iptables_logs/fin.log").read_text()
     assert (logged(text, "removed"), logged(text, "added"), logged(text, "kept")) == (sorted(v4), sorted(v6), [])
-    assert res.stdout.startswith("container fin: 7 rules added, 7 removed;"), res.stdout
+    assert res.stdout.startswith(f"container fin: {n} rules added, {n} removed;"), res.stdout
