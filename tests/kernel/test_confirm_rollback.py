@@ -70,7 +70,7 @@ NATIVE = True      # runs on the native nft backend too (conftest.variant)
 LEGACY = False     # conftest.variant: iptables-nft stands for both iptables variants here
 LEGACY_WHY = ("the iptables variant changes only the tool hostprep runs in this module; its rules, "
               "reading and boot files are proven on iptables-legacy by the hardening, containers, "
-              "lifecycle, persistence, boot, switch, synproxy and selftest modules")
+              "persistence, boot, switch, synproxy and selftest modules")
 
 
 def command_of(args) -> str:

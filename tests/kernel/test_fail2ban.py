@@ -37,7 +37,7 @@ NATIVE = True
 LEGACY = False     # conftest.variant: iptables-nft stands for both iptables variants here
 LEGACY_WHY = ("the iptables variant changes only the tool hostprep runs in this module; its rules, "
               "reading and boot files are proven on iptables-legacy by the hardening, containers, "
-              "lifecycle, persistence, boot, switch, synproxy and selftest modules")
+              "persistence, boot, switch, synproxy and selftest modules")
 
 SRC_A, SRC_B = INET_EXTRA4
 SRC6_A, SRC6_B = INET_EXTRA6

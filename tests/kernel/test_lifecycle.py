@@ -35,6 +35,10 @@ REPO = str(Path(__file__).resolve().parents[2])
 
 
 NATIVE = True      # runs on the native nft backend too (conftest.variant)
+LEGACY = False     # conftest.variant: iptables-nft stands for both iptables variants here
+LEGACY_WHY = ("the iptables variant changes only the tool hostprep runs in this module; its rules, "
+              "reading and boot files are proven on iptables-legacy by the hardening, containers, "
+              "persistence, boot, switch, synproxy and selftest modules")
 
 
 def chain_counters_zeroed(text: str) -> str:
